@@ -1,0 +1,26 @@
+# One set-up step for a fresh machine; running it twice does nothing new.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+.PHONY: setup demo test data
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+data: $(FMNIST)
+
+$(FMNIST):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+
+demo: setup
+	$(BIN)/vitlab measure checkpoints/fashion-mnist-reference --data fashion-mnist --split test
+
+test: setup
+	$(BIN)/python -m pytest -q

@@ -1,0 +1,154 @@
+"""`vitlab.measure`: accuracy and speed of a model (plus its technique stack) as flat, comparable rows."""
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import create_model, default_preprocessing
+from ..profiling import count_flops, environment, num_threads, peak_memory_mb, time_callable
+from ..runner import as_runner
+from ..techniques import apply_, format_technique, parse_apply
+
+__all__ = ["MeasureRow", "measure", "print_rows", "build_runner", "dataset_for"]
+
+
+@dataclass(frozen=True)
+class MeasureRow:
+    """One measured point. Accuracies are fractions; MACs are multiply-accumulates and FLOPs = 2 x MACs."""
+
+    model: str
+    source: str
+    techniques: str                 # the applied stack as --apply text, joined by " + " ("none" if empty)
+    engine: str
+    data: str | None
+    split: str | None
+    top1: float | None
+    top5: float | None
+    loss: float | None
+    n: int | None
+    params: int
+    macs: int
+    flops: int
+    attention_macs: int
+    batch: int
+    input_size: tuple[int, int, int]
+    dtype: str
+    channels_last: bool
+    compile: bool
+    img_per_s: float
+    latency_ms: float
+    peak_mem_mb: float | None
+    threads: int
+    torch: str
+    timm: str
+    vitlab: str
+    cpu: str
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["input_size"] = list(self.input_size)
+        return out
+
+
+def build_runner(source: str, apply=(), img_size: int | None = None, dtype: str = "fp32",
+                 channels_last: bool = False, compile: bool = False):
+    """Model (name or checkpoint) + technique stack -> a runner. Also the peak-memory subprocess's factory."""
+    kwargs = {"img_size": img_size} if img_size else {}
+    model = create_model(source, **kwargs)
+    model = apply_(model, parse_apply(list(apply)))
+    if isinstance(model, torch.nn.Module):
+        return as_runner(model, dtype=dtype, channels_last=channels_last, compile=compile)
+    return as_runner(model)
+
+
+def dataset_for(runner, data: str, split: str, *, data_dir: str | None = None, strict: bool = False):
+    """The dataset `data`/`split`, preprocessed as the runner's checkpoint (or model) says."""
+    from ..data import build_dataset
+
+    module = getattr(runner, "module", runner)
+    config = getattr(module, "vitlab_checkpoint", {}).get("config", {})
+    pre = config.get("preprocessing") or default_preprocessing(module)
+    c, h, w = getattr(runner, "input_size", None) or pre["input_size"]
+    return build_dataset(data, split, img_size=(h, w), in_chans=c, mean=pre["mean"], std=pre["std"],
+                         data_dir=data_dir, strict=strict)
+
+
+def _model_name(runner, source: str) -> str:
+    module = getattr(runner, "module", None)
+    spec = getattr(module, "vitlab_model_spec", None)
+    return spec["name"] if spec else Path(source).name
+
+
+def measure(source: str, *, apply=(), data: str | None = None, split: str = "test", data_dir: str | None = None,
+            eval_limit: int | None = None, batch: int | list[int] = 32, img_size: int | None = None,
+            threads: int | None = None, dtype: str = "fp32", channels_last: bool = False, compile: bool = False,
+            memory: bool = True) -> list["MeasureRow"]:
+    """Measure `source` (model name or checkpoint folder) with `apply` stacked on it; one row per batch size.
+
+    With `data`, accuracy on that split is measured too (test for final numbers; train/val for selection).
+    Throughput is images/s at each batch size; latency is ms at batch 1; both are medians after warm-up.
+    """
+    from ..engine.evaluate import evaluate
+
+    apply = list(apply or [])
+    batches = [batch] if isinstance(batch, int) else list(batch)
+    rows = []
+    with num_threads(threads):
+        runner = build_runner(source, apply, img_size=img_size, dtype=dtype, channels_last=channels_last,
+                              compile=compile)
+        module = getattr(runner, "module", None)
+        c, h, w = runner.input_size
+        accuracy = {"top1": None, "top5": None, "loss": None, "n": None}
+        if data is not None:
+            result = evaluate(runner, dataset_for(runner, data, split, data_dir=data_dir), limit=eval_limit,
+                              progress=False)
+            accuracy = {k: result[k] for k in accuracy}
+        flops_model = module if module is not None else getattr(runner, "float_module", None)
+        counted = count_flops(flops_model, torch.randn(1, c, h, w)) if flops_model is not None else None
+        params = sum(p.numel() for p in flops_model.parameters()) if flops_model is not None else 0
+        one = torch.randn(1, c, h, w)
+        latency = time_callable(lambda: runner(one))
+        env = environment()
+        for b in batches:
+            images = torch.randn(b, c, h, w)
+            timing = time_callable(lambda: runner(images))
+            peak = None
+            if memory:
+                peak = peak_memory_mb(
+                    "vitlab.bench.measure:build_runner",
+                    dict(source=str(source), apply=apply, img_size=img_size, dtype=dtype, channels_last=channels_last),
+                    (b, c, h, w), threads=torch.get_num_threads(), dtype=dtype)["peak_rss_mb"]
+            stack = [format_technique(t) for t in runner.techniques]
+            rows.append(MeasureRow(
+                model=_model_name(runner, str(source)), source=str(source), techniques=" + ".join(stack) or "none",
+                engine=runner.engine, data=data, split=split if data else None, **accuracy,
+                params=params, macs=counted.macs if counted else 0, flops=counted.flops if counted else 0,
+                attention_macs=counted.attention_macs if counted else 0, batch=b, input_size=(c, h, w), dtype=dtype,
+                channels_last=channels_last, compile=compile, img_per_s=b / timing.median_s,
+                latency_ms=1000 * latency.median_s, peak_mem_mb=peak, threads=env["threads"], torch=env["torch"],
+                timm=env["timm"], vitlab=env["vitlab"], cpu=env["cpu"]))
+    return rows
+
+
+def print_rows(rows: list[MeasureRow]) -> None:
+    """A one-screen table of rows (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        return
+    has_acc = any(r.top1 is not None for r in rows)
+    table = Table(title=f"vitlab measure  ({rows[0].cpu}, {rows[0].threads} threads, torch {rows[0].torch})",
+                  caption="MACs: multiply-accumulates per image (papers' \"FLOPs\"); FLOPs = 2 x MACs; "
+                          "latency at batch 1, throughput at the batch shown; medians after warm-up")
+    for col in ["model", "techniques", "engine"] + (["top-1 %", "top-5 %"] if has_acc else []) + [
+            "params M", "MMACs", "MFLOPs", "batch", "img/s", "latency ms", "peak MB"]:
+        table.add_column(col, justify="left" if col in ("model", "techniques", "engine") else "right")
+    for r in rows:
+        acc = [f"{100 * r.top1:.2f}" if r.top1 is not None else "-",
+               f"{100 * r.top5:.2f}" if r.top5 is not None else "-"] if has_acc else []
+        table.add_row(r.model, r.techniques, f"{r.engine} {r.dtype}", *acc, f"{r.params / 1e6:.3f}",
+                      f"{r.macs / 1e6:.1f}", f"{r.flops / 1e6:.1f}", str(r.batch), f"{r.img_per_s:.0f}",
+                      f"{r.latency_ms:.2f}", f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "-")
+    Console(width=max(160, Console().width)).print(table)

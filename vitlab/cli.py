@@ -1,0 +1,264 @@
+"""`vitlab <verb>`: each verb parses its arguments, calls one library function, and prints or writes the result."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _add_apply(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--apply", action="append", default=[], metavar="NAME:key=value,...",
+                   help="technique to apply (repeatable, applied in order: structure -> tokens -> quantization)")
+
+
+def _add_data(p: argparse.ArgumentParser, default: str | None = "fashion-mnist", split: str = "test") -> None:
+    p.add_argument("--data", default=default, metavar="SPEC",
+                   help="fashion-mnist | imagefolder:PATH | synthetic[:n=N,classes=K] (default: %(default)s)")
+    p.add_argument("--split", default=split, choices=("train", "val", "test"),
+                   help="train, val (a fixed seeded hold-out of train) or test (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files (default: Debian's)")
+    p.add_argument("--strict", action="store_true", help="a bad image file is an error instead of a skipped warning")
+
+
+def _add_speed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, default=32, help="batch size for throughput (default: %(default)s)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. all cores)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model before timing")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers that are accurate and fast.")
+    parser.add_argument("--version", action="version", version=f"vitlab {_version()}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("train", help="train or fine-tune a model")
+    p.add_argument("--model", default=None, help="model name (timm or vitlab)")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from this checkpoint's weights")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--out", default=None, metavar="RUN_DIR", help="run folder (checkpoint, train_state.pt, metrics.jsonl)")
+    p.add_argument("--data", default="fashion-mnist", metavar="SPEC")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--model-kwargs", default="{}", metavar="JSON", help='constructor kwargs, e.g. \'{"depth": 4}\'')
+    p.add_argument("--epochs", type=float, default=10)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch over all processes")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--opt", default="adamw", help="any timm.optim name (default: %(default)s)")
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
+    p.add_argument("--hflip", type=float, default=0.5)
+    p.add_argument("--crop-padding", type=int, default=None)
+    p.add_argument("--re-prob", type=float, default=0.0, help="random erasing probability")
+    p.add_argument("--drop-path", type=float, default=None)
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.999 (0: off)")
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes (0: in the main process)")
+    p.add_argument("--no-val", action="store_true", help="skip the per-epoch evaluation on the val split")
+    p.add_argument("--save-every", type=int, default=0, metavar="STEPS", help="also save resume state every STEPS")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_apply(p)
+
+    p = verbs.add_parser("eval", help="accuracy, loss, per-class accuracy and confusion matrix of a checkpoint")
+    p.add_argument("checkpoint")
+    _add_data(p)
+    _add_apply(p)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--out", default=None, metavar="DIR", help="write metrics.json and confusion.png here")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+    p = verbs.add_parser("bench", help="parameters, MACs/FLOPs, throughput, latency and peak memory")
+    p.add_argument("model", help="model name or checkpoint folder")
+    _add_speed(p)
+    _add_apply(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+    p = verbs.add_parser("measure", help="accuracy and speed of a model in one table (the main job)")
+    p.add_argument("models", nargs="+", help="model names or checkpoint folders")
+    _add_data(p)
+    _add_speed(p)
+    _add_apply(p)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--out", default=None, metavar="FILE.jsonl", help="append the rows to this file")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON lines")
+
+    p = verbs.add_parser("predict", help="top-5 classes of images")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    _add_apply(p)
+
+    p = verbs.add_parser("models", help="list model names with parameter counts")
+    p.add_argument("pattern", nargs="?", default="vl_*", help="glob, e.g. 'deit*' or '*' (default: %(default)s)")
+    p.add_argument("--no-params", action="store_true", help="names only")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def cmd_train(args) -> int:
+    from .engine.train import TrainConfig, fit
+
+    if args.resume:
+        out = fit(resume=args.resume)
+    else:
+        if not args.out:
+            raise ValueError("give --out RUN_DIR (or --resume RUN_DIR)")
+        try:
+            model_kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--model-kwargs {args.model_kwargs!r} is not JSON: {e}") from None
+        cfg = TrainConfig(
+            out=args.out, model=args.model, init=args.init, model_kwargs=model_kwargs, data=args.data,
+            data_dir=args.data_dir, apply=args.apply, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, opt=args.opt,
+            label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix, hflip=args.hflip,
+            crop_padding=args.crop_padding, re_prob=args.re_prob, drop_path=args.drop_path, ema=args.ema,
+            clip_grad=args.clip_grad or None, seed=args.seed, threads=args.threads, workers=args.workers,
+            eval_val=not args.no_val, save_every=args.save_every, max_steps=args.max_steps,
+            progress=not args.no_progress)
+        out = fit(cfg)
+    print(f"checkpoint: {out}")
+    return 0
+
+
+def _load_runner(source: str, apply: list[str]):
+    from .checkpoint import create_model
+    from .techniques import apply_, parse_apply
+
+    model = create_model(source)
+    return apply_(model, parse_apply(apply))
+
+
+def cmd_eval(args) -> int:
+    from .bench.measure import dataset_for
+    from .engine.evaluate import evaluate, plot_confusion
+    from .utils.io import atomic_write_json
+
+    _threads(args.threads)
+    runner = _load_runner(args.checkpoint, args.apply)
+    dataset = dataset_for(runner, args.data, args.split, data_dir=args.data_dir, strict=args.strict)
+    result = evaluate(runner, dataset, batch_size=args.batch_size, limit=args.limit, progress=not args.json)
+    print(f"{args.checkpoint} on {args.data} [{args.split}], {result['n']} images")
+    print(f"  top-1 {100 * result['top1']:.2f} %   top-5 {100 * result['top5']:.2f} %   loss {result['loss']:.4f}")
+    width = max(len(c) for c in result["classes"])
+    for name, acc in result["per_class"].items():
+        print(f"  {name:<{width}}  {100 * acc:6.2f} %")
+    if args.out:
+        out = Path(args.out)
+        atomic_write_json(out / "metrics.json", {k: v for k, v in result.items()})
+        plot_confusion(result, out / "confusion.png", title=f"{Path(args.checkpoint).name} [{args.split}]")
+        print(f"  wrote {out / 'metrics.json'} and {out / 'confusion.png'}")
+    if args.json:
+        summary = {k: result[k] for k in ("top1", "top5", "loss", "n")}
+        summary.update(per_class=result["per_class"], data=args.data, split=args.split, checkpoint=args.checkpoint)
+        print(json.dumps(summary))
+    return 0
+
+
+def _speed_kwargs(args) -> dict:
+    return dict(batch=args.batch, img_size=args.img_size, threads=args.threads, dtype=args.dtype,
+                channels_last=args.channels_last, compile=args.compile, memory=not args.no_memory)
+
+
+def cmd_bench(args) -> int:
+    from .bench.measure import measure, print_rows
+
+    rows = measure(args.model, apply=args.apply, **_speed_kwargs(args))
+    print_rows(rows)
+    if args.json:
+        print(json.dumps(rows[-1].to_dict()))
+    return 0
+
+
+def cmd_measure(args) -> int:
+    from .bench.measure import measure, print_rows
+    from .utils.io import atomic_write_text
+
+    rows = []
+    for source in args.models:
+        rows += measure(source, apply=args.apply, data=args.data, split=args.split, data_dir=args.data_dir,
+                        eval_limit=args.limit, **_speed_kwargs(args))
+    print_rows(rows)
+    if args.out:
+        out = Path(args.out)
+        previous = out.read_text() if out.exists() else ""
+        atomic_write_text(out, previous + "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
+        print(f"appended {len(rows)} row(s) to {out}")
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.to_dict()))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict
+
+    results = predict(args.checkpoint, args.images, top=args.top, apply=args.apply)
+    for path, top in results.items():
+        print(path)
+        for name, prob in top:
+            print(f"  {100 * prob:6.2f} %  {name}")
+    if args.json:
+        print(json.dumps({p: [{"class": n, "prob": q} for n, q in top] for p, top in results.items()}))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models.listing import list_models
+
+    rows = list_models(args.pattern, params=not args.no_params)
+    if not rows:
+        print(f"no model matches {args.pattern!r}")
+        return 1
+    width = max(len(name) for name, _ in rows)
+    for name, params in rows:
+        print(name if params is None else f"{name:<{width}}  {params / 1e6:10.2f} M")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "measure": cmd_measure,
+            "predict": cmd_predict, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .techniques import TechniqueError
+
+    try:
+        return COMMANDS[args.verb](args)
+    except (ValueError, CheckpointError, TechniqueError, FileNotFoundError) as e:
+        print(f"vitlab {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitlab {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

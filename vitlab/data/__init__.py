@@ -1,0 +1,86 @@
+"""Datasets for vitlab: Fashion-MNIST, image folders and synthetic data, with fixed train/val/test splits.
+
+    ds = build_dataset("fashion-mnist", "train", train_aug=True)
+    x, y = ds[0]        # float tensor (in_chans, H, W), normalized with mean/std; int label
+    ds.classes, ds.num_classes, ds.spec, ds.split
+
+Splits (a contract other modules rely on): `train` is the training set minus a fixed hold-out, `val` is that
+hold-out (a `torch.Generator().manual_seed(seed)` permutation, seed 0 by default), `test` is the test set. See
+`fashion_mnist`, `imagefolder` and `synthetic` for each kind's details. This package knows no model.
+"""
+import os
+
+import torch
+
+from .fashion_mnist import FMNIST_CLASSES, FMNIST_DIR, FMNIST_MEAN, FMNIST_STD, NATIVE_SHAPE, FashionMNIST
+from .imagefolder import ImageFolderDataset, find_classes, resolve_root
+from .spec import KINDS, SPLITS, DataError, DatasetNotFoundError, DataSpec, check_aug, check_split, to_size, to_stats
+from .synthetic import SyntheticDataset
+
+__all__ = [
+    "SPLITS", "KINDS", "DataSpec", "DataError", "DatasetNotFoundError", "build_dataset", "dataset_info",
+    "FashionMNIST", "ImageFolderDataset", "SyntheticDataset", "FMNIST_DIR", "FMNIST_MEAN", "FMNIST_STD",
+]
+
+
+def build_dataset(
+        spec: str | DataSpec,
+        split: str = "test",
+        *,
+        img_size: int | tuple[int, int] = 28,
+        in_chans: int = 1,
+        mean=FMNIST_MEAN,
+        std=FMNIST_STD,
+        train_aug: bool = False,
+        aug: dict | None = None,
+        data_dir: str | os.PathLike | None = None,
+        strict: bool = False,
+        seed: int = 0,
+) -> torch.utils.data.Dataset:
+    """Build one split of a dataset, returning items (float tensor (in_chans, H, W), int label).
+
+    Args:
+        spec: 'fashion-mnist', 'imagefolder:PATH' or 'synthetic[:n=N,classes=K]' (or a DataSpec).
+        split: one of SPLITS.
+        img_size: output H = W, or (H, W); images of another size are resized (Fashion-MNIST: bilinear, antialias).
+        in_chans: channels of the output; Fashion-MNIST needs 1, imagefolder converts to 1 (L) or 3 (RGB).
+        mean, std: per-channel normalization (one value is used for every channel); synthetic ignores them.
+        train_aug: random augmentation (draws from torch's global RNG); synthetic ignores it.
+        aug: overrides of augmentation defaults: Fashion-MNIST knows hflip, crop_padding, re_prob;
+            imagefolder knows hflip, re_prob, scale, ratio, color_jitter.
+        data_dir: folder of the Fashion-MNIST idx files (default FMNIST_DIR); other kinds ignore it.
+        strict: imagefolder: raise DataError on a bad image file instead of skipping it with a warning.
+        seed: chooses the val hold-out (fixed forever at the default 0) and the synthetic data.
+    """
+    spec = DataSpec.parse(spec)
+    check_split(split)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise DataError(f"seed={seed!r} must be an int")
+    if spec.kind == "fashion-mnist":
+        return FashionMNIST(split, img_size=img_size, in_chans=in_chans, mean=mean, std=std, train_aug=train_aug,
+                            aug=aug, data_dir=data_dir, seed=seed)
+    if spec.kind == "imagefolder":
+        return ImageFolderDataset(spec, split, img_size=img_size, in_chans=in_chans, mean=mean, std=std,
+                                  train_aug=train_aug, aug=aug, strict=strict, seed=seed)
+    # synthetic: still reject malformed arguments, so a typo does not pass unnoticed in tests
+    to_stats(mean, std, in_chans)
+    check_aug(aug, {**FashionMNIST.AUG_DEFAULTS, **ImageFolderDataset.AUG_DEFAULTS}, "synthetic")
+    return SyntheticDataset(spec, split, img_size=img_size, in_chans=in_chans, seed=seed)
+
+
+def dataset_info(spec: str | DataSpec, data_dir: str | os.PathLike | None = None) -> dict:
+    """{"kind", "num_classes", "classes", "native_shape": (C, H, W) or None} without loading any image.
+
+    native_shape is None where images have no fixed shape (imagefolder) or take the requested one (synthetic).
+    imagefolder lists the class sub-folders (of ROOT/train if present); `data_dir` is accepted for symmetry
+    with build_dataset and is not read.
+    """
+    spec = DataSpec.parse(spec)
+    if spec.kind == "fashion-mnist":
+        classes, shape = list(FMNIST_CLASSES), NATIVE_SHAPE
+    elif spec.kind == "imagefolder":
+        root = resolve_root(spec)
+        classes, shape = find_classes(root / "train" if (root / "train").is_dir() else root), None
+    else:
+        classes, shape = [f"class_{i}" for i in range(spec.option("classes"))], None
+    return {"kind": spec.kind, "num_classes": len(classes), "classes": classes, "native_shape": shape}

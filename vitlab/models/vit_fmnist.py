@@ -1,0 +1,112 @@
+"""Small hybrid ViTs for 28x28 grayscale images: a convolutional stem, then timm `VisionTransformer` blocks.
+
+The stem follows "Early Convolutions Help Transformers See Better" (Xiao et al., 2021): a few stride-2 3x3
+convolutions instead of one large-stride patchify convolution. Its feature map feeds timm's `HybridEmbed`, so the
+model *is* a `timm.models.vision_transformer.VisionTransformer` (class token, `pos_embed`, `blocks`, `norm`,
+`head`) and every technique written for timm ViTs applies to it unchanged.
+
+Normalisation in the stem is GroupNorm, not BatchNorm, so that multi-process (DDP) training computes exactly what
+single-process training computes.
+"""
+from functools import partial
+from typing import Sequence
+
+import torch.nn as nn
+from timm.layers import HybridEmbed
+from timm.models import generate_default_cfgs, register_model
+from timm.models._builder import build_model_with_cfg
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+__all__ = ["ConvStem", "vl_vit_fmnist", "vl_test_vit"]
+
+FMNIST_MEAN = (0.2860,)
+FMNIST_STD = (0.3530,)
+
+
+class ConvStem(nn.Sequential):
+    """3x3 conv -> GroupNorm -> GELU, repeated; the product of `strides` is the patch size of the tokens."""
+
+    def __init__(
+            self,
+            in_chans: int = 1,
+            widths: Sequence[int] = (32, 64, 128),
+            strides: Sequence[int] = (1, 2, 2),
+            groups: int = 8,
+            act_layer: type[nn.Module] = nn.GELU,
+    ):
+        if len(widths) != len(strides):
+            raise ValueError(f"stem widths {tuple(widths)} and strides {tuple(strides)} must have the same length")
+        layers = []
+        prev = in_chans
+        for width, stride in zip(widths, strides):
+            layers += [
+                nn.Conv2d(prev, width, 3, stride=stride, padding=1, bias=False),
+                nn.GroupNorm(min(groups, width), width),
+                act_layer(),
+            ]
+            prev = width
+        super().__init__(*layers)
+        self.out_chans = prev
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "",
+        "num_classes": 10,
+        "input_size": (1, 28, 28),
+        "pool_size": None,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": FMNIST_MEAN,
+        "std": FMNIST_STD,
+        "first_conv": "patch_embed.backbone.0",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "vl_vit_fmnist": _cfg(),
+    "vl_test_vit": _cfg(input_size=(1, 16, 16)),
+})
+
+
+def _create_hybrid_vit(
+        variant: str,
+        pretrained: bool = False,
+        stem_widths: Sequence[int] = (32, 64, 128),
+        stem_strides: Sequence[int] = (1, 2, 2),
+        **kwargs,
+) -> VisionTransformer:
+    in_chans = kwargs.get("in_chans", 1)
+    stem = ConvStem(in_chans, tuple(stem_widths), tuple(stem_strides))
+    # HybridEmbed runs the stem once to learn the grid size, then projects with a 1x1 conv to embed_dim.
+    embed_layer = partial(HybridEmbed, backbone=stem)
+    kwargs["patch_size"] = 1  # VisionTransformer passes patch_size on to HybridEmbed: 1 = every stem pixel is a token
+    kwargs.setdefault("img_size", 28)
+    kwargs.setdefault("in_chans", 1)
+    kwargs.setdefault("num_classes", 10)
+    return build_model_with_cfg(
+        VisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        embed_layer=embed_layer,
+        **kwargs,
+    )
+
+
+@register_model
+def vl_vit_fmnist(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Reference Fashion-MNIST ViT: 3-conv stem to a 7x7 grid (49 tokens + class token), 6 blocks of width 128."""
+    arch = dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=3.0)
+    return _create_hybrid_vit("vl_vit_fmnist", pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def vl_test_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Tiny hybrid ViT for tests: 2 blocks of width 32, 16 tokens at 16x16 input."""
+    arch = dict(img_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, stem_widths=(8, 16), stem_strides=(2, 2))
+    return _create_hybrid_vit("vl_test_vit", pretrained, **dict(arch, **kwargs))
+

@@ -1,0 +1,13 @@
+"""Measurement primitives: FLOPs with attention counted, wall-clock timing, peak memory in a fresh process.
+
+Low in the package on purpose (pruning and benchmarking build on it): torch, timm and the standard library only.
+"""
+from .flops import FlopCount, count_flops, fft_macs, sdpa_math_backend
+from .memory import peak_memory_mb
+from .timing import Timing, environment, num_threads, time_callable
+
+__all__ = [
+    "FlopCount", "count_flops", "fft_macs", "sdpa_math_backend",
+    "peak_memory_mb",
+    "Timing", "environment", "num_threads", "time_callable",
+]

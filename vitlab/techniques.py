@@ -1,0 +1,303 @@
+"""Technique registry: CLI names -> frozen config dataclasses, the `--apply` parser, stack order, and `apply_`.
+
+A technique is a frozen dataclass whose defaults are its paper's. It is registered with a CLI name and a kind;
+the function that carries it out is registered separately, by config type (torchao's `quantize_` pattern)::
+
+    @register_technique("tome", kind=Kind.TOKENS)
+    @dataclass(frozen=True)
+    class ToMe:
+        r: int = 8
+
+    @register_handler(ToMe)
+    def _apply_tome(model, cfg): ...     # returns the model (or a runner, for deployment)
+
+    vitlab.apply_(model, parse_apply(["tome:r=13"]))
+
+Stacks apply in a fixed order of kinds: structure (pruning) -> tokens -> quantization/deployment. The stack
+applied so far is recorded on the model (`model.vitlab_techniques`), saved in checkpoints and measurement rows.
+"""
+import dataclasses
+import enum
+import types
+import typing
+from typing import Any, Callable, Iterable, Sequence
+
+__all__ = [
+    "Kind", "TechniqueError", "register_technique", "register_handler", "unregister_technique", "technique_names",
+    "get_technique", "parse_technique", "parse_apply", "format_technique", "technique_to_dict",
+    "technique_from_dict", "check_stack_order", "applied_techniques", "apply_",
+]
+
+STACK_ATTR = "vitlab_techniques"
+
+
+class Kind(enum.IntEnum):
+    """Kinds of technique, in the only order they may be stacked."""
+
+    STRUCTURE = 0      # pruning: changes weights and widths, baked into the checkpoint
+    TOKENS = 1         # token reduction: changes the forward pass, re-applied when a checkpoint loads
+    QUANTIZATION = 2   # quantization / deployment to an inference engine: always last
+
+    @property
+    def label(self) -> str:
+        return {0: "structure (pruning)", 1: "tokens", 2: "quantization/deployment"}[self.value]
+
+
+ORDER_TEXT = " -> ".join(k.label for k in Kind)
+
+
+class TechniqueError(ValueError):
+    """A technique name, option or stack that cannot be used; the message says what to do instead."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    name: str
+    cls: type
+    kind: Kind
+    reapply_on_load: bool
+    help: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_BY_CLASS: dict[type, _Entry] = {}
+_HANDLERS: dict[type, Callable] = {}
+
+
+def register_technique(name: str, kind: Kind, *, reapply_on_load: bool | None = None) -> Callable[[type], type]:
+    """Class decorator: register a frozen dataclass as technique `name` (a CLI name) of `kind`.
+
+    `reapply_on_load`: whether `create_model(checkpoint)` re-applies it (default: tokens yes; structure no, since
+    pruning is baked into the saved widths and weights; quantization no, its own issue saves its state).
+    """
+    name = name.lower()
+
+    def decorator(cls: type) -> type:
+        if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):
+            raise TypeError(f"technique {name!r}: {cls.__name__} must be a frozen dataclass")
+        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
+            raise TechniqueError(f"technique name {name!r} is already registered by {_REGISTRY[name].cls.__name__}")
+        reapply = (kind == Kind.TOKENS) if reapply_on_load is None else reapply_on_load
+        entry = _Entry(name, cls, Kind(kind), reapply, (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "")
+        _REGISTRY[name] = entry
+        _BY_CLASS[cls] = entry
+        return cls
+
+    return decorator
+
+
+def register_handler(cls: type) -> Callable[[Callable], Callable]:
+    """Function decorator: `fn(model, cfg) -> model_or_runner` carries out configs of type `cls`."""
+
+    def decorator(fn: Callable) -> Callable:
+        _HANDLERS[cls] = fn
+        return fn
+
+    return decorator
+
+
+def unregister_technique(name: str) -> None:
+    """Remove a registered technique (tests use this to keep the registry clean)."""
+    entry = _REGISTRY.pop(name.lower(), None)
+    if entry is not None:
+        _BY_CLASS.pop(entry.cls, None)
+        _HANDLERS.pop(entry.cls, None)
+
+
+def technique_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _entry_for(cfg: Any) -> _Entry:
+    entry = _BY_CLASS.get(type(cfg))
+    if entry is None:
+        raise TechniqueError(
+            f"{type(cfg).__name__} is not a registered technique config; registered: {', '.join(technique_names()) or 'none'}")
+    return entry
+
+
+def get_technique(name: str) -> _Entry:
+    _load_builtin_techniques()
+    entry = _REGISTRY.get(name.lower())
+    if entry is None:
+        raise TechniqueError(
+            f"unknown technique {name!r}; available: {', '.join(technique_names()) or 'none registered'}")
+    return entry
+
+
+def _load_builtin_techniques() -> None:
+    """Import the packages that register vitlab's techniques (they register on import)."""
+    import importlib
+
+    for module in ("vitlab.tokens", "vitlab.quant", "vitlab.prune"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+def _coerce(text: str, annotation: Any, key: str, name: str) -> Any:
+    """Convert the text of one `key=value` to the field's annotated type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(text, arg, key, name)
+            except TechniqueError as e:
+                errors.append(str(e))
+        raise TechniqueError(errors[0])
+    if origin is typing.Literal:
+        if text in [str(a) for a in args]:
+            return next(a for a in args if str(a) == text)
+        raise TechniqueError(f"{name}: {key}={text!r} is not one of {', '.join(map(str, args))}")
+    if origin in (tuple, list):
+        item_type = args[0] if args else str
+        parts = [p for p in text.replace("/", " ").replace(";", " ").split() if p]
+        return tuple(_coerce(p, item_type, key, name) for p in parts)
+    try:
+        if annotation is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if annotation is int:
+            return int(text)
+        if annotation is float:
+            return float(text)
+        if annotation is str or annotation is Any:
+            return text
+    except ValueError:
+        pass
+    else:
+        raise TechniqueError(f"{name}: cannot read {key}={text!r} (field type {annotation})")
+    type_name = getattr(annotation, "__name__", str(annotation))
+    raise TechniqueError(f"{name}: {key}={text!r} is not a valid {type_name}")
+
+
+def parse_technique(text: str) -> Any:
+    """Parse one `NAME` or `NAME:key=value,key=value` into a config instance (validated by its __post_init__)."""
+    text = text.strip()
+    name, _, rest = text.partition(":")
+    if not name:
+        raise TechniqueError(f"empty technique in --apply {text!r}; expected NAME or NAME:key=value,...")
+    entry = get_technique(name)
+    hints = typing.get_type_hints(entry.cls)
+    fields = {f.name: f for f in dataclasses.fields(entry.cls) if f.init}
+    kwargs = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq:
+            raise TechniqueError(f"{entry.name}: option {item!r} has no value; write key=value (in --apply {text!r})")
+        if key not in fields:
+            raise TechniqueError(
+                f"{entry.name}: unknown option {key!r}; options are {', '.join(fields) or 'none'} (in --apply {text!r})")
+        if key in kwargs:
+            raise TechniqueError(f"{entry.name}: option {key!r} given twice (in --apply {text!r})")
+        kwargs[key] = _coerce(value.strip(), hints[key], key, entry.name)
+    try:
+        return entry.cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise TechniqueError(f"{entry.name}: {e} (in --apply {text!r})") from None
+
+
+def parse_apply(items: Iterable[str] | None) -> list:
+    """Parse repeated `--apply` values (in order) and check the stack order."""
+    configs = [parse_technique(item) for item in (items or [])]
+    check_stack_order(configs)
+    return configs
+
+
+def format_technique(cfg: Any) -> str:
+    """The `--apply` text of a config; fields left at their defaults are omitted."""
+    entry = _entry_for(cfg)
+    parts = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if value != default:
+            value = "/".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            parts.append(f"{f.name}={value}")
+    return entry.name + (":" + ",".join(parts) if parts else "")
+
+
+def technique_to_dict(cfg: Any) -> dict:
+    """JSON-able dict: {"name": CLI name, **fields}."""
+    entry = _entry_for(cfg)
+    out = {"name": entry.name}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def technique_from_dict(data: dict) -> Any:
+    data = dict(data)
+    entry = get_technique(data.pop("name"))
+    hints = typing.get_type_hints(entry.cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise TechniqueError(f"{entry.name}: unknown option {key!r} in saved technique {data}")
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return entry.cls(**kwargs)
+
+
+def technique_kind(cfg: Any) -> Kind:
+    return _entry_for(cfg).kind
+
+
+def reapply_on_load(cfg: Any) -> bool:
+    return _entry_for(cfg).reapply_on_load
+
+
+def check_stack_order(configs: Sequence[Any]) -> None:
+    """Raise if kinds are out of order (structure -> tokens -> quantization/deployment)."""
+    for prev, cfg in zip(configs, configs[1:]):
+        prev_kind, kind = technique_kind(prev), technique_kind(cfg)
+        if kind < prev_kind:
+            raise TechniqueError(
+                f"--apply {format_technique(cfg)} ({kind.label}) cannot come after {format_technique(prev)} "
+                f"({prev_kind.label}): stack techniques in the order {ORDER_TEXT}")
+    quant = [c for c in configs if technique_kind(c) == Kind.QUANTIZATION]
+    if len(quant) > 1:
+        raise TechniqueError(
+            f"only one quantization/deployment technique per stack, got {', '.join(map(format_technique, quant))}")
+
+
+def applied_techniques(model: Any) -> tuple:
+    """The techniques applied to `model` so far, in order (empty for an untouched model)."""
+    return tuple(getattr(model, STACK_ATTR, ()))
+
+
+def apply_(model: Any, configs: Any | Sequence[Any]) -> Any:
+    """Apply one config or a list of configs in order, in place; return the model (or a runner, after deployment).
+
+    The stack already applied to the model counts: adding tokens after quantization is refused.
+    """
+    if configs is None:
+        return model
+    configs = list(configs) if isinstance(configs, (list, tuple)) else [configs]
+    stack = list(applied_techniques(model))
+    check_stack_order(stack + configs)
+    for cfg in configs:
+        handler = _HANDLERS.get(type(cfg))
+        if handler is None:
+            raise TechniqueError(f"technique {_entry_for(cfg).name!r} has no handler registered")
+        result = handler(model, cfg)
+        model = model if result is None else result
+        stack.append(cfg)
+        try:
+            setattr(model, STACK_ATTR, tuple(stack))
+        except AttributeError:  # a runner that does not take attributes keeps its own record
+            pass
+    return model
