@@ -37,7 +37,8 @@ def test_spec_fields_and_alias():
 @pytest.mark.parametrize("text, named", [("nope", "'nope'"), ("imagefolder", "'imagefolder'"),
                                          ("imagefolder:", "'imagefolder'"), ("synthetic:n=0", "n='0'"),
                                          ("synthetic:size=3", "'size'"), ("synthetic:n", "'n'"),
-                                         ("fashion-mnist:/x", "--data-dir")])
+                                         ("fashion-mnist:/x", "--data-dir"),
+                                         ("NOPE:x", "'NOPE:x'"), ("synthetic:n=2,n=3", "n=2,n=3")])
 def test_bad_specs(text, named):
     with pytest.raises(DataError) as e:
         DataSpec.parse(text)
@@ -243,7 +244,8 @@ def test_imagefolder_shapes(tree, in_chans):
             x, y = ds[i]
             assert type(x) is torch.Tensor and x.shape == (in_chans, 16, 16) and x.dtype == torch.float32
             assert y == ds.samples[i][1] and -1.0 <= x.min() and x.max() <= 1.0
-    assert build_dataset(f"imagefolder:{tree}", "test", **{**kw, "img_size": (12, 20)})[0][0].shape == (in_chans, 12, 20)
+    wide = build_dataset(f"imagefolder:{tree}", "test", **{**kw, "img_size": (12, 20)})
+    assert wide[0][0].shape == (in_chans, 12, 20)
     aug = _build_quietly(f"imagefolder:{tree}", "train", **kw, train_aug=True, aug={"re_prob": 0.5})
     torch.manual_seed(0)
     a = aug[1][0]

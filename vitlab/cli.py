@@ -1,6 +1,7 @@
 """`vitlab <verb>`: each verb parses its arguments, calls one library function, and prints or writes the result."""
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -142,7 +143,8 @@ def cmd_train(args) -> int:
             eval_val=not args.no_val, save_every=args.save_every, max_steps=args.max_steps,
             progress=not args.no_progress)
         out = fit(cfg)
-    print(f"checkpoint: {out}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"checkpoint: {out}")
     return 0
 
 

@@ -8,18 +8,18 @@ __all__ = ["predict", "load_image"]
 
 def load_image(path: str | Path, input_size: tuple[int, int, int], mean, std) -> torch.Tensor:
     """One image file -> normalized float tensor (C, H, W): any PIL mode, resized (bilinear) to the model's size."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
     from torchvision.transforms.v2 import functional as TF
 
-    from .data import to_mode
+    from .data.imagefolder import load_image as load_pil
 
     c, h, w = input_size
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
     try:
-        with Image.open(path) as img:
-            img = to_mode(img, c)
-            tensor = TF.pil_to_tensor(img)
-    except (UnidentifiedImageError, OSError) as e:
+        tensor = TF.pil_to_tensor(load_pil(str(path), c))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
     tensor = TF.resize(tensor, [h, w], antialias=True).float() / 255
     return TF.normalize(tensor, list(mean), list(std))

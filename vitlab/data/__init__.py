@@ -14,7 +14,7 @@ import torch
 
 from .fashion_mnist import FMNIST_CLASSES, FMNIST_DIR, FMNIST_MEAN, FMNIST_STD, NATIVE_SHAPE, FashionMNIST
 from .imagefolder import ImageFolderDataset, find_classes, resolve_root
-from .spec import KINDS, SPLITS, DataError, DatasetNotFoundError, DataSpec, check_aug, check_split, to_size, to_stats
+from .spec import KINDS, SPLITS, DataError, DatasetNotFoundError, DataSpec, check_aug, check_split, to_stats
 from .synthetic import SyntheticDataset
 
 __all__ = [

@@ -141,7 +141,8 @@ class FashionMNIST(VisionDataset):
         self.hflip, self.re_prob = float(cfg["hflip"]), float(cfg["re_prob"])
         self.crop_padding = min(size) // 14 if cfg["crop_padding"] is None else cfg["crop_padding"]
         if self.crop_padding >= min(size):
-            raise DataError(f"aug crop_padding={self.crop_padding} must be smaller than the image ({size[0]}x{size[1]}): "
+            raise DataError(f"aug crop_padding={self.crop_padding} must be smaller than the image "
+                            f"({size[0]}x{size[1]}): "
                             f"use e.g. crop_padding={min(size) // 14}")
 
     def __len__(self) -> int:

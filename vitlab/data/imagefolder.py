@@ -198,7 +198,8 @@ class ImageFolderDataset(VisionDataset):
             if n < MAX_WARNINGS:
                 warnings.warn(f"skipping {path}: {reason}", stacklevel=3)
         if len(self.bad) > MAX_WARNINGS:
-            warnings.warn(f"skipping {len(self.bad) - MAX_WARNINGS} more bad images in {folder} (see .bad)", stacklevel=3)
+            warnings.warn(f"skipping {len(self.bad) - MAX_WARNINGS} more bad images in {folder} (see .bad)",
+                          stacklevel=3)
         self.samples = [s for s, (_, reason) in zip(samples, reasons) if reason is None]
         if not self.samples:
             raise DataError(f"none of the {len(samples)} image files in {folder} is readable: check the files")

@@ -43,13 +43,19 @@ class DataSpec:
             if not self.path:
                 raise DataError(f"dataset {text!r} needs a path: use 'imagefolder:/path/to/root'")
         elif self.path:
-            fix = "pass the folder of idx files as data_dir (--data-dir DIR)" if self.kind == "fashion-mnist" else SPEC_HELP
+            fix = SPEC_HELP
+            if self.kind == "fashion-mnist":
+                fix = "pass the folder of idx files as data_dir (--data-dir DIR)"
             raise DataError(f"dataset {text!r}: {self.kind} takes no path: {fix}")
         if self.options and self.kind != "synthetic":
             raise DataError(f"dataset {text!r}: only synthetic takes options: {SPEC_HELP}")
+        keys = [key for key, _ in self.options]
+        if len(set(keys)) != len(keys):
+            raise DataError(f"dataset {text!r} repeats an option: give each of {', '.join(keys)} once")
         for key, value in self.options:
             if key not in SYNTHETIC_DEFAULTS:
-                raise DataError(f"dataset {text!r}: unknown option {key!r}: synthetic knows {', '.join(SYNTHETIC_DEFAULTS)}")
+                raise DataError(f"dataset {text!r}: unknown option {key!r}: "
+                                f"synthetic knows {', '.join(SYNTHETIC_DEFAULTS)}")
             if not (value.isdigit() and int(value) > 0):
                 raise DataError(f"dataset {text!r}: option {key}={value!r} must be a positive integer, e.g. {key}=64")
 
@@ -62,6 +68,8 @@ class DataSpec:
             raise DataError(f"dataset spec must be a string, got {text!r} ({type(text).__name__}): {SPEC_HELP}")
         kind, _, rest = text.strip().partition(":")
         kind = _ALIASES.get(kind.lower(), kind.lower())
+        if kind not in KINDS:
+            raise DataError(f"unknown dataset {text!r}: {SPEC_HELP}")
         if kind == "imagefolder":
             return cls(kind, path=rest or None)
         if kind == "synthetic" and rest:
@@ -69,7 +77,8 @@ class DataSpec:
             for item in rest.split(","):
                 key, eq, value = item.partition("=")
                 if not eq or not key.strip():
-                    raise DataError(f"dataset {text!r}: option {item!r} is not KEY=VALUE, e.g. 'synthetic:n=64,classes=5'")
+                    raise DataError(f"dataset {text!r}: option {item!r} is not KEY=VALUE, "
+                                    f"e.g. 'synthetic:n=64,classes=5'")
                 options.append((key.strip(), value.strip()))
             return cls(kind, options=tuple(options))
         return cls(kind, path=rest or None)
@@ -105,7 +114,8 @@ def to_size(img_size: int | Sequence[int]) -> tuple[int, int]:
     """`28` -> (28, 28); `(32, 48)` -> (32, 48) as (H, W)."""
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
-        raise DataError(f"img_size={img_size!r} is not a positive int or (height, width) pair: pass e.g. 28 or (28, 28)")
+        raise DataError(f"img_size={img_size!r} is not a positive int or (height, width) pair: "
+                        f"pass e.g. 28 or (28, 28)")
     return size
 
 
@@ -119,7 +129,8 @@ def to_stats(mean: Sequence[float], std: Sequence[float], in_chans: int) -> tupl
         if len(values) == 1:
             values = values * in_chans
         if len(values) != in_chans:
-            raise DataError(f"{name}={values} has {len(values)} values but in_chans={in_chans}: pass {in_chans} values or 1")
+            raise DataError(f"{name}={values} has {len(values)} values but in_chans={in_chans}: "
+                            f"pass one value per channel, or a single value for all")
         if name == "std" and min(values) <= 0:
             raise DataError(f"std={values} must be positive")
         out.append(values)
