@@ -19,7 +19,8 @@ def test_config_has_the_contract_fields(tmp_path, tiny_model):
     _save(tiny_model, tmp_path / "ck", data={"spec": "synthetic"}, metrics={"val_top1": 0.5})
     config = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert config["format"] == "vitlab-checkpoint" and config["version"] == 1
-    assert config["model"] == {"name": "vl_test_vit", "kwargs": {"num_classes": 10}}
+    assert config["model"]["name"] == "vl_test_vit" and config["model"]["kwargs"]["num_classes"] == 10
+    assert config["model"]["kwargs"]["embed_dim"] == 32 and config["model"]["kwargs"]["stem_widths"] == [8, 16]
     assert config["preprocessing"]["input_size"] == [1, 16, 16] and config["preprocessing"]["in_chans"] == 1
     assert len(config["preprocessing"]["mean"]) == 1 and len(config["preprocessing"]["class_names"]) == 10
     assert set(config["versions"]) == {"vitlab", "timm", "torch"}

@@ -59,7 +59,8 @@ def model_spec(model: nn.Module) -> dict:
     """{"name", "kwargs"} to rebuild `model`: recorded by create_model, else timm's architecture name."""
     spec = getattr(model, SPEC_ATTR, None)
     if spec is not None:
-        return spec
+        # vitlab models record every constructor kwarg (vitlab_arch), so a checkpoint survives changed defaults
+        return {"name": spec["name"], "kwargs": {**getattr(model, "vitlab_arch", {}), **spec["kwargs"]}}
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if arch is None:
         raise CheckpointError(
@@ -174,10 +175,17 @@ def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors")
 
 
-def load_weights(model: nn.Module, path: str | Path, *, allow_pickle: bool = False, strict: bool = True) -> nn.Module:
-    """Load weights into `model`; a missing, unexpected or mis-shaped tensor is an error naming it and the file."""
+def load_weights(model: nn.Module, path: str | Path, *, allow_pickle: bool = False, strict: bool = True,
+                 filter_fn=None) -> nn.Module:
+    """Load weights into `model`; a missing, unexpected or mis-shaped tensor is an error naming it and the file.
+
+    `filter_fn(state_dict, model) -> state_dict` converts another layout first (each zoo family's
+    `checkpoint_filter_fn` maps its official checkpoints to vitlab's layout).
+    """
     path = Path(path)
     state = _read_state_dict(path, allow_pickle)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
     own = model.state_dict()
     for key, value in own.items():
         if key not in state:

@@ -102,6 +102,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_apply(p)
 
+    p = verbs.add_parser("convert", help="wrap a weights file (safetensors, or pickle with --allow-pickle) as a checkpoint")
+    p.add_argument("model", help="model name the weights belong to")
+    p.add_argument("weights", help="weights file: .safetensors, or .pt/.pth/.bin with --allow-pickle")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--model-kwargs", default="{}", metavar="JSON")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a pickle-based file (only with torch.load(weights_only=True))")
+
     p = verbs.add_parser("models", help="list model names with parameter counts")
     p.add_argument("pattern", nargs="?", default="vl_*", help="glob, e.g. 'deit*' or '*' (default: %(default)s)")
     p.add_argument("--no-params", action="store_true", help="names only")
@@ -129,10 +137,7 @@ def cmd_train(args) -> int:
     else:
         if not args.out:
             raise ValueError("give --out RUN_DIR (or --resume RUN_DIR)")
-        try:
-            model_kwargs = json.loads(args.model_kwargs)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--model-kwargs {args.model_kwargs!r} is not JSON: {e}") from None
+        model_kwargs = _json_arg(args.model_kwargs, "--model-kwargs")
         cfg = TrainConfig(
             out=args.out, model=args.model, init=args.init, model_kwargs=model_kwargs, data=args.data,
             data_dir=args.data_dir, apply=args.apply, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -230,6 +235,32 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _json_arg(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} {text!r} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object like '{{\"depth\": 4}}', got {text!r}")
+    return value
+
+
+def cmd_convert(args) -> int:
+    from .checkpoint import create_model, load_weights, save_checkpoint
+
+    from timm.models._registry import _model_to_module
+
+    model = create_model(args.model, **_json_arg(args.model_kwargs, "--model-kwargs"))
+    # a vitlab family's checkpoint_filter_fn maps its official checkpoints to vitlab's layout; timm models load as
+    # saved (timm's own filters expect its hub layouts)
+    module = sys.modules.get(_model_to_module.get(args.model, "")) if args.model.startswith("vl_") else None
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    load_weights(model, args.weights, allow_pickle=args.allow_pickle, filter_fn=filter_fn)
+    out = save_checkpoint(model, args.out, data={"source_weights": str(args.weights)})
+    print(f"checkpoint: {out}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models.listing import list_models
 
@@ -244,7 +275,7 @@ def cmd_models(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "measure": cmd_measure,
-            "predict": cmd_predict, "models": cmd_models}
+            "predict": cmd_predict, "convert": cmd_convert, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,7 +202,8 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_
                     ema=ema.module.state_dict() if ema else None, global_step=global_step, epoch=epoch,
                     step_in_epoch=step_in_epoch, rng=rngs)
 
-    progress = _Progress(enabled=cfg.progress and rt.is_main, total=total_steps, done=global_step)
+    progress = _Progress(enabled=cfg.progress and rt.is_main, total=total_steps, done=global_step,
+                         every=max(1, steps_per_epoch // 10))
     out.mkdir(parents=True, exist_ok=True)
     max_steps = min(total_steps, cfg.max_steps or total_steps)
     start = time.perf_counter()
@@ -279,30 +280,40 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_
 class _Progress:
     """rich progress bar with loss, lr, images/s and ETA (main process only); a plain line per epoch."""
 
-    def __init__(self, enabled: bool, total: int, done: int):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, total: int, done: int, every: int):
+        self.enabled, self.total, self.every, self.start = enabled, total, every, time.perf_counter()
         if not enabled:
             return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.console = Console(stderr=True)
+        self.live = self.console.is_terminal  # no live bar in logs and pipes: a plain line every `every` steps
         self.bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} {task.fields[ips]:.0f} img/s"),
                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
                             transient=False)
         self.task = self.bar.add_task("train", total=total, completed=done, epoch=0, loss=float("nan"), lr=0.0, ips=0.0)
-        self.bar.start()
+        self.done = done
+        if self.live:
+            self.bar.start()
 
     def update(self, step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.live:
             self.bar.update(self.task, completed=step, epoch=epoch, loss=loss, lr=lr, ips=ips)
+        elif step % self.every == 0 or step == self.total:
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / max(step - self.done, 1) * (self.total - step)
+            self.console.print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} {ips:.0f} img/s "
+                               f"elapsed {elapsed / 60:.1f} min ETA {eta / 60:.1f} min", highlight=False)
 
     def log(self, record: dict) -> None:
         if self.enabled:
             text = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
-            self.bar.console.print(text)
+            self.console.print(text, highlight=False)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.live:
             self.bar.stop()

@@ -32,7 +32,6 @@ def list_models(pattern: str = "*", *, params: bool = True, progress: bool = Tru
     """[(name, params or None)] for timm and vitlab models whose name matches the glob `pattern`."""
     import timm
 
-    from . import vit_fmnist  # noqa: F401
 
     names = sorted(n for n in timm.list_models() if fnmatch.fnmatch(n, pattern))
     if not params:

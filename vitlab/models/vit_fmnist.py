@@ -15,7 +15,8 @@ import torch.nn as nn
 from timm.layers import HybridEmbed
 from timm.models import generate_default_cfgs, register_model
 from timm.models._builder import build_model_with_cfg
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as _timm_vit_filter
 
 __all__ = ["ConvStem", "vl_vit_fmnist", "vl_test_vit"]
 
@@ -75,7 +76,7 @@ default_cfgs = generate_default_cfgs({
 def _create_hybrid_vit(
         variant: str,
         pretrained: bool = False,
-        stem_widths: Sequence[int] = (32, 64, 128),
+        stem_widths: Sequence[int] = (24, 48, 96),
         stem_strides: Sequence[int] = (1, 2, 2),
         **kwargs,
 ) -> VisionTransformer:
@@ -87,20 +88,25 @@ def _create_hybrid_vit(
     kwargs.setdefault("img_size", 28)
     kwargs.setdefault("in_chans", 1)
     kwargs.setdefault("num_classes", 10)
-    return build_model_with_cfg(
+    arch = dict(kwargs, stem_widths=list(stem_widths), stem_strides=list(stem_strides))
+    for key in ("patch_size", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # builder plumbing
+        arch.pop(key, None)
+    model = build_model_with_cfg(
         VisionTransformer,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=_timm_vit_filter,
         embed_layer=embed_layer,
         **kwargs,
     )
+    model.vitlab_arch = arch  # every constructor kwarg, so checkpoints do not depend on this file's defaults
+    return model
 
 
 @register_model
 def vl_vit_fmnist(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Reference Fashion-MNIST ViT: 3-conv stem to a 7x7 grid (49 tokens + class token), 6 blocks of width 128."""
-    arch = dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=3.0)
+    """Reference Fashion-MNIST ViT: 3-conv stem to a 7x7 grid (49 tokens + class token), 4 blocks of width 96."""
+    arch = dict(embed_dim=96, depth=4, num_heads=3, mlp_ratio=2.0, stem_widths=(24, 48, 96))
     return _create_hybrid_vit("vl_vit_fmnist", pretrained, **dict(arch, **kwargs))
 
 

@@ -1,0 +1,126 @@
+"""Every CLI verb called in process: exit codes, printed JSON, files written, and bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitlab
+from vitlab.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A vl_test_vit trained for a few steps on Fashion-MNIST (resized to 16 px)."""
+    out = tmp_path_factory.mktemp("run") / "ck"
+    code = main(["train", "--model", "vl_test_vit", "--data", "fashion-mnist", "--epochs", "0.01", "--batch-size",
+                 "64", "--out", str(out), "--no-val", "--no-progress", "--threads", "2"])
+    assert code == 0
+    return out
+
+
+def _last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_train_writes_a_checkpoint_folder(checkpoint):
+    assert {p.name for p in checkpoint.iterdir()} >= {"model.safetensors", "config.json", "train_state.pt",
+                                                      "metrics.jsonl"}
+    config = vitlab.load_config(checkpoint)
+    assert config["data"]["spec"] == "fashion-mnist" and config["model"]["name"] == "vl_test_vit"
+
+
+def test_eval_json_and_files(checkpoint, tmp_path, capsys):
+    assert main(["eval", str(checkpoint), "--data", "fashion-mnist", "--split", "val", "--limit", "300", "--json",
+                 "--out", str(tmp_path / "ev")]) == 0
+    result = _last_json(capsys.readouterr().out)
+    assert result["n"] == 300 and {"top1", "top5", "loss", "per_class"} <= set(result)
+    assert 0 <= result["top1"] <= result["top5"] <= 1
+    assert (tmp_path / "ev" / "confusion.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 300
+
+
+def test_bench_json_fields(capsys):
+    assert main(["bench", "vl_test_vit", "--batch", "4", "--json", "--threads", "1"]) == 0
+    row = _last_json(capsys.readouterr().out)
+    for key in ("params", "macs", "flops", "img_per_s", "latency_ms", "peak_mem_mb", "torch", "timm", "vitlab",
+                "threads", "cpu", "techniques"):
+        assert key in row, key
+    assert row["flops"] == 2 * row["macs"] > 0 and row["params"] == 19874 and row["threads"] == 1
+    assert row["img_per_s"] > 0 and row["latency_ms"] > 0 and row["peak_mem_mb"] > 0
+
+
+def test_measure_prints_and_appends_rows(checkpoint, tmp_path, capsys):
+    out = tmp_path / "rows.jsonl"
+    for _ in range(2):
+        assert main(["measure", str(checkpoint), "--data", "fashion-mnist", "--limit", "200", "--no-memory",
+                     "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["n"] == 200 and rows[0]["split"] == "test" and rows[0]["techniques"] == "none"
+    assert "top-1 %" in capsys.readouterr().out
+
+
+def test_predict_top5(checkpoint, tmp_path, capsys):
+    img = tmp_path / "shirt.png"
+    Image.fromarray((torch.rand(40, 30, 3) * 255).to(torch.uint8).numpy()).save(img)
+    assert main(["predict", str(checkpoint), str(img), "--json"]) == 0
+    result = _last_json(capsys.readouterr().out)[str(img)]
+    # independent preprocessing: grayscale, bilinear resize to the model's 16 px, normalize with the saved stats
+    pre = vitlab.load_config(checkpoint)["preprocessing"]
+    gray = Image.open(img).convert("L").resize((16, 16), Image.BILINEAR)
+    x = (torch.from_numpy(np.asarray(gray, dtype=np.float32)).view(1, 1, 16, 16) / 255 - pre["mean"][0]) / pre["std"][0]
+    probs = vitlab.create_model(checkpoint)(x).softmax(-1)[0].detach()
+    top = probs.topk(5)
+    assert [r["class"] for r in result] == [pre["class_names"][i] for i in top.indices]
+    torch.testing.assert_close(torch.tensor([r["prob"] for r in result]), top.values, atol=2e-3, rtol=0)
+
+
+def test_models_lists_counts(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path))
+    assert main(["models", "vl_*"]) == 0
+    out = capsys.readouterr().out
+    assert "vl_vit_fmnist" in out and "vl_test_vit" in out and "0.02 M" in out
+    assert main(["models", "deit_tiny_patch16_224"]) == 0
+    assert "5.72 M" in capsys.readouterr().out   # timm's published 5.7M
+    assert (tmp_path / "param_counts.json").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", "no/such/dir"], "checkpoint folder no/such/dir does not exist"),
+    (["bench", "vl_nope"], "unknown model 'vl_nope'"),
+    (["bench", "vl_test_vit", "--apply", "nope:r=1"], "unknown technique 'nope'"),
+    (["train", "--model", "vl_test_vit", "--data", "bogus", "--out", "x"], "bogus"),
+    (["train", "--model", "vl_test_vit", "--out", "x", "--model-kwargs", "{bad"], "--model-kwargs"),
+    (["eval", "CHECKPOINT", "--data", "fashion-mnist", "--data-dir", "/nonexistent"], "apt-get install dataset-fashion-mnist"),
+    (["predict", "CHECKPOINT", "/no/image.png"], "image /no/image.png does not exist"),
+])
+def test_bad_input_is_one_clear_line(argv, needle, checkpoint, capsys):
+    argv = [str(checkpoint) if a == "CHECKPOINT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.startswith("vitlab ")
+    assert "Traceback" not in err
+
+
+def test_convert_imports_weights_and_refuses_pickle_without_the_flag(tmp_path, capsys):
+    model = vitlab.create_model("vl_test_vit", num_classes=3)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    argv = ["convert", "vl_test_vit", str(tmp_path / "w.pth"), "--out", str(tmp_path / "ck"),
+            "--model-kwargs", '{"num_classes": 3}']
+    assert main(argv) == 2
+    assert "--allow-pickle" in capsys.readouterr().err and not (tmp_path / "ck").exists()
+    assert main(argv + ["--allow-pickle"]) == 0
+    again = vitlab.create_model(tmp_path / "ck")
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
+def test_pickle_weights_in_a_checkpoint_need_the_flag(tmp_path, capsys):
+    # a pickle file is never read by create_model: only model.safetensors is
+    model = vitlab.create_model("vl_test_vit")
+    folder = vitlab.save_checkpoint(model, tmp_path / "ck")
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "model.pt")
+    assert main(["eval", str(folder), "--data", "synthetic", "--limit", "4"]) == 2
+    assert "model.safetensors does not exist" in capsys.readouterr().err
