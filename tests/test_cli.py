@@ -42,7 +42,7 @@ def test_eval_json_and_files(checkpoint, tmp_path, capsys):
 
 
 def test_bench_json_fields(capsys):
-    assert main(["bench", "vl_test_vit", "--batch", "4", "--json", "--threads", "1"]) == 0
+    assert main(["bench", "vl_test_vit", "--batch", "4", "--json", "--threads", "1", "--min-time", "0.1"]) == 0
     row = _last_json(capsys.readouterr().out)
     for key in ("params", "macs", "flops", "img_per_s", "latency_ms", "peak_mem_mb", "torch", "timm", "vitlab",
                 "threads", "cpu", "techniques"):
@@ -54,7 +54,7 @@ def test_bench_json_fields(capsys):
 def test_measure_prints_and_appends_rows(checkpoint, tmp_path, capsys):
     out = tmp_path / "rows.jsonl"
     for _ in range(2):
-        assert main(["measure", str(checkpoint), "--data", "fashion-mnist", "--limit", "200", "--no-memory",
+        assert main(["measure", str(checkpoint), "--data", "fashion-mnist", "--limit", "200", "--no-memory", "--min-time", "0.05",
                      "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["n"] == 200 and rows[0]["split"] == "test" and rows[0]["techniques"] == "none"

@@ -30,6 +30,8 @@ def _add_speed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model before timing")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess")
+    p.add_argument("--min-time", type=float, default=1.0, metavar="S",
+                   help="time each measurement for at least S seconds (default: %(default)s)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -189,7 +191,8 @@ def cmd_eval(args) -> int:
 
 def _speed_kwargs(args) -> dict:
     return dict(batch=args.batch, img_size=args.img_size, threads=args.threads, dtype=args.dtype,
-                channels_last=args.channels_last, compile=args.compile, memory=not args.no_memory)
+                channels_last=args.channels_last, compile=args.compile, memory=not args.no_memory,
+                min_time_s=args.min_time)
 
 
 def cmd_bench(args) -> int:

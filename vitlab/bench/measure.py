@@ -83,7 +83,7 @@ def _model_name(runner, source: str) -> str:
 def measure(source: str, *, apply=(), data: str | None = None, split: str = "test", data_dir: str | None = None,
             eval_limit: int | None = None, batch: int | list[int] = 32, img_size: int | None = None,
             threads: int | None = None, dtype: str = "fp32", channels_last: bool = False, compile: bool = False,
-            memory: bool = True) -> list["MeasureRow"]:
+            memory: bool = True, min_time_s: float = 1.0) -> list["MeasureRow"]:
     """Measure `source` (model name or checkpoint folder) with `apply` stacked on it; one row per batch size.
 
     With `data`, accuracy on that split is measured too (test for final numbers; train/val for selection).
@@ -108,11 +108,11 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
         counted = count_flops(flops_model, torch.randn(1, c, h, w)) if flops_model is not None else None
         params = sum(p.numel() for p in flops_model.parameters()) if flops_model is not None else 0
         one = torch.randn(1, c, h, w)
-        latency = time_callable(lambda: runner(one))
+        latency = time_callable(lambda: runner(one), min_time_s=min_time_s)
         env = environment()
         for b in batches:
             images = torch.randn(b, c, h, w)
-            timing = time_callable(lambda: runner(images))
+            timing = time_callable(lambda: runner(images), min_time_s=min_time_s)
             peak = None
             if memory:
                 peak = peak_memory_mb(
