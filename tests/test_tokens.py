@@ -146,3 +146,36 @@ def test_checkpoint_reapplies_the_token_technique(tmp_path):
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(again.eval()(x), model.eval()(x))
     assert again.token_state.counts == token_schedule(again, ToMe(r=2))
+
+
+def test_explain_draws_token_sources(tmp_path, capsys):
+    from PIL import Image
+
+    from vitlab.cli import main
+    from vitlab.explain import token_source_map
+
+    model = vitlab.apply_(vitlab.create_model("vl_vit_fmnist"), EViT(keep_rate=0.5, fuse=False))
+    labels = token_source_map(model, torch.randn(1, 28, 28))
+    assert labels.shape == (7, 7) and (labels == -1).any() and len(labels.unique()) > 3
+    model = vitlab.apply_(vitlab.create_model("vl_vit_fmnist"), ToMe(r=8))
+    labels = token_source_map(model, torch.randn(1, 28, 28))
+    assert (labels >= 0).all() and len(labels.unique()) == token_schedule(model, ToMe(r=8))[-1] - 1
+    image = tmp_path / "img.png"
+    Image.fromarray((torch.rand(28, 28) * 255).to(torch.uint8).numpy()).save(image)
+    out = tmp_path / "tokens.png"
+    assert main(["explain", "vl_test_vit", "--image", str(image), "--tokens", "--apply", "tome:r=2",
+                 "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["explain", "vl_test_vit", "--image", str(image), "--tokens", "--out", str(out)]) == 2
+    assert "needs a model with a token-reduction technique" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", [ToMe(r=4), EViT(keep_rate=0.7)])
+def test_fixed_schedule_methods_work_under_torch_compile(cfg):
+    model = vitlab.apply_(_model(), cfg)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model)
+        torch.testing.assert_close(compiled(x), expected, atol=1e-4, rtol=1e-4)

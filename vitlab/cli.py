@@ -104,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_apply(p)
 
+    p = verbs.add_parser("explain", help="explanations: token-source maps of token-reduced models")
+    p.add_argument("checkpoint", help="checkpoint folder or model name")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--tokens", action="store_true", help="draw which input patches each surviving token stands for")
+    p.add_argument("--out", required=True, metavar="FILE.png")
+    _add_apply(p)
+
     p = verbs.add_parser("convert", help="wrap a weights file (safetensors, or pickle with --allow-pickle) as a checkpoint")
     p.add_argument("model", help="model name the weights belong to")
     p.add_argument("weights", help="weights file: .safetensors, or .pt/.pth/.bin with --allow-pickle")
@@ -238,6 +245,30 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    import torch
+
+    from .checkpoint import default_preprocessing
+    from .explain import plot_token_sources, token_source_map
+    from .predict import load_image
+
+    if not args.tokens:
+        raise ValueError("choose what to explain: --tokens (token-source map); attention maps and CAMs come later")
+    model = _load_runner(args.checkpoint, args.apply)
+    pre = getattr(model, "vitlab_checkpoint", {}).get("config", {}).get("preprocessing") or default_preprocessing(model)
+    x = load_image(args.image, tuple(pre["input_size"]), pre["mean"], pre["std"])
+    labels = token_source_map(model, x)
+    mean = torch.tensor(pre["mean"])[:, None, None]
+    std = torch.tensor(pre["std"])[:, None, None]
+    picture = (x * std + mean).clamp(0, 1)
+    stack = " + ".join(args.apply) or "no technique"
+    kept = int((labels >= 0).sum())
+    out = plot_token_sources(picture, labels, args.out,
+                             title=f"{stack}: {len(labels.unique()[labels.unique() >= 0])} tokens, {kept} patches kept")
+    print(f"wrote {out}")
+    return 0
+
+
 def _json_arg(text: str, flag: str) -> dict:
     try:
         value = json.loads(text)
@@ -278,7 +309,7 @@ def cmd_models(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "measure": cmd_measure,
-            "predict": cmd_predict, "convert": cmd_convert, "models": cmd_models}
+            "predict": cmd_predict, "convert": cmd_convert, "explain": cmd_explain, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError, TechniqueError, FileNotFoundError) as e:
         print(f"vitlab {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"vitlab {args.verb}: interrupted", file=sys.stderr)
         return 130

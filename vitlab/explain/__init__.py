@@ -1,0 +1,4 @@
+"""Explanations that still work on compressed models: token-source maps (more to come: attention maps, CAMs)."""
+from .tokens import plot_token_sources, token_source_map
+
+__all__ = ["token_source_map", "plot_token_sources"]
