@@ -282,12 +282,12 @@ def _json_arg(text: str, flag: str) -> dict:
 def cmd_convert(args) -> int:
     from .checkpoint import create_model, load_weights, save_checkpoint
 
-    from timm.models._registry import _model_to_module
+    from timm.models import model_entrypoint
 
     model = create_model(args.model, **_json_arg(args.model_kwargs, "--model-kwargs"))
     # a vitlab family's checkpoint_filter_fn maps its official checkpoints to vitlab's layout; timm models load as
     # saved (timm's own filters expect its hub layouts)
-    module = sys.modules.get(_model_to_module.get(args.model, "")) if args.model.startswith("vl_") else None
+    module = sys.modules.get(model_entrypoint(args.model).__module__) if args.model.startswith("vl_") else None
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     load_weights(model, args.weights, allow_pickle=args.allow_pickle, filter_fn=filter_fn)
     out = save_checkpoint(model, args.out, data={"source_weights": str(args.weights)})
