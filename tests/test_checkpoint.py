@@ -115,3 +115,14 @@ def test_a_failed_write_leaves_no_file(tmp_path, tiny_model, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         _save(tiny_model, tmp_path / "ck")
     assert list((tmp_path / "ck").iterdir()) == []
+
+
+def test_official_style_checkpoints_with_args_load(tmp_path, tiny_model):
+    import argparse
+
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"model": tiny_model.state_dict(), "args": argparse.Namespace(lr=0.1), "epoch": 3}, path)
+    fresh = vitlab.create_model("vl_test_vit", num_classes=10)
+    load_weights(fresh, path, allow_pickle=True)
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value)

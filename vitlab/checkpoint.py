@@ -32,7 +32,7 @@ VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 SPEC_ATTR = "vitlab_model_spec"
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")  # official releases use .pth.tar too
 
 
 class CheckpointError(ValueError):
@@ -164,8 +164,12 @@ def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"{path} is a pickle-based file, which can run code when loaded; vitlab loads it only when you pass "
                 "--allow-pickle (allow_pickle=True), and then with torch.load(weights_only=True). Prefer safetensors.")
+        import argparse
+
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # training scripts (timm, DeiT) store their argparse.Namespace beside the weights: a plain data class
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001  (torch raises many types for a bad or unsafe pickle)
             raise CheckpointError(f"cannot load {path} with weights_only=True: {e}") from None
         for key in ("state_dict", "model", "module"):  # common wrappers
