@@ -1,0 +1,59 @@
+"""vitlab T2T-ViT-7 vs the official implementation: img/s at batch 8, 224 px, 2 threads, same weights.
+
+    git --git-dir=<mirror of yitu-opensource/T2T-ViT> archive HEAD | tar -x -C /tmp/official-t2t
+    python benchmarks/zoo/t2t_vit_vs_reference.py --official /tmp/official-t2t
+
+The official tree needs only timm (its deprecated `timm.models.layers` imports still resolve in timm 1.0).
+"""
+import argparse
+import statistics
+import sys
+import warnings
+
+import torch
+
+import vitlab
+from vitlab.models.t2t_vit import checkpoint_filter_fn
+from vitlab.profiling import num_threads, time_callable
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--official", required=True, help="exported official T2T-ViT tree (holds models/)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, args.official)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from models.t2t_vit import t2t_vit_7
+
+    torch.manual_seed(0)
+    official = t2t_vit_7().eval()
+    ours = vitlab.create_model("vl_t2t_vit_7").eval()
+    ours.load_state_dict(checkpoint_filter_fn(official.state_dict(), ours))
+    x = torch.randn(args.batch, 3, 224, 224)
+    with torch.inference_mode(), num_threads(args.threads):
+        diff = (ours(x) - official(x)).abs().max().item()
+        for model in (official, ours, official, ours):  # warm-up
+            model(x)
+        # one timed call per model per round, alternating, so that load from other processes on a shared CPU hits
+        # both alike; the median over rounds
+        calls = {"official": [], "vitlab": []}
+        for _ in range(args.rounds):
+            for name, model in (("official", official), ("vitlab", ours)):
+                timing = time_callable(lambda: model(x), warmup=0, min_runs=1, max_runs=1, min_time_s=0.0)
+                calls[name].append(timing.median_s)
+    seconds = {name: statistics.median(values) for name, values in calls.items()}
+    paired = statistics.median(o / v for o, v in zip(calls["official"], calls["vitlab"]))
+    for name, median_s in seconds.items():
+        print(f"{name:9s} {args.batch / median_s:8.2f} img/s  (median of {args.rounds} alternating calls, "
+              f"{median_s * 1e3:.0f} ms per batch)")
+    print(f"median of per-round ratios vitlab / official: {paired:.2f}")
+    print(f"ratio vitlab / official: {seconds['official'] / seconds['vitlab']:.2f}  (max |logit diff| {diff:.2e})")
+
+
+if __name__ == "__main__":
+    main()
