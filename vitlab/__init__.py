@@ -19,7 +19,14 @@ def measure(*args, **kwargs):
     return _measure(*args, **kwargs)
 
 
+def from_transformers(model_or_dir):
+    """See `vitlab.models.from_transformers`: a HF transformers image model -> the vitlab model, weights copied."""
+    from .models import from_transformers as _from_transformers
+
+    return _from_transformers(model_or_dir)
+
+
 __all__ = [
     "__version__", "create_model", "save_checkpoint", "load_config", "CheckpointError", "Runner", "TorchRunner",
-    "as_runner", "apply_", "parse_apply", "format_technique", "register_technique", "Kind", "TechniqueError", "measure",
+    "as_runner", "apply_", "parse_apply", "format_technique", "register_technique", "Kind", "TechniqueError", "measure", "from_transformers",
 ]

@@ -30,7 +30,7 @@ class Runner(Protocol):
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) a timm model was built for, from its pretrained_cfg / patch_embed."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    in_chans = getattr(getattr(model, "patch_embed", None), "in_chans", None)
+    in_chans = getattr(model, "in_chans", None) or getattr(getattr(model, "patch_embed", None), "in_chans", None)
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size is not None:
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
