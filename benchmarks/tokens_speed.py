@@ -32,7 +32,7 @@ def main() -> None:
     x = torch.randn(args.batch, c, h, w)
 
     variants = [("none", None), ("tome:r=0,trace_source=true (no-op overhead)", ToMe(r=0, trace_source=True))]
-    variants += [(f"tome:r={r}", ToMe(r=r)) for r in (4, 8, 13, 16)]
+    variants += [(f"tome:r={r}", ToMe(r=r)) for r in (4, 8, 13, 15)]
     variants += [(f"evit:keep_rate={k}", EViT(keep_rate=k)) for k in (0.9, 0.7, 0.5)]
     variants += [("evit:keep_rate=0.7,fuse=false", EViT(keep_rate=0.7, fuse=False))]
     rows = []
