@@ -44,10 +44,10 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, get_act_layer, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 from timm.models._builder import build_model_with_cfg
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
 from ._convert import register_hf_converter
+from ._staged import StagedTokenModel, tokens_to_map
 
 __all__ = ["ConvVisionTransformer", "checkpoint_filter_fn", "vl_cvt_13", "vl_cvt_21", "vl_test_cvt"]
 
@@ -76,13 +76,6 @@ class ConvEmbed(nn.Module):
         B, C, H, W = x.shape
         x = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, H*W, C): a view for a channels-last x
         return self.norm(x), (H, W)
-
-
-def _tokens_to_map(x: torch.Tensor, hw: tuple[int, int], num_prefix: int) -> torch.Tensor:
-    """(B, prefix + H*W, C) -> (B, C, H, W) without a copy: a channels-last view, which the convs keep channels-last,
-    so that their outputs flatten back to tokens without a copy either."""
-    B, _, C = x.shape
-    return x[:, num_prefix:].reshape(B, *hw, C).permute(0, 3, 1, 2)
 
 
 def _conv_projection(dim: int, kernel_size: int, stride: int, padding: int, method: str) -> nn.Module:
@@ -151,7 +144,7 @@ class ConvAttention(nn.Module):
         H, W = hw
         B, N, C = x.shape
         num_prefix = N - H * W
-        prefix, grid = x[:, :num_prefix], _tokens_to_map(x, hw, num_prefix)
+        prefix, grid = x[:, :num_prefix], tokens_to_map(x, hw, num_prefix)
         q, k, v = (self._project(proj, prefix, grid) for proj in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v))
         q, k, v = self._heads(self.proj_q(q)), self._heads(self.proj_k(k)), self._heads(self.proj_v(v))
         if self.fused_attn:
@@ -245,8 +238,12 @@ class CvtStage(nn.Module):
         return x, (H, W)
 
 
-class ConvVisionTransformer(nn.Module):
+class ConvVisionTransformer(StagedTokenModel):
     """CvT. `forward_features` returns the last stage's tokens after the final LayerNorm, class token first."""
+
+    family_name = "CvT"
+    stem_pattern = r"^stages\.0\.patch_embed"
+    token_pool_hint = "a class token in the last stage (cls_token=(..., True))"
 
     def __init__(
             self,
@@ -325,104 +322,6 @@ class ConvVisionTransformer(nn.Module):
         elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-    def _check_pool(self, global_pool: str) -> None:
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"global_pool={global_pool!r}: expected 'token', 'avg' or ''")
-        if global_pool == "token" and not self.num_prefix_tokens:
-            raise ValueError("global_pool='token' needs a class token in the last stage (cls_token=(..., True))")
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {f"stages.{i}.cls_token" for i, s in enumerate(self.stages) if s.cls_token is not None}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stages\.0\.patch_embed",
-                    blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                                                             (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            self._check_pool(global_pool)
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, list[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
-        """Stage outputs as NCHW maps (class token dropped); `norm` applies the final LayerNorm to the last stage's.
-
-        Returns the intermediates, or (what `forward_features` returns, intermediates).
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r}: CvT intermediates are 'NCHW' only")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        intermediates = []
-        for i, stage in enumerate(stages):
-            tokens, hw = stage(x)
-            x = _tokens_to_map(tokens, hw, stage.num_prefix_tokens)
-            if i in take_indices:
-                last = i == len(self.stages) - 1
-                intermediates.append(_tokens_to_map(self.norm(tokens), hw, stage.num_prefix_tokens)
-                                     if norm and last else x)
-        if intermediates_only:
-            return intermediates
-        return (self.norm(tokens) if len(stages) == len(self.stages) else tokens), intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, list[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        if max_index < len(self.stages) - 1:
-            self.stages = self.stages[:max_index + 1]
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-            self.num_prefix_tokens = self.stages[-1].num_prefix_tokens
-            prune_norm = prune_head = True  # the norm and head were sized for the last stage
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for stage in self.stages[:-1]:
-            tokens, hw = stage(x)
-            x = _tokens_to_map(tokens, hw, stage.num_prefix_tokens)
-        tokens, _ = self.stages[-1](x)
-        return self.norm(tokens)  # (B, prefix + H*W, C)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "token":
-            x = x[:, 0]
-        elif self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 # --- official checkpoints -------------------------------------------------------------------------------------
 
