@@ -38,6 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
+
+from ._builder import arch_kwargs
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 
@@ -394,16 +396,13 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-_BUILDER_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "out_indices", "feature_cfg",
-                 "act_layer", "norm_layer")
-
 
 def _as_lists(value):
     return [_as_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 def _create_crossformer(variant: str, pretrained: bool = False, **kwargs) -> CrossFormer:
-    arch = {k: _as_lists(v) for k, v in kwargs.items() if k not in _BUILDER_KEYS}
+    arch = {k: _as_lists(v) for k, v in arch_kwargs(kwargs, exclude=("act_layer", "norm_layer")).items()}
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (1, 1, 8, 6))))))
     model = build_model_with_cfg(
         CrossFormer, variant, pretrained,

@@ -54,6 +54,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 
+from ._builder import arch_kwargs
 from ._convert import register_hf_converter
 
 __all__ = ["DiNAT", "NeighborhoodAttention2d", "neighborhood_attention_2d", "neighborhood_attention_2d_gather",
@@ -603,16 +604,13 @@ default_cfgs = generate_default_cfgs({
 _DILATIONS_224 = ([1, 8, 1], [1, 4, 1, 4], [1, 2] * 3, [1] * 5)
 
 
-_BUILDER_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "out_indices", "feature_cfg",
-                 "act_layer", "norm_layer")
-
 
 def _as_lists(value):
     return [_as_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 def _create_dinat(variant: str, pretrained: bool = False, **kwargs) -> DiNAT:
-    arch = {k: _as_lists(v) for k, v in kwargs.items() if k not in _BUILDER_KEYS}
+    arch = {k: _as_lists(v) for k, v in arch_kwargs(kwargs, exclude=("act_layer", "norm_layer")).items()}
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (3, 4, 6, 5))))))
     model = build_model_with_cfg(
         DiNAT, variant, pretrained,

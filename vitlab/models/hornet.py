@@ -52,6 +52,8 @@ from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
+from ._builder import arch_kwargs
+
 __all__ = ["HorNet", "GnConv", "GlobalLocalFilter", "checkpoint_filter_fn"]
 
 
@@ -325,9 +327,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_hornet(variant: str, pretrained: bool = False, **kwargs) -> HorNet:
-    arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()
-            if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "out_indices",
-                         "feature_cfg", "act_layer")}
+    arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch_kwargs(kwargs, exclude=("act_layer",)).items()}
     model = build_model_with_cfg(
         HorNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

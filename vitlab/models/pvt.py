@@ -50,6 +50,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._builder import build_model_with_cfg
 from timm.models._manipulate import checkpoint
 
+from ._builder import arch_kwargs
 from ._convert import register_hf_converter
 from ._staged import StagedTokenModel, tokens_to_map
 
@@ -436,8 +437,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_pvt(variant: str, pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
-    arch = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
-                                                         "features_only", "out_indices", "feature_cls")}
+    arch = arch_kwargs(kwargs)
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 2, 2))))))
     model = build_model_with_cfg(
         PyramidVisionTransformer,

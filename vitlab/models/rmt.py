@@ -53,6 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
+
+from ._builder import arch_kwargs
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 
@@ -460,13 +462,10 @@ default_cfgs = generate_default_cfgs({
     "vl_test_rmt": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), num_classes=10),
 })
 
-_BUILDER_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "out_indices",
-                   "feature_cfg", "feature_cls")
-
 
 def _create_rmt(variant: str, pretrained: bool = False, **kwargs) -> RMT:
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 8, 2))))))
-    arch = {k: v for k, v in kwargs.items() if k not in _BUILDER_KWARGS}
+    arch = arch_kwargs(kwargs)
     model = build_model_with_cfg(
         RMT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -49,6 +49,8 @@ from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
+from ._builder import arch_kwargs
+
 __all__ = ["SpectFormer", "SpectralGatingNetwork", "SpectralBlock", "checkpoint_filter_fn", "resize_complex_filter"]
 
 
@@ -269,9 +271,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_spectformer(variant: str, pretrained: bool = False, **kwargs) -> SpectFormer:
-    arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()
-            if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "out_indices",
-                         "feature_cfg", "norm_layer", "act_layer")}
+    arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch_kwargs(kwargs, exclude=("norm_layer", "act_layer")).items()}
     out_indices = kwargs.pop("out_indices", 3)
     model = build_model_with_cfg(
         SpectFormer, variant, pretrained,

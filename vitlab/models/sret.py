@@ -57,6 +57,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention, DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
+
+from ._builder import arch_kwargs
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
@@ -453,12 +455,9 @@ default_cfgs = generate_default_cfgs({
     "vl_test_sret": _cfg(input_size=(3, 64, 64), pool_size=(4, 4), num_classes=10),
 })
 
-_BUILDER_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "out_indices",
-                   "feature_cls")
-
 
 def _create_sret(variant: str, pretrained: bool = False, **kwargs) -> SReT:
-    arch = {k: v for k, v in kwargs.items() if k not in _BUILDER_KWARGS}
+    arch = arch_kwargs(kwargs)
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (4, 10, 6))))))
     model = build_model_with_cfg(
         SReT,

@@ -65,6 +65,8 @@ import torch
 import torch.nn as nn
 from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
+
+from ._builder import arch_kwargs
 from timm.models._builder import build_model_with_cfg
 from timm.models._manipulate import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
@@ -357,12 +359,9 @@ default_cfgs = generate_default_cfgs({
     "vl_test_t2t_vit": _cfg(input_size=(3, 64, 64), num_classes=10),
 })
 
-_BUILDER_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "out_indices",
-                   "feature_cls")
-
 
 def _create_t2t_vit(variant: str, pretrained: bool = False, **kwargs) -> T2TViT:
-    arch = {k: v for k, v in kwargs.items() if k not in _BUILDER_KWARGS}
+    arch = arch_kwargs(kwargs)
     out_indices = kwargs.pop("out_indices", 3)
     model = build_model_with_cfg(
         T2TViT,

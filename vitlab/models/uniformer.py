@@ -41,6 +41,8 @@ import torch.nn as nn
 from timm.layers import (Attention, DropPath, LayerNorm2d, LayerScale, Mlp, PatchEmbed,
                          trunc_normal_)
 from timm.models import generate_default_cfgs, register_model
+
+from ._builder import arch_kwargs
 from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 
@@ -324,13 +326,10 @@ default_cfgs = generate_default_cfgs({
     "vl_test_uniformer": _cfg(input_size=(3, 64, 64), pool_size=(2, 2), num_classes=10),
 })
 
-_BUILDER_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "out_indices",
-                   "feature_cfg", "feature_cls")
-
 
 def _create_uniformer(variant: str, pretrained: bool = False, **kwargs) -> UniFormer:
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (3, 4, 8, 3))))))
-    arch = {k: v for k, v in kwargs.items() if k not in _BUILDER_KWARGS}
+    arch = arch_kwargs(kwargs)
     model = build_model_with_cfg(
         UniFormer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

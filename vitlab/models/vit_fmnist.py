@@ -18,6 +18,8 @@ from timm.models._builder import build_model_with_cfg
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _timm_vit_filter
 
+from ._builder import arch_kwargs
+
 __all__ = ["ConvStem", "vl_vit_fmnist", "vl_test_vit"]
 
 FMNIST_MEAN = (0.2860,)
@@ -88,9 +90,8 @@ def _create_hybrid_vit(
     kwargs.setdefault("img_size", 28)
     kwargs.setdefault("in_chans", 1)
     kwargs.setdefault("num_classes", 10)
-    arch = dict(kwargs, stem_widths=list(stem_widths), stem_strides=list(stem_strides))
-    for key in ("patch_size", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # builder plumbing
-        arch.pop(key, None)
+    arch = dict(arch_kwargs(kwargs, exclude=("patch_size",)),  # patch_size is fixed at 1 here, not a choice
+                stem_widths=list(stem_widths), stem_strides=list(stem_strides))
     model = build_model_with_cfg(
         VisionTransformer,
         variant,
