@@ -32,6 +32,10 @@ def _add_speed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess")
     p.add_argument("--min-time", type=float, default=1.0, metavar="S",
                    help="time each measurement for at least S seconds (default: %(default)s)")
+    p.add_argument("--calib-images", type=int, default=256, metavar="N",
+                   help="images for calibrating quantization, a seeded subset of --data (default: %(default)s)")
+    p.add_argument("--calib-split", default="train", choices=("train", "val"),
+                   help="split the calibration images come from (never test; default: %(default)s)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("bench", help="parameters, MACs/FLOPs, throughput, latency and peak memory")
     p.add_argument("model", help="model name or checkpoint folder")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="calibration images for a quantization technique (synthetic: random images, speed only)")
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files (default: Debian's)")
     _add_speed(p)
     _add_apply(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -199,13 +206,16 @@ def cmd_eval(args) -> int:
 def _speed_kwargs(args) -> dict:
     return dict(batch=args.batch, img_size=args.img_size, threads=args.threads, dtype=args.dtype,
                 channels_last=args.channels_last, compile=args.compile, memory=not args.no_memory,
-                min_time_s=args.min_time)
+                min_time_s=args.min_time, calib_split=args.calib_split, calib_images=args.calib_images)
 
 
 def cmd_bench(args) -> int:
     from .bench.measure import measure, print_rows
 
-    rows = measure(args.model, apply=args.apply, **_speed_kwargs(args))
+    if args.data and args.data.startswith("synthetic"):
+        print(f"calibration: {args.calib_images} random images ({args.data}): speed only, accuracy meaningless")
+    rows = measure(args.model, apply=args.apply, calib_data=args.data, data_dir=args.data_dir,
+                   **_speed_kwargs(args))
     print_rows(rows)
     if args.json:
         print(json.dumps(rows[-1].to_dict()))

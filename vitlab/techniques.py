@@ -18,6 +18,7 @@ applied so far is recorded on the model (`model.vitlab_techniques`), saved in ch
 """
 import dataclasses
 import enum
+import inspect
 import types
 import typing
 from typing import Any, Callable, Iterable, Sequence
@@ -279,10 +280,19 @@ def applied_techniques(model: Any) -> tuple:
     return tuple(getattr(model, STACK_ATTR, ()))
 
 
-def apply_(model: Any, configs: Any | Sequence[Any]) -> Any:
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def apply_(model: Any, configs: Any | Sequence[Any], *, calib: Any = None) -> Any:
     """Apply one config or a list of configs in order, in place; return the model (or a runner, after deployment).
 
     The stack already applied to the model counts: adding tokens after quantization is refused.
+    `calib`: calibration images for techniques that need them (post-training quantization): an iterable of image
+    batches (tensors already preprocessed for the model), passed to every handler that takes a `calib` argument.
     """
     if configs is None:
         return model
@@ -293,7 +303,7 @@ def apply_(model: Any, configs: Any | Sequence[Any]) -> Any:
         handler = _HANDLERS.get(type(cfg))
         if handler is None:
             raise TechniqueError(f"technique {_entry_for(cfg).name!r} has no handler registered")
-        result = handler(model, cfg)
+        result = handler(model, cfg, calib=calib) if _accepts(handler, "calib") else handler(model, cfg)
         model = model if result is None else result
         stack.append(cfg)
         try:

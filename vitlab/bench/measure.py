@@ -10,7 +10,8 @@ from ..profiling import count_flops, environment, num_threads, peak_memory_mb, t
 from ..runner import as_runner
 from ..techniques import apply_, format_technique, parse_apply
 
-__all__ = ["MeasureRow", "measure", "print_rows", "build_runner", "dataset_for"]
+__all__ = ["MeasureRow", "measure", "print_rows", "build_runner", "dataset_for", "calibration_batches",
+           "needs_calibration"]
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,50 @@ class MeasureRow:
         return out
 
 
+def needs_calibration(apply) -> bool:
+    """Whether a technique stack (configs or --apply text) contains a technique that calibrates on images."""
+    from ..techniques import Kind, technique_kind
+
+    configs = parse_apply(list(apply)) if apply and isinstance(list(apply)[0], str) else list(apply or [])
+    return any(technique_kind(c) == Kind.QUANTIZATION for c in configs)
+
+
+def calibration_batches(model, data: str, split: str = "train", num_images: int = 256, *, seed: int = 0,
+                        batch_size: int = 32, data_dir: str | None = None) -> list[torch.Tensor]:
+    """`num_images` images (a seeded random subset of `data`/`split`), preprocessed for `model`, in batches.
+
+    Calibrating on the test split is refused: the test split is for the final number only.
+    """
+    if split == "test":
+        raise ValueError("calibration on the test split is refused (it would leak into the reported accuracy): "
+                         "use --calib-split train (default) or val")
+    if num_images < 1:
+        raise ValueError(f"--calib-images must be >= 1, got {num_images}")
+    dataset = dataset_for(model, data, split, data_dir=data_dir)
+    n = min(num_images, len(dataset))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    images = torch.stack([dataset[i][0] for i in order])
+    return list(images.split(batch_size))
+
+
 def build_runner(source: str, apply=(), img_size: int | None = None, dtype: str = "fp32",
-                 channels_last: bool = False, compile: bool = False):
-    """Model (name or checkpoint) + technique stack -> a runner. Also the peak-memory subprocess's factory."""
+                 channels_last: bool = False, compile: bool = False, calib_data: str | None = None,
+                 calib_split: str = "train", calib_images: int = 256, data_dir: str | None = None):
+    """Model (name or checkpoint) + technique stack -> a runner. Also the peak-memory subprocess's factory.
+
+    A stack with quantization calibrates on `calib_images` images of `calib_data`/`calib_split` (seeded).
+    """
     kwargs = {"img_size": img_size} if img_size else {}
     model = create_model(source, **kwargs)
-    model = apply_(model, parse_apply(list(apply)))
+    configs = parse_apply(list(apply))
+    calib = None
+    if needs_calibration(configs):
+        if calib_data is None:
+            raise ValueError(f"{' + '.join(map(format_technique, configs))} calibrates on images: give --data SPEC "
+                             "(calibration uses --calib-split, default train; --data synthetic for a speed-only "
+                             "run on random images)")
+        calib = calibration_batches(model, calib_data, calib_split, calib_images, data_dir=data_dir)
+    model = apply_(model, configs, calib=calib)
     if isinstance(model, torch.nn.Module):
         return as_runner(model, dtype=dtype, channels_last=channels_last, compile=compile)
     return as_runner(model)
@@ -83,11 +122,14 @@ def _model_name(runner, source: str) -> str:
 def measure(source: str, *, apply=(), data: str | None = None, split: str = "test", data_dir: str | None = None,
             eval_limit: int | None = None, batch: int | list[int] = 32, img_size: int | None = None,
             threads: int | None = None, dtype: str = "fp32", channels_last: bool = False, compile: bool = False,
-            memory: bool = True, min_time_s: float = 1.0) -> list["MeasureRow"]:
+            memory: bool = True, min_time_s: float = 1.0, calib_data: str | None = None,
+            calib_split: str = "train", calib_images: int = 256) -> list["MeasureRow"]:
     """Measure `source` (model name or checkpoint folder) with `apply` stacked on it; one row per batch size.
 
     With `data`, accuracy on that split is measured too (test for final numbers; train/val for selection).
     Throughput is images/s at each batch size; latency is ms at batch 1; both are medians after warm-up.
+    A stack with quantization calibrates on `calib_images` images of `calib_data` (default: `data`) from
+    `calib_split` (train or val; never test).
     """
     from ..engine.evaluate import evaluate
 
@@ -95,8 +137,10 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
     batches = [batch] if isinstance(batch, int) else list(batch)
     rows = []
     with num_threads(threads):
+        calib_data = calib_data or data
+        calib = dict(calib_data=calib_data, calib_split=calib_split, calib_images=calib_images, data_dir=data_dir)
         runner = build_runner(source, apply, img_size=img_size, dtype=dtype, channels_last=channels_last,
-                              compile=compile)
+                              compile=compile, **calib)
         module = getattr(runner, "module", None)
         c, h, w = runner.input_size
         accuracy = {"top1": None, "top5": None, "loss": None, "n": None}
@@ -117,7 +161,8 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
             if memory:
                 peak = peak_memory_mb(
                     "vitlab.bench.measure:build_runner",
-                    dict(source=str(source), apply=apply, img_size=img_size, dtype=dtype, channels_last=channels_last),
+                    dict(source=str(source), apply=apply, img_size=img_size, dtype=dtype, channels_last=channels_last,
+                         **calib),
                     (b, c, h, w), threads=torch.get_num_threads(), dtype=dtype)["peak_rss_mb"]
             stack = [format_technique(t) for t in runner.techniques]
             rows.append(MeasureRow(
