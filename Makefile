@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: setup demo test data
+.PHONY: setup demo test data browser
 setup: $(VENV)/.installed data
 
 $(VENV)/.installed: pyproject.toml
@@ -18,8 +18,13 @@ $(FMNIST):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
 
+# Headless Chromium for the report's browser test (Debian's package), only when missing.
+browser:
+	@command -v chromium >/dev/null || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+
 demo: setup
 	$(BIN)/vitlab measure checkpoints/fashion-mnist-reference --data fashion-mnist --split test
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q

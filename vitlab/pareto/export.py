@@ -1,0 +1,43 @@
+"""Export a measured point (source model + stack) as a checkpoint folder that `vitlab eval` / `bench` accept."""
+from pathlib import Path
+
+import torch
+
+from ..techniques import Kind, parse_apply, technique_kind
+
+__all__ = ["export_point"]
+
+
+def export_point(cfg, row: dict, directory: str | Path) -> Path:
+    """Rebuild the point and save it in `directory`.
+
+    Structure and token techniques are saved as a normal checkpoint (weights + config; tokens re-applied on load).
+    A quantization technique is saved by `vitlab.quant.save_quantized` (its calibrated scales, and the engine graph
+    for deployed int8), calibrated exactly as in the sweep (same images, same seed).
+    """
+    from ..bench.measure import calibration_batches
+    from ..checkpoint import create_model, load_config, save_checkpoint
+    from ..techniques import apply_
+
+    directory = Path(directory)
+    configs = parse_apply(row["apply"])
+    torch.manual_seed(0)        # as in the sweep, for a model given by name
+    model = create_model(row["source"])
+    source_config = load_config(row["source"]) if Path(row["source"]).is_dir() else {}
+    metrics = {k: row.get(k) for k in ("val_top1", "test_top1", "img_per_s", "latency_ms", "macs") if row.get(k)}
+    metrics["measured_by"] = "vitlab pareto"
+    quant = [c for c in configs if technique_kind(c) == Kind.QUANTIZATION]
+    if not quant:
+        model = apply_(model, configs)
+        return save_checkpoint(model, directory, preprocessing=source_config.get("preprocessing"),
+                               data=source_config.get("data"), metrics=metrics,
+                               training=source_config.get("training"))
+    from .. import quant as quant_module
+
+    save = getattr(quant_module, "save_quantized", None)
+    if save is None:
+        raise NotImplementedError("this install's vitlab.quant has no save_quantized: quantized points are not "
+                                  "exported")
+    calib = calibration_batches(model, cfg.data, "train", cfg.calib_images, data_dir=cfg.data_dir)
+    result = apply_(model, configs, calib=calib)
+    return save(result, directory, metrics=metrics)

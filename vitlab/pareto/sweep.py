@@ -1,0 +1,285 @@
+"""`vitlab pareto`: measure a model and a sweep of technique stacks, find the accuracy/speed front, recommend one.
+
+The sweep measures points (plan.py) in a fixed order. Each point is one `vitlab.measure` on the validation split:
+top-1, throughput at `batch`, latency at batch 1, MACs, params and peak memory. Rows are written to
+`DIR/results.json` after every point, atomically, so a killed run resumes from the rows it has. Selection is honest:
+the front and the recommendation use validation accuracy only; the test split is evaluated afterwards, for the base
+model and the recommended point only, and reported beside them.
+"""
+import csv
+import io
+import json
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..techniques import TechniqueError
+from ..utils.io import atomic_write_json, atomic_write_text
+from .front import pareto_front, recommend
+from .plan import Point, default_stacks, is_simulated, parse_stacks, plan_points, stack_text
+
+__all__ = ["SweepConfig", "run_sweep", "load_results", "TIMING_FIELDS", "SweepError"]
+
+RESULTS = "results.json"
+# Fields that vary from run to run on the same machine: timings, and what is derived from them (the front, the
+# recommendation, and the test accuracy, which is evaluated for the recommendation only). The rest is deterministic.
+TIMING_FIELDS = ("img_per_s", "latency_ms", "peak_mem_mb", "measure_s", "speedup", "on_front", "recommended",
+                 "test_top1", "test_top5", "n_test")
+# Columns of results.csv, in order.
+CSV_FIELDS = ("key", "role", "source", "techniques", "engine", "simulated", "status", "val_top1", "test_top1",
+              "drop_pt", "img_per_s", "speedup", "latency_ms", "macs", "params", "peak_mem_mb", "on_front",
+              "recommended", "command", "error")
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start or resume; the message says what to change."""
+
+
+@dataclass
+class SweepConfig:
+    source: str                                  # model name or checkpoint folder
+    out: str                                     # output folder
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    max_drop_pt: float = 0.5
+    techniques: list[str] | None = None          # --techniques values (None: default_stacks)
+    candidates: list[str] = field(default_factory=list)
+    budget_minutes: float | None = None
+    batch: int = 32
+    threads: int | None = None
+    calib_images: int = 256
+    min_time_s: float = 1.0
+    memory: bool = True
+    val_limit: int | None = None                 # evaluate only the first N validation images (smoke runs)
+    export: bool = True
+    restart: bool = False
+
+    def settings(self) -> dict:
+        """What must match for a rerun to reuse rows (the budget and `restart` may change between runs)."""
+        keep = ("source", "data", "max_drop_pt", "techniques", "candidates", "batch", "threads", "calib_images",
+                "val_limit")
+        out = {k: getattr(self, k) for k in keep}
+        out["candidates"] = [str(c) for c in self.candidates]
+        return out
+
+
+def load_results(out: str | Path) -> dict:
+    path = Path(out) / RESULTS
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SweepError(f"{path} is not valid JSON ({err}); move it away or pass --restart") from err
+
+
+def _command(cfg: SweepConfig, point: Point, split: str = "val") -> str:
+    args = ["vitlab", "measure", point.source, "--data", cfg.data, "--split", split, "--batch", str(cfg.batch)]
+    if cfg.threads:
+        args += ["--threads", str(cfg.threads)]
+    for text in point.apply:
+        args += ["--apply", text]
+    if any(t.split(":")[0] in ("w8a8", "w8", "ptq") for t in point.apply):
+        args += ["--calib-images", str(cfg.calib_images)]
+    return shlex.join(args)
+
+
+def _measure_point(cfg: SweepConfig, point: Point) -> dict:
+    from ..bench.measure import measure
+
+    start = time.perf_counter()
+    row = {"key": point.key, "role": point.role, "source": point.source, "apply": list(point.apply),
+           "techniques": stack_text(point.apply), "simulated": is_simulated(point.apply),
+           "command": _command(cfg, point)}
+    try:
+        torch.manual_seed(0)    # a model given by name gets the same random weights at every point
+        (m,) = measure(point.source, apply=list(point.apply), data=cfg.data, split="val", data_dir=cfg.data_dir,
+                       eval_limit=cfg.val_limit, batch=cfg.batch, threads=cfg.threads, memory=cfg.memory,
+                       min_time_s=cfg.min_time_s, calib_split="train", calib_images=cfg.calib_images)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # one failing point is recorded, the sweep goes on
+        row.update(status="error", error=f"{type(err).__name__}: {err}", measure_s=time.perf_counter() - start)
+        return row
+    d = m.to_dict()
+    row.update(status="ok", error="", engine=d["engine"], model=d["model"], val_top1=d["top1"], val_top5=d["top5"],
+               val_loss=d["loss"], n_val=d["n"], params=d["params"], macs=d["macs"], flops=d["flops"],
+               attention_macs=d["attention_macs"], batch=d["batch"], input_size=d["input_size"], dtype=d["dtype"],
+               img_per_s=d["img_per_s"], latency_ms=d["latency_ms"], peak_mem_mb=d["peak_mem_mb"],
+               threads=d["threads"], measure_s=time.perf_counter() - start)
+    return row
+
+
+def _summarise(rows: list[dict], max_drop_pt: float) -> dict:
+    """Mark the front and the recommendation on `rows` (in place), from validation accuracy and throughput."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    base = next((r for r in ok if r["role"] == "base" and not r["apply"]), None)
+    for r in rows:
+        r["on_front"] = False
+        r["recommended"] = False
+    if base is None:
+        return {"base": None, "recommended": None}
+    flags = pareto_front([(r["val_top1"], r["img_per_s"]) for r in ok])
+    for r, f in zip(ok, flags):
+        r["on_front"] = f
+        r["speedup"] = r["img_per_s"] / base["img_per_s"]
+        r["drop_pt"] = 100 * (base["val_top1"] - r["val_top1"])
+    idx = recommend([(r["val_top1"], r["img_per_s"]) for r in ok], base["val_top1"], max_drop_pt / 100)
+    if idx is not None:
+        ok[idx]["recommended"] = True
+    return {"base": base["key"], "recommended": ok[idx]["key"] if idx is not None else None}
+
+
+def _write(cfg: SweepConfig, rows: list[dict], extra: dict) -> None:
+    out = Path(cfg.out)
+    atomic_write_json(out / RESULTS, {"settings": cfg.settings(), **extra, "rows": rows})
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _progress(enabled: bool, total: int, done: int):
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("pareto"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), console=Console(stderr=True))
+    task = bar.add_task("", total=total, completed=done)
+    bar.start()
+    return bar, task
+
+
+def _test_accuracy(cfg: SweepConfig, row: dict) -> dict:
+    from ..bench.measure import build_runner, dataset_for
+    from ..engine.evaluate import evaluate
+    from ..profiling import num_threads
+
+    with num_threads(cfg.threads):
+        torch.manual_seed(0)
+        runner = build_runner(row["source"], row["apply"], calib_data=cfg.data, calib_split="train",
+                              calib_images=cfg.calib_images, data_dir=cfg.data_dir)
+        result = evaluate(runner, dataset_for(runner, cfg.data, "test", data_dir=cfg.data_dir), progress=False)
+    return {"test_top1": result["top1"], "test_top5": result["top5"], "n_test": result["n"]}
+
+
+def run_sweep(cfg: SweepConfig, *, progress: bool = True, log=print, _stop_after: int | None = None) -> dict:
+    """Run (or resume) the sweep described by `cfg`; write results.json/.csv, plots, report.html; return a summary.
+
+    `_stop_after` (tests): stop after measuring that many new points, as a kill would.
+    """
+    from ..checkpoint import create_model
+
+    if cfg.max_drop_pt < 0:
+        raise SweepError(f"--max-drop-pt must be >= 0, got {cfg.max_drop_pt}")
+    if cfg.budget_minutes is not None and cfg.budget_minutes <= 0:
+        raise SweepError(f"--budget-minutes must be > 0, got {cfg.budget_minutes}")
+    for cand in cfg.candidates:
+        if not Path(cand).is_dir():
+            raise SweepError(f"--candidates {cand}: not a checkpoint folder")
+    out = Path(cfg.out)
+    notes: list[str] = []
+    if cfg.techniques:
+        base_stacks = candidate_stacks = parse_stacks(cfg.techniques)
+    else:
+        base_stacks, candidate_stacks, notes = default_stacks(create_model(cfg.source))
+    points = plan_points(cfg.source, cfg.candidates, base_stacks, candidate_stacks)
+
+    previous = {} if cfg.restart else load_results(out)
+    if previous and previous.get("settings") != cfg.settings():
+        old = previous.get("settings", {})
+        diff = sorted(k for k in set(old) | set(cfg.settings()) if old.get(k) != cfg.settings().get(k))
+        raise SweepError(f"{out / RESULTS} holds a sweep with different settings ({', '.join(diff)}): "
+                         "use another --out, or --restart to discard it")
+    done = {r["key"]: r for r in previous.get("rows", []) if r.get("status") in ("ok", "error")}
+    keys = [p.key for p in points]
+    rows = [done[k] for k in keys if k in done]
+    if rows:
+        log(f"resuming: {len(rows)} of {len(points)} points already measured in {out / RESULTS}")
+
+    start = time.monotonic()
+    budget_s = cfg.budget_minutes * 60 if cfg.budget_minutes else None
+    stopped = None
+    bar = _progress(progress, len(points), len(rows))
+    new = 0
+    try:
+        for point in points:
+            if point.key in done:
+                continue
+            elapsed = time.monotonic() - start
+            per_point = elapsed / new if new else 0.0
+            is_base = point.role == "base" and not point.apply     # always measured: the others need it
+            if budget_s is not None and not is_base and elapsed + per_point > budget_s:
+                stopped = (f"--budget-minutes {cfg.budget_minutes:g} reached after {elapsed / 60:.1f} min: "
+                           f"{len(rows)} of {len(points)} points measured")
+                break
+            if _stop_after is not None and new >= _stop_after:
+                stopped = "stopped by _stop_after"
+                break
+            if bar:
+                bar[0].update(bar[1], description=point.key)
+            row = _measure_point(cfg, point)
+            rows.append(row)
+            done[point.key] = row
+            new += 1
+            rows.sort(key=lambda r: keys.index(r["key"]))
+            summary = _summarise(rows, cfg.max_drop_pt)
+            _write(cfg, rows, {"complete": False, "notes": notes, **summary})
+            if bar:
+                bar[0].advance(bar[1])
+            else:
+                status = (f"val top-1 {100 * row['val_top1']:.2f} %, {row['img_per_s']:.0f} img/s"
+                          if row["status"] == "ok" else row["error"])
+                log(f"[{len(rows)}/{len(points)}] {point.key}: {status}")
+    finally:
+        if bar:
+            bar[0].stop()
+    if stopped:
+        notes.append(stopped)
+        log(stopped)
+    if _stop_after is not None and stopped == "stopped by _stop_after":
+        return {"rows": rows, "complete": False}
+
+    summary = _summarise(rows, cfg.max_drop_pt)
+    if summary["base"] is None:
+        errors = [r for r in rows if r["role"] == "base" and not r["apply"]]
+        why = errors[0]["error"] if errors else "not measured"
+        raise SweepError(f"the base model could not be measured ({why})")
+    by_key = {r["key"]: r for r in rows}
+    for key in dict.fromkeys(k for k in (summary["base"], summary["recommended"]) if k):
+        by_key[key].update(_test_accuracy(cfg, by_key[key]))
+    complete = len(rows) == len(points)
+    result = {"complete": complete, "notes": notes, **summary,
+              "max_drop_pt": cfg.max_drop_pt, "environment": _environment(cfg)}
+    if cfg.export and summary["recommended"]:
+        from .export import export_point
+
+        try:
+            result["exported"] = str(export_point(cfg, by_key[summary["recommended"]], out / "recommended"))
+        except Exception as err:  # the report still gets written; the note says why there is no export
+            notes.append(f"export of the recommended point failed: {type(err).__name__}: {err}")
+    _write(cfg, rows, result)
+    _write_csv(out / "results.csv", rows)
+    from .report import write_report
+
+    result["report"] = str(write_report(cfg, rows, result))
+    _write(cfg, rows, result)
+    return {**result, "rows": rows}
+
+
+def _environment(cfg: SweepConfig) -> dict:
+    from ..profiling import environment, num_threads
+
+    with num_threads(cfg.threads):
+        env = environment()
+    return {k: v for k, v in env.items() if isinstance(v, (str, int, float, bool, type(None)))}
