@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     parser.add_argument("--official", default=None, help="export of github.com/whai362/PVT to time as well")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     from transformers import PvtConfig, PvtForImageClassification
 

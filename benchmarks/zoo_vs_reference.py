@@ -1,0 +1,115 @@
+"""Run every benchmarks/zoo/<family>_vs_reference.py and print one table of vitlab / reference speed ratios.
+
+    PYTHONPATH=/tmp/zoo-extra python benchmarks/zoo_vs_reference.py [--threads 2] [--official-root /tmp] [--rounds N]
+
+Each family script builds vitlab's smallest variant and the reference it was checked against with the same weights,
+checks they agree, and times them in alternating rounds at 224 px, batch 8 (see each script). The references:
+HF transformers for CvT and PVT (always run) and the official code exported to `<official-root>/official-<family>`
+(see each script's docstring for the `git archive` line; the official code is not part of vitlab). A family whose
+export is missing is listed as skipped, with the folder it looked for. A ratio above 1 means vitlab is faster.
+`--rounds` overrides every script's own default number of rounds (fewer rounds: quicker, noisier).
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+
+
+@dataclass(frozen=True)
+class Family:
+    label: str  # smallest variant, as in the zoo table
+    script: str  # file in benchmarks/zoo/
+    official: str  # folder under --official-root, plus the sub-folder the script wants
+    official_optional: bool = False  # True: the script also runs without --official (HF reference)
+
+
+FAMILIES = (
+    Family("CvT-13", "cvt_vs_reference.py", "official-cvt", official_optional=True),
+    Family("PVT-Tiny", "pvt_vs_reference.py", "official-pvt", official_optional=True),
+    Family("DiNAT-Mini", "dinat_vs_reference.py", "official-dinat/classification"),
+    Family("T2T-ViT-7", "t2t_vit_vs_reference.py", "official-t2t"),
+    Family("HorNet-T 7x7", "hornet_vs_reference.py", "official-hornet"),
+    Family("UniFormer-S", "uniformer_vs_reference.py", "official-uniformer"),
+    Family("CrossFormer-T", "crossformer_vs_reference.py", "official-crossformer"),
+    Family("RMT-T", "rmt_vs_reference.py", "official-rmt"),
+    Family("SpectFormer-T", "spectformer_vs_reference.py", "official-spectformer"),
+    Family("SReT-T", "sret_vs_reference.py", "official-sret"),
+)
+
+_RATIO = re.compile(r"^ratio vitlab / (\S+?)(?: \(img/s\))?: ([0-9.]+)", re.MULTILINE)
+_DIFF = re.compile(r"max \|logits? diff\|[^0-9]*([0-9.]+e[-+][0-9]+)")
+_RAN_ON = re.compile(r"^official ran on: (.*)$", re.MULTILINE)
+
+
+def parse_output(text: str) -> dict:
+    """{"ratios": {reference: vitlab/reference img/s}, "max_diff": largest logit difference, "note": str}."""
+    ratios = {ref: float(value) for ref, value in _RATIO.findall(text)}
+    diffs = [float(d) for d in _DIFF.findall(text)]
+    ran_on = _RAN_ON.search(text)
+    return {"ratios": ratios, "max_diff": max(diffs) if diffs else None,
+            "note": f"official ran on {ran_on.group(1)}" if ran_on else ""}
+
+
+def command(family: Family, args) -> list[str] | None:
+    """The script's command line, or None if its official export is missing and it needs one."""
+    cmd = [sys.executable, str(ZOO_DIR / family.script), "--threads", str(args.threads)]
+    if args.rounds is not None:
+        cmd += ["--rounds", str(args.rounds)]
+    official = Path(args.official_root) / family.official
+    if official.is_dir():
+        cmd += ["--official", str(official)]
+    elif not family.official_optional:
+        return None
+    return cmd
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--official-root", default="/tmp", help="folder holding the official-<family> exports")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per script (default: each script's own)")
+    parser.add_argument("--families", nargs="+", default=None, help="labels to run, e.g. CvT-13 RMT-T")
+    args = parser.parse_args(argv)
+    families = FAMILIES if args.families is None else [f for f in FAMILIES if f.label in args.families]
+    if args.families is not None and len(families) != len(args.families):
+        parser.error(f"unknown family in {args.families}: choose from {[f.label for f in FAMILIES]}")
+
+    rows = []
+    for family in families:
+        cmd = command(family, args)
+        if cmd is None:
+            rows.append((family, None, f"skipped: no official export at {Path(args.official_root) / family.official}",
+                         0.0))
+            print(f"{family.label}: skipped", flush=True)
+            continue
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        seconds = time.perf_counter() - start
+        print(f"{family.label} ({seconds:.0f} s):\n{proc.stdout.strip()}", flush=True)
+        if proc.returncode != 0:
+            error = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+            rows.append((family, None, f"failed (exit {proc.returncode}): {error}", seconds))
+            continue
+        rows.append((family, parse_output(proc.stdout), "", seconds))
+
+    print(f"\n224 px, batch 8, {args.threads} threads; ratio = vitlab img/s / reference img/s (> 1: vitlab faster)")
+    print("| family (smallest variant) | reference | vitlab / reference | max logit diff | notes |")
+    print("|---|---|---|---|---|")
+    for family, parsed, error, seconds in rows:
+        if parsed is None:
+            print(f"| {family.label} | | | | {error} |")
+            continue
+        refs = " / ".join(parsed["ratios"]) or "?"
+        ratios = " / ".join(f"{r:.2f}" for r in parsed["ratios"].values()) or "no ratio printed"
+        diff = f"{parsed['max_diff']:.1e}" if parsed["max_diff"] is not None else ""
+        print(f"| {family.label} | {refs} | {ratios} | {diff} | {parsed['note']} {seconds:.0f} s |")
+
+
+if __name__ == "__main__":
+    main()
