@@ -1,0 +1,323 @@
+"""Logarithmic quantizers for power-law activations: log2 and AdaLog (Wu et al., "AdaLog: Post-Training
+Quantization for Vision Transformers with Adaptive Logarithm Quantizer", ECCV 2024).
+
+Semantics read from the official code (github.com/GoatWu/AdaLog, `quantizers/logarithm.py`,
+`quant_layers/matmul.py`, `quant_layers/linear.py`) and re-written here:
+
+* A value x >= 0 is coded as k = round(-log2(x / scale) * r / q): the log base is 2 ** (q / r) with r = 37 fixed
+  and the integer q searched (q = 37 is plain log2; the official search range is q = 10 ... 137).
+* Dequantization is the paper's hardware-friendly form: 2 ** -floor(k q / r) (a shift) times a table entry
+  T[(k q) mod r] = 2 ** (-((k q) mod r) / r) rounded to multiples of 1 / (2 ** (bits + 1) - 2).
+* Post-softmax (scale 1, as in the official code): only q is searched, exhaustively.
+* Post-GELU: the shift 0.16997 (= -min GELU) makes the values non-negative; "bias reparameterization" folds the
+  -shift back into the next Linear's bias (`reparameterize_bias_`; on a calibrated model
+  `reparameterize_post_gelu_`). Scale and q are found by the paper's Fast Progressive Combining Search
+  (`fpcs_search`): keep the best q candidates, combine them with a grid of scales
+  between the 90th and 100th percentile, keep the top combinations and refine their scales for a few steps.
+
+Differences from the official code, on purpose:
+* Strictly `bits` bits: codes 0 ... 2**bits - 2 are levels and one code is zero (the official code keeps 2**bits
+  levels *and* a zero, one value more than the bit width holds).
+* The search minimizes the squared error of the quantized values themselves; the official code minimizes the
+  error of the next matmul/Linear's output, which needs that layer's operands (a vitlab Quantizer sees only its
+  input). For post-softmax the two agree up to a constant when the values multiplied by the probabilities are
+  roughly uncorrelated.
+* The searches run on at most 16384 seeded samples of what calibration kept (option `search_samples`).
+
+Limit: a log grid is coarse near its top (AdaLog's smallest base is 2 ** (10 / 37) = 1.21), so these quantizers
+are not the identity at 16 bits the way uniform ones are; they are meant for 3-6 bits.
+
+Checked (tests/test_quant_adv.py): log2 is exact on powers of two; AdaLog's search on softmax-of-Gaussian data
+(50 keys) beats log2 and uniform min-max at 4 bits on MSE; the shifted post-GELU form keeps the negative part and
+its bias reparameterization leaves a Linear's output unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Quantizer, QuantizerError, register_quantizer
+
+__all__ = [
+    "ADALOG_R", "GELU_SHIFT", "log2_quantize", "adalog_quantize", "adalog_table", "search_adalog_base",
+    "fpcs_search", "search_log2_scale", "reparameterize_bias_", "reparameterize_post_gelu_", "quantization_mse",
+    "Log2Quantizer", "AdaLogQuantizer",
+]
+
+ADALOG_R = 37                           # AdaLog's fixed denominator r: base = 2 ** (q / r)
+ADALOG_Q_RANGE = (10, 137)              # the official q candidates (eq_n = 128)
+GELU_SHIFT = 0.16997124254703522        # -min_x GELU(x); the official post-GELU shift (and PTQ4ViT's)
+
+
+def _max_code(bits: int) -> int:
+    """Largest level code at `bits` bits: one code of the 2**bits is kept for zero."""
+    if bits < 2:
+        raise ValueError(f"log quantizers need bits >= 2, got bits={bits}; use 2 or more")
+    return 2 ** bits - 2
+
+
+def log2_quantize(x: Tensor, scale: float | Tensor, bits: int) -> Tensor:
+    """Fake-quantize x >= 0 to {0} U {scale * 2**-k : k = 0 ... 2**bits - 2} (rounding in the log domain)."""
+    k_max = _max_code(bits)
+    ratio = (x / scale).clamp(min=1e-30, max=1.0)
+    k = torch.round(-torch.log2(ratio))
+    return torch.where(k > k_max, torch.zeros_like(x), torch.exp2(-k.clamp(max=k_max)) * scale)
+
+
+def adalog_table(bits: int, r: int = ADALOG_R, device=None) -> Tensor:
+    """T[j] = 2 ** (-j / r) rounded to multiples of 1 / (2 ** (bits + 1) - 2): the dequantization table."""
+    step = 1.0 / (2 ** (bits + 1) - 2)
+    table = torch.exp2(-torch.arange(r, dtype=torch.float64) / r)
+    return (torch.round(table / step) * step).to(device=device, dtype=torch.float32)
+
+
+def adalog_quantize(x: Tensor, scale: float | Tensor, q: int | Tensor, bits: int, r: int = ADALOG_R) -> Tensor:
+    """Fake-quantize x >= 0 with AdaLog: base 2 ** (q / r), table dequantization, values below the last level -> 0.
+
+    `scale` and `q` broadcast against `x` (a leading candidate axis is how the searches evaluate many at once).
+    """
+    return _adalog_from_log(_neg_log2(x), scale, q, bits, r)
+
+
+def _neg_log2(x: Tensor) -> Tensor:
+    """-log2(x) for x > 0 (x <= 0 -> a huge value, i.e. quantized to 0); computed once per search."""
+    return -torch.log2(x.clamp(min=1e-30))
+
+
+def _adalog_from_log(neg_log: Tensor, scale: float | Tensor, q: int | Tensor, bits: int, r: int) -> Tensor:
+    """AdaLog of x given -log2(x): k = round(-log2(min(x / scale, 1)) * r / q), value 2 ** -floor(kq/r) T[kq mod r]."""
+    k_max = _max_code(bits)
+    q = torch.as_tensor(q, device=neg_log.device, dtype=neg_log.dtype)
+    scale = torch.as_tensor(scale, device=neg_log.device, dtype=neg_log.dtype)
+    k = torch.round((neg_log + torch.log2(scale)).clamp(min=0.0) * (r / q)).clamp(max=k_max + 1).long()
+    # the 2**bits - 1 levels (and a last 0 for "below the last level") of every candidate: (..., k_max + 2)
+    kq = torch.arange(k_max + 1, device=neg_log.device, dtype=neg_log.dtype) * q.unsqueeze(-1)
+    whole = torch.floor(kq / r + 1e-4)
+    table = adalog_table(bits, r, neg_log.device)
+    levels = torch.exp2(-whole) * table[(kq - whole * r).round().long().clamp(0, r - 1)] * scale.unsqueeze(-1)
+    levels = torch.cat([levels, torch.zeros_like(levels[..., :1])], dim=-1)
+    if levels.dim() == 1:                                         # scalar scale and q
+        return levels[k]
+    shape = torch.broadcast_shapes(k.shape, levels.shape[:-1])
+    levels = levels.reshape((1,) * (len(shape) - levels.dim() + 1) + levels.shape)
+    return torch.gather(levels.expand(*shape, k_max + 2), -1, k.expand(shape).unsqueeze(-1)).squeeze(-1)
+
+
+def quantization_mse(x: Tensor, xq: Tensor) -> Tensor:
+    """Mean squared error over the last axis (one value per candidate)."""
+    return (xq - x).pow(2).mean(dim=-1)
+
+
+def search_adalog_base(samples: Tensor, bits: int, scale: float | Tensor = 1.0,
+                       q_range: tuple[int, int] = ADALOG_Q_RANGE, r: int = ADALOG_R, topk: int = 1) -> Tensor:
+    """The official post-softmax search: every integer q in `q_range` at a fixed scale; returns the best `topk` q.
+
+    `samples`: 1-D tensor of values >= 0 (already shifted). Returns a 1-D tensor of q, best first.
+    """
+    x = samples.flatten().float()
+    q = torch.arange(q_range[0], q_range[1] + 1, device=x.device, dtype=x.dtype)[:, None]   # (Q, 1)
+    errors = quantization_mse(x, _adalog_from_log(_neg_log2(x)[None], scale, q, bits, r))  # (Q,)
+    return q[errors.argsort()[:topk], 0].round().long()
+
+
+def fpcs_search(samples: Tensor, bits: int, q_range: tuple[int, int] = ADALOG_Q_RANGE, r: int = ADALOG_R,
+                base_keep: int = 8, scale_count: int = 16, keep: int = 32, steps: int = 6,
+                percentiles: tuple[float, float] = (0.9, 1.0)) -> tuple[float, int]:
+    """Fast Progressive Combining Search (AdaLog, Sec. 3.3) for (scale, q) of values >= 0.
+
+    1. the `base_keep` best q at the initial scale (the official start: next-to-largest scale candidate);
+    2. their product with `scale_count` scales evenly spaced between the `percentiles` of the positive values;
+    3. keep the `keep` best (scale, q) pairs, around each try new scales at a shrinking step, `steps` rounds.
+    Returns (scale, q) of the best pair.
+    """
+    x = samples.flatten().float()
+    positive = x[x > 0]
+    if positive.numel() == 0:
+        return 1.0, ADALOG_R
+    lo, hi = torch.quantile(positive, torch.tensor(percentiles, dtype=x.dtype)).tolist()
+    hi = max(hi, 1e-12)
+    lo = min(lo, hi)
+    scales = torch.linspace(lo, hi, scale_count, dtype=x.dtype)
+    start_scale = float(scales[-2]) if scale_count > 1 else hi
+    qs = search_adalog_base(x, bits, start_scale, q_range, r, topk=base_keep).to(x.dtype)
+    cand_scale = scales.repeat(len(qs))                       # (base_keep * scale_count,)
+    cand_q = qs.repeat_interleave(scale_count)
+    step = float(scales[1] - scales[0]) if scale_count > 1 else hi / 8
+    new_per_pair = max(2, (base_keep * scale_count) // keep)
+    for round_index in range(steps):
+        errors = _pair_errors(x, cand_scale, cand_q, bits, r)
+        order = errors.argsort()[: (1 if round_index == steps - 1 else keep)]
+        cand_scale, cand_q = cand_scale[order], cand_q[order]
+        if round_index == steps - 1:
+            break
+        offsets = (torch.linspace(0, 1, new_per_pair, dtype=x.dtype) - 0.5) * step      # (new_per_pair,)
+        step = step / (new_per_pair - 0.5)
+        cand_scale = (cand_scale[:, None] + offsets[None]).flatten().clamp(min=1e-12)
+        cand_q = cand_q.repeat_interleave(new_per_pair)
+    return float(cand_scale[0]), int(cand_q[0])
+
+
+def _pair_errors(x: Tensor, scales: Tensor, qs: Tensor, bits: int, r: int, chunk: int = 64) -> Tensor:
+    """MSE of AdaLog at each (scale, q) pair, evaluated in chunks of candidates."""
+    out, neg_log = [], _neg_log2(x)[None]                                              # (1, n)
+    for start in range(0, len(scales), chunk):
+        s = scales[start:start + chunk, None]                                          # (c, 1)
+        q = qs[start:start + chunk, None]
+        out.append(quantization_mse(x, _adalog_from_log(neg_log, s, q, bits, r)))
+    return torch.cat(out)
+
+
+def search_log2_scale(samples: Tensor, bits: int, count: int = 100,
+                      percentiles: tuple[float, float] = (0.9, 1.0)) -> float:
+    """Scale of a log2 quantizer: the MSE-best of `count` scales between two percentiles of the positive values."""
+    x = samples.flatten().float()
+    positive = x[x > 0]
+    if positive.numel() == 0:
+        return 1.0
+    lo, hi = torch.quantile(positive, torch.tensor(percentiles, dtype=x.dtype)).tolist()
+    scales = torch.linspace(min(lo, hi), max(hi, 1e-12), count, dtype=x.dtype)[:, None]     # (count, 1)
+    errors = quantization_mse(x, log2_quantize(x[None], scales, bits))
+    return float(scales[errors.argmin(), 0])
+
+
+@torch.no_grad()
+def reparameterize_bias_(linear: nn.Linear, shift: float) -> nn.Linear:
+    """Fold a quantizer's input shift into the Linear that reads its output (AdaLog's bias reparameterization).
+
+    The quantizer returns Q(x + shift) instead of Q(x + shift) - shift; the Linear's bias becomes b - W @ (shift 1),
+    so W (Q(x + shift) - shift) + b is unchanged. Returns `linear`.
+    """
+    correction = linear.weight.sum(dim=1) * shift               # W @ (shift * ones)
+    if linear.bias is None:
+        linear.bias = nn.Parameter(-correction)
+    else:
+        linear.bias.sub_(correction)
+    return linear
+
+
+# ---------------------------------------------------------------------------------------------- quantizers
+
+
+SEARCH_SAMPLES = 1 << 14   # values the searches run on: a seeded subsample of what calibration kept
+
+
+def search_data(quantizer: Quantizer) -> Tensor:
+    """At most `search_samples` (option, default 16384) of the quantizer's observed values, seeded."""
+    data = quantizer.samples().flatten()
+    cap = int(quantizer.options.get("search_samples", SEARCH_SAMPLES))
+    if data.numel() <= cap:
+        return data
+    generator = torch.Generator().manual_seed(quantizer.seed)
+    return data[torch.randperm(data.numel(), generator=generator)[:cap]]
+
+
+def _site_shift(quantizer: Quantizer) -> float:
+    """The input shift that makes a site's values non-negative: GELU's -min at post_gelu, else 0 (or -min seen)."""
+    site = quantizer.options.get("site")
+    if site == "post_gelu":
+        return GELU_SHIFT
+    if site == "attn_prob":
+        return 0.0
+    return max(0.0, -float(quantizer.min_val.min()))
+
+
+class _LogBase(Quantizer):
+    """Shared shift / bias-reparameterization handling of the log-domain quantizers (per tensor only)."""
+
+    def __init__(self, bits: int, **kwargs):
+        super().__init__(bits, **kwargs)
+        if self.channel_axis is not None:
+            raise QuantizerError(f"{type(self).__name__} is per tensor; got channel_axis={self.channel_axis}: "
+                                 "use it at the attn_prob / post_gelu sites (per_token applies to Linear inputs)")
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("shift", torch.tensor(0.0))
+        # True after `reparameterize_bias_` folded -shift into the next Linear: output Q(x + shift) as is.
+        self.register_buffer("bias_reparameterized", torch.tensor(False))
+
+    def _code(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def fake_quant(self, x: Tensor) -> Tensor:
+        y = self._code(x + self.shift)
+        return y if bool(self.bias_reparameterized) else y - self.shift
+
+
+@register_quantizer("log2")
+class Log2Quantizer(_LogBase):
+    """log2 quantizer: levels scale * 2**-k (k = 0 ... 2**bits - 2) and 0. Post-softmax: scale 1 (the values' bound,
+    as in AdaLog's and RepQ-ViT's log2 baselines); elsewhere the MSE-best scale between the 90th and 100th
+    percentile. At post_gelu the input is shifted by 0.17 so GELU's negative part is kept."""
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        self._require_observed()
+        self.shift = torch.tensor(_site_shift(self))
+        if self.options.get("site") == "attn_prob":
+            self.scale = torch.tensor(1.0)
+        else:
+            self.scale = torch.tensor(search_log2_scale(search_data(self) + self.shift, self.bits))
+        self.calibrated = True
+
+    def _code(self, x: Tensor) -> Tensor:
+        return log2_quantize(x, self.scale, self.bits)
+
+
+@register_quantizer("adalog")
+class AdaLogQuantizer(_LogBase):
+    """AdaLog (Wu et al., ECCV 2024): log base 2 ** (q / 37) searched on the calibration values.
+
+    Post-softmax (`site="attn_prob"`): scale 1 and q from an exhaustive search over q = 10 ... 137 (official).
+    Post-GELU (`site="post_gelu"`): values shifted by 0.17 (bias reparameterization), scale and q from the Fast
+    Progressive Combining Search. Options: `q_range=(lo, hi)` widens/narrows the q candidates.
+    """
+
+    def __init__(self, bits: int, *, q_range: tuple[int, int] = ADALOG_Q_RANGE, **kwargs):
+        super().__init__(bits, **kwargs)
+        if not (1 <= q_range[0] <= q_range[1]):
+            raise QuantizerError(f"AdaLog q_range={q_range} must satisfy 1 <= lo <= hi (the official one is 10..137)")
+        self.q_range = (int(q_range[0]), int(q_range[1]))
+        self.register_buffer("q", torch.tensor(float(ADALOG_R)))
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        self._require_observed()
+        shift = _site_shift(self)
+        data = search_data(self) + shift
+        if self.options.get("site") == "attn_prob":
+            scale, q = 1.0, int(search_adalog_base(data, self.bits, 1.0, self.q_range)[0])
+        else:
+            scale, q = fpcs_search(data, self.bits, self.q_range)
+        self.shift, self.scale, self.q = torch.tensor(shift), torch.tensor(scale), torch.tensor(float(q))
+        self.calibrated = True
+
+    @property
+    def base(self) -> float:
+        """The searched log base 2 ** (q / 37)."""
+        return 2.0 ** (float(self.q) / ADALOG_R)
+
+    def _code(self, x: Tensor) -> Tensor:
+        return adalog_quantize(x, self.scale, self.q, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, q={int(self.q)}, base={self.base:.4f}"
+
+
+@torch.no_grad()
+def reparameterize_post_gelu_(model: nn.Module) -> nn.Module:
+    """Bias reparameterization on a calibrated model: every Linear whose input quantizer is a shifted log quantizer
+    (AdaLog / log2 at post_gelu) gets -W_q @ (shift 1) in its bias (W_q: its fake-quantized weight, what it computes
+    with), and the quantizer then emits the non-negative Q(x + shift). The outputs do not change. Returns `model`.
+    """
+    from .sim import quant_linears
+
+    for _, layer in quant_linears(model):
+        quantizer = layer.input_quant
+        if not isinstance(quantizer, _LogBase) or bool(quantizer.bias_reparameterized) or float(quantizer.shift) == 0:
+            continue
+        correction = layer.quant_weight().sum(dim=1) * float(quantizer.shift)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(-correction)
+        else:
+            layer.bias.sub_(correction)
+        quantizer.bias_reparameterized.fill_(True)
+    return model
