@@ -1,0 +1,267 @@
+"""Post-training quantization of ViTs: simulated low-bit PTQ and real int8 deployment.
+
+Two steps (the library form)::
+
+    from vitlab.quant import PTQ
+    vitlab.quantize_(model, PTQ(w=6, a=6, quantizer="percentile"))   # quantizers at every site, mode "off"
+    vitlab.calibrate(model, calib_batches, num_images=256)           # observe, finalize, switch to "quant"
+
+or one (the technique form, as `--apply` does)::
+
+    model = vitlab.apply_(model, PTQ(w=4, a=4, quantizer="adalog"), calib=calib_batches)
+    runner = vitlab.apply_(model, W8A8(), calib=calib_batches)       # real int8 (OpenVINO): a runner
+
+`calib` is a list of preprocessed image batches (`vitlab.bench.measure.calibration_batches` takes a seeded subset
+of a train / val split; the test split is refused). Configs are registered techniques of kind quantization:
+`ptq` (simulated, any bit width; the model stays a PyTorch module), `w8a8` (weights and activations in int8 on a
+real engine; returns a runner) and `w8` (weight-only int8 on the engine).
+
+Order inside the `ptq` handler: wrap (quantizers off) -> `smooth` (vitlab.quant.mptq.smooth_, before any
+observation) -> calibrate -> `bits` (vitlab.quant.mptq.allocate_bits, on the calibrated model; it changes bit
+widths with set_bits and re-finalizes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.nn as nn
+
+from ..techniques import Kind, TechniqueError, register_handler, register_technique
+from .base import (QUANTIZERS, MSEQuantizer, MinMaxQuantizer, PercentileQuantizer, Quantizer, QuantizerError,
+                   UniformQuantizer, get_quantizer_class, make_quantizer, quantizer_names, register_quantizer)
+from .sim import QuantAttention, QuantLinear, is_quantized, quant_linears, quantizers, set_quant_mode, wrap_model
+
+
+def save_quantized(model_or_runner, directory, **checkpoint_kwargs):
+    """See `vitlab.quant.export.save_quantized`: a calibrated model or deployed runner -> a reloadable folder."""
+    from .export import save_quantized as _save
+
+    return _save(model_or_runner, directory, **checkpoint_kwargs)
+
+
+def load_quantized(directory, **kwargs):
+    """See `vitlab.quant.export.load_quantized` (`vitlab.create_model(DIR)` calls it for quantized folders)."""
+    from .export import load_quantized as _load
+
+    return _load(directory, **kwargs)
+
+__all__ = [
+    "PTQ", "W8A8", "W8", "calibrate", "quantize_", "Quantizer", "UniformQuantizer", "MinMaxQuantizer",
+    "PercentileQuantizer", "MSEQuantizer", "QUANTIZERS", "register_quantizer", "make_quantizer", "quantizer_names",
+    "QuantizerError", "QuantLinear", "QuantAttention", "quantizers", "set_quant_mode", "is_quantized",
+    "CalibrationError", "save_quantized", "load_quantized",
+]
+
+
+class CalibrationError(TechniqueError):
+    """Calibration that cannot run (no images, a quantizer that saw nothing); the message says what to pass."""
+
+
+def _check_bits(name: str, value: int) -> None:
+    if not isinstance(value, int) or not 2 <= value <= 16:
+        raise ValueError(f"{name}={value!r} must be a bit width in 2..16")
+
+
+@register_technique("ptq", Kind.QUANTIZATION)
+@dataclass(frozen=True)
+class PTQ:
+    """Simulated post-training quantization (fake-quant) at any bit width; the model stays a PyTorch module.
+
+    `w`/`a`: weight / activation bits. `quantizer`: a uniform one (minmax, percentile, mse) is used at every
+    activation site; a log-domain one (log2, adalog, twin: vitlab.quant.logquant / twin) at the post-softmax
+    ("attn_prob") and post-GELU sites, with `act_quantizer` (uniform) elsewhere. Weights: uniform, symmetric, per
+    output channel, `weight_quantizer` (minmax or mse). `attn`: quantize both attention matmuls (QK^T and
+    softmax·V); `post_gelu`: use `quantizer` for the input of fc2; `per_token`: Linear inputs get one scale per
+    token (static, so the token count must not change). `bits`: MPTQ mixed precision under this average bit budget
+    (vitlab.quant.mptq); `smooth`: MPTQ's SmoothQuant-with-bias before calibration.
+    """
+
+    w: int = 8
+    a: int = 8
+    quantizer: str = "minmax"
+    attn: bool = True
+    post_gelu: bool = True
+    per_token: bool = False
+    bits: float | None = None
+    smooth: bool = False
+    weight_quantizer: str = "minmax"
+    act_quantizer: str = "mse"
+
+    def __post_init__(self):
+        _check_bits("w", self.w)
+        _check_bits("a", self.a)
+        names = quantizer_names()
+        for field in ("quantizer", "weight_quantizer", "act_quantizer"):
+            if getattr(self, field).lower() not in names:
+                raise ValueError(f"{field}={getattr(self, field)!r} is not a quantizer; available: {', '.join(names)}")
+        for field in ("weight_quantizer", "act_quantizer"):
+            if not get_quantizer_class(getattr(self, field)).all_sites:
+                raise ValueError(f"{field}={getattr(self, field)!r} must be uniform (minmax, percentile or mse)")
+        if self.bits is not None and not 2.0 <= self.bits <= 16.0:
+            raise ValueError(f"bits={self.bits} (average bit budget) must be in 2..16")
+
+
+@register_technique("w8a8", Kind.QUANTIZATION)
+@dataclass(frozen=True)
+class W8A8:
+    """Real int8 inference of weights and activations on a CPU engine; the result is a runner, not a module.
+
+    `calibration="vitlab"`: vitlab's calibration (uniform `quantizer`, default percentile) decides every scale and
+    the engine runs exactly those (FakeQuantize nodes carrying vitlab's ranges; the int8 kernels come from the
+    engine's low-precision transformations). `calibration="nncf"`: NNCF's own default int8 calibration
+    (`nncf.quantize(..., model_type=TRANSFORMER)`), for comparison. `attn`: also quantize the attention matmuls.
+    `threads`: the engine's thread count (default: torch's). Inference precision is set to f32 explicitly
+    (OpenVINO would otherwise use bf16 on CPUs that have it).
+    """
+
+    engine: Literal["openvino"] = "openvino"
+    calibration: Literal["vitlab", "nncf"] = "vitlab"
+    quantizer: str = "percentile"
+    attn: bool = True
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.quantizer.lower() not in QUANTIZERS or not QUANTIZERS[self.quantizer.lower()].all_sites:
+            raise ValueError(f"quantizer={self.quantizer!r}: int8 engines run uniform quantizers; use one of "
+                             f"{', '.join(UniformQuantizer.METHODS)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads} must be >= 1")
+
+    def ptq(self) -> PTQ:
+        """The simulated twin's config: what the engine computes, in PyTorch."""
+        return PTQ(w=8, a=8, quantizer=self.quantizer, attn=self.attn, post_gelu=True, act_quantizer=self.quantizer)
+
+
+@register_technique("w8", Kind.QUANTIZATION)
+@dataclass(frozen=True)
+class W8:
+    """Weight-only int8 on a CPU engine (per-output-channel symmetric weights, activations in f32); a runner."""
+
+    engine: Literal["openvino"] = "openvino"
+    threads: int | None = None
+
+    def ptq(self) -> PTQ:
+        """The simulated twin's config (only its weight quantizers are switched on)."""
+        return PTQ(w=8, a=8, quantizer="minmax", attn=False, post_gelu=False, act_quantizer="minmax")
+
+
+# ----------------------------------------------------------------------------------------------- verbs
+
+def quantize_(model: nn.Module, cfg: PTQ | None = None) -> nn.Module:
+    """Put fake quantizers at every site `cfg` (default `PTQ()`) asks for, in place, in mode "off" (the model
+    still computes exactly what it did); then `calibrate` it. Returns the model."""
+    cfg = PTQ() if cfg is None else cfg
+    if not isinstance(cfg, PTQ):
+        raise TechniqueError(f"quantize_ takes a PTQ config, got {type(cfg).__name__}; deploy with "
+                             "vitlab.apply_(model, W8A8(), calib=...)")
+    wrap_model(model, cfg)
+    model.vitlab_quant_config = cfg
+    return model
+
+
+def _batches(loader_or_batches: Any) -> Iterable[torch.Tensor]:
+    for item in loader_or_batches:
+        if isinstance(item, (list, tuple)):  # (images, labels) from a DataLoader
+            item = item[0]
+        if not isinstance(item, torch.Tensor):
+            raise CalibrationError(f"calibration batches must be image tensors (B, C, H, W), got {type(item).__name__}")
+        yield item
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, loader_or_batches: Any, num_images: int | None = None) -> nn.Module:
+    """Calibrate a `quantize_`d model: observe activations on up to `num_images` images (all, by default),
+    compute every quantizer's parameters (weights from the weights themselves) and switch them to "quant".
+
+    Refuses a model without quantizers, an empty image source, and a quantizer that observed nothing.
+    """
+    if not is_quantized(model):
+        raise CalibrationError("calibrate: the model has no quantizers; call vitlab.quantize_(model, PTQ(...)) first")
+    if loader_or_batches is None:
+        raise CalibrationError("calibration needs images: pass --data SPEC (calibration images come from its "
+                               "--calib-split, default train) or calib=[image batches]")
+    weight_quants = {id(m.weight_quant) for _, m in quant_linears(model)}
+    was_training = model.training
+    model.eval()
+    for _, q in quantizers(model):
+        q.reset_observations()
+    set_quant_mode(model, "observe", weights=False)
+    for _, m in quant_linears(model):
+        m.weight_quant.mode = "off"
+    seen = 0
+    try:
+        for batch in _batches(loader_or_batches):
+            if num_images is not None:
+                batch = batch[: max(0, num_images - seen)]
+            if len(batch) == 0:
+                break
+            model(batch)
+            seen += len(batch)
+    finally:
+        for _, q in quantizers(model):
+            q.mode = "off"
+        model.train(was_training)
+    if seen == 0:
+        raise CalibrationError("calibration saw no images: the calibration data is empty (pass --calib-images >= 1)")
+    for name, m in quant_linears(model):
+        m.weight_quant.observe(m.weight)
+    for name, q in quantizers(model):
+        if q.num_observed == 0:
+            where = "weight" if id(q) in weight_quants else "activation"
+            raise CalibrationError(f"quantizer {name} ({where}) observed nothing during calibration on {seen} images: "
+                                   "that part of the model never ran")
+        q.finalize()
+    set_quant_mode(model, "quant")
+    model.vitlab_calibration = {"images": seen}
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- handlers
+
+def _require_calib(cfg: Any, calib: Any) -> None:
+    if calib is None:
+        from ..techniques import format_technique
+
+        raise CalibrationError(f"{format_technique(cfg)} calibrates on images: pass --data SPEC (calibration images, "
+                               "from --calib-split train or val) or apply_(..., calib=[image batches])")
+
+
+def _mptq():
+    try:
+        from . import mptq
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.mptq":
+            raise
+        raise TechniqueError("ptq: bits= (mixed precision) and smooth= need vitlab.quant.mptq, which this vitlab "
+                             "does not have") from None
+    return mptq
+
+
+@register_handler(PTQ)
+def _apply_ptq(model: nn.Module, cfg: PTQ, calib=None) -> nn.Module:
+    _require_calib(cfg, calib)
+    calib = list(calib)
+    quantize_(model, cfg)
+    if cfg.smooth:
+        _mptq().smooth_(model, calib, cfg)
+    calibrate(model, calib)
+    if cfg.bits is not None:
+        _mptq().allocate_bits(model, calib, cfg)
+    return model
+
+
+@register_handler(W8A8)
+def _apply_w8a8(model: nn.Module, cfg: W8A8, calib=None):
+    _require_calib(cfg, calib)
+    from .deploy import deploy_w8a8
+
+    return deploy_w8a8(model, cfg, list(calib))
+
+
+@register_handler(W8)
+def _apply_w8(model: nn.Module, cfg: W8, calib=None):
+    from .deploy import deploy_w8
+
+    return deploy_w8(model, cfg)
