@@ -1,0 +1,248 @@
+"""Real int8 inference on CPU with OpenVINO, with the scales vitlab's calibration computed.
+
+How the scales reach the engine: the calibrated simulated model (`vitlab.quant.sim`, uniform quantizers only)
+computes its fake quantization with `torch.fake_quantize_per_tensor_affine` / `..._per_channel_affine`;
+OpenVINO's PyTorch frontend converts each of those ops into a `FakeQuantize` node whose input range is
+``[(qmin - z) * s, (qmax - z) * s]`` with ``qmax - qmin + 1`` levels, i.e. exactly vitlab's scale and zero-point.
+OpenVINO's low-precision transformations then run the Linear layers (and the attention matmuls) as u8 x i8 int8
+kernels (VNNI / AMX) with those ranges; `fake_quant_ranges(runner.ov_model)` and `weight_scales(...)` read them
+back. Engine choice: see BENCHMARKS.md, "Quantization" (`benchmarks/quant_speed.py --engines all` times OpenVINO
+beside ONNX Runtime's QDQ path and torchao's PT2E x86 path on the same model, batch and threads).
+
+Engine settings are explicit: `INFERENCE_PRECISION_HINT=f32` (OpenVINO picks bf16 on CPUs that have it, which
+would change the numbers) and `INFERENCE_NUM_THREADS` (OpenVINO ignores torch's thread setting).
+
+`calibration="nncf"` runs NNCF's own default int8 (`nncf.quantize(..., model_type=TRANSFORMER)`) on the same
+engine, for comparison.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..runner import model_input_size
+from ..techniques import TechniqueError, applied_techniques
+
+__all__ = ["OpenVINORunner", "deploy_w8a8", "deploy_w8", "to_openvino", "compile_openvino", "fake_quant_ranges",
+           "weight_scales", "ov_config", "int8_weight_form"]
+
+
+def _ov():
+    try:
+        import openvino as ov
+    except ImportError as e:  # pragma: no cover - openvino is a dependency
+        raise TechniqueError("w8a8 / w8 deploy with OpenVINO: pip install openvino") from e
+    return ov
+
+
+def ov_config(threads: int | None) -> dict:
+    """The OpenVINO CPU settings vitlab always passes: f32 inference (no silent bf16) and an explicit thread count."""
+    return {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+            "PERFORMANCE_HINT": "LATENCY"}
+
+
+@contextlib.contextmanager
+def int8_weight_form(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every calibrated QuantLinear computes its weight as ``int8 codes * per-channel scale``
+    from buffers `weight_int8` / `weight_scale` (vitlab's codes and scales). Traced, that is OpenVINO's
+    compressed-weight pattern Constant(i8) -> Convert -> Multiply, which it keeps (a folded fake-quantized f32
+    weight would lose the scales) and runs as the i8 operand of its int8 kernels."""
+    from .sim import quant_linears
+
+    linears = [m for _, m in quant_linears(model) if m.weight_quant.mode == "quant"]
+    try:
+        for m in linears:
+            wq = m.weight_quant
+            if wq.bits > 8 or not getattr(wq, "symmetric", False) or bool((wq.zero_point != 0).any()):
+                raise TechniqueError(f"int8 deployment needs symmetric weights of at most 8 bits, got {wq}")
+            m.register_buffer("weight_int8", wq.quantize(m.weight.detach()).to(torch.int8), persistent=False)
+            m.register_buffer("weight_scale", wq._broadcast(wq.scale.detach(), m.weight).clone(), persistent=False)
+        yield model
+    finally:
+        for m in linears:
+            m._buffers.pop("weight_int8", None)
+            m._buffers.pop("weight_scale", None)
+
+
+def to_openvino(model: nn.Module, example: torch.Tensor):
+    """Convert a PyTorch module (float, or calibrated fake-quant with uniform quantizers) to an OpenVINO model with
+    a dynamic batch dimension."""
+    ov = _ov()
+    model.eval()
+    with torch.no_grad(), int8_weight_form(model):
+        ov_model = ov.convert_model(model, example_input=example[:1])
+    ov_model.reshape({ov_model.inputs[0]: ov.PartialShape([-1, *example.shape[1:]])})
+    return ov_model
+
+
+def compile_openvino(ov_model, threads: int | None):
+    return _ov().Core().compile_model(ov_model, "CPU", ov_config(threads))
+
+
+def fake_quant_ranges(ov_model) -> list[dict]:
+    """Every FakeQuantize node of an OpenVINO model: name, levels, input_low / input_high (numpy arrays), and the
+    scale ``(high - low) / (levels - 1)`` and zero-point ``-low / scale`` they encode."""
+    out = []
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() != "FakeQuantize":
+            continue
+        low, high = (op.input_value(i).get_node() for i in (1, 2))
+        if low.get_type_name() != "Constant" or high.get_type_name() != "Constant":
+            continue
+        lo, hi = low.get_data().astype(np.float64), high.get_data().astype(np.float64)
+        levels = int(op.get_levels())
+        scale = (hi - lo) / (levels - 1)
+        out.append({"name": op.get_friendly_name(), "levels": levels, "input_low": lo, "input_high": hi,
+                    "scale": scale, "zero_point": -lo / scale, "node": op})
+    return out
+
+
+def weight_scales(ov_model) -> dict[str, dict]:
+    """Int8 weights of an OpenVINO model in compressed form, Constant(i8) -> Convert -> Multiply(scale):
+    {scale constant's name: {"scale": numpy array, "codes": numpy int8 array, "node": the scale Constant}}."""
+    out = {}
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() != "Multiply":
+            continue
+        a, b = (op.input_value(i).get_node() for i in (0, 1))
+        if a.get_type_name() == "Convert" and b.get_type_name() == "Constant":
+            src = a.input_value(0).get_node()
+            if src.get_type_name() == "Constant" and src.get_element_type().get_type_name() == "i8":
+                out[b.get_friendly_name()] = {"scale": b.get_data().copy(), "codes": src.get_data().copy(), "node": b}
+    return out
+
+
+def save_ir(ov_model, directory: str | Path, name: str = "model") -> Path:
+    """Save an OpenVINO model as `directory/name.xml` + `.bin` without fp16 compression; the files appear only
+    when both are complete (written in a temporary folder beside them, then renamed, .bin first)."""
+    import shutil
+    import tempfile
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=directory))
+    try:
+        _ov().save_model(ov_model, str(tmp / f"{name}.xml"), compress_to_fp16=False)
+        (tmp / f"{name}.bin").replace(directory / f"{name}.bin")
+        (tmp / f"{name}.xml").replace(directory / f"{name}.xml")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory / f"{name}.xml"
+
+
+@dataclass(eq=False)
+class OpenVINORunner:
+    """A model compiled by OpenVINO, as a runner: images (B, C, H, W) -> logits (B, num_classes) as torch tensors.
+
+    `float_module`: the float PyTorch model (for parameter and FLOP counts); `sim_module`: the simulated twin
+    (vitlab's fake-quant model with the same scales), None for float or NNCF-calibrated graphs; `ov_model`: the
+    OpenVINO graph (save it with `save`).
+    """
+
+    ov_model: Any
+    float_module: nn.Module
+    techniques: tuple
+    engine: str
+    threads: int | None = None
+    sim_module: nn.Module | None = None
+    input_size: tuple[int, int, int] = field(init=False)
+    num_classes: int = field(init=False)
+
+    def __post_init__(self):
+        self.input_size = model_input_size(self.float_module)
+        self.num_classes = int(getattr(self.float_module, "num_classes", 0))
+        self.compiled = compile_openvino(self.ov_model, self.threads)
+        self._request = self.compiled.create_infer_request()
+
+    @property
+    def module(self) -> nn.Module:
+        """The float module (what `measure` counts FLOPs on and reads preprocessing from)."""
+        return self.float_module
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.detach().float().contiguous().numpy()
+        out = self._request.infer({0: x})
+        return torch.from_numpy(np.array(out[self.compiled.output(0)]))
+
+    def save(self, directory: str | Path, name: str = "model") -> Path:
+        """Write the OpenVINO IR (`name.xml` / `name.bin`, weights as they are: f32, int8 codes) into `directory`."""
+        return save_ir(self.ov_model, directory, name)
+
+    def close(self) -> None:
+        self._request = None
+        self.compiled = None
+
+
+def _example(model: nn.Module, calib: list[torch.Tensor] | None) -> torch.Tensor:
+    if calib:
+        return calib[0][:1]
+    return torch.zeros(1, *model_input_size(model))
+
+
+def deploy_w8a8(model: nn.Module, cfg, calib: list[torch.Tensor]) -> OpenVINORunner:
+    """The w8a8 handler: calibrate (vitlab or NNCF), convert, compile; returns an OpenVINORunner."""
+    from . import calibrate, quantize_
+
+    if cfg.engine != "openvino":
+        raise TechniqueError(f"w8a8: engine {cfg.engine!r} is not supported; use engine=openvino")
+    stack = applied_techniques(model)
+    float_module = copy.deepcopy(model).eval()
+    example = _example(model, calib)
+    if cfg.calibration == "vitlab":
+        quantize_(model, cfg.ptq())
+        calibrate(model, calib)
+        ov_model = to_openvino(model, example)
+        sim = model
+    else:
+        import nncf
+
+        ov_model = nncf.quantize(to_openvino(float_module, example), nncf.Dataset([b.numpy() for b in calib]),
+                                 model_type=nncf.ModelType.TRANSFORMER, subset_size=sum(len(b) for b in calib))
+        sim = None
+    runner = OpenVINORunner(ov_model, float_module, stack + (cfg,), "openvino-int8", cfg.threads, sim)
+    _check_conversion(runner, sim if sim is not None else float_module, calib[0][:16], "w8a8")
+    return runner
+
+
+def _check_conversion(runner: OpenVINORunner, reference: nn.Module, images: torch.Tensor, name: str) -> None:
+    """Refuse a converted graph that does not compute what the PyTorch model does on a few calibration images
+    (non-finite outputs, or top-1 disagreeing on more than one image in 8)."""
+    with torch.no_grad():
+        expected = reference(images)
+    got = runner(images)
+    agree = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+    if not torch.isfinite(got).all() or agree < 0.875:
+        runner.close()
+        stack = " + ".join(type(t).__name__ for t in runner.techniques)
+        raise TechniqueError(
+            f"{name}: OpenVINO's conversion of this model ({stack}) does not reproduce the PyTorch model "
+            f"(finite: {bool(torch.isfinite(got).all())}, top-1 agreement {agree:.0%} on {len(images)} calibration "
+            "images); token-reduced models are known not to convert: apply w8a8 without token reduction, or use "
+            "ptq (simulated)")
+
+
+def deploy_w8(model: nn.Module, cfg) -> OpenVINORunner:
+    """The w8 handler: int8 weights with vitlab's per-channel symmetric min-max scales (computed from the weights,
+    no images needed), f32 activations; OpenVINO runs the compressed-weight form."""
+    from . import quantize_
+    from .sim import quant_linears
+
+    stack = applied_techniques(model)
+    float_module = copy.deepcopy(model).eval()
+    quantize_(model, cfg.ptq())
+    for _, m in quant_linears(model):
+        m.weight_quant.observe(m.weight)
+        m.weight_quant.finalize()
+        m.weight_quant.set_mode("quant")
+    ov_model = to_openvino(model, _example(model, None))
+    runner = OpenVINORunner(ov_model, float_module, stack + (cfg,), "openvino-w8", cfg.threads, model)
+    _check_conversion(runner, model, torch.randn(8, *model_input_size(model), generator=torch.Generator().manual_seed(0)),
+                      "w8")
+    return runner
