@@ -218,6 +218,10 @@ def create_model(name_or_checkpoint: str | Path, *, pretrained: bool = False, re
     if Path(str(name_or_checkpoint)).is_dir() or "/" in str(name_or_checkpoint):
         directory = Path(name_or_checkpoint)
         config = load_config(directory)
+        if "quantization" in config:  # a quantized model or a deployed runner: vitlab.quant rebuilds it
+            from .quant.export import load_quantized
+
+            return load_quantized(directory, **kwargs)
         model_kwargs = {**config["model"]["kwargs"], **kwargs}
         model = create_model(config["model"]["name"], **model_kwargs)
         load_weights(model, directory / WEIGHTS)

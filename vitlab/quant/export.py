@@ -1,0 +1,191 @@
+"""Save and reload quantized models; export float or quantized models to ONNX / OpenVINO IR.
+
+A saved quantized model is a checkpoint folder (`vitlab.save_checkpoint`) whose `model.safetensors` also holds
+every quantizer's parameters (scale, zero-point, ... as buffers: no pickle), and whose `config.json` has a
+"quantization" section: {"format": "vitlab-quant", "kind": "simulated" | "openvino", "bits": {quantizer: bits},
+"ir": "model.xml"}. A deployed model (w8a8 / w8) also has the engine graph, `model.xml` / `model.bin` (OpenVINO
+IR, f32 weights + FakeQuantize ranges). `vitlab.create_model(DIR)` reloads either: a simulated model as a
+PyTorch module in mode "quant", a deployed one as an `OpenVINORunner`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..checkpoint import CheckpointError, load_config, model_spec, save_checkpoint
+from ..utils.io import atomic_write_json
+
+__all__ = ["save_quantized", "load_quantized", "export_model", "QUANT_FORMAT"]
+
+QUANT_FORMAT = "vitlab-quant"
+WEIGHTS = "model.safetensors"
+IR = "model.xml"
+
+
+def _quantizer_state(model: nn.Module) -> dict[str, dict]:
+    from .sim import quantizers
+
+    return {"bits": {name: q.bits for name, q in quantizers(model)},
+            "modes": {name: q.mode for name, q in quantizers(model)}}
+
+
+def save_quantized(model_or_runner: Any, directory: str | Path, **checkpoint_kwargs) -> Path:
+    """Save a calibrated simulated model (PTQ) or a deployed OpenVINORunner (w8a8 / w8) into `directory`."""
+    from .deploy import OpenVINORunner
+    from .sim import is_quantized
+
+    directory = Path(directory)
+    if isinstance(model_or_runner, OpenVINORunner):
+        runner = model_or_runner
+        module = runner.sim_module if runner.sim_module is not None else runner.float_module
+        spec = model_spec(runner.float_module)
+        object.__setattr__(module, "vitlab_techniques", tuple(runner.techniques))
+        save_checkpoint(module, directory, model_name=spec["name"], model_kwargs=spec["kwargs"], **checkpoint_kwargs)
+        runner.save(directory, Path(IR).stem)
+        section = {"kind": "openvino", "engine": runner.engine, "ir": IR, "simulated_twin": runner.sim_module is not None,
+                   **_quantizer_state(module)}
+    elif isinstance(model_or_runner, nn.Module) and is_quantized(model_or_runner):
+        save_checkpoint(model_or_runner, directory, **checkpoint_kwargs)
+        section = {"kind": "simulated", **_quantizer_state(model_or_runner)}
+    else:
+        raise CheckpointError(f"save_quantized: {type(model_or_runner).__name__} is neither a quantized model nor a "
+                              "deployed runner; save float models with vitlab.save_checkpoint")
+    config = load_config(directory)
+    config["quantization"] = {"format": QUANT_FORMAT, "version": 1, **section}
+    atomic_write_json(directory / "config.json", config)
+    return directory
+
+
+def load_quantized(directory: str | Path, **kwargs):
+    """Rebuild what `save_quantized` wrote: a PyTorch module (simulated) or an OpenVINORunner (deployed)."""
+    from safetensors.torch import load_file
+
+    from ..checkpoint import create_model
+    from ..techniques import apply_, reapply_on_load, technique_from_dict
+    from . import PTQ, quantize_
+    from .sim import quantizers
+
+    directory = Path(directory)
+    config = load_config(directory)
+    section = config.get("quantization") or {}
+    if section.get("format") != QUANT_FORMAT:
+        raise CheckpointError(f"{directory}: config.json has no vitlab quantization section")
+    stack = tuple(technique_from_dict(t) for t in config.get("techniques", []))
+
+    def build() -> nn.Module:  # the float model with the techniques that re-apply on load (token reduction)
+        m = create_model(config["model"]["name"], **{**config["model"]["kwargs"], **kwargs}).eval()
+        return apply_(m, [t for t in stack if reapply_on_load(t)])
+
+    model = build()
+    quant_cfg = stack[-1] if stack else None
+    state = load_file(str(directory / WEIGHTS))
+    twin_cfg = quant_cfg if isinstance(quant_cfg, PTQ) else (
+        quant_cfg.ptq() if section.get("simulated_twin") else None)
+    float_state = {k: v for k, v in state.items() if k in model.state_dict()}
+    if twin_cfg is None:
+        missing = [k for k in model.state_dict() if k not in float_state]
+        if missing:
+            raise CheckpointError(f"{directory / WEIGHTS}: tensor {missing[0]!r} that the model needs is missing")
+        model.load_state_dict(float_state)
+        sim = None
+    else:
+        float_model = build()
+        float_model.load_state_dict(float_state)
+        quantize_(model, twin_cfg)
+        bits = section.get("bits", {})
+        for name, q in quantizers(model):
+            if name in bits:
+                q.set_bits(int(bits[name]))
+        model.load_state_dict(state, strict=True)
+        modes = section.get("modes", {})
+        for name, q in quantizers(model):
+            q.calibrated = modes.get(name, "quant") == "quant"
+            q.set_mode(modes.get(name, "quant"))
+        object.__setattr__(model, "vitlab_techniques", stack)
+        model.vitlab_checkpoint = {"path": str(directory), "config": config}
+        sim = model
+        model = float_model
+    model.vitlab_checkpoint = {"path": str(directory), "config": config}
+    if section.get("kind") == "simulated":
+        return sim
+    from .deploy import OpenVINORunner, _ov
+
+    ov_model = _ov().Core().read_model(str(directory / section.get("ir", IR)))
+    threads = getattr(quant_cfg, "threads", None)
+    return OpenVINORunner(ov_model, model, stack, section.get("engine", "openvino-int8"), threads, sim)
+
+
+def export_model(model_or_runner: Any, directory: str | Path, fmt: str, example: torch.Tensor | None = None) -> Path:
+    """Write the model as ONNX (`model.onnx`) or OpenVINO IR (`model.xml`/`.bin`) into `directory`.
+
+    A deployed OpenVINORunner exports its int8 graph (IR only). A module (float, or simulated-quantized: its
+    uniform fake quantizers become Q/DQ pairs in ONNX and FakeQuantize nodes in OpenVINO) is traced on `example`
+    (default: zeros of the model's input size) with a dynamic batch dimension.
+    """
+    from ..runner import model_input_size
+    from ..utils.io import atomic_path
+    from .deploy import OpenVINORunner, save_ir, to_openvino
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if fmt not in ("onnx", "openvino"):
+        raise ValueError(f"export format {fmt!r} is not one of onnx, openvino")
+    if isinstance(model_or_runner, OpenVINORunner):
+        if fmt != "openvino":
+            raise ValueError("a deployed OpenVINO model exports as --format openvino; export the simulated model "
+                             "(ptq) or the float model to ONNX")
+        return model_or_runner.save(directory, "model")
+    model = model_or_runner.eval()
+    example = torch.zeros(1, *model_input_size(model)) if example is None else example[:1]
+    if fmt == "openvino":
+        return save_ir(to_openvino(model, example), directory, "model")
+    with atomic_path(directory / "model.onnx") as path, torch.no_grad():
+        torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                          dynamo=False)
+    return directory / "model.onnx"
+
+
+def is_quantized_checkpoint(config: dict) -> bool:
+    return (config.get("quantization") or {}).get("format") == QUANT_FORMAT
+
+
+def quantize_checkpoint(source: str, out: str | Path, apply: list[str], *, data: str | None = None,
+                        split: str = "train", calib_images: int = 256, data_dir: str | None = None):
+    """`vitlab quantize`: load `source`, apply the stack (calibrating on `calib_images` seeded images of
+    `data`/`split`; never the test split), save the quantized model (or deployed runner) into `out`."""
+    from ..bench.measure import calibration_batches, needs_calibration
+    from ..checkpoint import create_model
+    from ..techniques import Kind, TechniqueError, apply_, parse_apply, technique_kind
+
+    configs = parse_apply(list(apply))
+    if not any(technique_kind(c) == Kind.QUANTIZATION for c in configs):
+        raise TechniqueError("vitlab quantize needs a quantization technique: --apply ptq:w=8,a=8 (simulated), "
+                             "--apply w8a8 or --apply w8 (deployed to OpenVINO)")
+    model = create_model(source)
+    calib = None
+    if needs_calibration(configs):
+        if data is None:
+            raise TechniqueError("quantization calibrates on images: give --data SPEC (calibration images come from "
+                                 "--split train or val)")
+        calib = calibration_batches(model, data, split, calib_images, data_dir=data_dir)
+    result = apply_(model, configs, calib=calib)
+    calib_info = {"data": data, "split": split, "images": calib_images} if calib is not None else {}
+    save_quantized(result, out, data={"calibration": calib_info})
+    return result
+
+
+def export_checkpoint(source: str, out: str | Path, fmt: str, apply: list[str] = (), *, data: str | None = None,
+                      split: str = "train", calib_images: int = 256, data_dir: str | None = None) -> Path:
+    """`vitlab export`: a model / checkpoint (+ an optional technique stack) -> ONNX or OpenVINO IR in `out`."""
+    from ..checkpoint import create_model
+
+    if apply:
+        result = quantize_checkpoint(source, Path(out) / "checkpoint", apply, data=data, split=split,
+                                     calib_images=calib_images, data_dir=data_dir)
+    else:
+        result = create_model(source)
+    return export_model(result, out, fmt)
