@@ -171,7 +171,7 @@ def test_explain_draws_token_sources(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", [ToMe(r=4), EViT(keep_rate=0.7)])
+@pytest.mark.parametrize("cfg", [ToMe(r=4), EViT(keep_rate=0.7)], ids=["tome", "evit"])
 def test_fixed_schedule_methods_work_under_torch_compile(cfg):
     model = vitlab.apply_(_model(), cfg)
     x = torch.randn(2, 3, 64, 64)

@@ -1,23 +1,31 @@
-"""Token reduction for any timm ViT: ToMe (merging) and EViT (selection), behind `vitlab.apply_`.
+"""Token reduction for any timm ViT: ToMe and MCTF (merging), EViT and ATS (selection), behind `vitlab.apply_`.
 
     model = timm.create_model("deit_small_patch16_224")
     vitlab.apply_(model, ToMe(r=13))           # or: --apply tome:r=13
     vitlab.apply_(model, EViT(keep_rate=0.7))  # or: --apply evit:keep_rate=0.7
+    vitlab.apply_(model, ATS(keep_rate=0.5))   # or: --apply ats:keep_rate=0.5   (per-image token counts, padded)
+    vitlab.apply_(model, MCTF(r=16))           # or: --apply mctf:r=16           (needs the full attention map)
 
 Supported: timm `VisionTransformer` models built from timm `Block` + `Attention` (ViT, DeiT, DeiT III with
 LayerScale, distilled models, register tokens, class-token and average-pool heads) and `vl_vit_fmnist`. Prefix
-tokens (class, distillation, registers) are never merged or dropped. EViT ranks tokens by the class token's
+tokens (class, distillation, registers) are never merged or dropped. EViT and ATS rank tokens by the class token's
 attention; a model without a class token uses the mean attention each token receives (this needs the full
 attention map, computed beside the fused attention). Fused attention (SDPA) is kept: ToMe's proportional attention
-is an additive bias (log token size) passed as SDPA's `attn_mask`.
+is an additive bias (log token size) passed as SDPA's `attn_mask`, and so is ATS's padding mask (log 0 = -inf).
+MCTF computes the full attention map in its active blocks (its one-step-ahead attention fuses the map itself).
+
+Checked against the official code on the same weights and inputs (tests/fixtures/tokens/): ToMe, EViT and MCTF
+outputs within 1e-5; ATS's sampler against a transcription of the official functions and hand-made scores.
 """
 import math
 from dataclasses import dataclass
 
 from ..techniques import Kind, TechniqueError, register_handler, register_technique
+from .ats import ATSReduction
+from .mctf import MCTFReduction
 from .patch import EViTReduction, TokenReducingViT, TokenState, ToMeReduction, check_supported, patch_vit
 
-__all__ = ["ToMe", "EViT", "TokenState", "token_schedule"]
+__all__ = ["ToMe", "EViT", "ATS", "MCTF", "TokenState", "token_schedule"]
 
 
 @register_technique("tome", Kind.TOKENS)
@@ -51,6 +59,52 @@ class EViT:
             raise ValueError(f"locations are fractions of the depth in [0, 1), got {self.locations}")
 
 
+@register_technique("ats", Kind.TOKENS)
+@dataclass(frozen=True)
+class ATS:
+    """Adaptive Token Sampling (Fayyaz et al., ECCV 2022): per image, keep the tokens that inverse-transform sampling
+    of (class attention x value norm) hits; every block from `start` (a fraction of depth) on samples.
+
+    `keep_rate` sets the number of samples K = ceil(keep_rate x current tokens); duplicates collapse, so each image
+    keeps <= K (the paper's default K is every token: keep_rate=1.0, blocks 3..11 of 12). Counts differ per image:
+    the batch is padded to its largest count (padding is masked in attention and executed; see vitlab.tokens.ats).
+    ATS has no strength that keeps every token; `start=1.0` (no ATS block) is its no-op setting.
+    """
+
+    keep_rate: float = 1.0
+    start: float = 0.25          # first ATS block, as a fraction of depth (block 3 of 12)
+    trace_source: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.keep_rate <= 1:
+            raise ValueError(f"keep_rate must be in (0, 1] (samples per current token), got {self.keep_rate}")
+        if not 0 <= self.start <= 1:
+            raise ValueError(f"start is a fraction of the depth in [0, 1] (1 = no ATS block), got {self.start}")
+
+
+@register_technique("mctf", Kind.TOKENS)
+@dataclass(frozen=True)
+class MCTF:
+    """Multi-Criteria Token Fusion (Lee et al., CVPR 2024): fuse `r` tokens before attention in every block but the
+    first, by similarity x informativeness x size, bidirectionally, with one-step-ahead attention (the official
+    evaluation setting `--mctf_type [16,0,0,1,1,1,20,40,1,1,0]`). Needs the full attention map in those blocks."""
+
+    r: int = 16
+    tau_sim: float = 1.0
+    tau_info: float = 20.0
+    tau_size: float = 40.0
+    bidirection: bool = True
+    prop_attn: bool = True
+    start: float = 1 / 12        # first active block, as a fraction of depth (block 1 of 12); at least block 1
+    trace_source: bool = False
+
+    def __post_init__(self):
+        if self.r < 0:
+            raise ValueError(f"r must be >= 0 (tokens fused per block), got {self.r}")
+        if not 0 <= self.start <= 1:
+            raise ValueError(f"start is a fraction of the depth in [0, 1], got {self.start}")
+
+
 def _num_tokens(model) -> int:
     return model.patch_embed.num_patches + model.num_prefix_tokens
 
@@ -66,6 +120,14 @@ def token_schedule(model, cfg) -> list[int]:
                     f"tome:r={cfg.r} would merge more tokens than exist: block {i} has {n} tokens ({p} prefix), so at "
                     f"most {(n - p) // 2} can merge there; use r <= {_max_tome_r(model)} for this model")
             n -= cfg.r
+        elif isinstance(cfg, MCTF):
+            if i in _mctf_blocks(model, cfg):
+                r = cfg.r if n - cfg.r >= 10 else n - 10
+                r = max(0, min(r, (n - p) // 2))
+                n -= r
+        elif isinstance(cfg, ATS):
+            if i in _ats_blocks(model, cfg):   # an upper bound: each image keeps <= K distinct samples
+                n = p + max(1, min(n - p, math.ceil(cfg.keep_rate * (n - p))))
         elif i in _evit_blocks(model, cfg):
             keep = math.ceil(cfg.keep_rate * (n - p))
             if keep < 1:
@@ -83,6 +145,16 @@ def _max_tome_r(model) -> int:
 def _evit_blocks(model, cfg: EViT) -> set[int]:
     depth = len(model.blocks)
     return {min(depth - 1, round(f * depth)) for f in cfg.locations}
+
+
+def _ats_blocks(model, cfg: ATS) -> set[int]:
+    depth = len(model.blocks)
+    return set(range(round(cfg.start * depth), depth))
+
+
+def _mctf_blocks(model, cfg: MCTF) -> set[int]:
+    depth = len(model.blocks)
+    return set(range(max(1, round(cfg.start * depth)), depth))
 
 
 def _apply(model, cfg, reductions: list):
@@ -104,4 +176,20 @@ def _apply_evit(model, cfg: EViT):
     check_supported(model)
     blocks = _evit_blocks(model, cfg)
     return _apply(model, cfg, [EViTReduction(cfg.keep_rate, cfg.fuse) if i in blocks else None
+                               for i in range(len(model.blocks))])
+
+
+@register_handler(ATS)
+def _apply_ats(model, cfg: ATS):
+    check_supported(model)
+    blocks = _ats_blocks(model, cfg)
+    return _apply(model, cfg, [ATSReduction(cfg.keep_rate) if i in blocks else None for i in range(len(model.blocks))])
+
+
+@register_handler(MCTF)
+def _apply_mctf(model, cfg: MCTF):
+    check_supported(model)
+    blocks = _mctf_blocks(model, cfg)
+    return _apply(model, cfg, [MCTFReduction(cfg.r, cfg.tau_sim, cfg.tau_info, cfg.tau_size, cfg.bidirection)
+                               if i in blocks else None
                                for i in range(len(model.blocks))])

@@ -32,12 +32,14 @@ class TokenState:
     num_prefix: int
     trace_source: bool = False
     prop_attn: bool = False
-    size: Optional[torch.Tensor] = None        # (B, N, 1) patches per token (ToMe)
+    size: Optional[torch.Tensor] = None        # (B, N, 1) patches per token (ToMe, MCTF); 0 marks padding (ATS)
     source: Optional[torch.Tensor] = None      # (B, N, N0) input tokens per token (when tracing)
-    counts: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)            # tokens executed after each block (batch max)
+    padded: bool = False                       # some rows are padding (size 0): mask them as keys (ATS)
+    image_counts: list[torch.Tensor] = field(default_factory=list)  # (B,) real tokens per image (ATS blocks)
 
     def reset(self) -> None:
-        self.size, self.source, self.counts = None, None, []
+        self.size, self.source, self.counts, self.padded, self.image_counts = None, None, [], False, []
 
 
 def check_supported(model: Any) -> None:
@@ -56,6 +58,10 @@ class ReducingAttention(Attention):
 
     reduction: Optional[Any] = None   # the block's reduction (set by patch_vit)
     token_state: Optional[TokenState] = None
+    # On CPU, SDPA with a float mask (the size bias) may be slower than matmul + softmax at short sequences: at or
+    # below this many tokens a masked attention takes the plain path. 0 (default) keeps SDPA everywhere; an
+    # experiment knob timed by benchmarks/tokens_speed.py (per instance: `attn.math_max_tokens = 96`).
+    math_max_tokens: int = 0
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         state, reduction = self.token_state, self.reduction
@@ -64,10 +70,11 @@ class ReducingAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                  # each (B, H, N, d)
         q, k = self.q_norm(q), self.k_norm(k)
-        if state is not None and state.prop_attn and state.size is not None:
-            bias = state.size.log()[:, None, None, :, 0]         # (B, 1, 1, N): log(size) added to every key
+        if state is not None and state.size is not None and (state.prop_attn or state.padded):
+            # (B, 1, 1, N): log(size) added to every key; log(0) = -inf masks padding rows (ATS)
+            bias = state.size.log()[:, None, None, :, 0]
             attn_mask = bias if attn_mask is None else attn_mask + bias
-        if self.fused_attn:
+        if self.fused_attn and not (attn_mask is not None and N <= self.math_max_tokens and x.device.type == "cpu"):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                  dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
@@ -76,8 +83,8 @@ class ReducingAttention(Attention):
                 attn = attn + attn_mask
             attn = self.attn_drop(attn.softmax(dim=-1))
             out = attn @ v
-        if reduction is not None and reduction.active:
-            reduction.observe(q, k, self.scale, attn_mask, state)
+        if reduction is not None and reduction.active and not reduction.before_attention:
+            reduction.observe(q, k, v, self.scale, attn_mask, state)
         out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
         out = self.norm(out)
         if gate is not None:
@@ -91,9 +98,15 @@ class ReducingBlock(Block):
     reduction: Optional[Any] = None
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
-        if self.reduction is not None and self.reduction.active:
-            x = self.reduction.reduce(x, self.attn.token_state)
+        reduction = self.reduction
+        if reduction is not None and reduction.active and reduction.before_attention:
+            # MCTF: merge the block's input, then attend with the merged attention map (one-step-ahead)
+            x, attn_out = reduction.merge_and_attend(self, x, self.attn.token_state)
+            x = x + self.drop_path1(self.ls1(attn_out))
+        else:
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        if reduction is not None and reduction.active and not reduction.before_attention:
+            x = reduction.reduce(x, self.attn.token_state)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         state = self.attn.token_state
         if state is not None:
@@ -159,14 +172,37 @@ def patch_vit(model: VisionTransformer, reductions: list, *, trace_source: bool,
     return model
 
 
+def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, attn_mask: Optional[torch.Tensor],
+                    num_prefix: int, queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, H, N): the class token's attention row, or, without a class token, the mean attention each token receives.
+
+    With a class token this costs one extra (1 x N) query against the keys, not the full attention map. `queries`
+    (B, N) weights the mean over queries (0 for padding rows, ATS).
+    """
+    if num_prefix > 0:
+        logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)     # (B, H, 1, N): the class token's row only
+        if attn_mask is not None:
+            logits = logits + attn_mask[..., :1, :]              # a (.., 1, N) bias slices to itself
+        return logits.softmax(dim=-1)[:, :, 0]
+    logits = (q * scale) @ k.transpose(-2, -1)                   # no class token: the full map is needed
+    if attn_mask is not None:
+        logits = logits + attn_mask
+    if queries is None:
+        return logits.softmax(dim=-1).mean(dim=2)
+    w = (queries / queries.sum(dim=1, keepdim=True))[:, None, :, None]
+    return (logits.softmax(dim=-1) * w).sum(dim=2)
+
+
 class ToMeReduction:
     """Merge `r` tokens in one block by bipartite soft matching on the mean attention keys."""
+
+    before_attention = False
 
     def __init__(self, r: int):
         self.r, self.metric = r, None
         self.active = r > 0
 
-    def observe(self, q, k, scale, attn_mask, state) -> None:
+    def observe(self, q, k, v, scale, attn_mask, state) -> None:
         self.metric = k.mean(1)                                 # (B, N, d): keys averaged over heads
 
     def reduce(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
@@ -184,23 +220,15 @@ class ToMeReduction:
 class EViTReduction:
     """Keep the tokens the class token attends to most (EViT); fuse the rest into one token if `fuse`."""
 
+    before_attention = False
+
     def __init__(self, keep_rate: float, fuse: bool):
         self.keep_rate, self.fuse, self.cls_attn = keep_rate, fuse, None
         self.active = keep_rate < 1.0
 
-    def observe(self, q, k, scale, attn_mask, state) -> None:
-        p = state.num_prefix
-        if p > 0:
-            logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)     # (B, H, 1, N): the class token's row only
-            if attn_mask is not None:
-                logits = logits + attn_mask[..., :1, :]              # a (.., 1, N) bias slices to itself
-            attn = logits.softmax(dim=-1)[:, :, 0]                    # (B, H, N)
-        else:  # no class token: the mean attention each token receives (needs the full map)
-            logits = (q * scale) @ k.transpose(-2, -1)
-            if attn_mask is not None:
-                logits = logits + attn_mask
-            attn = logits.softmax(dim=-1).mean(dim=2)                # (B, H, N)
-        self.cls_attn = attn.mean(dim=1)[:, p:]                       # (B, N - prefix), mean over heads
+    def observe(self, q, k, v, scale, attn_mask, state) -> None:
+        attn = class_attention(q, k, scale, attn_mask, state.num_prefix)
+        self.cls_attn = attn.mean(dim=1)[:, state.num_prefix:]       # (B, N - prefix), mean over heads
 
     def reduce(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
         init_state(x, state, with_size=False)
