@@ -47,14 +47,40 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Ca
             prefix = torch.cat([prefix, unm[:, prefix_b:prefix_a]], dim=1)
         return torch.cat([prefix, unm[:, prefix_a:], dst[:, prefix_b:]], dim=1)
 
+    def destination() -> tuple[torch.Tensor, int]:
+        """((B * N,) row of every input token in the flattened (B * (N - r), C) output, N - r): the merge as one
+        index_add. Output order as `merge`: unmerged A tokens (in order), then B tokens."""
+        with torch.no_grad():
+            dev, t1, t2 = metric.device, (N + 1) // 2, N // 2
+            n_unm = t1 - r
+            dest = torch.empty(B, t1 + t2, dtype=torch.long, device=dev)
+            dest_a, dest_b = dest[:, ::2], dest[:, 1::2]
+            dest_a.scatter_(1, unm_idx[..., 0], torch.arange(n_unm, device=dev).expand(B, n_unm))
+            dest_a.scatter_(1, src_idx[..., 0], n_unm + dst_idx[..., 0])
+            dest_b.copy_(n_unm + torch.arange(t2, device=dev).expand(B, t2))
+            return (dest + (N - r) * torch.arange(B, device=dev)[:, None]).flatten(), N - r
+
+    if prefix_b == 0:   # with prefix tokens in B (distilled, registers) `merge` reorders them: keep the general path
+        merge.destination = destination
     return merge
 
 
 def merge_wavg(merge: Callable, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge x (B, N, C) as a size-weighted average; size (B, N, 1) counts the patches each token stands for."""
-    x = merge(x * size, mode="sum")
-    size = merge(size, mode="sum")
-    return x / size, size
+    """Merge x (B, N, C) as a size-weighted average; size (B, N, 1) counts the patches each token stands for.
+
+    Computed as one index_add over all tokens (same result as `merge(x * size, "sum") / merge(size, "sum")`, up to
+    the order of the float sums), which reads and writes x once instead of gathering, scattering and concatenating.
+    """
+    destination = getattr(merge, "destination", None)
+    if destination is None:
+        x = merge(x * size, mode="sum")
+        size = merge(size, mode="sum")
+        return x / size, size
+    B, N, C = x.shape
+    dest, n = destination()
+    x = torch.zeros(B * n, C, dtype=x.dtype, device=x.device).index_add_(0, dest, (x * size).reshape(B * N, C))
+    size = torch.zeros(B * n, 1, dtype=size.dtype, device=size.device).index_add_(0, dest, size.reshape(B * N, 1))
+    return (x / size).view(B, n, C), size.view(B, n, 1)
 
 
 def merge_source(merge: Callable, source: torch.Tensor) -> torch.Tensor:
