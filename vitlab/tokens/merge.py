@@ -72,7 +72,9 @@ def merge_wavg(merge: Callable, x: torch.Tensor, size: torch.Tensor) -> tuple[to
     the order of the float sums), which reads and writes x once instead of gathering, scattering and concatenating.
     """
     destination = getattr(merge, "destination", None)
-    if destination is None:
+    # tracing exporters (OpenVINO's convert_model, torch.jit.trace) mis-convert the in-place scatters into strided
+    # views that `destination` builds (OpenVINO returned NaN): they get the gather/scatter_reduce form instead
+    if destination is None or torch.jit.is_tracing():
         x = merge(x * size, mode="sum")
         size = merge(size, mode="sum")
         return x / size, size
