@@ -106,6 +106,8 @@ def unregister_technique(name: str) -> None:
 
 
 def technique_names() -> list[str]:
+    """Every registered technique name (vitlab's built-in ones included)."""
+    _load_builtin_techniques()
     return sorted(_REGISTRY)
 
 

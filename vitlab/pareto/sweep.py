@@ -97,7 +97,8 @@ def _measure_point(cfg: SweepConfig, point: Point) -> dict:
     try:
         torch.manual_seed(0)    # a model given by name gets the same random weights at every point
         (m,) = measure(point.source, apply=list(point.apply), data=cfg.data, split="val", data_dir=cfg.data_dir,
-                       eval_limit=cfg.val_limit, batch=cfg.batch, threads=cfg.threads, memory=cfg.memory,
+                       eval_limit=cfg.val_limit, batch=cfg.batch, threads=cfg.threads,
+                       memory=cfg.memory and not row["simulated"],   # fake-quant memory is no deployment's
                        min_time_s=cfg.min_time_s, calib_split="train", calib_images=cfg.calib_images)
     except (KeyboardInterrupt, SystemExit):
         raise
@@ -171,6 +172,19 @@ def _test_accuracy(cfg: SweepConfig, row: dict) -> dict:
                               calib_images=cfg.calib_images, data_dir=cfg.data_dir)
         result = evaluate(runner, dataset_for(runner, cfg.data, "test", data_dir=cfg.data_dir), progress=False)
     return {"test_top1": result["top1"], "test_top5": result["top5"], "n_test": result["n"]}
+
+
+def _retime(cfg: SweepConfig, row: dict) -> float:
+    """The base's throughput measured again now, over the one in its row (how much the machine drifted)."""
+    from ..bench.measure import build_runner
+    from ..profiling import num_threads, time_callable
+
+    with num_threads(cfg.threads):
+        torch.manual_seed(0)
+        runner = build_runner(row["source"], row["apply"])
+        images = torch.randn(cfg.batch, *runner.input_size)
+        timing = time_callable(lambda: runner(images), min_time_s=cfg.min_time_s)
+    return cfg.batch / timing.median_s / row["img_per_s"]
 
 
 def run_sweep(cfg: SweepConfig, *, progress: bool = True, log=print, _stop_after: int | None = None) -> dict:
@@ -258,6 +272,10 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, log=print, _stop_after
     by_key = {r["key"]: r for r in rows}
     for key in dict.fromkeys(k for k in (summary["base"], summary["recommended"]) if k):
         by_key[key].update(_test_accuracy(cfg, by_key[key]))
+    if new:
+        drift = _retime(cfg, by_key[summary["base"]])
+        notes.append(f"noise check: the base model timed again after the sweep ran at {drift:.2f}x its first "
+                     "throughput; speed-ups nearer 1 than that are within this machine's noise")
     complete = len(rows) == len(points)
     result = {"complete": complete, "notes": notes, **summary,
               "max_drop_pt": cfg.max_drop_pt, "environment": _environment(cfg)}
