@@ -19,6 +19,27 @@ def measure(*args, **kwargs):
     return _measure(*args, **kwargs)
 
 
+def quantize_(model, cfg=None):
+    """See `vitlab.quant.quantize_`: put fake quantizers (mode off) into a model, in place; then `calibrate` it."""
+    from .quant import quantize_ as _quantize_
+
+    return _quantize_(model, cfg)
+
+
+def calibrate(model, loader_or_batches, num_images=None):
+    """See `vitlab.quant.calibrate`: observe calibration images, finalize every quantizer, switch them on."""
+    from .quant import calibrate as _calibrate
+
+    return _calibrate(model, loader_or_batches, num_images=num_images)
+
+
+def prune_(model, cfg=None, **kwargs):
+    """See `vitlab.prune.prune_`: structured pruning to a FLOPs / params target (imported lazily)."""
+    from .prune import prune_ as _prune_
+
+    return _prune_(model, cfg, **kwargs)
+
+
 def from_transformers(model_or_dir):
     """See `vitlab.models.from_transformers`: a HF transformers image model -> the vitlab model, weights copied."""
     from .models import from_transformers as _from_transformers
@@ -28,5 +49,6 @@ def from_transformers(model_or_dir):
 
 __all__ = [
     "__version__", "create_model", "save_checkpoint", "load_config", "CheckpointError", "Runner", "TorchRunner",
-    "as_runner", "apply_", "parse_apply", "format_technique", "register_technique", "Kind", "TechniqueError", "measure", "from_transformers",
+    "as_runner", "apply_", "parse_apply", "format_technique", "register_technique", "Kind", "TechniqueError",
+    "measure", "from_transformers", "prune_", "quantize_", "calibrate",
 ]

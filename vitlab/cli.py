@@ -57,7 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lr", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--opt", default="adamw", help="any timm.optim name (default: %(default)s)")
+    p.add_argument("--opt", "--optimizer", dest="opt", default="adamw",
+                   help="any timm.optim name, or sam (SAM around AdamW, with --sam-rho) (default: %(default)s)")
+    p.add_argument("--sam-rho", type=float, default=0.05, help="SAM neighbourhood radius (default: %(default)s)")
+    p.add_argument("--teacher", default=None, metavar="CHECKPOINT", help="distill from this checkpoint (DeiT)")
+    p.add_argument("--distill", default=None, choices=("soft", "hard", "token"), help="distillation loss")
+    p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term")
+    p.add_argument("--distill-tau", type=float, default=1.0, help="soft distillation temperature")
+    p.add_argument("--l1", type=float, default=0.0, metavar="LAMBDA",
+                   help="L1 penalty on the blocks' Linear weights (Sparse-then-Prune, before pruning)")
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
@@ -75,6 +83,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
     p.add_argument("--no-progress", action="store_true")
     _add_apply(p)
+
+    p = verbs.add_parser("prune", help="structured pruning (heads, MLP channels, blocks) to a FLOPs/params target")
+    p.add_argument("checkpoint", help="checkpoint folder (or model name)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-flops", type=float, default=0.5, help="fraction of MACs to keep (default: %(default)s)")
+    target.add_argument("--target-params", type=float, default=None, help="fraction of parameters to keep instead")
+    p.add_argument("--importance", default="hessian", choices=("l1", "l2", "taylor", "hessian", "ablation"),
+                   help="criterion, ranked globally across layers (default: %(default)s, NViT)")
+    p.add_argument("--blocks", action="store_true", help="also remove whole blocks")
+    p.add_argument("--no-heads", action="store_true", help="keep every attention head")
+    p.add_argument("--no-mlp", action="store_true", help="keep every MLP channel")
+    p.add_argument("--mlp-group", type=int, default=8, help="MLP channels pruned together (default: %(default)s)")
+    p.add_argument("--data", default=None, metavar="SPEC", help="images for taylor / hessian / ablation")
+    p.add_argument("--split", default="train", choices=("train", "val"), help="(never test; default: %(default)s)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--calib-images", type=int, default=512, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the pruned checkpoint")
 
     p = verbs.add_parser("eval", help="accuracy, loss, per-class accuracy and confusion matrix of a checkpoint")
     p.add_argument("checkpoint")
@@ -126,6 +152,55 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="read a pickle-based file (only with torch.load(weights_only=True))")
 
+    p = verbs.add_parser(
+        "pareto", help="the main job: sweep techniques and stacks, find the accuracy/speed front, recommend one",
+        description="Measure a model and a sweep of technique stacks on the validation split, draw the "
+                    "accuracy/throughput Pareto front, recommend the fastest point within --max-drop-pt of the base, "
+                    "report its test accuracy, and export it. Writes report.html, results.json/.csv and PNG plots.")
+    p.add_argument("model", help="model name or checkpoint folder (the base)")
+    p.add_argument("--data", default="fashion-mnist", metavar="SPEC",
+                   help="dataset: val split for selection, train for calibration, test for the final number")
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files (default: Debian's)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (an existing sweep there resumes)")
+    p.add_argument("--max-drop-pt", type=float, default=0.5, metavar="PT",
+                   help="accuracy budget: points within PT percentage points of the base top-1 (default: %(default)s)")
+    p.add_argument("--techniques", action="append", default=None, metavar="STACKS",
+                   help="stacks to measure, ';'-separated, techniques in a stack joined by '+', e.g. "
+                        "\"none; tome:r=4; w8a8; tome:r=4+w8a8\" (default: a sweep chosen for the model)")
+    p.add_argument("--candidates", nargs="*", default=[], metavar="DIR",
+                   help="more checkpoint folders (e.g. pruned models) measured with the candidate stacks")
+    p.add_argument("--budget-minutes", type=float, default=None, metavar="N",
+                   help="stop starting new points when N minutes have passed; report what was measured")
+    p.add_argument("--batch", type=int, default=32, help="batch size for throughput (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--calib-images", type=int, default=256, metavar="N",
+                   help="quantization calibration images from the train split (default: %(default)s)")
+    p.add_argument("--min-time", type=float, default=1.0, metavar="S", help="seconds per timing (default: %(default)s)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess of each point")
+    p.add_argument("--val-limit", type=int, default=None, metavar="N", help="validate on the first N images only")
+    p.add_argument("--no-export", action="store_true", help="do not export the recommended point")
+    p.add_argument("--restart", action="store_true", help="discard the results already in --out")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = verbs.add_parser("quantize", help="post-training quantization: simulated (ptq) or real int8 (w8a8, w8)")
+    p.add_argument("checkpoint", help="checkpoint folder or model name")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the quantized model (reload: create_model)")
+    _add_apply(p)
+    _add_data(p, default=None, split="train")
+    p.add_argument("--calib-images", type=int, default=256, metavar="N",
+                   help="calibration images, a seeded subset of --data/--split (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None)
+
+    p = verbs.add_parser("export", help="export a float or quantized model to ONNX or OpenVINO IR")
+    p.add_argument("checkpoint", help="checkpoint folder (a quantized one too) or model name")
+    p.add_argument("--format", required=True, choices=("onnx", "openvino"))
+    p.add_argument("--out", required=True, metavar="DIR")
+    _add_apply(p)
+    _add_data(p, default=None, split="train")
+    p.add_argument("--calib-images", type=int, default=256, metavar="N",
+                   help="calibration images when --apply quantizes (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None)
+
     p = verbs.add_parser("models", help="list model names with parameter counts")
     p.add_argument("pattern", nargs="?", default="vl_*", help="glob, e.g. 'deit*' or '*' (default: %(default)s)")
     p.add_argument("--no-params", action="store_true", help="names only")
@@ -162,7 +237,8 @@ def cmd_train(args) -> int:
             crop_padding=args.crop_padding, re_prob=args.re_prob, drop_path=args.drop_path, ema=args.ema,
             clip_grad=args.clip_grad or None, seed=args.seed, threads=args.threads, workers=args.workers,
             eval_val=not args.no_val, save_every=args.save_every, max_steps=args.max_steps,
-            progress=not args.no_progress)
+            progress=not args.no_progress, teacher=args.teacher, distill=args.distill,
+            distill_alpha=args.distill_alpha, distill_tau=args.distill_tau, sam_rho=args.sam_rho, l1=args.l1)
         out = fit(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(f"checkpoint: {out}")
@@ -175,6 +251,21 @@ def _load_runner(source: str, apply: list[str]):
 
     model = create_model(source)
     return apply_(model, parse_apply(apply))
+
+
+def cmd_prune(args) -> int:
+    from .prune import Prune, prune_checkpoint
+
+    _threads(args.threads)
+    cfg = Prune(target_flops=args.target_flops, target_params=args.target_params, importance=args.importance,
+                heads=not args.no_heads, mlp=not args.no_mlp, blocks=args.blocks, mlp_group=args.mlp_group)
+    model, s = prune_checkpoint(args.checkpoint, args.out, cfg, data=args.data, split=args.split,
+                                num_images=args.calib_images, data_dir=args.data_dir)
+    arch = model.vitlab_arch
+    print(f"{args.checkpoint} -> {args.out}: {s['target']} {s['before']:,} -> {s['after']:,} "
+          f"({s['after'] / s['before']:.3f}), importance {s['importance']}, {s['removed']} units removed")
+    print(f"  depth {len(arch['num_heads'])}  heads {arch['num_heads']}  mlp hidden {arch['mlp_hidden']}")
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -305,6 +396,72 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_pareto(args) -> int:
+    from .pareto import SweepConfig, run_sweep
+
+    cfg = SweepConfig(
+        source=args.model, out=args.out, data=args.data, data_dir=args.data_dir, max_drop_pt=args.max_drop_pt,
+        techniques=args.techniques, candidates=list(args.candidates), budget_minutes=args.budget_minutes,
+        batch=args.batch, threads=args.threads, calib_images=args.calib_images, min_time_s=args.min_time,
+        memory=not args.no_memory, val_limit=args.val_limit, export=not args.no_export, restart=args.restart)
+    summary = run_sweep(cfg, progress=not args.no_progress and sys.stderr.isatty())
+    _print_pareto(summary)
+    return 0
+
+
+def _print_pareto(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = summary["rows"]
+    table = Table(title="vitlab pareto (validation top-1; * on the front; >> recommended)")
+    for col in ("", "point", "val top-1 %", "img/s", "speed-up", "latency ms", "MMACs"):
+        table.add_column(col, justify="left" if col in ("", "point") else "right")
+    for r in rows:
+        mark = (">>" if r.get("recommended") else "") + ("*" if r.get("on_front") else "")
+        if r.get("status") != "ok":
+            table.add_row(mark, r["key"], "error", "", "", "", "")
+            continue
+        table.add_row(mark, r["key"], f"{100 * r['val_top1']:.2f}", f"{r['img_per_s']:.0f}",
+                      f"{r.get('speedup', 0):.2f}x", f"{r['latency_ms']:.2f}", f"{r['macs'] / 1e6:.1f}")
+    Console(width=max(140, Console().width)).print(table)
+    by_key = {r["key"]: r for r in rows}
+    base, rec = by_key.get(summary.get("base")), by_key.get(summary.get("recommended"))
+    if rec:
+        print(f"recommended: {rec['key']}  {rec['speedup']:.2f}x the base's throughput; "
+              f"val {100 * rec['val_top1']:.2f} % (base {100 * base['val_top1']:.2f} %), "
+              f"test {100 * rec['test_top1']:.2f} % (base {100 * base['test_top1']:.2f} %)")
+    else:
+        print(f"no point within --max-drop-pt {summary.get('max_drop_pt')} of the base")
+    for note in summary.get("notes", []):
+        print(f"note: {note}")
+    if summary.get("exported"):
+        print(f"exported: {summary['exported']}")
+    print(f"report: {summary['report']}")
+
+
+def cmd_quantize(args) -> int:
+    from .quant.export import quantize_checkpoint
+
+    _threads(args.threads)
+    result = quantize_checkpoint(args.checkpoint, args.out, args.apply, data=args.data, split=args.split,
+                                 calib_images=args.calib_images, data_dir=args.data_dir)
+    kind = getattr(result, "engine", "simulated (PyTorch fake-quant)")
+    print(f"{args.checkpoint} -> {args.out}: {' + '.join(args.apply)}, {kind}, calibrated on {args.calib_images} "
+          f"images of {args.data} [{args.split}]")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .quant.export import export_checkpoint
+
+    _threads(args.threads)
+    path = export_checkpoint(args.checkpoint, args.out, args.format, args.apply, data=args.data, split=args.split,
+                             calib_images=args.calib_images, data_dir=args.data_dir)
+    print(f"{args.checkpoint} -> {path}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models.listing import list_models
 
@@ -318,8 +475,9 @@ def cmd_models(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "measure": cmd_measure,
-            "predict": cmd_predict, "convert": cmd_convert, "explain": cmd_explain, "models": cmd_models}
+COMMANDS = {"train": cmd_train, "prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "measure": cmd_measure,
+            "predict": cmd_predict, "convert": cmd_convert, "explain": cmd_explain, "models": cmd_models,
+            "pareto": cmd_pareto, "quantize": cmd_quantize, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,7 +57,8 @@ def needs_calibration(apply) -> bool:
     from ..techniques import Kind, technique_kind
 
     configs = parse_apply(list(apply)) if apply and isinstance(list(apply)[0], str) else list(apply or [])
-    return any(technique_kind(c) == Kind.QUANTIZATION for c in configs)
+    # quantization calibrates; pruning criteria that score with gradients or ablations say so (needs_calibration)
+    return any(technique_kind(c) == Kind.QUANTIZATION or getattr(c, "needs_calibration", False) for c in configs)
 
 
 def calibration_batches(model, data: str, split: str = "train", num_images: int = 256, *, seed: int = 0,

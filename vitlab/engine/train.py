@@ -64,6 +64,12 @@ class TrainConfig:
     log_every: int = 20
     progress: bool = True
     max_steps: int | None = None            # stop early (for smoke runs); the schedule still spans `epochs`
+    teacher: str | None = None              # checkpoint to distill from (DeiT), with `distill`
+    distill: str | None = None              # soft | hard | token (engine/distill.py)
+    distill_alpha: float = 0.5
+    distill_tau: float = 1.0
+    sam_rho: float = 0.05                   # with opt="sam": SAM around AdamW (engine/sam.py)
+    l1: float = 0.0                         # Sparse-then-Prune: lambda * sum |w| of the blocks' Linear weights
 
     def validate(self) -> None:
         if not self.model and not self.init:
@@ -71,6 +77,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if bool(self.teacher) != bool(self.distill):
+            raise ValueError("--teacher CHECKPOINT and --distill soft|hard|token go together: give both or neither")
+        if self.l1 < 0:
+            raise ValueError(f"--l1 {self.l1} must be >= 0")
 
 
 class TrainInterrupted(RuntimeError):
@@ -171,7 +181,23 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from .distill import add_distill_token, distill_loss
+
+    teacher = None
+    if cfg.teacher:
+        teacher = create_model(cfg.teacher).to(rt.device).eval().requires_grad_(False)
+        if cfg.distill == "token":
+            model = add_distill_token(model).to(rt.device)
+    if cfg.opt == "sam":
+        from .sam import SAM
+
+        base_opt = timm.optim.create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = SAM(model.parameters(), base_opt, rho=cfg.sam_rho)
+    else:
+        optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    l1_weights = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".blocks." in f".{n}"]
+    if cfg.l1 > 0 and not l1_weights:
+        raise ValueError(f"--l1 {cfg.l1}: {type(model).__name__} has no Linear layers under `blocks` to regularize")
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
     scheduler = timm.scheduler.CosineLRScheduler(
         optimizer, t_initial=total_steps - warmup, lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=cfg.lr * 1e-3,
@@ -218,16 +244,41 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_
             loss_sum, seen, epoch_start = 0.0, 0, time.perf_counter()
             for images, targets in loader:
                 images, targets = images.to(rt.device), targets.to(rt.device)
+                soft = None
                 if mixup is not None:
                     images, soft = mixup(images, targets)
-                    loss = torch.sum(-soft * F.log_softmax(train_model(images), dim=-1), dim=-1).mean()
-                else:
-                    loss = F.cross_entropy(train_model(images), targets, label_smoothing=cfg.label_smoothing)
+                teacher_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images)
+
+                def compute_loss() -> torch.Tensor:
+                    out = train_model(images)
+                    logits, dist_logits = out if isinstance(out, tuple) else (out, None)
+                    if soft is not None:
+                        loss = torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
+                    else:
+                        loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+                    if teacher_logits is not None:
+                        loss = distill_loss(logits, teacher_logits, targets, cfg.distill, cfg.distill_alpha,
+                                            cfg.distill_tau, base_loss=loss, dist_logits=dist_logits)
+                    if cfg.l1 > 0:
+                        loss = loss + cfg.l1 * sum(w.abs().sum() for w in l1_weights)
+                    return loss
+
+                def backward() -> torch.Tensor:
+                    loss = compute_loss()
+                    loss.backward()
+                    if cfg.clip_grad:
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    return loss
+
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_grad:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                optimizer.step()
+                loss = backward()
+                if cfg.opt == "sam":
+                    optimizer.step(backward)  # second forward/backward at the perturbed weights
+                else:
+                    optimizer.step()
                 global_step += 1
                 step_in_epoch += 1
                 scheduler.step_update(global_step)
@@ -253,6 +304,7 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_
                       "img_per_s": seen * rt.world_size / (time.perf_counter() - epoch_start),
                       "elapsed_s": time.perf_counter() - start}
             eval_model = ema.module if ema is not None else model
+            eval_model = getattr(eval_model, "vit", eval_model)  # --distill token: the ViT with its class head
             _checkpoint_state = checkpoint_state()
             if rt.is_main:
                 if val_set is not None:
