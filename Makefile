@@ -23,8 +23,11 @@ browser:
 	@command -v chromium >/dev/null || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 
+# The main job on the built-in default: the Pareto lab on the reference model, with the committed pruned model as a
+# candidate; report in pareto-out/report.html. A rerun resumes (and then only re-draws the report).
 demo: setup
-	$(BIN)/vitlab measure checkpoints/fashion-mnist-reference --data fashion-mnist --split test
+	$(BIN)/vitlab pareto checkpoints/fashion-mnist-reference --data fashion-mnist \
+	  --candidates checkpoints/fashion-mnist-pruned50 --out pareto-out --budget-minutes 8
 
 test: setup browser
 	$(BIN)/python -m pytest -q
