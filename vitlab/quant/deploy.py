@@ -212,20 +212,23 @@ def deploy_w8a8(model: nn.Module, cfg, calib: list[torch.Tensor]) -> OpenVINORun
 
 
 def _check_conversion(runner: OpenVINORunner, reference: nn.Module, images: torch.Tensor, name: str) -> None:
-    """Refuse a converted graph that does not compute what the PyTorch model does on a few calibration images
-    (non-finite outputs, or top-1 disagreeing on more than one image in 8)."""
+    """Refuse a converted graph that does not compute what the PyTorch model does on a few calibration images:
+    non-finite outputs, or top-1 disagreeing on more than one image in 8 while the logits are also far apart
+    (relative L2 error above 0.25; a model with near-tied logits, e.g. random weights, may flip top-1 under int8
+    noise alone, which is not a broken conversion)."""
     with torch.no_grad():
         expected = reference(images)
     got = runner(images)
     agree = (got.argmax(1) == expected.argmax(1)).float().mean().item()
-    if not torch.isfinite(got).all() or agree < 0.875:
+    rel = ((got - expected).norm() / expected.norm().clamp(min=1e-12)).item()
+    if not torch.isfinite(got).all() or (agree < 0.875 and rel > 0.25):
         runner.close()
         stack = " + ".join(type(t).__name__ for t in runner.techniques)
         raise TechniqueError(
             f"{name}: OpenVINO's conversion of this model ({stack}) does not reproduce the PyTorch model "
-            f"(finite: {bool(torch.isfinite(got).all())}, top-1 agreement {agree:.0%} on {len(images)} calibration "
-            "images); token-reduced models are known not to convert: apply w8a8 without token reduction, or use "
-            "ptq (simulated)")
+            f"(finite: {bool(torch.isfinite(got).all())}, top-1 agreement {agree:.0%}, relative logit error "
+            f"{rel:.2f} on {len(images)} calibration images): apply w8a8 without the other techniques of this "
+            "stack, or use ptq (simulated)")
 
 
 def deploy_w8(model: nn.Module, cfg) -> OpenVINORunner:
