@@ -150,7 +150,7 @@ def _limits(rows: list[dict], result: dict) -> str:
     best: dict[str, float] = {}
     for r in within:
         comp = component(r)
-        if " + " not in comp and comp != "base":
+        if " + " not in comp and comp not in ("base", "simulated"):   # fake-quant speed is no deployment's
             best[comp] = max(best.get(comp, 0.0), r["speedup"])
     if not best:
         return "No single technique stayed within the accuracy budget."
