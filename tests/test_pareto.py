@@ -112,3 +112,20 @@ def test_sweep_bad_input(tmp_path):
         run_sweep(_cfg(tmp_path, candidates=[str(tmp_path / "missing")]), progress=False)
     with pytest.raises(SweepError, match="max-drop-pt"):
         run_sweep(_cfg(tmp_path, max_drop_pt=-1), progress=False)
+
+
+def test_export_of_an_int8_point_reloads(tmp_path):
+    import torch
+
+    import vitlab
+    from vitlab.checkpoint import save_checkpoint
+    from vitlab.pareto.export import export_point
+
+    torch.manual_seed(0)
+    save_checkpoint(vitlab.create_model("vl_test_vit", num_classes=10), tmp_path / "src")
+    cfg = SweepConfig(source=str(tmp_path / "src"), out=str(tmp_path), data="synthetic:n=64,classes=10",
+                      calib_images=32)
+    out = export_point(cfg, {"source": str(tmp_path / "src"), "apply": ["w8a8"]}, tmp_path / "rec")
+    runner = vitlab.create_model(str(out))
+    assert runner.engine == "openvino-int8"
+    assert runner(torch.randn(2, 1, 16, 16)).shape == (2, 10)

@@ -32,12 +32,8 @@ def export_point(cfg, row: dict, directory: str | Path) -> Path:
         return save_checkpoint(model, directory, preprocessing=source_config.get("preprocessing"),
                                data=source_config.get("data"), metrics=metrics,
                                training=source_config.get("training"))
-    from .. import quant as quant_module
+    from ..quant import save_quantized
 
-    save = getattr(quant_module, "save_quantized", None)
-    if save is None:
-        raise NotImplementedError("this install's vitlab.quant has no save_quantized: quantized points are not "
-                                  "exported")
     calib = calibration_batches(model, cfg.data, "train", cfg.calib_images, data_dir=cfg.data_dir)
     result = apply_(model, configs, calib=calib)
-    return save(result, directory, metrics=metrics)
+    return save_quantized(result, directory, metrics=metrics)
