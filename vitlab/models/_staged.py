@@ -4,10 +4,11 @@ A model using `StagedTokenModel` has `stages` (each returning `(tokens, (H, W))`
 `norm`, `head`, `head_drop`, `global_pool`, `num_features`, `feature_info` and `num_prefix_tokens`, and sets the
 class attributes `family_name`, `stem_pattern` and `token_pool_hint`.
 """
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import ClassifierHead
 from timm.models._features import feature_take_indices
 
 __all__ = ["StagedTokenModel", "tokens_to_map"]
@@ -120,6 +121,79 @@ class StagedTokenModel(nn.Module):
             x = x[:, self.num_prefix_tokens:].mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class NHWCStageModel(nn.Module):
+    """Classifier API shared by hierarchical models whose stages take and return (B, H, W, C) tensors (CrossFormer,
+    DiNAT): `self.patch_embed`, `self.stages`, `self.norm` (final, last stage's width), `self.head` (timm
+    `ClassifierHead`, NHWC input), `self.feature_info`. `_embed` (patch embedding, plus dropout where the model has
+    it) is the only hook."""
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^patch_embed", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (NCHW) at `indices` (last n if int, all if None); `norm` applies the final norm to the last stage's."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        intermediates = []
+        x = self._embed(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)  # (B, H, W, C)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == last else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        if len(stages) - 1 == last:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        if prune_norm or max_index < len(self.stages) - 1:
+            self.norm = nn.Identity()  # sized for the last stage only
+        if max_index < len(self.stages) - 1:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.head = ClassifierHead(self.num_features, 0, "avg", input_fmt="NHWC")
+        self.stages = self.stages[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.stages(self._embed(x)))  # (B, H/32, W/32, C)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

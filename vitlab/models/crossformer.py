@@ -40,8 +40,8 @@ from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
 from ._builder import arch_kwargs
+from ._staged import NHWCStageModel
 from timm.models._builder import build_model_with_cfg
-from timm.models._features import feature_take_indices
 
 __all__ = ["CrossFormer", "checkpoint_filter_fn", "vl_crossformer_tiny", "vl_crossformer_small",
            "vl_test_crossformer"]
@@ -225,7 +225,7 @@ class CrossFormerStage(nn.Module):
         return self.blocks(self.downsample(x))
 
 
-class CrossFormer(nn.Module):
+class CrossFormer(NHWCStageModel):
     """CrossFormer classifier: CEL stem, stages of alternating SDA/LDA blocks joined by CEL merging, norm, head."""
 
     def __init__(
@@ -289,68 +289,8 @@ class CrossFormer(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^patch_embed", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (NCHW) at `indices` (last n if int, all if None); `norm` applies the final norm to the last."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last = len(self.stages) - 1
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        intermediates = []
-        x = self.pos_drop(self.patch_embed(x))
-        for i, stage in enumerate(stages):
-            x = stage(x)  # (B, H, W, C)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == last else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
-        if intermediates_only:
-            return intermediates
-        if len(stages) - 1 == last:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        if prune_norm or max_index < len(self.stages) - 1:
-            self.norm = nn.Identity()  # sized for the last stage only
-        if max_index < len(self.stages) - 1:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-            self.head = ClassifierHead(self.num_features, 0, "avg", input_fmt="NHWC")
-        self.stages = self.stages[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.stages(self.pos_drop(self.patch_embed(x))))  # (B, H/32, W/32, C)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pos_drop(self.patch_embed(x))
 
 
 def checkpoint_filter_fn(state_dict: dict, model: CrossFormer) -> dict:

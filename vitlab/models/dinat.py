@@ -44,7 +44,7 @@ it does not compute DiNAT; the test's ops undo that transpose, which is what 4.x
 the official constructors.
 """
 from functools import lru_cache, partial
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -52,9 +52,9 @@ import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._builder import build_model_with_cfg
-from timm.models._features import feature_take_indices
 
 from ._builder import arch_kwargs
+from ._staged import NHWCStageModel
 from ._convert import register_hf_converter
 
 __all__ = ["DiNAT", "NeighborhoodAttention2d", "neighborhood_attention_2d", "neighborhood_attention_2d_gather",
@@ -370,7 +370,7 @@ class DiNATStage(nn.Module):
         return self.blocks(self.downsample(x))
 
 
-class DiNAT(nn.Module):
+class DiNAT(NHWCStageModel):
     """DiNAT / NAT classifier: conv tokenizer, four stages of (dilated) neighborhood attention, norm, pooled head."""
 
     def __init__(
@@ -432,69 +432,6 @@ class DiNAT(nn.Module):
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set:
         return {"rpb"}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^patch_embed", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (NCHW) at `indices` (last n if int, all if None); `norm` applies the final norm to stage 4."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last = len(self.stages) - 1
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        intermediates = []
-        x = self.patch_embed(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)  # (B, H, W, C)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == last else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
-        if intermediates_only:
-            return intermediates
-        if len(stages) - 1 == last:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        if prune_norm or max_index < len(self.stages) - 1:
-            self.norm = nn.Identity()  # sized for the last stage only
-        if max_index < len(self.stages) - 1:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-            self.head = ClassifierHead(self.num_features, 0, "avg", input_fmt="NHWC")
-        self.stages = self.stages[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.stages(self.patch_embed(x)))  # (B, H/32, W/32, C)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # --- converters -------------------------------------------------------------------------------------------
