@@ -39,9 +39,8 @@ import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import arch_kwargs
+from ._builder import build_vitlab_model, imagenet_cfg
 from ._staged import NHWCStageModel
-from timm.models._builder import build_model_with_cfg
 
 __all__ = ["CrossFormer", "checkpoint_filter_fn", "vl_crossformer_tiny", "vl_crossformer_small",
            "vl_test_crossformer"]
@@ -320,13 +319,12 @@ def checkpoint_filter_fn(state_dict: dict, model: CrossFormer) -> dict:
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+    return imagenet_cfg(**{
+        "pool_size": (7, 7),
         # every CEL stem conv reads the image: timm adapts each to in_chans (names a model lacks are skipped)
         "first_conv": tuple(f"patch_embed.projs.{i}" for i in range(4)), "classifier": "head.fc", "license": "mit",
         **kwargs,
-    }
+    })
 
 
 default_cfgs = generate_default_cfgs({
@@ -336,22 +334,10 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-
-def _as_lists(value):
-    return [_as_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
-
-
 def _create_crossformer(variant: str, pretrained: bool = False, **kwargs) -> CrossFormer:
-    arch = {k: _as_lists(v) for k, v in arch_kwargs(kwargs, exclude=("act_layer", "norm_layer")).items()}
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (1, 1, 8, 6))))))
-    model = build_model_with_cfg(
-        CrossFormer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
-    model.vitlab_arch = arch  # every constructor kwarg, so checkpoints do not depend on this file's defaults
-    return model
+    return build_vitlab_model(CrossFormer, variant, pretrained, filter_fn=checkpoint_filter_fn,
+                              default_out_indices=tuple(range(len(kwargs.get("depths", (1, 1, 8, 6))))),
+                              exclude=("act_layer", "norm_layer"), **kwargs)
 
 
 @register_model

@@ -51,9 +51,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
-from timm.models._builder import build_model_with_cfg
 
-from ._builder import arch_kwargs
+from ._builder import build_vitlab_model, imagenet_cfg
 from ._staged import NHWCStageModel
 from ._convert import register_hf_converter
 
@@ -525,11 +524,8 @@ def _dinat_from_hf(hf_model) -> DiNAT:
 # --- registry ---------------------------------------------------------------------------------------------
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj.0", "classifier": "head.fc", "license": "mit", **kwargs,
-    }
+    return imagenet_cfg(**{"pool_size": (7, 7), "first_conv": "patch_embed.proj.0", "classifier": "head.fc",
+                           "license": "mit", **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
@@ -541,22 +537,10 @@ default_cfgs = generate_default_cfgs({
 _DILATIONS_224 = ([1, 8, 1], [1, 4, 1, 4], [1, 2] * 3, [1] * 5)
 
 
-
-def _as_lists(value):
-    return [_as_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
-
-
 def _create_dinat(variant: str, pretrained: bool = False, **kwargs) -> DiNAT:
-    arch = {k: _as_lists(v) for k, v in arch_kwargs(kwargs, exclude=("act_layer", "norm_layer")).items()}
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (3, 4, 6, 5))))))
-    model = build_model_with_cfg(
-        DiNAT, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
-    model.vitlab_arch = arch  # every constructor kwarg, so checkpoints do not depend on this file's defaults
-    return model
+    return build_vitlab_model(DiNAT, variant, pretrained, filter_fn=checkpoint_filter_fn,
+                              default_out_indices=tuple(range(len(kwargs.get("depths", (3, 4, 6, 5))))),
+                              exclude=("act_layer", "norm_layer"), **kwargs)
 
 
 @register_model

@@ -44,15 +44,13 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, LayerNorm2d, LayerScale, Mlp, NormMlpClassifierHead
 from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs, register_model
-from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from ._builder import arch_kwargs
+from ._builder import build_vitlab_model, imagenet_cfg
 
 __all__ = ["HorNet", "GnConv", "GlobalLocalFilter", "checkpoint_filter_fn"]
 
@@ -310,11 +308,8 @@ def checkpoint_filter_fn(state_dict: dict, model: HorNet) -> dict:
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
-        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.0", "classifier": "head.fc", "license": "mit", **kwargs,
-    }
+    return imagenet_cfg(**{"pool_size": (7, 7), "crop_pct": 0.9, "first_conv": "stem.0", "classifier": "head.fc",
+                           "license": "mit", **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
@@ -327,15 +322,9 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_hornet(variant: str, pretrained: bool = False, **kwargs) -> HorNet:
-    arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch_kwargs(kwargs, exclude=("act_layer",)).items()}
-    model = build_model_with_cfg(
-        HorNet, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
-        **kwargs,
-    )
-    model.vitlab_arch = arch  # every constructor kwarg, so checkpoints do not depend on this file's defaults
-    return model
+    return build_vitlab_model(HorNet, variant, pretrained, filter_fn=checkpoint_filter_fn,
+                              feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+                              exclude=("act_layer",), **kwargs)
 
 
 _GF = (False, False, True, True)

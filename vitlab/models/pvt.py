@@ -47,10 +47,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, get_act_layer, resample_abs_pos_embed, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
-from timm.models._builder import build_model_with_cfg
 from timm.models._manipulate import checkpoint
 
-from ._builder import arch_kwargs
+from ._builder import build_vitlab_model, imagenet_cfg
 from ._convert import register_hf_converter
 from ._staged import StagedTokenModel, tokens_to_map
 
@@ -411,22 +410,11 @@ def _pvt_from_hf(hf_model) -> PyramidVisionTransformer:
 # --- registry -------------------------------------------------------------------------------------------------
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "stages.0.patch_embed.proj",
-        "classifier": "head",
-        "paper_ids": "arXiv:2102.12122",
-        "origin_url": "https://github.com/whai362/PVT",
-        "license": "apache-2.0",
+    return imagenet_cfg(**{
+        "first_conv": "stages.0.patch_embed.proj", "paper_ids": "arXiv:2102.12122",
+        "origin_url": "https://github.com/whai362/PVT", "license": "apache-2.0",
         **kwargs,
-    }
+    })
 
 
 default_cfgs = generate_default_cfgs({
@@ -437,18 +425,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_pvt(variant: str, pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
-    arch = arch_kwargs(kwargs)
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 2, 2))))))
-    model = build_model_with_cfg(
-        PyramidVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
-    model.vitlab_arch = arch  # every constructor kwarg, so checkpoints do not depend on this file's defaults
-    return model
+    return build_vitlab_model(PyramidVisionTransformer, variant, pretrained, filter_fn=checkpoint_filter_fn,
+                              default_out_indices=tuple(range(len(kwargs.get("depths", (2, 2, 2, 2))))), **kwargs)
 
 
 @register_model

@@ -58,8 +58,7 @@ import torch.nn.functional as F
 from timm.layers import Attention, DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import arch_kwargs
-from timm.models._builder import build_model_with_cfg
+from ._builder import build_vitlab_model, imagenet_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
@@ -429,22 +428,11 @@ def checkpoint_filter_fn(state_dict: dict, model: SReT) -> dict:
 # --- registry -------------------------------------------------------------------------------------------------
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.conv1",
-        "classifier": "head",
-        "paper_ids": "arXiv:2111.05297",
-        "origin_url": "https://github.com/szq0214/SReT",
-        "license": "apache-2.0",
+    return imagenet_cfg(**{
+        "pool_size": (7, 7), "first_conv": "patch_embed.conv1", "paper_ids": "arXiv:2111.05297",
+        "origin_url": "https://github.com/szq0214/SReT", "license": "apache-2.0",
         **kwargs,
-    }
+    })
 
 
 default_cfgs = generate_default_cfgs({
@@ -457,18 +445,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_sret(variant: str, pretrained: bool = False, **kwargs) -> SReT:
-    arch = arch_kwargs(kwargs)
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (4, 10, 6))))))
-    model = build_model_with_cfg(
-        SReT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
-    model.vitlab_arch = arch  # every constructor kwarg, so checkpoints do not depend on this file's defaults
-    return model
+    return build_vitlab_model(SReT, variant, pretrained, filter_fn=checkpoint_filter_fn,
+                              default_out_indices=tuple(range(len(kwargs.get("depths", (4, 10, 6))))), **kwargs)
 
 
 @register_model

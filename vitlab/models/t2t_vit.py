@@ -66,8 +66,7 @@ import torch.nn as nn
 from timm.layers import Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import arch_kwargs
-from timm.models._builder import build_model_with_cfg
+from ._builder import build_vitlab_model, imagenet_cfg
 from timm.models._manipulate import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
 
@@ -329,24 +328,14 @@ def checkpoint_filter_fn(state_dict: dict, model: T2TViT) -> dict:
 # --- registry -------------------------------------------------------------------------------------------------
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
+    return imagenet_cfg(**{
         "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
         # no conv: the input layer is patch_embed.attention1 (LayerNorm + Linear on unfolded 7x7 patches), which timm's
         # adapt_input_conv cannot take; checkpoint_filter_fn adapts it to in_chans itself (_adapt_in_chans)
-        "first_conv": None,
-        "classifier": "head",
-        "paper_ids": "arXiv:2101.11986",
-        "origin_url": "https://github.com/yitu-opensource/T2T-ViT",
+        "first_conv": None, "paper_ids": "arXiv:2101.11986", "origin_url": "https://github.com/yitu-opensource/T2T-ViT",
         "license": "bsd-3-clause-clear",
         **kwargs,
-    }
+    })
 
 
 default_cfgs = generate_default_cfgs({
@@ -361,18 +350,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_t2t_vit(variant: str, pretrained: bool = False, **kwargs) -> T2TViT:
-    arch = arch_kwargs(kwargs)
-    out_indices = kwargs.pop("out_indices", 3)
-    model = build_model_with_cfg(
-        T2TViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
-    model.vitlab_arch = arch  # every constructor kwarg, so checkpoints do not depend on this file's defaults
-    return model
+    return build_vitlab_model(T2TViT, variant, pretrained, filter_fn=checkpoint_filter_fn, default_out_indices=3,
+                              **kwargs)
 
 
 @register_model
