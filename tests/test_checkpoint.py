@@ -126,3 +126,28 @@ def test_official_style_checkpoints_with_args_load(tmp_path, tiny_model):
     load_weights(fresh, path, allow_pickle=True)
     for key, value in tiny_model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value)
+
+
+def test_import_vitlab_registers_the_zoo_into_timm():
+    code = "import timm, vitlab; print(timm.create_model('vl_test_cvt', num_classes=3).num_classes)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "3", out.stderr[-2000:]
+
+
+def test_models_built_by_timm_create_model_save_what_rebuilds_them(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    for name, kwargs, spec in [
+        ("vl_test_cvt", dict(num_classes=7, in_chans=1), None),  # a vitlab family: every kwarg (vitlab_arch)
+        ("deit_tiny_patch16_224", dict(num_classes=5, in_chans=1, img_size=32),  # a plain timm model
+         {"num_classes": 5, "in_chans": 1, "img_size": [32, 32]}),
+    ]:
+        model = timm.create_model(name, **kwargs).eval()
+        if spec is not None:
+            assert vitlab.checkpoint.model_spec(model)["kwargs"] == spec
+        _save(model, tmp_path / name)
+        again = vitlab.create_model(tmp_path / name).eval()
+        x = torch.randn(1, 1, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), model(x))

@@ -8,6 +8,7 @@
 __version__ = "0.1.0"
 
 from .checkpoint import CheckpointError, create_model, load_config, save_checkpoint  # noqa: E402
+from . import models  # noqa: E402,F401  (registers the vl_* models into timm: timm.create_model works)
 from .runner import Runner, TorchRunner, as_runner  # noqa: E402
 from .techniques import Kind, TechniqueError, apply_, format_technique, parse_apply, register_technique  # noqa: E402
 

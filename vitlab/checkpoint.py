@@ -56,7 +56,8 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def model_spec(model: nn.Module) -> dict:
-    """{"name", "kwargs"} to rebuild `model`: recorded by create_model, else timm's architecture name."""
+    """{"name", "kwargs"} to rebuild `model`: recorded by create_model, else timm's architecture name with what the
+    model records (vitlab families: every constructor kwarg; other timm models: their class count and channels)."""
     spec = getattr(model, SPEC_ATTR, None)
     if spec is not None:
         # vitlab models record every constructor kwarg (vitlab_arch), so a checkpoint survives changed defaults
@@ -66,7 +67,18 @@ def model_spec(model: nn.Module) -> dict:
         raise CheckpointError(
             f"{type(model).__name__} was not built by vitlab.create_model or timm.create_model; "
             "pass model_name= and model_kwargs= to save_checkpoint")
-    return {"name": arch, "kwargs": {}}
+    kwargs = getattr(model, "vitlab_arch", None)
+    if kwargs is None:  # a timm model: keep what timm.create_model users change most
+        from .runner import model_input_size
+        chans, height, width = model_input_size(model)
+        default = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, None, None)))
+        kwargs = {"num_classes": int(getattr(model, "num_classes", 0))}
+        if chans != default[0]:
+            kwargs["in_chans"] = chans
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)  # ViTs fix their grid at build
+        if img_size is not None and tuple(img_size) != default[1:]:
+            kwargs["img_size"] = list(img_size)
+    return {"name": arch, "kwargs": dict(kwargs)}
 
 
 def default_preprocessing(model: nn.Module, class_names: list[str] | None = None) -> dict:

@@ -1,0 +1,93 @@
+"""The model contract every zoo family keeps (issue 6), checked the same way on each family's `vl_test_*` model.
+
+Family files test what is particular to each (official parity, parameter counts, MACs, converters); this file
+checks the timm API a user relies on whatever the family: the classifier API, `in_chans=1`, input sizes other than
+the default, `features_only` / `forward_intermediates` for the hierarchical ones, and a vitlab checkpoint round trip.
+"""
+import pytest
+import timm
+import torch
+
+import vitlab
+
+# family -> (its vl_test model, an input size other than the default that the architecture allows)
+# SpectFormer's global filters and T2T-ViT's position embedding are sized to the grid at build time: those two are
+# built for the other size (img_size=...); the others take it as it comes.
+FIXED_SIZE = {"spectformer", "t2t_vit"}
+FAMILIES = {
+    "cvt": ("vl_test_cvt", (40, 56)),
+    "pvt": ("vl_test_pvt", (96, 64)),
+    "dinat": ("vl_test_dinat", (96, 64)),
+    "t2t_vit": ("vl_test_t2t_vit", (96, 64)),
+    "hornet": ("vl_test_hornet", (96, 64)),
+    "uniformer": ("vl_test_uniformer", (96, 64)),
+    "crossformer": ("vl_test_crossformer", (96, 64)),
+    "rmt": ("vl_test_rmt", (96, 64)),
+    "spectformer": ("vl_test_spectformer", (48, 64)),
+    "sret": ("vl_test_sret", (96, 64)),
+}
+HIERARCHICAL = {"cvt", "pvt", "dinat", "hornet", "uniformer", "crossformer", "rmt", "sret"}
+
+
+def _model(family, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(FAMILIES[family][0], num_classes=7, **kwargs).eval()
+
+
+def _default_input(model, batch=2):
+    return torch.randn(batch, *model.pretrained_cfg["input_size"])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_classifier_api(family):
+    model = _model(family)
+    x = _default_input(model)
+    with torch.no_grad():
+        logits = model(x)
+        assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+        torch.testing.assert_close(model.forward_head(model.forward_features(x)), logits)
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert pooled.shape == (2, model.num_features)
+        assert model.get_classifier() is not None
+        model.reset_classifier(0)
+        torch.testing.assert_close(model(x), pooled)  # no head: forward returns the pooled features
+        model.reset_classifier(3)
+        assert model(x).shape == (2, 3)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_one_channel_and_another_input_size(family):
+    h, w = FAMILIES[family][1]
+    model = _model(family, in_chans=1, **({"img_size": (h, w)} if family in FIXED_SIZE else {}))
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, h, w)).shape == (1, 7)
+    assert model(torch.randn(2, 1, h, w)).sum().backward() is None  # gradients flow at that size too
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("family", sorted(HIERARCHICAL))
+def test_features_only_matches_forward_intermediates(family):
+    model = _model(family)
+    x = _default_input(model)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, intermediates_only=True)
+        torch.manual_seed(0)  # the same initial weights as _model's
+        feats = timm.create_model(FAMILIES[family][0], num_classes=7, features_only=True).eval()(x)
+    assert len(feats) == len(maps) >= 2
+    assert [f.shape for f in feats] == [m.shape for m in maps]
+    assert all(f.ndim == 4 and f.shape[0] == 2 for f in feats)
+    backbone = timm.create_model(FAMILIES[family][0], features_only=True)
+    assert backbone.feature_info.channels() == [f.shape[1] for f in feats]
+    for got, want in zip(feats, maps):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_checkpoint_round_trip(family, tmp_path):
+    model = _model(family, in_chans=1)
+    x = torch.randn(2, 1, *model.pretrained_cfg["input_size"][1:])
+    vitlab.save_checkpoint(model, tmp_path / family)
+    again = vitlab.create_model(tmp_path / family).eval()
+    assert type(again) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
