@@ -26,6 +26,10 @@ from .structure import Unit, Widths, block_params, keep_indices, model_widths, p
 __all__ = ["Prune", "prune_", "plan", "CRITERIA", "model_macs", "PruneError", "labelled_calibration",
            "prune_checkpoint"]
 
+from .lpvit import LPViT, LPViTError, lpvit_prune_  # noqa: E402  (LPViT block-structured pruning, registered)
+
+__all__ += ["LPViT", "LPViTError", "lpvit_prune_"]
+
 
 class PruneError(TechniqueError):
     """A pruning request that cannot be met; the message names the value and what to change."""
