@@ -10,8 +10,9 @@ from safetensors.torch import load_file, save_file
 import vitlab
 from vitlab.checkpoint import load_weights, save_checkpoint
 from vitlab.models.listing import count_params_meta
-from vitlab.models.rmt import (RMT, ManhattanSelfAttention, axis_decay_mask, checkpoint_filter_fn, decay_rates,
-                               manhattan_decay_mask, rotary_sin_cos)
+from vitlab.models.rmt import (RMT, ManhattanSelfAttention, _plus_dwconv, apply_rotary, axis_decay_mask,
+                               checkpoint_filter_fn, decay_rates, manhattan_decay_mask, rotary_sin_cos,
+                               rotate_every_two)
 from vitlab.profiling import count_flops
 
 FIXTURES = Path(__file__).parent / "fixtures" / "zoo" / "rmt"
@@ -168,3 +169,38 @@ def test_pre_logits_and_reset_classifier():
     assert model.forward_head(features, pre_logits=True).shape == (2, model.head_hidden_size)
     model.reset_classifier(0)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rotary_equals_the_official_formula(dtype):
+    # float32/64 take the complex product, bfloat16 the real formula; both must be the official theta_shift
+    sin, cos = rotary_sin_cos(3, 4, head_dim=8)
+    qkv = torch.randn(2, 3, 4, 3, 2, 8, dtype=torch.float64)  # (B, H, W, q/k/v, heads, d), like the qkv view
+    qk = qkv[:, :, :, :2].to(dtype)  # a strided slice, as in the attention
+    sin, cos = (t[:, :, None, None].to(dtype) for t in (sin, cos))
+    want = qk.double() * cos.double() + rotate_every_two(qk.double()) * sin.double()
+    got = apply_rotary(qk, sin, cos)
+    assert got.dtype == dtype and got.shape == qk.shape
+    torch.testing.assert_close(got.double(), want, **({} if dtype != torch.bfloat16 else dict(atol=3e-2, rtol=2e-2)))
+
+
+def test_plus_dwconv_is_the_residual_conv_and_trains():
+    conv = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6)
+    x = torch.randn(2, 5, 7, 6, requires_grad=True)  # NHWC
+    want = x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    got = _plus_dwconv(conv, x)
+    torch.testing.assert_close(got, want)
+    got.square().sum().backward()
+    assert conv.weight.grad is not None and x.grad is not None
+
+
+def test_onnx_export_takes_the_plain_formulas(tmp_path):
+    # the complex rotary and the computed conv kernel are not exportable; export must still give the same logits
+    import openvino  # runs the ONNX file (onnxruntime is not in the test extra)
+    model = vitlab.create_model("vl_test_rmt").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.onnx.export(model, (x,), str(tmp_path / "rmt.onnx"), opset_version=17, dynamo=False)
+        want = model(x).numpy()
+    got = openvino.compile_model(str(tmp_path / "rmt.onnx"), "CPU")(x.numpy())[0]
+    assert abs(got - want).max() < 1e-4

@@ -39,6 +39,14 @@ decay rates and rotary angles are recomputed from the config (official stores th
 `Relpos.angle`, which the converter drops), and `drop_path_rate` defaults to 0 (official: 0.1 T, 0.15 S, 0.4 B,
 0.5 L for training).
 
+Speed (same function, float rounding aside): attention is `F.scaled_dot_product_attention` (official: explicit
+matmul + softmax); the rotary rotation is one complex product per call (official: five elementwise kernels per q and
+k); the residual depthwise convs `x + conv(x)` (the block's positional conv and the FFN's) run as one conv whose
+kernel centre is raised by 1; the LePE add doubles as the copy out of the attention layout; and the stem runs
+channels-last, where oneDNN's dense 3x3 convs are about twice as fast on CPU as on NCHW. Interleaved in one process, 1 thread,
+batch 4, shared CPU (preliminary), they took vitlab RMT-T from 1.06x to 1.18x the official speed (median per-round
+ratio of CPU times; 1.09x to 1.31x by minimum times); BENCHMARKS.md has the quiet-window ratio.
+
 Checked against (tests/test_zoo_rmt.py): the official `RMT.py` run locally on a tiny config (decomposed and full
 stages, layer scale, a non-square input), committed as a fixture in the official key layout and loaded through
 `checkpoint_filter_fn` (logits within 1e-4); the decay masks against gamma^Manhattan computed directly; the
@@ -101,11 +109,25 @@ def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
+def _exporting() -> bool:
+    """True under ONNX export, torch.export or torch.jit.trace (OpenVINO's converter traces): the fast paths below use
+    complex tensors and a computed conv kernel, which ONNX cannot take, so exporters see the plain formulas."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_every_two(x) * sin (sin, cos broadcast against x), in three kernels instead of six."""
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
-    sign = torch.tensor([-1.0, 1.0], device=sin.device, dtype=sin.dtype).repeat(sin.shape[-1] // 2)
-    return torch.addcmul(x * cos, swapped, sin * sign)
+    """x * cos + rotate_every_two(x) * sin (sin, cos broadcast against x).
+
+    The official rotation turns each pair (x0, x1) by one angle (sin and cos repeat each frequency twice), which is
+    a complex product (x0 + i x1) * (cos + i sin): one kernel on a complex view of x, instead of the official five.
+    Dtypes without a complex counterpart (bfloat16, half) take the real formula.
+    """
+    if x.dtype not in (torch.float32, torch.float64) or x.stride(-1) != 1 or x.storage_offset() % 2 or _exporting():
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+        sign = torch.tensor([-1.0, 1.0], device=sin.device, dtype=sin.dtype).repeat(sin.shape[-1] // 2)
+        return torch.addcmul(x * cos, swapped, sin * sign)
+    rotation = torch.complex(cos[..., 0::2], sin[..., 0::2])  # (..., d/2): small, broadcast against x
+    return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rotation).flatten(-2)
 
 
 # --- modules ----------------------------------------------------------------------------------------------
@@ -113,6 +135,20 @@ def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch
 def _nchw_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a 2D conv to an NHWC tensor (the permutes are views: the conv runs channels-last)."""
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def _plus_dwconv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """x + conv(x) for a stride-1 'same' depthwise conv on NHWC x, as one conv whose kernel centre is raised by 1.
+
+    Equal up to float rounding; it saves the separate pass over x that the residual add costs.
+    """
+    if _exporting():
+        return x + _nchw_conv(conv, x)
+    weight = conv.weight  # (C, 1, k, k)
+    centre = weight.shape[-1] // 2
+    identity = F.pad(weight.new_ones(weight.shape[0], 1, 1, 1), (centre, centre, centre, centre))
+    out = F.conv2d(x.permute(0, 3, 1, 2), weight + identity, conv.bias, 1, conv.padding, 1, conv.groups)
+    return out.permute(0, 2, 3, 1)
 
 
 class ManhattanSelfAttention(nn.Module):
@@ -139,7 +175,7 @@ class ManhattanSelfAttention(nn.Module):
         sin, cos, masks = rel_pos
         qkv = self.qkv(x).view(B, H, W, 3, n, d)
         v = qkv[:, :, :, 2]  # (B, H, W, n, d)
-        lepe = _nchw_conv(self.lepe, v.reshape(B, H, W, C))
+        lepe = _nchw_conv(self.lepe, v.reshape(B, H, W, C)).view(B, H, W, n, d)
         qk = qkv[:, :, :, :2]  # (B, H, W, 2, n, d)
         qk = apply_rotary(qk, sin[:, :, None, None], cos[:, :, None, None])
         q, k = qk.unbind(3)  # (B, H, W, n, d)
@@ -153,12 +189,13 @@ class ManhattanSelfAttention(nn.Module):
             v = v.view(B, H, n, W, d).permute(0, 3, 2, 1, 4).reshape(B * W, n, H, d)
             q_h, k_h = (t.permute(0, 2, 3, 1, 4).reshape(B * W, n, H, d) for t in (q, k))
             out = F.scaled_dot_product_attention(q_h, k_h, v, attn_mask=mask_h[None], dropout_p=drop)  # (B*W, n, H, d)
-            out = out.view(B, W, n, H, d).permute(0, 3, 1, 2, 4).reshape(B, H, W, C)
+            out = out.view(B, W, n, H, d).permute(0, 3, 1, 2, 4)  # (B, H, W, n, d), a view
         else:
             q, k, v = (t.permute(0, 3, 1, 2, 4).reshape(B, n, H * W, d) for t in (q, k, v))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[None], dropout_p=drop)  # (B, n, HW, d)
-            out = out.transpose(1, 2).reshape(B, H, W, C)
-        return self.proj_drop(self.proj(out + lepe))
+            out = out.transpose(1, 2).view(B, H, W, n, d)
+        # lepe first: the sum takes its (contiguous) layout, so the add is also the copy out of the attention layout
+        return self.proj_drop(self.proj((lepe + out).view(B, H, W, C)))
 
 
 class ConvFFN(nn.Module):
@@ -175,7 +212,7 @@ class ConvFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop1(self.act(self.fc1(x)))
-        x = x + _nchw_conv(self.dwconv, x)
+        x = _plus_dwconv(self.dwconv, x)  # x + dwconv(x)
         return self.drop2(self.fc2(x))
 
 
@@ -198,7 +235,7 @@ class RetBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, rel_pos: Tuple[torch.Tensor, ...]) -> torch.Tensor:
-        x = x + _nchw_conv(self.pos_embed, x)
+        x = _plus_dwconv(self.pos_embed, x)  # x + pos_embed(x)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rel_pos)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -216,7 +253,9 @@ class ConvStem(nn.Module):
             nn.Conv2d(embed_dim, embed_dim, 3, 1, 1), nn.BatchNorm2d(embed_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
+        # channels-last: oneDNN's dense 3x3 convs run about twice as fast on it on CPU as on NCHW, and the NHWC
+        # tokens come out contiguous (the permute is a view)
+        return self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
 
 
 class Downsample(nn.Module):
