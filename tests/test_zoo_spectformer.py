@@ -139,3 +139,12 @@ def test_unit_filter_is_identity():
         layer.complex_weight.copy_(torch.stack([torch.ones(6, 4, 16), torch.zeros(6, 4, 16)], dim=-1))
     x = torch.randn(2, 36, 16)
     torch.testing.assert_close(layer(x, (6, 6)), x, atol=1e-5, rtol=0)
+
+
+def test_residual_stream_is_contiguous():
+    # the transposed patch-conv output must not set the layout of every residual add (a copy in every norm)
+    model = vitlab.create_model("vl_test_spectformer").eval()
+    with torch.no_grad():
+        tokens, grid = model._tokens(torch.randn(2, 3, 32, 32))
+        assert tokens.is_contiguous() and grid == (8, 8)
+        assert model.blocks[0](tokens, grid).is_contiguous() and model.blocks[-1](tokens).is_contiguous()

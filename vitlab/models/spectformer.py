@@ -34,6 +34,9 @@ Departures from the official code, all arguments with the official behaviour as 
   the new grid. `checkpoint_filter_fn` does that resize when shapes differ; `dynamic_img_size=True` does the same
   resize on the fly for any input size.
 * Attention runs through timm's `Attention` (fused SDPA), numerically equal to the official explicit softmax.
+* Speed only: the patch conv runs channels-last and `pos_embed` is added as `pos_embed + x`, so the residual stream is
+  contiguous tokens (the official `x + pos_embed` keeps the transposed conv layout through every block, and each
+  norm copies it).
 """
 import math
 from functools import partial
@@ -174,12 +177,15 @@ class SpectFormer(nn.Module):
 
     def _tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         grid = self.patch_embed.dynamic_feat_size(x.shape[-2:])
-        x = self.patch_embed(x)  # (B, N, C)
+        # channels-last: the patch conv runs faster on it on CPU and its tokens come out contiguous
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))  # (B, N, C)
         pos_embed = self.pos_embed
         if tuple(grid) != tuple(self.patch_embed.grid_size):
             pos_embed = resample_abs_pos_embed(pos_embed, grid, self.patch_embed.grid_size, num_prefix_tokens=0,
                                                interpolation="bicubic", antialias=False)
-        return self.pos_drop(x + pos_embed), tuple(grid)
+        # pos_embed first: the sum takes its token-major layout, not that of the transposed conv output, so the
+        # residual stream is contiguous and no block's norm or residual add has to copy or stride through it
+        return self.pos_drop(pos_embed + x), tuple(grid)
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         return block(x, grid) if isinstance(block, SpectralBlock) else block(x)
