@@ -1,13 +1,17 @@
 """Run every benchmarks/zoo/<family>_vs_reference.py and print one table of vitlab / reference speed ratios.
 
     PYTHONPATH=/tmp/zoo-extra python benchmarks/zoo_vs_reference.py [--threads 2] [--official-root /tmp] [--rounds N]
+        [--only rmt spectformer]
 
 Each family script builds vitlab's smallest variant and the reference it was checked against with the same weights,
 checks they agree, and times them in alternating rounds at 224 px, batch 8 (see each script). The references:
 HF transformers for CvT and PVT (always run) and the official code exported to `<official-root>/official-<family>`
 (see each script's docstring for the `git archive` line; the official code is not part of vitlab). A family whose
 export is missing is listed as skipped, with the folder it looked for. A ratio above 1 means vitlab is faster.
-`--rounds` overrides every script's own default number of rounds (fewer rounds: quicker, noisier).
+`--rounds` overrides every script's own default number of rounds (fewer rounds: quicker, noisier); what a round is
+differs: RMT and SpectFormer time A-B-B-A rounds of one forward pass per slot and report the median per-round ratio
+(benchmarks/zoo/_interleaved.py), the others keep each model's best median over rounds of >= 3 s per model.
+`--only` (or `--families`) runs some families, named by label (RMT-T) or script name (rmt).
 """
 import argparse
 import os
@@ -56,6 +60,15 @@ def parse_output(text: str) -> dict:
             "note": f"official ran on {ran_on.group(1)}" if ran_on else ""}
 
 
+def family_key(family: Family) -> str:
+    """The short name of a family: its script's name without `_vs_reference.py` (cvt, pvt, ..., rmt, spectformer)."""
+    return family.script.removesuffix("_vs_reference.py")
+
+
+def _selected(family: Family, names) -> bool:
+    return any(name.lower() in (family.label.lower(), family_key(family)) for name in names)
+
+
 def command(family: Family, args) -> list[str] | None:
     """The script's command line, or None if its official export is missing and it needs one."""
     cmd = [sys.executable, str(ZOO_DIR / family.script), "--threads", str(args.threads)]
@@ -74,11 +87,14 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--official-root", default="/tmp", help="folder holding the official-<family> exports")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per script (default: each script's own)")
-    parser.add_argument("--families", nargs="+", default=None, help="labels to run, e.g. CvT-13 RMT-T")
+    parser.add_argument("--families", "--only", nargs="+", default=None,
+                        help="families to run, by label or script name, e.g. RMT-T SpectFormer-T or rmt spectformer")
     args = parser.parse_args(argv)
-    families = FAMILIES if args.families is None else [f for f in FAMILIES if f.label in args.families]
-    if args.families is not None and len(families) != len(args.families):
-        parser.error(f"unknown family in {args.families}: choose from {[f.label for f in FAMILIES]}")
+    families = FAMILIES if args.families is None else [f for f in FAMILIES if _selected(f, args.families)]
+    unknown = [name for name in args.families or () if not any(_selected(f, [name]) for f in FAMILIES)]
+    if unknown:
+        parser.error(f"unknown family {unknown}: choose from {[f.label for f in FAMILIES]} "
+                     f"or {[family_key(f) for f in FAMILIES]}")
 
     rows = []
     for family in families:

@@ -4,8 +4,8 @@
     PYTHONPATH=<dir with einops> python benchmarks/zoo/rmt_vs_reference.py --official /tmp/official-rmt
 
 The official RMT.py imports einops and (unused) fvcore; fvcore is replaced by a stub module here. The two
-implementations are timed in alternating rounds (official, vitlab, official, vitlab) and each keeps its best median,
-so a neighbour's load on a shared CPU hits both alike.
+implementations are timed in `--rounds` A-B-B-A rounds of one forward pass per slot (benchmarks/zoo/_interleaved.py);
+the ratio is the median of the per-round ratios, so a neighbour's load on a shared CPU hits both alike.
 """
 import argparse
 import sys
@@ -17,7 +17,9 @@ import torch
 
 import vitlab
 from vitlab.models.rmt import checkpoint_filter_fn
-from vitlab.profiling import num_threads, time_callable
+from vitlab.profiling import num_threads
+
+from _interleaved import interleaved_ratio, report
 
 OFFICIAL_NAMES = {"tiny": "RMT_T3", "small": "RMT_S", "base": "RMT_M2", "large": "RMT_L6"}
 
@@ -28,7 +30,7 @@ def main(argv=None) -> None:
     parser.add_argument("--variant", default="tiny", help=" | ".join(OFFICIAL_NAMES))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10, help="A-B-B-A rounds (see _interleaved.py)")
     args = parser.parse_args(argv)
 
     fvcore_nn = types.ModuleType("fvcore.nn")
@@ -48,14 +50,9 @@ def main(argv=None) -> None:
     with torch.inference_mode(), num_threads(args.threads), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.meshgrid indexing warning from the official code
         diff = (ours(x) - official(x)).abs().max().item()
-        best = {}
-        for _ in range(args.rounds):
-            for name, model in (("official", official), ("vitlab", ours)):
-                timing = time_callable(lambda: model(x), warmup=2, min_runs=5, min_time_s=3.0, max_time_s=15.0)
-                best[name] = min(best.get(name, float("inf")), timing.median_s)
-    for name, seconds in best.items():
-        print(f"{name:9s} {args.batch / seconds:8.1f} img/s  (best median {seconds * 1e3:.1f} ms / batch {args.batch})")
-    print(f"ratio vitlab / official: {best['official'] / best['vitlab']:.2f}  (max |logit diff| {diff:.2e})")
+        result = interleaved_ratio(lambda: official(x), lambda: ours(x), rounds=args.rounds)
+    print(report(result, args.batch))
+    print(f"ratio vitlab / official: {result.ratio:.2f}  (max |logit diff| {diff:.2e})")
 
 
 if __name__ == "__main__":

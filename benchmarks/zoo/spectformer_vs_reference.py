@@ -7,7 +7,8 @@
 The official `Block_attention` hard-codes 6 heads, which cannot split spectformer-ti's width 256 (its comment says
 "4 for tiny"); the script sets 4 heads on the built official modules. The official file imports
 `numpy.lib.arraypad`, gone in numpy 2; a stand-in module is registered when it is missing. The two implementations
-are timed in alternating rounds and each keeps its best median, so a neighbour's load hits both alike.
+are timed in `--rounds` A-B-B-A rounds of one forward pass per slot (benchmarks/zoo/_interleaved.py); the ratio is the
+median of the per-round ratios, so a neighbour's load hits both alike.
 """
 import argparse
 import contextlib
@@ -24,7 +25,9 @@ import torch.nn as nn
 
 import vitlab
 from vitlab.models.spectformer import checkpoint_filter_fn
-from vitlab.profiling import num_threads, time_callable
+from vitlab.profiling import num_threads
+
+from _interleaved import interleaved_ratio, report
 
 CONFIGS = {  # vanilla_architecture/main_spectformer.py; heads per the Block_attention comment
     "tiny": dict(embed_dim=256, depth=12, heads=4),
@@ -62,7 +65,7 @@ def main(argv=None) -> None:
     parser.add_argument("--variant", default="tiny", choices=sorted(CONFIGS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10, help="A-B-B-A rounds (see _interleaved.py)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -72,14 +75,9 @@ def main(argv=None) -> None:
     x = torch.randn(args.batch, 3, 224, 224)
     with torch.inference_mode(), num_threads(args.threads):
         diff = (ours(x) - official(x)).abs().max().item()
-        best = {}
-        for _ in range(args.rounds):
-            for name, model in (("official", official), ("vitlab", ours)):
-                timing = time_callable(lambda: model(x), warmup=2, min_runs=5, min_time_s=3.0, max_time_s=15.0)
-                best[name] = min(best.get(name, float("inf")), timing.median_s)
-    for name, seconds in best.items():
-        print(f"{name:9s} {args.batch / seconds:8.1f} img/s  (best median {seconds * 1e3:.1f} ms / batch {args.batch})")
-    print(f"ratio vitlab / official: {best['official'] / best['vitlab']:.2f}  (max |logit diff| {diff:.2e})")
+        result = interleaved_ratio(lambda: official(x), lambda: ours(x), rounds=args.rounds)
+    print(report(result, args.batch))
+    print(f"ratio vitlab / official: {result.ratio:.2f}  (max |logit diff| {diff:.2e})")
 
 
 if __name__ == "__main__":
