@@ -21,16 +21,42 @@ def tokens_to_map(x: torch.Tensor, hw: tuple[int, int], num_prefix: int) -> torc
     return x[:, num_prefix:].reshape(B, *hw, C).permute(0, 3, 1, 2)
 
 
-class StagedTokenModel(nn.Module):
+class LinearHeadMixin:
+    """`get_classifier` / `reset_classifier` for models whose head is one `nn.Linear` (`self.head`, on
+    `self.head_hidden_size` features pooled as `self.global_pool` says); `pool_types` lists the pools it has."""
+
+    pool_types: tuple[str, ...] = ("avg", "")
+
+    def _check_pool(self, global_pool: str) -> None:
+        if global_pool not in self.pool_types:
+            raise ValueError(f"{type(self).__name__}: global_pool={global_pool!r}; expected one of "
+                             f"{', '.join(map(repr, self.pool_types))}")
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            self._check_pool(global_pool)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        like = next(self.parameters())  # the new head lives where the model does
+        self.head = (nn.Linear(self.head_hidden_size, num_classes, device=like.device, dtype=like.dtype)
+                     if num_classes > 0 else nn.Identity())
+
+
+class StagedTokenModel(LinearHeadMixin, nn.Module):
     """Methods timm expects of a classifier / backbone, shared by the staged token models (CvT, PVT)."""
 
     family_name: str = ""
     stem_pattern: str = r"^stages\.0\.patch_embed"
     token_pool_hint: str = "a class token"
 
+    pool_types = ("token", "avg", "")
+
     def _check_pool(self, global_pool: str) -> None:
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"global_pool={global_pool!r}: expected 'token', 'avg' or ''")
+        super()._check_pool(global_pool)
         if global_pool == "token" and not self.num_prefix_tokens:
             raise ValueError(f"global_pool='token' needs {self.token_pool_hint}")
 
@@ -48,17 +74,6 @@ class StagedTokenModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            self._check_pool(global_pool)
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
             self,

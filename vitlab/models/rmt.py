@@ -62,8 +62,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import arch_kwargs
-from timm.models._builder import build_model_with_cfg
+from ._builder import build_vitlab_model, imagenet_cfg
+from ._staged import LinearHeadMixin
 from timm.models._features import feature_take_indices
 
 __all__ = ["RMT", "ManhattanSelfAttention", "RetBlock", "decay_rates", "manhattan_decay_mask", "axis_decay_mask",
@@ -301,7 +301,7 @@ class RMTStage(nn.Module):
         return x
 
 
-class RMT(nn.Module):
+class RMT(LinearHeadMixin, nn.Module):
     """RMT classifier: conv stem, four MaSA stages, then Linear -> BN -> Swish per position, pool, classifier."""
 
     def __init__(
@@ -372,17 +372,6 @@ class RMT(nn.Module):
             (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None),
             (r"^(proj|norm)\.", (99999,))])
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
             self,
@@ -485,12 +474,8 @@ def checkpoint_filter_fn(state_dict: dict, model: RMT) -> dict:
 # --- registry ---------------------------------------------------------------------------------------------
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj.0", "classifier": "head", "license": "unknown",
-        "paper_ids": "arXiv:2309.11523", **kwargs,
-    }
+    return imagenet_cfg(**{"pool_size": (7, 7), "crop_pct": 0.9, "first_conv": "patch_embed.proj.0",
+                           "license": "unknown", "paper_ids": "arXiv:2309.11523", **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
@@ -503,16 +488,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_rmt(variant: str, pretrained: bool = False, **kwargs) -> RMT:
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 8, 2))))))
-    arch = arch_kwargs(kwargs)
-    model = build_model_with_cfg(
-        RMT, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
-    model.vitlab_arch = arch  # every constructor kwarg, so checkpoints do not depend on this file's defaults
-    return model
+    return build_vitlab_model(RMT, variant, pretrained, filter_fn=checkpoint_filter_fn,
+                              default_out_indices=tuple(range(len(kwargs.get("depths", (2, 2, 8, 2))))), **kwargs)
 
 
 @register_model

@@ -45,14 +45,13 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
-from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
-from ._builder import arch_kwargs
+from ._builder import build_vitlab_model, imagenet_cfg
+from ._staged import LinearHeadMixin
 
 __all__ = ["SpectFormer", "SpectralGatingNetwork", "SpectralBlock", "checkpoint_filter_fn", "resize_complex_filter"]
 
@@ -100,7 +99,7 @@ class SpectralBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(self.filter(self.norm1(x), grid_size))))
 
 
-class SpectFormer(nn.Module):
+class SpectFormer(LinearHeadMixin, nn.Module):
     """Vanilla SpectFormer: patch embedding + absolute position embedding, spectral blocks, then attention blocks.
 
     Args:
@@ -163,17 +162,6 @@ class SpectFormer(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"SpectFormer global_pool must be 'avg' or '' (tokens), got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def _tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         grid = self.patch_embed.dynamic_feat_size(x.shape[-2:])
@@ -261,11 +249,7 @@ def checkpoint_filter_fn(state_dict: dict, model: SpectFormer) -> dict:
 
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
-        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj", "classifier": "head", "license": "mit", **kwargs,
-    }
+    return imagenet_cfg(**{"crop_pct": 0.9, "first_conv": "patch_embed.proj", "license": "mit", **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
@@ -277,16 +261,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_spectformer(variant: str, pretrained: bool = False, **kwargs) -> SpectFormer:
-    arch = {k: (list(v) if isinstance(v, tuple) else v) for k, v in arch_kwargs(kwargs, exclude=("norm_layer", "act_layer")).items()}
-    out_indices = kwargs.pop("out_indices", 3)
-    model = build_model_with_cfg(
-        SpectFormer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
-    model.vitlab_arch = arch  # every constructor kwarg, so checkpoints do not depend on this file's defaults
-    return model
+    return build_vitlab_model(SpectFormer, variant, pretrained, filter_fn=checkpoint_filter_fn,
+                              default_out_indices=3, exclude=("norm_layer", "act_layer"), **kwargs)
 
 
 @register_model

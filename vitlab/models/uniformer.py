@@ -42,8 +42,8 @@ from timm.layers import (Attention, DropPath, LayerNorm2d, LayerScale, Mlp, Patc
                          trunc_normal_)
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import arch_kwargs
-from timm.models._builder import build_model_with_cfg
+from ._builder import build_vitlab_model, imagenet_cfg
+from ._staged import LinearHeadMixin
 from timm.models._features import feature_take_indices
 
 __all__ = ["UniFormer", "CBlock", "SABlock", "checkpoint_filter_fn", "vl_uniformer_small", "vl_uniformer_small_plus",
@@ -142,7 +142,7 @@ class UniFormerStage(nn.Module):
         return self.blocks(self.downsample(x))
 
 
-class UniFormer(nn.Module):
+class UniFormer(LinearHeadMixin, nn.Module):
     """UniFormer image classifier (2D): four stages, CBlocks where `block_types` says "conv", SABlocks for "attn"."""
 
     def __init__(
@@ -212,17 +212,6 @@ class UniFormer(nn.Module):
         return dict(stem=r"^patch_embed", blocks=r"^stages\.(\d+)" if coarse else [
             (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
             self,
@@ -309,12 +298,8 @@ def checkpoint_filter_fn(state_dict: dict, model: UniFormer) -> dict:
 # --- registry ---------------------------------------------------------------------------------------------
 
 def _cfg(**kwargs) -> dict:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
-        "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj", "classifier": "head", "license": "mit", "paper_ids": "arXiv:2201.09450",
-        **kwargs,
-    }
+    return imagenet_cfg(**{"pool_size": (7, 7), "crop_pct": 0.9, "first_conv": "patch_embed.proj", "license": "mit",
+                           "paper_ids": "arXiv:2201.09450", **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
@@ -328,16 +313,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_uniformer(variant: str, pretrained: bool = False, **kwargs) -> UniFormer:
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (3, 4, 8, 3))))))
-    arch = arch_kwargs(kwargs)
-    model = build_model_with_cfg(
-        UniFormer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
-    model.vitlab_arch = arch  # every constructor kwarg, so checkpoints do not depend on this file's defaults
-    return model
+    return build_vitlab_model(UniFormer, variant, pretrained, filter_fn=checkpoint_filter_fn,
+                              default_out_indices=tuple(range(len(kwargs.get("depths", (3, 4, 8, 3))))), **kwargs)
 
 
 @register_model
