@@ -75,7 +75,9 @@ class PTQ:
     output channel, `weight_quantizer` (minmax or mse). `attn`: quantize both attention matmuls (QK^T and
     softmax·V); `post_gelu`: use `quantizer` for the input of fc2; `per_token`: Linear inputs get one scale per
     token (static, so the token count must not change). `bits`: MPTQ mixed precision under this average bit budget
-    (vitlab.quant.mptq); `smooth`: MPTQ's SmoothQuant-with-bias before calibration.
+    (vitlab.quant.mptq); `smooth`: MPTQ's SmoothQuant-with-bias before calibration. `objective`: what AdaLog's
+    searches minimize, "output" (the paper's: the error of softmax·V / of fc2's output) or "self" (the quantized
+    values' own error); other quantizers ignore it.
     """
 
     w: int = 8
@@ -88,8 +90,12 @@ class PTQ:
     smooth: bool = False
     weight_quantizer: str = "minmax"
     act_quantizer: str = "mse"
+    objective: Literal["output", "self"] = "output"
 
     def __post_init__(self):
+        if self.objective not in ("output", "self"):
+            raise ValueError(f"objective={self.objective!r} must be 'output' (AdaLog's search scores candidates on "
+                             "softmax·V / fc2's output, the paper's) or 'self' (the quantized values' own MSE)")
         _check_bits("w", self.w)
         _check_bits("a", self.a)
         names = quantizer_names()
@@ -207,11 +213,14 @@ def calibrate(model: nn.Module, loader_or_batches: Any, num_images: int | None =
         raise CalibrationError("calibration saw no images: the calibration data is empty (pass --calib-images >= 1)")
     for name, m in quant_linears(model):
         m.weight_quant.observe(m.weight)
-    for name, q in quantizers(model):
+    named = list(quantizers(model))
+    for name, q in named:
         if q.num_observed == 0:
             where = "weight" if id(q) in weight_quants else "activation"
             raise CalibrationError(f"quantizer {name} ({where}) observed nothing during calibration on {seen} images: "
                                    "that part of the model never ran")
+    # quantizers whose search reads another quantizer (AdaLog's output objective reads V's / the weight's) go last
+    for name, q in sorted(named, key=lambda item: bool(getattr(item[1], "finalize_last", False))):
         q.finalize()
     set_quant_mode(model, "quant")
     model.vitlab_calibration = {"images": seen}

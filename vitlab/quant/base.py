@@ -26,6 +26,7 @@ New quantizers register by name and plug into the sites of `vitlab.quant.sim` th
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, ClassVar
 
@@ -417,7 +418,8 @@ def make_quantizer(site: str, cfg: Any) -> Quantizer:
     * "attn_prob" / "post_gelu": `cfg.quantizer` (any registered name), `cfg.a` bits;
     * other activation sites ("input", "q", "k", "v"): `cfg.quantizer` when it is uniform, else
       `cfg.act_quantizer` (a uniform one). "input" is per token (axis 1 of (B, N, C)) when `cfg.per_token`.
-    Every quantizer gets the option `site=`. Activations use an unsigned asymmetric grid (uint8 for 8 bits).
+    Every quantizer gets the option `site=` (and `objective=cfg.objective` when its constructor takes one: AdaLog).
+    Activations use an unsigned asymmetric grid (uint8 for 8 bits).
     """
     if site not in SITES:
         raise QuantizerError(f"unknown quantization site {site!r}; sites are {', '.join(SITES)}")
@@ -437,4 +439,7 @@ def make_quantizer(site: str, cfg: Any) -> Quantizer:
             raise QuantizerError(f"act_quantizer={name!r} cannot quantize site {site!r}; use a uniform one "
                                  f"({', '.join(UniformQuantizer.METHODS)})")
     channel_axis = 1 if (site == "input" and getattr(cfg, "per_token", False)) else None
-    return cls(cfg.a, signed=False, channel_axis=channel_axis, site=site)
+    extra = {}
+    if "objective" in inspect.signature(cls.__init__).parameters and getattr(cfg, "objective", None) is not None:
+        extra["objective"] = cfg.objective            # AdaLog's search objective (PTQ.objective)
+    return cls(cfg.a, signed=False, channel_axis=channel_axis, site=site, **extra)

@@ -11,7 +11,9 @@ Sites (names fixed; `vitlab.quant.base.make_quantizer` builds the quantizer for 
 
 The patch embedding and the classifier head stay in float (the first and last layers, as in PTQ4ViT and
 RepQ-ViT). Quantizers start in mode "off" (the model computes exactly what it did), `vitlab.quant.calibrate`
-observes and finalizes them and switches them to "quant".
+observes and finalizes them and switches them to "quant". A quantizer whose search needs the consuming layer's
+operands (AdaLog's output objective: `wants_context`) also gets them while observing: fc2's input quantizer the
+layer itself, the post-softmax quantizer V and V's quantizer (`observe_context`).
 """
 from __future__ import annotations
 
@@ -56,6 +58,8 @@ class QuantLinear(nn.Linear):
         return self.weight_quant.fake_quant(self.weight) if self.weight_quant.mode == "quant" else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant.mode == "observe" and getattr(self.input_quant, "wants_context", False):
+            self.input_quant.observe_context(x, self)      # AdaLog's output objective: this layer's input rows
         return F.linear(self.input_quant(x), self.quant_weight(), self.bias)
 
     def set_bits(self, w: int | None = None, a: int | None = None) -> None:
@@ -102,7 +106,10 @@ class QuantAttention(Attention):
         q = self.q_quant(q * self.scale)
         attn = q @ self.k_quant(k).transpose(-2, -1)                              # (B, H, N, N)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-        attn = self.attn_drop(self.attn_prob_quant(attn.softmax(dim=-1)))
+        attn = attn.softmax(dim=-1)
+        if self.attn_prob_quant.mode == "observe" and getattr(self.attn_prob_quant, "wants_context", False):
+            self.attn_prob_quant.observe_context(attn, v, self.v_quant)   # AdaLog's output objective: softmax·V
+        attn = self.attn_drop(self.attn_prob_quant(attn))
         x = attn @ self.v_quant(v)                                                # (B, H, N, d)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)
