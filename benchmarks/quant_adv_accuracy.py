@@ -1,14 +1,16 @@
 """Low-bit simulated PTQ on the reference model: every quantizer x bit width, and MPTQ-ViT (SQ-b, mixed precision).
 
-    .venv/bin/python benchmarks/quant_adv_accuracy.py                      # the default table (6 configs)
+    .venv/bin/python benchmarks/quant_adv_accuracy.py                      # the default table (7 configs)
     .venv/bin/python benchmarks/quant_adv_accuracy.py --more               # + log2, SQ-b, mixed precision, 3 bits
     .venv/bin/python benchmarks/quant_adv_accuracy.py --configs w=4,a=4,quantizer=adalog w=4,a=4,quantizer=minmax
 
 Calibration: `--calib-images` (default 256) seeded images of the Fashion-MNIST *train* split; accuracy: the
 *test* split (`--test-images`, default all 10000). Each config is a `vitlab.quant.PTQ` (`ptq:` on the command
 line), applied with `vitlab.apply_(model, PTQ(...), calib=...)` to a fresh copy of the reference checkpoint.
-`quantizer` picks the post-softmax and post-GELU quantizer; the other activation sites use `act_quantizer`
-(uniform, default mse), weights are symmetric per output channel (min-max). Prints a markdown table.
+`quantizer` picks the post-softmax and post-GELU quantizer (AdaLog's searches score candidates on softmax·V /
+fc2's output, `objective=output`, the paper's; `objective=self` on the values' own MSE); the other activation
+sites use `act_quantizer` (uniform, default mse), weights are symmetric per output channel (min-max). Prints a
+markdown table.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ DEFAULT_CONFIGS = [                  # what fits the 4-minute budget; MORE_CONFI
     "w=4,a=4,quantizer=minmax",
     "w=4,a=4,quantizer=twin",
     "w=4,a=4,quantizer=adalog",
+    "w=4,a=4,quantizer=adalog,objective=self",   # AdaLog's search on the values' own MSE instead of the output's
 ]
 MORE_CONFIGS = [
     "w=4,a=4,quantizer=mse",             # control: uniform MSE-searched at every site
@@ -108,6 +111,8 @@ def main(argv=None) -> None:
             sizes = {name: module.weight.numel() for name, module in model.named_modules() if name in bits}
             average = sum(sizes[k] * b for k, b in bits.items()) / sum(sizes.values())
             extra.append(f"MP avg {average:.2f} b ({'/'.join(str(b) for b in bits.values())})")
+        if cfg.quantizer == "adalog":
+            extra.insert(0, f"search objective: {cfg.objective}")
         label = f"{cfg.quantizer}" + (f" + {', '.join(extra)}" if extra else "")
         rows.append((f"ptq:{text}", f"{cfg.w}/{cfg.a}", label, acc, calib_s, time.perf_counter() - start - calib_s))
         print(f"{text}: {acc:.2f} % (float {float_top1:.2f} %), calibration {calib_s:.0f} s", file=sys.stderr, flush=True)
