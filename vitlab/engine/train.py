@@ -70,6 +70,9 @@ class TrainConfig:
     distill_tau: float = 1.0
     sam_rho: float = 0.05                   # with opt="sam": SAM around AdamW (engine/sam.py)
     l1: float = 0.0                         # Sparse-then-Prune: lambda * sum |w| of the blocks' Linear weights
+    token_consistency: float = 0.0          # MCTF token-reduction consistency weight (official 3.0); 0 = off
+    token_consistency_threshold: float = 0.4  # student confidence an image needs to enter the consistency term
+    token_consistency_teacher_r: int | None = None  # teacher r ~ U{0..this-1}; None: r // 2 (tokens/consistency.py)
 
     def validate(self) -> None:
         if not self.model and not self.init:
@@ -81,6 +84,10 @@ class TrainConfig:
             raise ValueError("--teacher CHECKPOINT and --distill soft|hard|token go together: give both or neither")
         if self.l1 < 0:
             raise ValueError(f"--l1 {self.l1} must be >= 0")
+        if self.token_consistency < 0:
+            raise ValueError(f"--token-consistency {self.token_consistency} must be >= 0 (0: off; official 3.0)")
+        if self.token_consistency > 0 and (self.teacher or self.opt == "sam" or self.l1 > 0):
+            raise ValueError("--token-consistency cannot be combined with --teacher, --opt sam or --l1; drop one")
 
 
 class TrainInterrupted(RuntimeError):
@@ -198,6 +205,15 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_
     l1_weights = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".blocks." in f".{n}"]
     if cfg.l1 > 0 and not l1_weights:
         raise ValueError(f"--l1 {cfg.l1}: {type(model).__name__} has no Linear layers under `blocks` to regularize")
+    consistency = None
+    if cfg.token_consistency > 0:
+        from ..tokens.consistency import TokenConsistency, consistency_loss_step, draw_teacher_r
+
+        if rt.distributed:
+            raise ValueError("--token-consistency runs the model twice per step; use one process (no torchrun)")
+        consistency = TokenConsistency(weight=cfg.token_consistency, threshold=cfg.token_consistency_threshold,
+                                       teacher_r_max=cfg.token_consistency_teacher_r)
+        draw_teacher_r(model, consistency)  # fails early, naming the fix, if no mctf/tome is applied
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps - 1)
     scheduler = timm.scheduler.CosineLRScheduler(
         optimizer, t_initial=total_steps - warmup, lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=cfg.lr * 1e-3,
@@ -252,7 +268,17 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_
                     with torch.no_grad():
                         teacher_logits = teacher(images)
 
+                teacher_r = draw_teacher_r(model, consistency) if consistency is not None else 0
+
                 def compute_loss() -> torch.Tensor:
+                    if consistency is not None:  # student + teacher CE + consistency (vitlab/tokens/consistency.py)
+                        def criterion(logits: torch.Tensor) -> torch.Tensor:
+                            if soft is not None:
+                                return torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
+                            return F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+
+                        return consistency_loss_step(model, images, targets, criterion, consistency, teacher_r,
+                                                     mixed=soft is not None)
                     out = train_model(images)
                     logits, dist_logits = out if isinstance(out, tuple) else (out, None)
                     if soft is not None:

@@ -14,6 +14,10 @@ attention map, computed beside the fused attention). Fused attention (SDPA) is k
 is an additive bias (log token size) passed as SDPA's `attn_mask`, and so is ATS's padding mask (log 0 = -inf).
 MCTF computes the full attention map in its active blocks (its one-step-ahead attention fuses the map itself).
 
+Fine-tuning with a method applied: `vitlab train --init CKPT --apply evit:keep_rate=0.5 ...`; MCTF's
+token-reduction consistency loss (student at r, a weaker-r teacher, feature consistency) with
+`--apply mctf:r=16 --token-consistency 3` (vitlab.tokens.consistency).
+
 Checked against the official code on the same weights and inputs (tests/fixtures/tokens/): ToMe, EViT and MCTF
 outputs within 1e-5; ATS's sampler against a transcription of the official functions and hand-made scores.
 """
@@ -22,10 +26,11 @@ from dataclasses import dataclass
 
 from ..techniques import Kind, TechniqueError, register_handler, register_technique
 from .ats import ATSReduction
+from .consistency import TokenConsistency
 from .mctf import MCTFReduction
 from .patch import EViTReduction, TokenReducingViT, TokenState, ToMeReduction, check_supported, patch_vit
 
-__all__ = ["ToMe", "EViT", "ATS", "MCTF", "TokenState", "token_schedule"]
+__all__ = ["ToMe", "EViT", "ATS", "MCTF", "TokenConsistency", "TokenState", "token_schedule"]
 
 
 @register_technique("tome", Kind.TOKENS)

@@ -19,9 +19,9 @@ time it loses SDPA's fused kernel. Blocks that are not active keep fused attenti
 
 Differences from the official code (none at the tested setting): prefix tokens (class, distillation, registers) are
 protected in both sets (the official code protects the first rows of set A only, which for a distilled model is
-the class token and patch 1, not the distillation token); LayerScale (`ls1`) is applied; only the inference rule is
-here (the token-reduction-consistency training loss is not), and only one-step-ahead attention (the official
-setting; without it the official code fuses after the MLP instead).
+the class token and patch 1, not the distillation token); LayerScale (`ls1`) is applied; only one-step-ahead
+attention (the official setting; without it the official code fuses after the MLP instead). The paper's
+token-reduction-consistency training loss is in `vitlab.tokens.consistency` (`vitlab train --token-consistency 3`).
 """
 import math
 from typing import Callable, Optional
