@@ -1,12 +1,17 @@
 """Token-reduction speed on one model, all variants timed in one run (ratios are comparable).
 
-    python benchmarks/tokens_speed.py --model deit_small_patch16_224 --batch 32 --threads 2 \
+    python benchmarks/tokens_speed.py --model deit_small_patch16_224 --batch 32 --threads 2 --rounds 3 \
         [--official-tome /tmp/official-tome]   # an exported facebookresearch/ToMe tree, timed beside vitlab's
+        [--compile]                            # also none / tome:r=13 / evit:keep_rate=0.7 under torch.compile
 
 Random weights (speed only). Every method across its strength (ToMe, EViT, ATS, MCTF) and the official ToMe patch
 (when its tree is given), timed round-robin in one run: --rounds rounds over all variants, each round a
-time_callable median over min-time / rounds seconds; the table shows the median of the rounds. Prints img/s, the
-ratio to the unpatched model, and MACs (attention counted; for ATS the executed MACs of this batch, padding included).
+time_callable median over min-time / rounds seconds (one warm-up call in the first round only; at ~3 s per batch
+of 32 on 2 cores a round is usually one call per variant); the table shows the median of the rounds. Prints img/s,
+the ratio to the unpatched model, and MACs (attention counted; for ATS the executed MACs of this batch, padding
+included). Run time on 2 quiet cores, estimated from the quiet run's img/s: ~32 s per round (one call per variant),
+one warm-up round, ~60 s of set-up and MAC counting: ~3 min at --rounds 3, ~3.5 min at --rounds 4 (--compile adds
+the compilation, minutes).
 
     fetch github:facebookresearch/ToMe; git --git-dir=<path> archive HEAD | tar -x -C /tmp/official-tome
 """
@@ -26,9 +31,10 @@ def main() -> None:
     parser.add_argument("--model", default="deit_small_patch16_224")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--min-time", type=float, default=4.0, help="seconds of timing per variant, over all rounds")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--min-time", type=float, default=3.0, help="seconds of timing per variant, over all rounds")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--official-tome", default=None, help="path of an exported facebookresearch/ToMe tree")
+    parser.add_argument("--compile", action="store_true", help="add compiled none, tome:r=13, evit:keep_rate=0.7")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -67,17 +73,27 @@ def main() -> None:
             tome.patch.timm(model)
             model.r = r
             rows.append((f"official ToMe patch r={r}", model))
+    if args.compile:
+        for name, cfg in [("none", None), ("tome:r=13", ToMe(r=13)), ("evit:keep_rate=0.7", EViT(keep_rate=0.7))]:
+            model = timm.create_model(args.model).eval()
+            model.load_state_dict(state)
+            if cfg is not None:
+                vitlab.apply_(model, cfg)
+            compiled = torch.compile(model)
+            with torch.inference_mode():
+                torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-3)   # compiles; equals eager
+            rows.append((f"{name} (torch.compile)", compiled))
 
     times = {name: [] for name, _ in rows}
     with torch.inference_mode():
         for _ in range(args.rounds):
             for name, model in rows:
                 times[name].append(time_callable(lambda: model(x), min_time_s=args.min_time / args.rounds,
-                                                  warmup=1 if times[name] else 2, min_runs=2).median_s)
+                                                  warmup=0 if times[name] else 1, min_runs=1).median_s)
         results = []
         for name, model in rows:
             median = sorted(times[name])[len(times[name]) // 2]
-            macs = count_flops(model, x).macs / len(x)
+            macs = count_flops(getattr(model, "_orig_mod", model), x).macs / len(x)
             results.append((name, args.batch / median, macs))
             print(f"{name:<45} {args.batch / median:8.1f} img/s  {macs / 1e9:6.3f} GMACs", flush=True)
     base_ips, base_macs = results[0][1], results[0][2]
