@@ -27,24 +27,33 @@ FMNIST_STD = (0.3530,)
 
 
 class ConvStem(nn.Sequential):
-    """3x3 conv -> GroupNorm -> GELU, repeated; the product of `strides` is the patch size of the tokens."""
+    """3x3 conv -> GroupNorm -> GELU, repeated; the product of `strides` is the patch size of the tokens.
+
+    `groups`: GroupNorm groups, one int for every layer (capped at the width) or one per layer (a stem pruned by
+    whole GroupNorm groups, vitlab.prune, keeps e.g. 7 groups of 3 channels).
+    """
 
     def __init__(
             self,
             in_chans: int = 1,
             widths: Sequence[int] = (32, 64, 128),
             strides: Sequence[int] = (1, 2, 2),
-            groups: int = 8,
+            groups: int | Sequence[int] = 8,
             act_layer: type[nn.Module] = nn.GELU,
     ):
         if len(widths) != len(strides):
             raise ValueError(f"stem widths {tuple(widths)} and strides {tuple(strides)} must have the same length")
+        if isinstance(groups, int):
+            groups = [min(groups, width) for width in widths]
+        if len(groups) != len(widths) or any(g < 1 or w % g for w, g in zip(widths, groups)):
+            raise ValueError(f"stem groups {tuple(groups)} must give one GroupNorm group count per layer that divides "
+                             f"its width (widths {tuple(widths)}); e.g. stem_groups=8 with widths that are multiples of 8")
         layers = []
         prev = in_chans
-        for width, stride in zip(widths, strides):
+        for width, stride, group in zip(widths, strides, groups):
             layers += [
                 nn.Conv2d(prev, width, 3, stride=stride, padding=1, bias=False),
-                nn.GroupNorm(min(groups, width), width),
+                nn.GroupNorm(group, width),
                 act_layer(),
             ]
             prev = width
@@ -80,10 +89,12 @@ def _create_hybrid_vit(
         pretrained: bool = False,
         stem_widths: Sequence[int] = (24, 48, 96),
         stem_strides: Sequence[int] = (1, 2, 2),
+        stem_groups: int | Sequence[int] = 8,
         **kwargs,
 ) -> VisionTransformer:
     in_chans = kwargs.get("in_chans", 1)
-    stem = ConvStem(in_chans, tuple(stem_widths), tuple(stem_strides))
+    stem_groups = stem_groups if isinstance(stem_groups, int) else [int(g) for g in stem_groups]
+    stem = ConvStem(in_chans, tuple(stem_widths), tuple(stem_strides), stem_groups)
     # HybridEmbed runs the stem once to learn the grid size, then projects with a 1x1 conv to embed_dim.
     embed_layer = partial(HybridEmbed, backbone=stem)
     kwargs["patch_size"] = 1  # VisionTransformer passes patch_size on to HybridEmbed: 1 = every stem pixel is a token
@@ -91,7 +102,7 @@ def _create_hybrid_vit(
     kwargs.setdefault("in_chans", 1)
     kwargs.setdefault("num_classes", 10)
     arch = dict(arch_kwargs(kwargs, exclude=("patch_size",)),  # patch_size is fixed at 1 here, not a choice
-                stem_widths=list(stem_widths), stem_strides=list(stem_strides))
+                stem_widths=list(stem_widths), stem_strides=list(stem_strides), stem_groups=stem_groups)
     model = build_model_with_cfg(
         VisionTransformer,
         variant,

@@ -9,8 +9,12 @@
 NViT (Yang et al., CVPR 2023) ranks every prunable unit of every layer in one global list by Hessian-aware
 saliency and removes the least salient until a resource target is met; we do the same with each unit's saliency
 divided by the MACs (or parameters) it costs, so the ranking is "importance per MAC saved". Units are attention
-heads, groups of `mlp_group` MLP hidden channels (NViT prunes in groups of 8 too: widths a kernel likes) and, with
-`blocks=True`, whole blocks. The result is a `vl_pruned_vit` (per-block widths; see vitlab/models/pruned_vit.py).
+heads, groups of `mlp_group` MLP hidden channels (NViT prunes in groups of 8 too: widths a kernel likes), with
+`blocks=True` whole blocks, with `stem=True` whole GroupNorm groups of a conv stem's layers (vl_vit_fmnist: its stem
+is 22 % of the MACs but ~44 % of the CPU time), and with `embed=True` groups of `embed_group` embedding channels.
+Costs are recomputed from the widths left after each removal (stem and embedding units interact with their
+neighbours), so the target is met on the analytic count, which equals count_flops (tests). The result is a
+`vl_pruned_vit` (per-block widths; see vitlab/models/pruned_vit.py).
 """
 import dataclasses
 from dataclasses import dataclass
@@ -21,10 +25,11 @@ import torch.nn as nn
 
 from ..techniques import Kind, TechniqueError, register_handler, register_technique
 from .importance import CRITERIA, unit_scores
-from .structure import Unit, Widths, block_params, keep_indices, model_widths, prune_model_, units
+from .structure import (Unit, Widths, keep_channels, keep_indices, model_widths, prune_model_, remove_unit,
+                        stem_layers, stem_macs, units, variable_macs, variable_params)
 
 __all__ = ["Prune", "prune_", "plan", "CRITERIA", "model_macs", "PruneError", "labelled_calibration",
-           "prune_checkpoint"]
+           "prune_checkpoint", "stem_time_weights"]
 
 from .lpvit import LPViT, LPViTError, lpvit_prune_  # noqa: E402  (LPViT block-structured pruning, registered)
 
@@ -38,7 +43,8 @@ class PruneError(TechniqueError):
 @register_technique("prune", Kind.STRUCTURE)
 @dataclass(frozen=True)
 class Prune:
-    """Structured pruning (NViT-style global ranking) of heads, MLP channels and blocks to a FLOPs/params target."""
+    """Structured pruning (NViT-style global ranking) of heads, MLP channels, blocks, conv-stem groups and embedding
+    channels to a FLOPs/params target."""
     target_flops: float = 0.5             # fraction of the model's MACs to keep (1.0: nothing removed)
     target_params: float | None = None    # fraction of parameters to keep instead (then target_flops is ignored)
     importance: Literal["l1", "l2", "taylor", "hessian", "ablation"] = "hessian"
@@ -46,6 +52,11 @@ class Prune:
     mlp: bool = True                      # prune MLP hidden channels (in groups of mlp_group)
     blocks: bool = False                  # also remove whole blocks
     mlp_group: int = 8
+    stem: bool = False                    # also prune conv-stem channels (whole GroupNorm groups; vl_vit_fmnist)
+    embed: bool = False                   # also prune embedding (residual) channels, in groups of embed_group
+    embed_group: int = 8
+    stem_weight: float | tuple = 1.0      # ranking cost of a stem layer's MAC relative to the rest's (one per layer,
+    #                                       or one for all): their CPU time per MAC; `stem_time_weights` measures it
 
     @property
     def needs_calibration(self) -> bool:
@@ -59,10 +70,16 @@ class Prune:
                 raise ValueError(f"{name}={value} must be in (0, 1]: the fraction to keep (0.5 = half)")
         if self.importance not in CRITERIA:
             raise ValueError(f"importance={self.importance!r}; choose one of {', '.join(CRITERIA)}")
-        if self.mlp_group < 1:
-            raise ValueError(f"mlp_group={self.mlp_group} must be >= 1")
-        if not (self.heads or self.mlp or self.blocks):
-            raise ValueError("heads, mlp and blocks are all off: nothing to prune")
+        weights = self.stem_weight if isinstance(self.stem_weight, (tuple, list)) else (self.stem_weight,)
+        if not weights or not all(isinstance(v, (int, float)) and v > 0 for v in weights):
+            raise ValueError(f"stem_weight={self.stem_weight} must be > 0, one number or one per stem layer (1 = rank "
+                             "stem units by MACs like the rest; CLI --stem-weight auto measures them)")
+        if isinstance(self.stem_weight, list):
+            object.__setattr__(self, "stem_weight", tuple(self.stem_weight))
+        if self.mlp_group < 1 or self.embed_group < 1:
+            raise ValueError(f"mlp_group={self.mlp_group} and embed_group={self.embed_group} must be >= 1")
+        if not (self.heads or self.mlp or self.blocks or self.stem or self.embed):
+            raise ValueError("heads, mlp, blocks, stem and embed are all off: nothing to prune")
 
 
 def model_macs(model: nn.Module) -> int:
@@ -78,82 +95,136 @@ def model_macs(model: nn.Module) -> int:
         model.train(was_training)
 
 
-def _cost(w: Widths, u: Unit, by_params: bool, qkv_bias: bool) -> float:
-    i = u.block
-    if by_params:
-        full = block_params(w.dim, w.num_heads[i], w.head_dim[i], w.mlp_hidden[i], qkv_bias)
-        if u.kind == "head":
-            return full - block_params(w.dim, w.num_heads[i] - 1, w.head_dim[i], w.mlp_hidden[i], qkv_bias)
-        if u.kind == "mlp":
-            return (2 * w.dim + 1) * len(u.channels)
-        return full
-    if u.kind == "head":
-        return w.macs(i) - w.macs(i, heads=w.num_heads[i] - 1)
-    if u.kind == "mlp":
-        return 2 * w.tokens * w.dim * len(u.channels)
-    return w.macs(i)
+def _rank_cost(w: Widths, u: Unit, measure, stem_weight, by_params: bool) -> float:
+    """What removing `u` saves, for ranking: MACs (params), with each stem layer's MACs weighted by `stem_weight`."""
+    saved = measure(w) - measure(remove_unit(w, u))
+    if by_params or stem_weight == 1.0 or not w.stem:
+        return saved
+    weights = stem_weight if isinstance(stem_weight, tuple) else (stem_weight,) * len(w.stem)
+    if len(weights) != len(w.stem):
+        raise PruneError(f"stem_weight has {len(weights)} entries but the stem has {len(w.stem)} layers: give one "
+                         "per layer or a single number")
+    before, after = stem_macs(w), stem_macs(remove_unit(w, u))
+    return saved + sum((b - a) * (k - 1) for b, a, k in zip(before, after, weights))
+
+
+def stem_time_weights(model: nn.Module, batch: int = 32, rounds: int = 5) -> tuple[float, ...]:
+    """CPU time per MAC of each conv-stem layer (conv + norm + activation) relative to the rest of the model.
+
+    A latency-aware ranking cost in the spirit of HALP (Shen et al., NeurIPS 2022), reduced to one linear time model
+    per layer: process CPU time at `batch` with the current torch threads, median of `rounds`. MACs are a poor
+    proxy for a small stem's time on a CPU: on the Fashion-MNIST reference the first layer (1 -> 24 channels)
+    measured 12-15x the blocks' CPU time per MAC, the other two layers about 1x (BENCHMARKS.md, Pruning).
+    The result is what `Prune(stem_weight=...)` takes; it varies with load, so record it (prune summaries do).
+    """
+    import statistics
+    import time
+
+    from ..runner import model_input_size
+
+    layers = stem_layers(model)
+    if not layers:
+        raise PruneError("stem_time_weights: this model has no conv stem (vitlab's ConvStem)")
+    backbone = list(model.patch_embed.backbone)
+    x = torch.randn(batch, *model_input_size(model))
+    starts = [backbone.index(conv) for conv, _ in layers] + [len(backbone)]
+    w = model_widths(model)
+
+    def clock(fn) -> float:
+        fn()
+        times = []
+        for _ in range(rounds):
+            t0 = time.process_time()  # CPU time: less inflated than wall time on a shared machine
+            fn()
+            times.append(time.process_time() - t0)
+        return statistics.median(times)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            inputs, h = [], x
+            for a, b in zip(starts, starts[1:]):
+                inputs.append(h)
+                h = nn.Sequential(*backbone[a:b])(h)
+            per_layer = [clock(lambda a=a, b=b, i=i: nn.Sequential(*backbone[a:b])(i))
+                         for a, b, i in zip(starts, starts[1:], inputs)]
+            whole = clock(lambda: model(x))
+    finally:
+        model.train(was_training)
+    macs = stem_macs(w)
+    rest_time, rest_macs = max(whole - sum(per_layer), 1e-9), max(model_macs(model) - sum(macs), 1)
+    return tuple(round((t / m) / (rest_time / rest_macs), 2) for t, m in zip(per_layer, macs))
 
 
 def plan(model: nn.Module, cfg: Prune, calib=None) -> tuple[list[Unit], dict]:
-    """Which units to remove (greedy over one global list by score / cost) and a summary of the result."""
+    """Which units to remove (greedy over one global list by score / cost) and a summary of the result.
+
+    A unit's cost is what removing it saves from the unpruned widths (MACs or parameters); the greedy pass then
+    charges each removal at the widths left at that moment, so neighbouring stem layers and the embedding width are
+    counted exactly.
+    """
     w = model_widths(model)
-    qkv_bias = model.blocks[0].attn.qkv.bias is not None
     by_params = cfg.target_params is not None
-    all_units = [u for u in units(w, cfg.mlp_group, blocks=cfg.blocks)
-                 if (u.kind == "head" and cfg.heads) or (u.kind == "mlp" and cfg.mlp) or u.kind == "block"]
-    if by_params:
-        total = sum(p.numel() for p in model.parameters())
-        prunable = sum(block_params(w.dim, h, d, m, qkv_bias) for h, d, m in zip(w.num_heads, w.head_dim, w.mlp_hidden))
-        target = cfg.target_params * total
-    else:
-        total = model_macs(model)
-        prunable = sum(w.macs(i) for i in range(len(w.num_heads)))
-        target = cfg.target_flops * total
-    fixed = total - prunable
+    if cfg.stem and not w.stem:
+        raise PruneError("stem=true, but this model has no conv stem to prune (vitlab's ConvStem, e.g. "
+                         "vl_vit_fmnist): use stem=false")
+    all_units = [u for u in units(w, cfg.mlp_group, blocks=cfg.blocks, stem=cfg.stem,
+                                  embed_group=cfg.embed_group if cfg.embed else None)
+                 if (u.kind == "head" and cfg.heads) or (u.kind == "mlp" and cfg.mlp) or u.kind != "head" and u.kind != "mlp"]
+    measure = variable_params if by_params else variable_macs
+    total = sum(p.numel() for p in model.parameters()) if by_params else model_macs(model)
+    target = (cfg.target_params if by_params else cfg.target_flops) * total
+    fixed = total - measure(w)
     summary = {"importance": cfg.importance, "target": "params" if by_params else "macs", "before": total}
     if target >= total:
         return [], {**summary, "after": total, "removed": 0}
     if target < fixed:
         raise PruneError(f"target {target / total:.2f} of {'params' if by_params else 'MACs'} is below what the "
-                         f"unprunable parts cost ({fixed / total:.2f}: stem, embeddings, head); raise the target")
+                         f"unprunable parts cost ({fixed / total:.2f}); raise the target")
     scores = unit_scores(model, all_units, w, cfg.importance, calib) if all_units else torch.zeros(0)
-    costs = torch.tensor([_cost(w, u, by_params, qkv_bias) for u in all_units], dtype=torch.float64)
+    costs = torch.tensor([_rank_cost(w, u, measure, cfg.stem_weight, by_params) for u in all_units],
+                         dtype=torch.float64)
     ratio = scores / costs.clamp_min(1)
-    heads_left = {i: h for i, h in enumerate(w.num_heads)}
     groups_left = {i: sum(1 for u in all_units if u.kind == "mlp" and u.block == i) for i in range(len(w.num_heads))}
-    gone_blocks: set[int] = set()
     removed: list[Unit] = []
+    now = w
     current = total
     for k in ratio.argsort().tolist():
         if current <= target:
             break
         u = all_units[k]
-        if u.block in gone_blocks:
+        if u.kind in ("head", "mlp", "block") and now.num_heads[u.block] == 0:
+            continue  # its block is gone
+        if u.kind == "head" and now.num_heads[u.block] <= 1:
             continue
-        if u.kind == "block":
-            block_now = [r for r in removed if r.block == u.block]
-            freed = sum(_cost(w, r, by_params, qkv_bias) for r in block_now)
-            if current - (costs[k].item() - freed) < target - 0.02 * total:
-                continue  # removing the whole block would overshoot the target: finer units come later
-            gone_blocks.add(u.block)
-            removed = [r for r in removed if r.block != u.block] + [u]
-            current -= costs[k].item() - freed
-            continue
-        if u.kind == "head":
-            if heads_left[u.block] <= 1:
-                continue
-            heads_left[u.block] -= 1
-        else:
+        if u.kind == "mlp":
             if groups_left[u.block] <= 1:
                 continue
             groups_left[u.block] -= 1
+        if u.kind == "stem" and now.stem_groups[u.block] <= 1:
+            continue
+        if u.kind == "embed" and now.dim <= len(u.channels):
+            continue
+        after = remove_unit(now, u)
+        value = fixed + measure(after)
+        if u.kind == "block":
+            if value < target - 0.02 * total:
+                continue  # removing the whole block would overshoot the target: finer units come later
+            removed = [r for r in removed if r.kind not in ("head", "mlp", "block") or r.block != u.block]
         removed.append(u)
-        current -= costs[k].item()
+        now, current = after, value
     if current > target * 1.0001:
-        raise PruneError(f"cannot reach the target with heads={cfg.heads}, mlp={cfg.mlp}, blocks={cfg.blocks}: "
-                         f"stopped at {current / total:.3f} of the {'params' if by_params else 'MACs'} (every kept "
-                         "block keeps one head and one MLP group); allow blocks=true or raise the target")
-    return removed, {**summary, "after": int(current), "removed": len(removed)}
+        raise PruneError(f"cannot reach the target with heads={cfg.heads}, mlp={cfg.mlp}, blocks={cfg.blocks}, "
+                         f"stem={cfg.stem}, embed={cfg.embed}: stopped at {current / total:.3f} of the "
+                         f"{'params' if by_params else 'MACs'} (every kept block keeps one head and one MLP group, "
+                         "every stem layer one group); allow blocks=true or raise the target")
+    summary = {**summary, "after": int(current), "removed": len(removed)}
+    if cfg.stem:
+        summary.update(stem_widths=list(now.stem), stem_weight=cfg.stem_weight)
+    if cfg.embed:
+        summary["embed_dim"] = now.dim
+    return removed, summary
 
 
 def prune_(model: nn.Module, cfg: Prune | None = None, *, calib=None, **kwargs) -> nn.Module:
@@ -166,8 +237,10 @@ def prune_(model: nn.Module, cfg: Prune | None = None, *, calib=None, **kwargs) 
     cfg = dataclasses.replace(cfg or Prune(), **kwargs)
     removed, summary = plan(model, cfg, calib)
     if removed:
-        keep_blocks, heads, hidden = keep_indices(model_widths(model), removed)
-        prune_model_(model, keep_blocks, heads, hidden)
+        w = model_widths(model)
+        keep_blocks, heads, hidden = keep_indices(w, removed)
+        stem, embed = keep_channels(w, removed)
+        prune_model_(model, keep_blocks, heads, hidden, stem=stem, embed=embed)
     model.vitlab_prune = summary
     return model
 

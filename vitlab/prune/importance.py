@@ -8,7 +8,8 @@
   1/2 * mean_b (g_b . w_S)^2 with g_b the gradient of batch b's mean loss. Checked in tests/test_prune.py against an
   explicit Fisher matrix built from per-batch gradient vectors on a tiny model. Ranked globally across layers.
 * `ablation`: loss increase on the calibration images when the unit is removed (its output columns zeroed, or the
-  block replaced by the identity), as in Michel et al. (NeurIPS 2019, "Are Sixteen Heads Really Better than One?").
+  block replaced by the identity; stem and embedding groups: every slice zeroed), as in Michel et al. (NeurIPS
+  2019, "Are Sixteen Heads Really Better than One?").
 
 Calibration batches are image tensors, or (images, labels) pairs; without labels the unpruned model's own
 predictions are the targets (so gradients are not zero at its optimum, unlike a self-KL loss).
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from .structure import Unit, Widths
 
-__all__ = ["CRITERIA", "unit_scores", "unit_dot", "calib_pairs"]
+__all__ = ["CRITERIA", "unit_scores", "unit_dot", "calib_pairs", "model_unit_slices"]
 
 CRITERIA = ("l1", "l2", "taylor", "hessian", "ablation")
 
@@ -60,14 +61,40 @@ def _unit_slices(blk: nn.Module, unit: Unit, head_dim: int, num_heads: int) -> l
     return [(p, (...,)) for p in blk.parameters()]
 
 
+def _at(dim: int, index: list[int]) -> tuple:
+    return (slice(None),) * dim + (index,)
+
+
+def model_unit_slices(model: nn.Module, unit: Unit, widths: Widths) -> list[tuple[torch.Tensor, tuple]]:
+    """(parameter, index) pairs that make up `unit` in `model`: heads / MLP groups / blocks inside their block; a
+    stem group's conv rows, GroupNorm weight and bias and the next conv's (or the patch projection's) input columns;
+    an embedding group's slice of every parameter indexed by the residual width."""
+    from .structure import _BLOCK_EMBED_DIM, _OUTER_EMBED_DIM, stem_layers
+
+    ch = list(unit.channels)
+    if unit.kind == "stem":
+        layers = stem_layers(model)
+        conv, norm = layers[unit.block]
+        nxt = layers[unit.block + 1][0] if unit.block + 1 < len(layers) else model.patch_embed.proj
+        return [(conv.weight, _at(0, ch)), (norm.weight, _at(0, ch)), (norm.bias, _at(0, ch)),
+                (nxt.weight, _at(1, ch))]
+    if unit.kind == "embed":
+        named = dict(model.named_parameters())
+        out = [(named[n], _at(d, ch)) for n, d in _OUTER_EMBED_DIM.items() if n in named]
+        for i in range(len(model.blocks)):
+            out += [(named[f"blocks.{i}.{n}"], _at(d, ch)) for n, d in _BLOCK_EMBED_DIM.items()
+                    if f"blocks.{i}.{n}" in named]
+        return out
+    return _unit_slices(model.blocks[unit.block], unit, widths.head_dim[unit.block], widths.num_heads[unit.block])
+
+
 def unit_dot(model: nn.Module, units: list[Unit], widths: Widths, tensors: dict[int, torch.Tensor] | None = None,
              fn=None) -> torch.Tensor:
     """For each unit, sum over its parameters of fn(param, tensors[id(param)]) (e.g. g * w, |w|, w^2)."""
     out = []
     for u in units:
-        blk = model.blocks[u.block]
         total = 0.0
-        for p, idx in _unit_slices(blk, u, widths.head_dim[u.block], widths.num_heads[u.block]):
+        for p, idx in model_unit_slices(model, u, widths):
             other = tensors[id(p)] if tensors is not None else None
             total = total + fn(p.detach()[idx], None if other is None else other[idx]).sum()
         out.append(total)
@@ -88,6 +115,18 @@ def _loss(model: nn.Module, pairs) -> float:
 
 @torch.no_grad()
 def _ablate(model: nn.Module, unit: Unit, widths: Widths, pairs) -> float:
+    if unit.kind in ("stem", "embed"):
+        # every slice zeroed: exact removal for a stem group (its GroupNorm outputs 0, GELU(0) = 0); for embedding
+        # channels the residual channel stays 0 but still counts in each LayerNorm's statistics
+        slices = model_unit_slices(model, unit, widths)
+        saved = [p[idx].clone() for p, idx in slices]
+        for p, idx in slices:
+            p[idx] = 0
+        try:
+            return _loss(model, pairs)
+        finally:
+            for (p, idx), v in zip(slices, saved):
+                p[idx] = v
     blk = model.blocks[unit.block]
     if unit.kind == "block":
         model.blocks[unit.block] = nn.Identity()
