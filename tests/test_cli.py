@@ -41,6 +41,20 @@ def test_eval_json_and_files(checkpoint, tmp_path, capsys):
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 300
 
 
+def test_eval_calibrates_an_applied_quantizer_on_the_train_split(checkpoint, capsys, monkeypatch):
+    import importlib
+
+    measure = importlib.import_module("vitlab.bench.measure")  # the module (vitlab.bench.measure is also a function)
+    seen = []
+    real = measure.calibration_batches
+    monkeypatch.setattr(measure, "calibration_batches", lambda *a, **k: seen.append(a[2:4]) or real(*a, **k))
+    argv = ["eval", str(checkpoint), "--data", "fashion-mnist", "--split", "val", "--limit", "200", "--json"]
+    assert main(argv + ["--apply", "ptq:w=8,a=8", "--calib-images", "32"]) == 0
+    assert seen == [("train", 32)] and _last_json(capsys.readouterr().out)["n"] == 200
+    with pytest.raises(SystemExit):  # argparse refuses to calibrate on the test split
+        main(argv + ["--apply", "ptq:w=8,a=8", "--calib-split", "test"])
+
+
 def test_bench_json_fields(capsys):
     assert main(["bench", "vl_test_vit", "--batch", "4", "--json", "--threads", "1", "--min-time", "0.1"]) == 0
     row = _last_json(capsys.readouterr().out)

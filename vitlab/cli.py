@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-tau", type=float, default=1.0, help="soft distillation temperature")
     p.add_argument("--l1", type=float, default=0.0, metavar="LAMBDA",
                    help="L1 penalty on the blocks' Linear weights (Sparse-then-Prune, before pruning)")
+    p.add_argument("--token-consistency", type=float, default=0.0, metavar="WEIGHT",
+                   help="MCTF token-reduction consistency loss weight (official 3.0; needs --apply mctf:r=... or tome)")
+    p.add_argument("--token-consistency-threshold", type=float, default=0.4,
+                   help="student confidence an image needs to enter the consistency term (default: %(default)s)")
+    p.add_argument("--token-consistency-teacher-r", type=int, default=None, metavar="R_MAX",
+                   help="the teacher merges r ~ U{0..R_MAX-1} tokens per block (default: r // 2, as MCTF's 16/8)")
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
@@ -84,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _add_apply(p)
 
-    p = verbs.add_parser("prune", help="structured pruning (heads, MLP channels, blocks) to a FLOPs/params target")
+    p = verbs.add_parser("prune", help="structured pruning (heads, MLP channels, blocks, stem/embedding channels) to "
+                         "a FLOPs/params target")
     p.add_argument("checkpoint", help="checkpoint folder (or model name)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--target-flops", type=float, default=0.5, help="fraction of MACs to keep (default: %(default)s)")
@@ -95,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-heads", action="store_true", help="keep every attention head")
     p.add_argument("--no-mlp", action="store_true", help="keep every MLP channel")
     p.add_argument("--mlp-group", type=int, default=8, help="MLP channels pruned together (default: %(default)s)")
+    p.add_argument("--stem", action="store_true", help="also prune conv-stem channels (whole GroupNorm groups)")
+    p.add_argument("--stem-weight", default="1", metavar="W[,W...]|auto",
+                   help="ranking cost of a stem MAC vs a block MAC, one or one per stem layer; auto: measure CPU "
+                        "time per MAC here (default: %(default)s = MACs)")
+    p.add_argument("--embed", action="store_true", help="also prune embedding (residual) channels")
+    p.add_argument("--embed-group", type=int, default=8, help="embedding channels pruned together (default: %(default)s)")
     p.add_argument("--data", default=None, metavar="SPEC", help="images for taylor / hessian / ablation")
     p.add_argument("--split", default="train", choices=("train", "val"), help="(never test; default: %(default)s)")
     p.add_argument("--data-dir", default=None)
@@ -110,6 +123,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--out", default=None, metavar="DIR", help="write metrics.json and confusion.png here")
+    p.add_argument("--calib-images", type=int, default=256, metavar="N",
+                   help="calibration images when --apply calibrates, a seeded subset of --data (default: %(default)s)")
+    p.add_argument("--calib-split", default="train", choices=("train", "val"),
+                   help="split the calibration images come from (never test; default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
     p = verbs.add_parser("bench", help="parameters, MACs/FLOPs, throughput, latency and peak memory")
@@ -238,33 +255,61 @@ def cmd_train(args) -> int:
             clip_grad=args.clip_grad or None, seed=args.seed, threads=args.threads, workers=args.workers,
             eval_val=not args.no_val, save_every=args.save_every, max_steps=args.max_steps,
             progress=not args.no_progress, teacher=args.teacher, distill=args.distill,
-            distill_alpha=args.distill_alpha, distill_tau=args.distill_tau, sam_rho=args.sam_rho, l1=args.l1)
+            distill_alpha=args.distill_alpha, distill_tau=args.distill_tau, sam_rho=args.sam_rho, l1=args.l1,
+            token_consistency=args.token_consistency, token_consistency_threshold=args.token_consistency_threshold,
+            token_consistency_teacher_r=args.token_consistency_teacher_r)
         out = fit(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(f"checkpoint: {out}")
     return 0
 
 
-def _load_runner(source: str, apply: list[str]):
+def _load_runner(source: str, apply: list[str], calib_args=None):
+    """`source` with the `--apply` stack; techniques that calibrate take seeded images of `calib_args.data` from
+    `calib_args.calib_split` (train or val, never test: eval's own --split says what is measured)."""
+    from .bench.measure import calibration_batches, needs_calibration
     from .checkpoint import create_model
-    from .techniques import apply_, parse_apply
+    from .techniques import apply_, format_technique, parse_apply
 
     model = create_model(source)
-    return apply_(model, parse_apply(apply))
+    configs = parse_apply(apply)
+    calib = None
+    if needs_calibration(configs):
+        if calib_args is None:
+            raise ValueError(f"{' + '.join(map(format_technique, configs))} calibrates on images: apply it with "
+                             "`vitlab eval ... --data SPEC` or save it first (`vitlab quantize` / `vitlab prune`)")
+        calib = calibration_batches(model, calib_args.data, calib_args.calib_split, calib_args.calib_images,
+                                    data_dir=calib_args.data_dir)
+    return apply_(model, configs, calib=calib)
 
 
 def cmd_prune(args) -> int:
     from .prune import Prune, prune_checkpoint
 
     _threads(args.threads)
+    if args.stem_weight == "auto":
+        from .checkpoint import create_model
+        from .prune import stem_time_weights
+
+        stem_weight = stem_time_weights(create_model(args.checkpoint))
+        print(f"stem weights (CPU time per MAC vs the rest, measured): {list(stem_weight)}")
+    else:
+        try:
+            values = tuple(float(v) for v in args.stem_weight.split(","))
+        except ValueError:
+            raise ValueError(f"--stem-weight {args.stem_weight!r}: give numbers (1 or one per stem layer, e.g. "
+                             "14.8,0.95,0.82) or auto") from None
+        stem_weight = values[0] if len(values) == 1 else values
     cfg = Prune(target_flops=args.target_flops, target_params=args.target_params, importance=args.importance,
-                heads=not args.no_heads, mlp=not args.no_mlp, blocks=args.blocks, mlp_group=args.mlp_group)
+                heads=not args.no_heads, mlp=not args.no_mlp, blocks=args.blocks, mlp_group=args.mlp_group,
+                stem=args.stem, stem_weight=stem_weight, embed=args.embed, embed_group=args.embed_group)
     model, s = prune_checkpoint(args.checkpoint, args.out, cfg, data=args.data, split=args.split,
                                 num_images=args.calib_images, data_dir=args.data_dir)
     arch = model.vitlab_arch
     print(f"{args.checkpoint} -> {args.out}: {s['target']} {s['before']:,} -> {s['after']:,} "
           f"({s['after'] / s['before']:.3f}), importance {s['importance']}, {s['removed']} units removed")
-    print(f"  depth {len(arch['num_heads'])}  heads {arch['num_heads']}  mlp hidden {arch['mlp_hidden']}")
+    print(f"  depth {len(arch['num_heads'])}  heads {arch['num_heads']}  mlp hidden {arch['mlp_hidden']}"
+          f"  embed {arch['base_kwargs'].get('embed_dim')}  stem {arch['base_kwargs'].get('stem_widths')}")
     return 0
 
 
@@ -274,7 +319,7 @@ def cmd_eval(args) -> int:
     from .utils.io import atomic_write_json
 
     _threads(args.threads)
-    runner = _load_runner(args.checkpoint, args.apply)
+    runner = _load_runner(args.checkpoint, args.apply, calib_args=args)
     dataset = dataset_for(runner, args.data, args.split, data_dir=args.data_dir, strict=args.strict)
     result = evaluate(runner, dataset, batch_size=args.batch_size, limit=args.limit, progress=not args.json)
     print(f"{args.checkpoint} on {args.data} [{args.split}], {result['n']} images")
