@@ -3,6 +3,12 @@
     python benchmarks/prune_recovery.py --plan table --epochs 0.5 --out runs/prune_recovery   # criterion x target table
     python benchmarks/prune_recovery.py --plan main --epochs 3 --out runs/prune_recovery      # 50 % candidates, 3 epochs
     python benchmarks/prune_recovery.py --plan table --quick --threads 2                      # <= 4 min smoke on 2 cores
+    python benchmarks/prune_recovery.py --plan stem --epochs 2 --threads 1 --out runs           # -> runs/pruned50-stem
+
+--plan stem: hessian + blocks + conv-stem groups (stem=true, stem ranking weights --stem-weight, default the ones
+`vitlab.prune.stem_time_weights` measured on this CPU) to --target of the MACs (default 0.5), one recovery; the
+recovered checkpoint is --out/pruned50-stem (target 0.5) or --out/pruned{100*target}-stem. `train_s` in the JSON
+line is the recovery's wall time: the number to compare with the issue's <= 10 min budget.
 
 Each run: `vitlab.prune_` on 512 seeded train images (labels; hessian / taylor / ablation use them), top-1 on val and
 test before recovery, then `vitlab.engine.train.fit` with --init the pruned checkpoint and --teacher the reference
@@ -30,7 +36,10 @@ REF = "checkpoints/fashion-mnist-reference"
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--plan", choices=("table", "main"), default="table")
+    p.add_argument("--plan", choices=("table", "main", "stem"), default="table")
+    p.add_argument("--target", type=float, default=0.5, help="--plan stem: fraction of the MACs to keep")
+    p.add_argument("--stem-weight", default="14.85,0.95,0.82",
+                   help="--plan stem: stem ranking weights, one per stem layer (vitlab.prune.stem_time_weights)")
     p.add_argument("--epochs", type=float, default=None, help="recovery epochs (default: table 0.5, main 3)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=0)
@@ -53,13 +62,15 @@ def main() -> None:
         return {s: evaluate(model.cpu().eval(), d, batch_size=500, progress=False, limit=limit)["top1"]
                 for s, d in sets.items()}
 
-    def run(name, importance, target, epochs, blocks=False):
+    def run(name, importance, target, epochs, blocks=False, **extra):
         model = vitlab.create_model(REF)
         t0 = time.time()
-        prune_(model, Prune(target_flops=target, importance=importance, blocks=blocks), calib=calib)
+        prune_(model, Prune(target_flops=target, importance=importance, blocks=blocks, **extra), calib=calib)
         row = dict(name=name, importance=importance, target=target, blocks=blocks, macs=model_macs(model),
                    macs_frac=model_macs(model) / ref_macs, prune_s=time.time() - t0,
-                   arch={k: model.vitlab_arch[k] for k in ("num_heads", "mlp_hidden")})
+                   arch={k: model.vitlab_arch[k] for k in ("num_heads", "mlp_hidden")}, **extra)
+        row["arch"]["stem_widths"] = model.vitlab_arch["base_kwargs"].get("stem_widths")
+        row["arch"]["embed_dim"] = model.vitlab_arch["base_kwargs"].get("embed_dim")
         pruned_dir = out / f"{name}_pruned"
         vitlab.save_checkpoint(model, pruned_dir, preprocessing=pre)
         row["before"] = acc(vitlab.create_model(pruned_dir))
@@ -78,7 +89,11 @@ def main() -> None:
         return row
 
     rows = []
-    if args.plan == "main":
+    if args.plan == "stem":
+        weights = tuple(float(v) for v in args.stem_weight.split(","))
+        name = "pruned50-stem" if args.target == 0.5 else f"pruned{round(100 * args.target)}-stem"
+        rows.append(run(name, "hessian", args.target, args.epochs or 2, blocks=True, stem=True, stem_weight=weights))
+    elif args.plan == "main":
         for importance, blocks in (("hessian", False), ("taylor", False), ("l1", False), ("hessian", True)):
             name = f"p50_{importance}{'_blocks' if blocks else ''}_e{args.epochs or 3:g}"
             rows.append(run(name, importance, 0.5, args.epochs or 3, blocks))
@@ -87,12 +102,14 @@ def main() -> None:
             for target in (0.75, 0.5, 0.3):
                 rows.append(run(f"t_{importance}_{int(target * 100)}", importance, target, args.epochs or 0.5,
                                 blocks=target < 0.4))
-    print("\n| criterion | target | MACs kept | widths (heads / MLP) | test top-1 before | after | recovery steps |")
-    print("|---|---:|---:|---|---:|---:|---:|")
+    print("\n| criterion | target | MACs kept | widths (heads / MLP / stem) | test top-1 before | after | recovery steps "
+          "| recovery s |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['importance']}{' +blocks' if r['blocks'] else ''} | {r['target']:.2f} | {100 * r['macs_frac']:.1f} % "
-              f"| {r['arch']['num_heads']} / {r['arch']['mlp_hidden']} | {100 * r['before']['test']:.2f} % "
-              f"| {100 * r['after']['test']:.2f} % | {r['steps']} |")
+              f"| {r['arch']['num_heads']} / {r['arch']['mlp_hidden']} / {r['arch']['stem_widths']} "
+              f"| {100 * r['before']['test']:.2f} % | {100 * r['after']['test']:.2f} % | {r['steps']} "
+              f"| {r['train_s']:.0f} |")
 
 
 if __name__ == "__main__":

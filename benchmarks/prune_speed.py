@@ -8,7 +8,9 @@ shows the median over rounds of the per-round ratio to the unpruned model, which
 1. The issue's "what is cut" table: a plain timm ViT (embed 128, 6 blocks, 4 heads, MLP ratio 4, 28x28 input in
    4x4 patches: 49 tokens + class token) cut to ~50 % of its MACs three ways: embedding width 128 -> 88, depth
    6 -> 3, heads 4 -> 2 with MLP ratio 4 -> 2. Built through `vl_pruned_vit` on the timm base (random weights).
-2. The Fashion-MNIST reference vs the committed checkpoints/fashion-mnist-pruned50 (trained weights).
+2. The Fashion-MNIST reference vs the committed checkpoints/fashion-mnist-pruned50 and runs/pruned50-stem (stem
+   channels pruned too; benchmarks/prune_recovery.py --plan stem), with the time of the conv stem + patch projection
+   alone (`patch_embed`, timed in the same rounds) to show what share of each model's time the stem is.
 3. With --results: every criterion x target of benchmarks/prune_recovery.py, rebuilt from its recorded widths.
 """
 import argparse
@@ -36,13 +38,17 @@ def plain_variants() -> list[tuple[str, torch.nn.Module]]:
             ("heads 4 -> 2, MLP ratio 4 -> 2", build(heads=2, hidden=256))]
 
 
-def time_table(variants, x, rounds: int, min_time: float) -> list[dict]:
+def time_table(variants, x, rounds: int, min_time: float, stem: bool = False) -> list[dict]:
     times = {name: [] for name, _ in variants}
+    stem_times = {name: [] for name, _ in variants}
     with torch.inference_mode():
         for _ in range(rounds):
             for name, model in variants:
                 times[name].append(time_callable(lambda: model(x), warmup=2, min_runs=3,
                                                  min_time_s=min_time / rounds).median_s)
+                if stem:
+                    stem_times[name].append(time_callable(lambda: model.patch_embed(x), warmup=2, min_runs=3,
+                                                          min_time_s=min_time / rounds / 3).median_s)
     base_name, base_model = variants[0]
     base_macs = count_flops(base_model, x[:1]).macs
     rows = []
@@ -52,17 +58,21 @@ def time_table(variants, x, rounds: int, min_time: float) -> list[dict]:
         med = statistics.median(times[name])
         rows.append(dict(variant=name, macs=macs, macs_frac=macs / base_macs,
                          params=sum(p.numel() for p in model.parameters()), ms=1000 * med,
-                         img_s=x.shape[0] / med, speedup=ratio))
+                         img_s=x.shape[0] / med, speedup=ratio,
+                         stem_ms=1000 * statistics.median(stem_times[name]) if stem else None))
     return rows
 
 
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n### {title}\n")
-    print("| variant | MMACs/img | MACs vs unpruned | params | ms/batch | img/s | speed-up |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    stem = rows[0].get("stem_ms") is not None
+    print("| variant | MMACs/img | MACs vs unpruned | params | ms/batch | img/s | speed-up |"
+          + (" stem + patch proj ms (share) |" if stem else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if stem else ""))
     for r in rows:
         print(f"| {r['variant']} | {r['macs'] / 1e6:.2f} | {100 * r['macs_frac']:.1f} % | {r['params']:,} | "
-              f"{r['ms']:.1f} | {r['img_s']:.0f} | {r['speedup']:.2f}x |")
+              f"{r['ms']:.1f} | {r['img_s']:.0f} | {r['speedup']:.2f}x |"
+              + (f" {r['stem_ms']:.1f} ({100 * r['stem_ms'] / r['ms']:.0f} %) |" if stem else ""))
 
 
 def main() -> None:
@@ -72,7 +82,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=3.0, help="seconds of timing per variant, over all rounds")
     parser.add_argument("--reference", default="checkpoints/fashion-mnist-reference")
-    parser.add_argument("--pruned", default="checkpoints/fashion-mnist-pruned50")
+    parser.add_argument("--pruned", nargs="+", default=["checkpoints/fashion-mnist-pruned50", "runs/pruned50-stem"],
+                        help="pruned checkpoint folders for table 2 (missing ones are skipped with a note)")
     parser.add_argument("--results", default=None, help="prune_recovery.py's JSON lines: time every criterion x target")
     parser.add_argument("--json", default=None, help="also write all rows to this file")
     args = parser.parse_args()
@@ -85,11 +96,17 @@ def main() -> None:
     print_table("What is cut decides the speed-up (plain ViT, 49 tokens, random weights)", out["what_is_cut"])
 
     ref = vitlab.create_model(args.reference).eval()
-    pruned = vitlab.create_model(args.pruned).eval()
-    arch = pruned.vitlab_arch
-    name = f"{Path(args.pruned).name} (heads {arch['num_heads']}, MLP {arch['mlp_hidden']})"
-    out["reference"] = time_table([(Path(args.reference).name, ref), (name, pruned)], x, args.rounds, args.min_time)
-    print_table("Reference vs committed pruned checkpoint", out["reference"])
+    variants = [(Path(args.reference).name, ref)]
+    for folder in args.pruned:
+        if not Path(folder, "config.json").exists():
+            print(f"(skipped {folder}: no checkpoint there)")
+            continue
+        pruned = vitlab.create_model(folder).eval()
+        arch = pruned.vitlab_arch
+        variants.append((f"{Path(folder).name} (heads {arch['num_heads']}, MLP {arch['mlp_hidden']}, stem "
+                         f"{arch['base_kwargs'].get('stem_widths')})", pruned))
+    out["reference"] = time_table(variants, x, args.rounds, args.min_time, stem=True)
+    print_table("Reference vs pruned checkpoints (trained weights)", out["reference"])
 
     if args.results:
         base_kwargs = ref.vitlab_arch
