@@ -136,6 +136,8 @@ ENGINES = [  # (row name, builder(model, x, calib, threads) -> callable, in the 
     ("OpenVINO int8, vitlab (w8a8:attn=false)", _w8a8(attn=False), True),
     ("ONNX Runtime float", _ort_float, False),
     ("ONNX Runtime int8 (QDQ, own calibration)", _ort_int8, False),
+    ("ONNX Runtime int8, vitlab (w8a8:engine=onnxruntime)", _w8a8(engine="onnxruntime"), True),
+    ("ONNX Runtime int8, vitlab (w8a8:engine=onnxruntime,attn=false)", _w8a8(engine="onnxruntime", attn=False), False),
     ("torchao PT2E x86 int8 + compile", _torchao, False),
 ]
 

@@ -120,9 +120,13 @@ class W8A8:
     (`nncf.quantize(..., model_type=TRANSFORMER)`), for comparison. `attn`: also quantize the attention matmuls.
     `threads`: the engine's thread count (default: torch's). Inference precision is set to f32 explicitly
     (OpenVINO would otherwise use bf16 on CPUs that have it).
+
+    `engine="onnxruntime"`: the twin is exported to ONNX, its fake quantizers as QuantizeLinear / DequantizeLinear
+    with vitlab's scales, and ONNX Runtime fuses them into int8 matmuls (MatMulIntegerToFloat); on an AVX2-only CPU
+    that ran faster than OpenVINO's int8 (BENCHMARKS.md, "Quantization"), and both compute the same int8 model.
     """
 
-    engine: Literal["openvino"] = "openvino"
+    engine: Literal["openvino", "onnxruntime"] = "openvino"
     calibration: Literal["vitlab", "nncf"] = "vitlab"
     quantizer: str = "percentile"
     attn: bool = True

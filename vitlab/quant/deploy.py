@@ -30,7 +30,7 @@ import torch.nn as nn
 from ..runner import model_input_size
 from ..techniques import TechniqueError, applied_techniques
 
-__all__ = ["OpenVINORunner", "deploy_w8a8", "deploy_w8", "to_openvino", "compile_openvino", "fake_quant_ranges",
+__all__ = ["OpenVINORunner", "OnnxRuntimeRunner", "to_onnx", "deploy_w8a8", "deploy_w8", "to_openvino", "compile_openvino", "fake_quant_ranges",
            "weight_scales", "ov_config", "int8_weight_form"]
 
 
@@ -180,6 +180,75 @@ class OpenVINORunner:
         self.compiled = None
 
 
+@dataclass(eq=False)
+class OnnxRuntimeRunner:
+    """A model run by ONNX Runtime (CPU), as a runner, from an ONNX graph (bytes). For `w8a8:engine=
+    onnxruntime` that file is vitlab's simulated twin exported as QuantizeLinear / DequantizeLinear pairs carrying
+    vitlab's scales, which ONNX Runtime's graph optimizer fuses into int8 matmuls (MatMulIntegerToFloat)."""
+
+    onnx_model: bytes  # the serialized ONNX graph
+    float_module: nn.Module
+    techniques: tuple
+    engine: str
+    threads: int | None = None
+    sim_module: nn.Module | None = None
+    input_size: tuple[int, int, int] = field(init=False)
+    num_classes: int = field(init=False)
+
+    def __post_init__(self):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:  # pragma: no cover - in the deploy and test extras
+            raise TechniqueError("w8a8:engine=onnxruntime needs ONNX Runtime: pip install onnxruntime==1.32.0 "
+                                 "(or vitlab[deploy])") from e
+        self.input_size = model_input_size(self.float_module)
+        self.num_classes = int(getattr(self.float_module, "num_classes", 0))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(self.threads or torch.get_num_threads())
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = ort.InferenceSession(self.onnx_model, opts, providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
+
+    @property
+    def module(self) -> nn.Module:
+        return self.float_module
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(images.detach().float().numpy())
+        return torch.from_numpy(self._session.run(None, {self._input: x})[0])
+
+    def save(self, directory: str | Path, name: str = "model") -> Path:
+        """Write the ONNX graph this runner runs into `directory` as `name.onnx`."""
+        from ..utils.io import atomic_path
+
+        path = Path(directory) / f"{name}.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_bytes(self.onnx_model)
+        return path
+
+    def close(self) -> None:
+        self._session = None
+
+
+def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """Export `model` (float or simulated-quantized: its fake-quant ops become QuantizeLinear / DequantizeLinear with
+    vitlab's scales and zero points) to ONNX with a dynamic batch dimension."""
+    import warnings
+
+    from ..utils.io import atomic_path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp:
+        warnings.simplefilter("ignore")  # tracer / legacy-exporter notices
+        torch.onnx.export(model.eval(), (example[:1],), str(tmp), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                          dynamo=False)
+    return path
+
+
 def _example(model: nn.Module, calib: list[torch.Tensor] | None) -> torch.Tensor:
     if calib:
         return calib[0][:1]
@@ -190,11 +259,21 @@ def deploy_w8a8(model: nn.Module, cfg, calib: list[torch.Tensor]) -> OpenVINORun
     """The w8a8 handler: calibrate (vitlab or NNCF), convert, compile; returns an OpenVINORunner."""
     from . import calibrate, quantize_
 
-    if cfg.engine != "openvino":
-        raise TechniqueError(f"w8a8: engine {cfg.engine!r} is not supported; use engine=openvino")
     stack = applied_techniques(model)
     float_module = copy.deepcopy(model).eval()
     example = _example(model, calib)
+    if cfg.engine == "onnxruntime":
+        import tempfile
+
+        if cfg.calibration != "vitlab":
+            raise TechniqueError("w8a8:engine=onnxruntime runs vitlab's calibration; calibration=nncf is OpenVINO's")
+        quantize_(model, cfg.ptq())
+        calibrate(model, calib)
+        with tempfile.TemporaryDirectory(prefix="vitlab-ort-") as tmp:
+            graph = to_onnx(model, example, Path(tmp) / "model.onnx").read_bytes()
+        runner = OnnxRuntimeRunner(graph, float_module, stack + (cfg,), "onnxruntime-int8", cfg.threads, model)
+        _check_conversion(runner, model, calib[0][:16], "w8a8")
+        return runner
     if cfg.calibration == "vitlab":
         quantize_(model, cfg.ptq())
         calibrate(model, calib)
@@ -225,7 +304,7 @@ def _check_conversion(runner: OpenVINORunner, reference: nn.Module, images: torc
         runner.close()
         stack = " + ".join(type(t).__name__ for t in runner.techniques)
         raise TechniqueError(
-            f"{name}: OpenVINO's conversion of this model ({stack}) does not reproduce the PyTorch model "
+            f"{name}: the engine's conversion of this model ({stack}) does not reproduce the PyTorch model "
             f"(finite: {bool(torch.isfinite(got).all())}, top-1 agreement {agree:.0%}, relative logit error "
             f"{rel:.2f} on {len(images)} calibration images): apply w8a8 without the other techniques of this "
             "stack, or use ptq (simulated)")

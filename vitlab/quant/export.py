@@ -34,18 +34,19 @@ def _quantizer_state(model: nn.Module) -> dict[str, dict]:
 
 def save_quantized(model_or_runner: Any, directory: str | Path, **checkpoint_kwargs) -> Path:
     """Save a calibrated simulated model (PTQ) or a deployed OpenVINORunner (w8a8 / w8) into `directory`."""
-    from .deploy import OpenVINORunner
+    from .deploy import OnnxRuntimeRunner, OpenVINORunner
     from .sim import is_quantized
 
     directory = Path(directory)
-    if isinstance(model_or_runner, OpenVINORunner):
+    if isinstance(model_or_runner, (OpenVINORunner, OnnxRuntimeRunner)):
         runner = model_or_runner
         module = runner.sim_module if runner.sim_module is not None else runner.float_module
         spec = model_spec(runner.float_module)
         object.__setattr__(module, "vitlab_techniques", tuple(runner.techniques))
         save_checkpoint(module, directory, model_name=spec["name"], model_kwargs=spec["kwargs"], **checkpoint_kwargs)
-        runner.save(directory, Path(IR).stem)
-        section = {"kind": "openvino", "engine": runner.engine, "ir": IR, "simulated_twin": runner.sim_module is not None,
+        graph = runner.save(directory, Path(IR).stem).name  # model.xml (OpenVINO) or model.onnx (ONNX Runtime)
+        kind = "onnxruntime" if isinstance(runner, OnnxRuntimeRunner) else "openvino"
+        section = {"kind": kind, "engine": runner.engine, "ir": graph, "simulated_twin": runner.sim_module is not None,
                    **_quantizer_state(module)}
     elif isinstance(model_or_runner, nn.Module) and is_quantized(model_or_runner):
         save_checkpoint(model_or_runner, directory, **checkpoint_kwargs)
@@ -111,10 +112,13 @@ def load_quantized(directory: str | Path, **kwargs):
     model.vitlab_checkpoint = {"path": str(directory), "config": config}
     if section.get("kind") == "simulated":
         return sim
-    from .deploy import OpenVINORunner, _ov
+    from .deploy import OnnxRuntimeRunner, OpenVINORunner, _ov
 
-    ov_model = _ov().Core().read_model(str(directory / section.get("ir", IR)))
     threads = getattr(quant_cfg, "threads", None)
+    if section.get("kind") == "onnxruntime":
+        graph = (directory / section["ir"]).read_bytes()
+        return OnnxRuntimeRunner(graph, model, stack, section["engine"], threads, sim)
+    ov_model = _ov().Core().read_model(str(directory / section.get("ir", IR)))
     return OpenVINORunner(ov_model, model, stack, section.get("engine", "openvino-int8"), threads, sim)
 
 
@@ -126,13 +130,16 @@ def export_model(model_or_runner: Any, directory: str | Path, fmt: str, example:
     (default: zeros of the model's input size) with a dynamic batch dimension.
     """
     from ..runner import model_input_size
-    from ..utils.io import atomic_path
-    from .deploy import OpenVINORunner, save_ir, to_openvino
+    from .deploy import OnnxRuntimeRunner, OpenVINORunner, save_ir, to_onnx, to_openvino
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if fmt not in ("onnx", "openvino"):
         raise ValueError(f"export format {fmt!r} is not one of onnx, openvino")
+    if isinstance(model_or_runner, OnnxRuntimeRunner):
+        if fmt != "onnx":
+            raise ValueError("a model deployed to ONNX Runtime exports as --format onnx")
+        return model_or_runner.save(directory, "model")
     if isinstance(model_or_runner, OpenVINORunner):
         if fmt != "openvino":
             raise ValueError("a deployed OpenVINO model exports as --format openvino; export the simulated model "
@@ -142,11 +149,7 @@ def export_model(model_or_runner: Any, directory: str | Path, fmt: str, example:
     example = torch.zeros(1, *model_input_size(model)) if example is None else example[:1]
     if fmt == "openvino":
         return save_ir(to_openvino(model, example), directory, "model")
-    with atomic_path(directory / "model.onnx") as path, torch.no_grad():
-        torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
-    return directory / "model.onnx"
+    return to_onnx(model, example, directory / "model.onnx")
 
 
 def is_quantized_checkpoint(config: dict) -> bool:
