@@ -136,3 +136,21 @@ def test_bad_values_are_refused(tiny_model):
         vitlab.apply_(tiny_model, LPViT(block=(5, 8)), calib=_calib())
     with pytest.raises(LPViTError, match="calib"):
         vitlab.apply_(tiny_model, LPViT(block=BLOCK))
+
+
+def test_cli_prune_apply_lpvit_saves_a_checkpoint(tiny_model, tmp_path, capsys):
+    from vitlab.cli import main
+
+    vitlab.save_checkpoint(tiny_model, tmp_path / "base")
+    argv = ["prune", str(tmp_path / "base"), "--apply", "lpvit:sparsity=0.5,block=8/8", "--data",
+            "synthetic:n=64,classes=10", "--calib-images", "32", "--out", str(tmp_path / "lp")]
+    assert main(argv) == 0
+    assert "% of the blocks' Linear weights are zero" in capsys.readouterr().out
+    pruned = vitlab.create_model(tmp_path / "lp")
+    assert _zero_fraction(pruned) == pytest.approx(0.5, abs=0.02)
+    assert vitlab.load_config(tmp_path / "lp")["training"]["pruned"]["technique"].startswith("lpvit:")
+    # no images -> one clear line naming the fix; a quantizer is refused by prune
+    assert main(argv[:4] + ["--out", str(tmp_path / "x")]) == 2
+    assert "give --data SPEC" in capsys.readouterr().err
+    assert main(argv[:2] + ["--apply", "w8a8", "--out", str(tmp_path / "y")]) == 2
+    assert "give one pruning technique" in capsys.readouterr().err and not (tmp_path / "y").exists()

@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                         "time per MAC here (default: %(default)s = MACs)")
     p.add_argument("--embed", action="store_true", help="also prune embedding (residual) channels")
     p.add_argument("--embed-group", type=int, default=8, help="embedding channels pruned together (default: %(default)s)")
+    p.add_argument("--apply", default=None, metavar="TECHNIQUE",
+                   help="another pruning technique in --apply syntax instead of the options above, e.g. "
+                        "lpvit:sparsity=0.5 (LPViT block-structured pruning)")
     p.add_argument("--data", default=None, metavar="SPEC", help="images for taylor / hessian / ablation")
     p.add_argument("--split", default="train", choices=("train", "val"), help="(never test; default: %(default)s)")
     p.add_argument("--data-dir", default=None)
@@ -287,6 +290,8 @@ def cmd_prune(args) -> int:
     from .prune import Prune, prune_checkpoint
 
     _threads(args.threads)
+    if args.apply:
+        return _prune_with_technique(args)
     if args.stem_weight == "auto":
         from .checkpoint import create_model
         from .prune import stem_time_weights
@@ -310,6 +315,25 @@ def cmd_prune(args) -> int:
           f"({s['after'] / s['before']:.3f}), importance {s['importance']}, {s['removed']} units removed")
     print(f"  depth {len(arch['num_heads'])}  heads {arch['num_heads']}  mlp hidden {arch['mlp_hidden']}"
           f"  embed {arch['base_kwargs'].get('embed_dim')}  stem {arch['base_kwargs'].get('stem_widths')}")
+    return 0
+
+
+def _prune_with_technique(args) -> int:
+    """`vitlab prune CKPT --apply lpvit:... --out DIR`: any registered pruning technique, calibrated and saved."""
+    from .prune import prune_checkpoint
+    from .prune.lpvit import prunable_linears
+    from .techniques import Kind, format_technique, parse_apply, technique_kind
+
+    configs = parse_apply([args.apply])
+    if len(configs) != 1 or technique_kind(configs[0]) != Kind.STRUCTURE:
+        raise ValueError(f"--apply {args.apply!r}: give one pruning technique (e.g. lpvit:sparsity=0.5); "
+                         "quantize with `vitlab quantize`, and use prune's own options for `prune`")
+    model, _ = prune_checkpoint(args.checkpoint, args.out, configs[0], data=args.data, split=args.split,
+                                num_images=args.calib_images, data_dir=args.data_dir)
+    weights = [m.weight for _, m in prunable_linears(model)]
+    zero = sum(int(w.eq(0).sum()) for w in weights) / max(1, sum(w.numel() for w in weights))
+    print(f"{args.checkpoint} -> {args.out}: {format_technique(configs[0])}; {100 * zero:.1f} % of the blocks' "
+          f"Linear weights are zero")
     return 0
 
 

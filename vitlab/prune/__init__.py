@@ -274,23 +274,27 @@ def labelled_calibration(model: nn.Module, data: str, split: str = "train", num_
     return list(zip(images.split(batch_size), labels.split(batch_size)))
 
 
-def prune_checkpoint(source: str, out: str, cfg: Prune, *, data: str | None = None, split: str = "train",
+def prune_checkpoint(source: str, out: str, cfg, *, data: str | None = None, split: str = "train",
                      num_images: int = 512, data_dir: str | None = None) -> tuple[nn.Module, dict]:
-    """Load `source` (checkpoint folder or model name), prune it, save it to `out`; return (model, summary)."""
+    """Load `source` (checkpoint folder or model name), prune it with `cfg` (`Prune`, `LPViT` or another pruning
+    technique), save it to `out`; return (model, summary)."""
     from ..checkpoint import create_model, save_checkpoint
+    from ..techniques import format_technique
 
     model = create_model(source)
     calib = None
-    if cfg.importance not in ("l1", "l2"):
+    if getattr(cfg, "needs_calibration", False):
         if data is None:
-            raise PruneError(f"importance {cfg.importance} needs images: give --data SPEC (with --split train), "
-                             "or use --importance l1 / l2")
+            hint = ", or use --importance l1 / l2" if isinstance(cfg, Prune) else ""
+            raise PruneError(f"{format_technique(cfg)} scores with images: give --data SPEC (with --split train)"
+                             f"{hint}")
         calib = labelled_calibration(model, data, split, num_images, data_dir=data_dir)
     config = getattr(model, "vitlab_checkpoint", {}).get("config", {})
     from ..techniques import apply_
 
     model = apply_(model, [cfg], calib=calib)
-    summary = dict(model.vitlab_prune, source=str(source), data=data, split=split, calib_images=num_images)
+    summary = dict(getattr(model, "vitlab_prune", {}), technique=format_technique(cfg), source=str(source), data=data,
+                   split=split, calib_images=num_images)
     save_checkpoint(model, out, preprocessing=config.get("preprocessing"),
                     data={"spec": data, "split": split} if data else None,
                     metrics={"macs": model_macs(model), "params": sum(p.numel() for p in model.parameters())},
