@@ -26,6 +26,7 @@ New quantizers register by name and plug into the sites of `vitlab.quant.sim` th
 """
 from __future__ import annotations
 
+import abc
 import inspect
 import math
 from typing import Any, Callable, ClassVar
@@ -52,7 +53,7 @@ class QuantizerError(ValueError):
     """A quantizer that cannot be built or used as asked; the message says what to do instead."""
 
 
-class Quantizer(nn.Module):
+class Quantizer(nn.Module, metaclass=abc.ABCMeta):
     """Fake quantizer. mode: "off" -> identity; "observe" -> record statistics, return x unchanged;
     "quant" -> quantize-dequantize (no straight-through gradient: post-training quantization only).
 
@@ -173,13 +174,13 @@ class Quantizer(nn.Module):
                 "mode 'observe' before finalize()")
 
     # ------------------------------------------------------------------ parameters and forward
+    @abc.abstractmethod
     def finalize(self) -> None:
         """Compute the parameters from the observations and mark the quantizer calibrated (subclasses)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def fake_quant(self, x: Tensor) -> Tensor:
         """Quantize-dequantize x with the finalized parameters (subclasses)."""
-        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "off":

@@ -40,6 +40,7 @@ with the lowest softmax·V / fc2-output error among all they try, and are no wor
 """
 from __future__ import annotations
 
+import abc
 from typing import Callable
 
 import torch
@@ -325,8 +326,9 @@ class _LogBase(Quantizer):
         # True after `reparameterize_bias_` folded -shift into the next Linear: output Q(x + shift) as is.
         self.register_buffer("bias_reparameterized", torch.tensor(False))
 
+    @abc.abstractmethod
     def _code(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Quantize-dequantize x + shift in the log domain (Log2 / AdaLog)."""
 
     def fake_quant(self, x: Tensor) -> Tensor:
         y = self._code(x + self.shift)
