@@ -79,6 +79,58 @@ def test_a_schedule_that_removes_too_many_tokens_is_an_error():
         vitlab.apply_(vitlab.apply_(_model(), ToMe(r=1)), EViT())
 
 
+@pytest.mark.parametrize("cfg,depth,expected", [
+    # expected values printed by the official facebookresearch/ToMe `tome.utils.parse_r(depth, r)` (commit in
+    # tests/fixtures/tokens/official_tome.json), with r as (r, inflect) or a list
+    (ToMe(r=16, inflect=-0.5), 12, [24, 22, 21, 19, 18, 16, 15, 13, 12, 10, 9, 8]),
+    (ToMe(r=16, inflect=-1), 12, [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]),
+    (ToMe(r=13, inflect=0.3), 12, [9, 9, 10, 11, 11, 12, 13, 14, 14, 15, 16, 17]),
+    (ToMe(r=39, inflect=-0.5), 4, [58, 45, 32, 20]),
+    (ToMe(r=(5, 4)), 4, [5, 4, 0, 0]),
+    (ToMe(r=7), 3, [7, 7, 7]),
+])
+def test_tome_per_block_schedule_follows_the_official_parse_r(cfg, depth, expected):
+    assert cfg.per_block(depth) == expected
+
+
+def test_tome_per_block_schedule_sets_the_counts_and_last_block_merges_leave_the_logits():
+    """With a class-token head, merging after the last block's attention only saves MLP work on merged tokens."""
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        early = vitlab.apply_(_model(), parse_apply(["tome:r=20/6/3"])[0])
+        early_cfg = ToMe(r=(20, 6, 3))
+        assert token_schedule(early, early_cfg) == [45, 39, 36, 36]
+        logits = early(x)
+        assert early.token_state.counts == [45, 39, 36, 36]
+        last = vitlab.apply_(_model(), ToMe(r=(20, 6, 3, 17)))
+        torch.testing.assert_close(last(x), logits)
+        assert last.token_state.counts == [45, 39, 36, 19]
+        assert early_cfg.per_block(4) == [20, 6, 3, 0]
+        # an average-pool head reads every token: there the last block's merge changes the output
+        avg = dict(class_token=False, global_pool="avg")
+        a = vitlab.apply_(_model(**avg), ToMe(r=(20, 6, 3)))(x)
+        b = vitlab.apply_(_model(**avg), ToMe(r=(20, 6, 3, 17)))(x)
+        assert not torch.allclose(a, b)
+
+
+def test_tome_schedule_errors_name_the_block_and_the_fix(tmp_path):
+    with pytest.raises(TechniqueError, match=r"tome:r=20/20/20 would merge more tokens than exist: block 2 has 25 "
+                                             r"tokens \(1 prefix\), so at most 12 can merge there, not 20; lower r "
+                                             r"from block 2 on"):
+        vitlab.apply_(_model(), ToMe(r=(20, 20, 20)))
+    with pytest.raises(TechniqueError, match=r"tome:r=1/1/1/1/1 lists 5 blocks but the model has 4"):
+        vitlab.apply_(_model(), ToMe(r=(1, 1, 1, 1, 1)))
+    with pytest.raises(ValueError, match="inflect spreads one r"):
+        ToMe(r=(3, 2), inflect=-0.5)
+    with pytest.raises(ValueError, match=r"inflect must be in \[-1, 1\]"):
+        ToMe(r=3, inflect=2)
+    # a per-block schedule survives a checkpoint round trip (stored as a JSON list)
+    model = vitlab.apply_(vitlab.create_model("vl_test_vit"), parse_apply(["tome:r=6/2"]))
+    vitlab.save_checkpoint(model, tmp_path / "ck")
+    again = vitlab.create_model(tmp_path / "ck")
+    assert again.token_state is not None and again.blocks[0].reduction.r == 6 and again.blocks[1].reduction.r == 2
+
+
 def test_unsupported_models_are_named():
     with pytest.raises(TypeError, match="supports timm VisionTransformer models.*got ResNet"):
         vitlab.apply_(timm.create_model("resnet18"), ToMe(r=1))

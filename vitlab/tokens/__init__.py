@@ -24,7 +24,7 @@ outputs within 1e-5; ATS's sampler against a transcription of the official funct
 import math
 from dataclasses import dataclass
 
-from ..techniques import Kind, TechniqueError, register_handler, register_technique
+from ..techniques import Kind, TechniqueError, format_technique, register_handler, register_technique
 from .ats import ATSReduction
 from .consistency import TokenConsistency
 from .mctf import MCTFReduction
@@ -36,15 +36,43 @@ __all__ = ["ToMe", "EViT", "ATS", "MCTF", "TokenConsistency", "TokenState", "tok
 @register_technique("tome", Kind.TOKENS)
 @dataclass(frozen=True)
 class ToMe:
-    """Token Merging (Bolya et al., ICLR 2023): merge `r` tokens in every block by bipartite soft matching."""
+    """Token Merging (Bolya et al., ICLR 2023): merge `r` tokens in every block by bipartite soft matching.
 
-    r: int = 8
+    `r` takes the official code's forms: one count for every block (`r=13`), one count per block (`r=80/50/30/18`;
+    a shorter list leaves the last blocks unmerged), or with `inflect` in [-1, 1] a linear trend over depth from
+    r * (1 - inflect) in the first block to r * (1 + inflect) in the last (`r=16,inflect=-0.5`; -1 is the paper's
+    "decreasing schedule"), rounded as the official `parse_r` rounds. See `ToMe.per_block`.
+
+    On a class-token model, merging in the last block does not change the logits (the head reads the class token,
+    which has attended to every token before the merge): it only saves the last MLP's work on the merged tokens.
+    """
+
+    r: int | tuple[int, ...] = 8
     prop_attn: bool = True       # proportional attention: bias each key by log(number of patches it stands for)
     trace_source: bool = False   # keep model.token_state.source (which input patches each token stands for)
+    inflect: float = 0.0
 
     def __post_init__(self):
-        if self.r < 0:
-            raise ValueError(f"r must be >= 0 (tokens merged per block), got {self.r}")
+        if isinstance(self.r, list):   # from a JSON checkpoint config
+            object.__setattr__(self, "r", tuple(self.r))
+        values = self.r if isinstance(self.r, tuple) else (self.r,)
+        if not values or any(v < 0 for v in values):
+            raise ValueError(f"r must be >= 0 tokens merged per block (one count, or one per block), got {self.r}")
+        if not -1 <= self.inflect <= 1:
+            raise ValueError(f"inflect must be in [-1, 1] (-1: merge most in the first blocks), got {self.inflect}")
+        if self.inflect and isinstance(self.r, tuple):
+            raise ValueError(f"inflect spreads one r over the depth; with a per-block r={self.r} leave inflect at 0")
+
+    def per_block(self, depth: int) -> list[int]:
+        """Tokens merged in each of `depth` blocks (the official `parse_r`)."""
+        if isinstance(self.r, tuple):
+            if len(self.r) > depth:
+                raise TechniqueError(f"tome:r={'/'.join(map(str, self.r))} lists {len(self.r)} blocks but the model "
+                                     f"has {depth}; give at most {depth} counts")
+            return [*self.r, *[0] * (depth - len(self.r))]
+        low = int(self.r * (1.0 - self.inflect))
+        step = (2 * self.r - 2 * low) / max(1, depth - 1)
+        return [int(low + step * i) for i in range(depth)]
 
 
 @register_technique("evit", Kind.TOKENS)
@@ -117,14 +145,18 @@ def _num_tokens(model) -> int:
 def token_schedule(model, cfg) -> list[int]:
     """Token count after each block under `cfg`, for the model's configured input size; errors if impossible."""
     p, n = model.num_prefix_tokens, _num_tokens(model)
+    tome_r = cfg.per_block(len(model.blocks)) if isinstance(cfg, ToMe) else None
     counts = []
     for i in range(len(model.blocks)):
         if isinstance(cfg, ToMe):
-            if cfg.r > (n - p) // 2:
+            r = tome_r[i]
+            if r > (n - p) // 2:
+                hint = (f"use r <= {_max_tome_r(model)} for this model" if tome_r == [cfg.r] * len(tome_r) else
+                        f"lower r from block {i} on")
                 raise TechniqueError(
-                    f"tome:r={cfg.r} would merge more tokens than exist: block {i} has {n} tokens ({p} prefix), so at "
-                    f"most {(n - p) // 2} can merge there; use r <= {_max_tome_r(model)} for this model")
-            n -= cfg.r
+                    f"{format_technique(cfg)} would merge more tokens than exist: block {i} has {n} tokens ({p} "
+                    f"prefix), so at most {(n - p) // 2} can merge there, not {r}; {hint}")
+            n -= r
         elif isinstance(cfg, MCTF):
             if i in _mctf_blocks(model, cfg):
                 r = cfg.r if n - cfg.r >= 10 else n - 10
@@ -173,7 +205,7 @@ def _apply(model, cfg, reductions: list):
 @register_handler(ToMe)
 def _apply_tome(model, cfg: ToMe):
     check_supported(model)
-    return _apply(model, cfg, [ToMeReduction(cfg.r) for _ in model.blocks])
+    return _apply(model, cfg, [ToMeReduction(r) for r in cfg.per_block(len(model.blocks))])
 
 
 @register_handler(EViT)
