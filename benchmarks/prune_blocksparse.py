@@ -13,7 +13,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from vitlab.profiling import time_callable
+from vitlab.profiling import time_callable, tune_allocator
 
 SHAPES = (("qkv", 288, 96), ("fc1", 192, 96), ("fc2", 96, 192))
 
@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32 * 50)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
     torch.manual_seed(0)
     print(f"threads {args.threads}, {args.tokens} tokens, torch {torch.__version__}\n")
     print("| layer | block | blocks kept | dense µs | masked dense speed-up | BSR sparse speed-up |")

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import vitlab
+from vitlab.profiling import tune_allocator
 from vitlab.data import build_dataset
 from vitlab.engine.evaluate import evaluate
 from vitlab.engine.train import TrainConfig, fit
@@ -48,6 +49,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ref = vitlab.create_model(REF)

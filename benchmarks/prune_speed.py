@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import vitlab
-from vitlab.profiling import count_flops, time_callable
+from vitlab.profiling import count_flops, time_callable, tune_allocator
 
 PLAIN = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0)
 
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write all rows to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
     torch.manual_seed(0)
     print(f"threads {args.threads}, batch {args.batch}, {args.rounds} rounds, torch {torch.__version__}")
     out = {}

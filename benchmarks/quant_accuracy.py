@@ -19,6 +19,7 @@ import time
 import torch
 
 import vitlab
+from vitlab.profiling import tune_allocator
 from vitlab.bench.measure import calibration_batches, dataset_for
 from vitlab.quant import PTQ, W8A8, quantizer_names
 
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-deploy", action="store_true", help="skip the OpenVINO rows")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
     model = vitlab.create_model(args.model).eval()
     calib = calibration_batches(model, args.data, "train", args.calib_images)
     test = dataset_for(model, args.data, "test")

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 import vitlab
+from vitlab.profiling import tune_allocator
 from vitlab.quant import W8A8
 from vitlab.quant.deploy import OpenVINORunner, to_openvino
 from vitlab.runner import model_input_size
@@ -232,6 +233,7 @@ def main(argv=None) -> int:
                    help="test images for top-1 / agreement on checkpoints that name their data (0: skip)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
     rows = []
     for name in args.models:
         rows += bench_model(name, args)

@@ -22,7 +22,7 @@ import torch
 import vitlab
 from vitlab.bench.measure import dataset_for
 from vitlab.engine import evaluate
-from vitlab.profiling import count_flops, time_callable
+from vitlab.profiling import count_flops, time_callable, tune_allocator
 
 
 def variants(num_patches: int, args) -> list[str]:
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--finetuned", nargs="*", default=[], help="SPEC=RUN_DIR: a fine-tuned run of that variant")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
 
     base = vitlab.create_model(args.checkpoint).eval()
     test = dataset_for(base, args.data, "test")

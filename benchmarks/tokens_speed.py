@@ -22,7 +22,7 @@ import timm
 import torch
 
 import vitlab
-from vitlab.profiling import count_flops, time_callable
+from vitlab.profiling import count_flops, time_callable, tune_allocator
 from vitlab.tokens import ATS, EViT, MCTF, ToMe
 
 
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add compiled none, tome:r=13, evit:keep_rate=0.7")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
     torch.manual_seed(0)
     base = timm.create_model(args.model).eval()
     state = base.state_dict()

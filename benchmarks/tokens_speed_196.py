@@ -15,7 +15,7 @@ import torch
 
 import vitlab
 from vitlab.bench.measure import dataset_for
-from vitlab.profiling import count_flops, time_callable
+from vitlab.profiling import count_flops, time_callable, tune_allocator
 
 DEFAULT = ["none", "tome:r=31", "tome:r=39", "evit:keep_rate=0.5", "evit:keep_rate=0.4", "evit:keep_rate=0.3",
            "ats:keep_rate=0.5", "mctf:r=39"]
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time each variant under torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
 
     specs = args.only or DEFAULT
     if specs[0] != "none":

@@ -1,5 +1,10 @@
 """vitlab.profiling: FLOPs with attention/FFT counted (cross-checked against the math SDPA path), timing, memory."""
+import json
 import math
+import os
+import platform
+import subprocess
+import sys
 import time
 
 import pytest
@@ -174,3 +179,36 @@ def test_peak_memory_bad_factory_named():
         peak_memory_mb("vitlab.profiling.memory:no_such_factory", {}, (1, 3, 32, 32), timeout_s=120)
     with pytest.raises(ValueError, match="not_a_factory_string"):
         peak_memory_mb("not_a_factory_string", {}, (1, 3, 32, 32))
+
+
+_ALLOCATOR_PROBE = """
+import ctypes, json, sys
+import torch
+from vitlab.profiling import allocator_state, environment, tune_allocator
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+state = tune_allocator() if sys.argv[1] == "tune" else allocator_state()
+before = libc.mallinfo2().hblkhd          # bytes in mmapped blocks (some from imports, before any tuning)
+big = torch.empty(16 << 20)               # 64 MiB: glibc's default serves it with mmap
+print(json.dumps({"state": state, "env": environment()["allocator"], "mmapped": libc.mallinfo2().hblkhd - before}))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc-only (a no-op elsewhere)")
+@pytest.mark.parametrize("mode,env", [("tune", {}), ("default", {}), ("tune", {"VITLAB_ALLOCATOR": "default"})])
+def test_tune_allocator_keeps_large_tensors_off_mmap(mode, env):
+    """Tuned, a 64 MiB tensor comes from the heap (no mmapped block); by default, or opted out, glibc mmaps it."""
+    out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE, mode], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}).stdout
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["state"] == report["env"]
+    if mode == "tune" and not env:
+        assert report["state"].startswith("glibc tuned") and report["mmapped"] == 0
+    else:
+        assert report["state"].startswith("glibc default") and report["mmapped"] >= 64 << 20

@@ -552,6 +552,9 @@ COMMANDS = {"train": cmd_train, "prune": cmd_prune, "eval": cmd_eval, "bench": c
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .checkpoint import CheckpointError
+    from .profiling import tune_allocator
+
+    tune_allocator()   # keep freed memory in the process: see vitlab.profiling.allocator
     from .techniques import TechniqueError
 
     try:

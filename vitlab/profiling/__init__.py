@@ -2,11 +2,13 @@
 
 Low in the package on purpose (pruning and benchmarking build on it): torch, timm and the standard library only.
 """
+from .allocator import allocator_state, tune_allocator
 from .flops import FlopCount, count_flops, fft_macs, sdpa_math_backend
 from .memory import peak_memory_mb
 from .timing import Timing, environment, num_threads, time_callable
 
 __all__ = [
+    "allocator_state", "tune_allocator",
     "FlopCount", "count_flops", "fft_macs", "sdpa_math_backend",
     "peak_memory_mb",
     "Timing", "environment", "num_threads", "time_callable",

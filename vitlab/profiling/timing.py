@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from .allocator import allocator_state
+
 __all__ = ["Timing", "time_callable", "num_threads", "environment"]
 
 
@@ -120,6 +122,7 @@ def environment() -> dict:
         "timm": timm_version,
         "vitlab": vitlab_version,
         "threads": torch.get_num_threads(),
+        "allocator": allocator_state(),
         "cpu": _cpu_name(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": sys.version.split()[0],
