@@ -154,3 +154,27 @@ def test_cli_prune_apply_lpvit_saves_a_checkpoint(tiny_model, tmp_path, capsys):
     assert "give --data SPEC" in capsys.readouterr().err
     assert main(argv[:2] + ["--apply", "w8a8", "--out", str(tmp_path / "y")]) == 2
     assert "give one pruning technique" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_train_holds_the_lpvit_zeros_unless_told_not_to(tiny_model, tmp_path, capsys):
+    """`vitlab train --init` an LPViT checkpoint keeps its zero blocks (the paper's recovery); --no-keep-zeros lets
+    them train; --keep-zeros on a dense model is an error naming the fix."""
+    from vitlab.cli import main
+
+    vitlab.save_checkpoint(tiny_model, tmp_path / "base")
+    assert main(["prune", str(tmp_path / "base"), "--apply", "lpvit:sparsity=0.5,block=8/8", "--data",
+                 "synthetic:n=64,classes=10", "--calib-images", "32", "--out", str(tmp_path / "lp")]) == 0
+    pruned = vitlab.create_model(tmp_path / "lp")
+    zeros = {n: lin.weight == 0 for n, lin in prunable_linears(pruned)}
+    train = ["train", "--data", "synthetic:n=64,classes=10", "--epochs", "1", "--max-steps", "3", "--batch-size",
+             "16", "--lr", "1e-2", "--warmup-epochs", "0", "--no-val", "--no-progress", "--threads", "1"]
+    assert main([*train, "--init", str(tmp_path / "lp"), "--out", str(tmp_path / "held")]) == 0
+    assert "holding" in capsys.readouterr().out
+    held = vitlab.create_model(tmp_path / "held")
+    assert all(torch.equal(lin.weight == 0, zeros[n]) for n, lin in prunable_linears(held))
+    assert any(not torch.equal(lin.weight, dict(prunable_linears(pruned))[n].weight) for n, lin in prunable_linears(held))
+    assert main([*train, "--init", str(tmp_path / "lp"), "--no-keep-zeros", "--out", str(tmp_path / "free")]) == 0
+    # zeroed fc2 blocks regrow; fully zeroed q/k rows get no gradient (uniform attention), so not everything does
+    assert _zero_fraction(vitlab.create_model(tmp_path / "free")) < _zero_fraction(held) - 0.2
+    assert main([*train, "--init", str(tmp_path / "base"), "--keep-zeros", "--out", str(tmp_path / "dense")]) == 2
+    assert "no Linear weight under the blocks" in capsys.readouterr().err and not (tmp_path / "dense").exists()

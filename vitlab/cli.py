@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-tau", type=float, default=1.0, help="soft distillation temperature")
     p.add_argument("--l1", type=float, default=0.0, metavar="LAMBDA",
                    help="L1 penalty on the blocks' Linear weights (Sparse-then-Prune, before pruning)")
+    p.add_argument("--keep-zeros", action=argparse.BooleanOptionalAction, default=None,
+                   help="hold the blocks' zero Linear weights at zero while training (a block-sparse LPViT model "
+                        "stays sparse); default: on for an --init checkpoint written by vitlab prune --apply lpvit")
     p.add_argument("--token-consistency", type=float, default=0.0, metavar="WEIGHT",
                    help="MCTF token-reduction consistency loss weight (official 3.0; needs --apply mctf:r=... or tome)")
     p.add_argument("--token-consistency-threshold", type=float, default=0.4,
@@ -260,7 +263,7 @@ def cmd_train(args) -> int:
             progress=not args.no_progress, teacher=args.teacher, distill=args.distill,
             distill_alpha=args.distill_alpha, distill_tau=args.distill_tau, sam_rho=args.sam_rho, l1=args.l1,
             token_consistency=args.token_consistency, token_consistency_threshold=args.token_consistency_threshold,
-            token_consistency_teacher_r=args.token_consistency_teacher_r)
+            token_consistency_teacher_r=args.token_consistency_teacher_r, keep_zeros=args.keep_zeros)
         out = fit(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(f"checkpoint: {out}")

@@ -73,6 +73,7 @@ class TrainConfig:
     token_consistency: float = 0.0          # MCTF token-reduction consistency weight (official 3.0); 0 = off
     token_consistency_threshold: float = 0.4  # student confidence an image needs to enter the consistency term
     token_consistency_teacher_r: int | None = None  # teacher r ~ U{0..this-1}; None: r // 2 (tokens/consistency.py)
+    keep_zeros: bool | None = None          # hold the blocks' zero Linear weights at zero; None: on for LPViT --init
 
     def validate(self) -> None:
         if not self.model and not self.init:
@@ -109,6 +110,29 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
             kwargs["drop_path_rate"] = cfg.drop_path
         model = create_model(cfg.model, **kwargs)
     return model
+
+
+def _block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The Linear layers under `blocks` (what --l1 penalizes and --keep-zeros holds)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".blocks." in f".{n}"]
+
+
+def _zero_masks(cfg: TrainConfig, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, keep mask) for every block Linear with zero weights, when zeros are held (--keep-zeros, or by
+    default for an --init checkpoint that `vitlab prune --apply lpvit:...` wrote): a block-sparse model stays
+    block-sparse while it is fine-tuned, as LPViT's recovery does."""
+    keep = cfg.keep_zeros
+    if keep is None:
+        pruned = getattr(model, "vitlab_checkpoint", {}).get("config", {}).get("training", {}).get("pruned", {})
+        keep = str(pruned.get("technique", "")).startswith("lpvit")
+    if not keep:
+        return []
+    masks = [(m.weight, m.weight.detach() != 0) for _, m in _block_linears(model)]
+    masks = [(w, mask) for w, mask in masks if not bool(mask.all())]
+    if cfg.keep_zeros and not masks:
+        raise ValueError(f"--keep-zeros: no Linear weight under the blocks of {type(model).__name__} is zero; "
+                         "prune first (vitlab prune CKPT --apply lpvit:sparsity=0.5 --data ... --out DIR)")
+    return masks
 
 
 def _datasets(cfg: TrainConfig, model: nn.Module):
@@ -202,7 +226,13 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_
         optimizer = SAM(model.parameters(), base_opt, rho=cfg.sam_rho)
     else:
         optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    l1_weights = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".blocks." in f".{n}"]
+    l1_weights = [m.weight for _, m in _block_linears(model)]
+    zero_masks = _zero_masks(cfg, model)
+    if zero_masks and rt.is_main:
+        held = sum(int((~mask).sum()) for _, mask in zero_masks)
+        total = sum(m.weight.numel() for _, m in _block_linears(model))
+        print(f"holding {held} zero weights ({100 * held / total:.1f} % of the blocks' Linear weights) at zero"
+              + ("" if cfg.keep_zeros else " (LPViT checkpoint; --no-keep-zeros lets them train)"))
     if cfg.l1 > 0 and not l1_weights:
         raise ValueError(f"--l1 {cfg.l1}: {type(model).__name__} has no Linear layers under `blocks` to regularize")
     consistency = None
@@ -305,6 +335,9 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_
                     optimizer.step(backward)  # second forward/backward at the perturbed weights
                 else:
                     optimizer.step()
+                with torch.no_grad():
+                    for weight, mask in zero_masks:
+                        weight.mul_(mask)
                 global_step += 1
                 step_in_epoch += 1
                 scheduler.step_update(global_step)

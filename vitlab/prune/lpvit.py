@@ -38,9 +38,9 @@ sparsity is within 0.01 of the target; `distortion` equals the explicit 1/2 dW^T
 term; the gradients equal a direct autograd computation; layers with flatter curves (cheap to prune) and with
 larger power weight get more sparsity; save/reload reproduces outputs.
 
-Not done from the paper: fine-tuning with the block mask held fixed in `vitlab train` (it does not keep masks;
-benchmarks/prune_lpvit.py --recover-steps runs a short one), and hardware power measurement. On this CPU a
-block-sparse model is not faster: see BENCHMARKS.md.
+Fine-tuning with the block mask held fixed: `vitlab train --init <lpvit checkpoint>` (vitlab.engine.train
+`keep_zeros`, on by default for checkpoints `vitlab prune --apply lpvit:...` wrote). Not done from the paper:
+hardware power measurement. On this CPU a block-sparse model is not faster: see BENCHMARKS.md.
 """
 import dataclasses
 import math
