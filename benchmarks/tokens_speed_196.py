@@ -17,8 +17,8 @@ import vitlab
 from vitlab.bench.measure import dataset_for
 from vitlab.profiling import count_flops, time_callable, tune_allocator
 
-DEFAULT = ["none", "tome:r=31", "tome:r=39", "evit:keep_rate=0.5", "evit:keep_rate=0.4", "evit:keep_rate=0.3",
-           "ats:keep_rate=0.5", "mctf:r=39"]
+DEFAULT = ["none", "tome:r=31", "tome:r=39", "tome:r=80/50/25/20", "tome:r=98/40/20/19", "evit:keep_rate=0.5",
+           "evit:keep_rate=0.4", "evit:keep_rate=0.3", "ats:keep_rate=0.5", "mctf:r=39"]
 
 
 def main() -> None:
