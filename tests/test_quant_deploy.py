@@ -18,7 +18,7 @@ def deployed():
     torch.manual_seed(0)
     model = vitlab.create_model("vl_test_vit", num_classes=10).eval()
     calib = [torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(1))]
-    runner = vitlab.apply_(copy.deepcopy(model), W8A8(threads=1), calib=calib)
+    runner = vitlab.apply_(copy.deepcopy(model), W8A8(engine="openvino", threads=1), calib=calib)
     return model, runner
 
 
@@ -30,7 +30,7 @@ def test_w8a8_is_a_runner_with_float_module_and_techniques(deployed):
     model, runner = deployed
     assert isinstance(runner, OpenVINORunner) and isinstance(runner, Runner)
     assert not isinstance(runner, torch.nn.Module)
-    assert runner.engine == "openvino-int8" and runner.techniques == (W8A8(threads=1),)
+    assert runner.engine == "openvino-int8" and runner.techniques == (W8A8(engine="openvino", threads=1),)
     assert runner.float_module is not None and not any(True for _ in quantizers(runner.float_module))
     assert runner.input_size == (1, 16, 16) and runner.num_classes == 10
     cfg = runner.compiled.get_property("INFERENCE_PRECISION_HINT")
@@ -185,12 +185,12 @@ def test_deploy_refuses_a_graph_that_does_not_reproduce_the_model(monkeypatch):
     real_call = deploy.OpenVINORunner.__call__
     monkeypatch.setattr(deploy.OpenVINORunner, "__call__", lambda self, x: real_call(self, x) * float("nan"))
     with pytest.raises(vitlab.TechniqueError, match="does not reproduce the PyTorch model"):
-        vitlab.apply_(model, vitlab.parse_apply(["w8a8:threads=1"]), calib=[_x(32, seed=5)])
+        vitlab.apply_(model, vitlab.parse_apply(["w8a8:engine=openvino,threads=1"]), calib=[_x(32, seed=5)])
 
 
 def test_token_merged_model_deploys_to_int8():
     # ToMe + w8a8 converts (the merge takes its gather/scatter form under tracing) and passes the conversion check
     torch.manual_seed(0)
     model = vitlab.create_model("vl_test_vit", num_classes=10).eval()
-    runner = vitlab.apply_(model, vitlab.parse_apply(["tome:r=2", "w8a8:threads=1"]), calib=[_x(32, seed=5)])
+    runner = vitlab.apply_(model, vitlab.parse_apply(["tome:r=2", "w8a8:engine=openvino,threads=1"]), calib=[_x(32, seed=5)])
     assert runner.engine == "openvino-int8" and torch.isfinite(runner(_x(4, seed=6))).all()

@@ -9,7 +9,7 @@ Two steps (the library form)::
 or one (the technique form, as `--apply` does)::
 
     model = vitlab.apply_(model, PTQ(w=4, a=4, quantizer="adalog"), calib=calib_batches)
-    runner = vitlab.apply_(model, W8A8(), calib=calib_batches)       # real int8 (OpenVINO): a runner
+    runner = vitlab.apply_(model, W8A8(), calib=calib_batches)       # real int8 (ONNX Runtime or OpenVINO): a runner
 
 `calib` is a list of preprocessed image batches (`vitlab.bench.measure.calibration_batches` takes a seeded subset
 of a train / val split; the test split is refused). Configs are registered techniques of kind quantization:
@@ -124,9 +124,11 @@ class W8A8:
     `engine="onnxruntime"`: the twin is exported to ONNX, its fake quantizers as QuantizeLinear / DequantizeLinear
     with vitlab's scales, and ONNX Runtime fuses them into int8 matmuls (MatMulIntegerToFloat); on an AVX2-only CPU
     that ran faster than OpenVINO's int8 (BENCHMARKS.md, "Quantization"), and both compute the same int8 model.
+    `engine="auto"` (default): ONNX Runtime when it is installed and the calibration is vitlab's, else OpenVINO
+    (`resolved_engine()`). Name `engine=openvino` for an OpenVINO IR (`vitlab export --format openvino`).
     """
 
-    engine: Literal["openvino", "onnxruntime"] = "openvino"
+    engine: Literal["auto", "openvino", "onnxruntime"] = "auto"
     calibration: Literal["vitlab", "nncf"] = "vitlab"
     quantizer: str = "percentile"
     attn: bool = True
@@ -142,6 +144,18 @@ class W8A8:
     def ptq(self) -> PTQ:
         """The simulated twin's config: what the engine computes, in PyTorch."""
         return PTQ(w=8, a=8, quantizer=self.quantizer, attn=self.attn, post_gelu=True, act_quantizer=self.quantizer)
+
+    def resolved_engine(self) -> str:
+        """The engine that runs: `engine`, or for "auto" ONNX Runtime (the faster int8 on the CPUs measured) when it
+        is importable and the calibration is vitlab's, else OpenVINO."""
+        if self.engine != "auto":
+            return self.engine
+        if self.calibration == "vitlab":
+            import importlib.util
+
+            if importlib.util.find_spec("onnxruntime") is not None:
+                return "onnxruntime"
+        return "openvino"
 
 
 @register_technique("w8", Kind.QUANTIZATION)

@@ -256,13 +256,14 @@ def _example(model: nn.Module, calib: list[torch.Tensor] | None) -> torch.Tensor
 
 
 def deploy_w8a8(model: nn.Module, cfg, calib: list[torch.Tensor]) -> OpenVINORunner:
-    """The w8a8 handler: calibrate (vitlab or NNCF), convert, compile; returns an OpenVINORunner."""
+    """The w8a8 handler: calibrate (vitlab or NNCF), convert, compile; returns an OnnxRuntimeRunner or an
+    OpenVINORunner (`W8A8.resolved_engine`)."""
     from . import calibrate, quantize_
 
     stack = applied_techniques(model)
     float_module = copy.deepcopy(model).eval()
     example = _example(model, calib)
-    if cfg.engine == "onnxruntime":
+    if cfg.resolved_engine() == "onnxruntime":
         import tempfile
 
         if cfg.calibration != "vitlab":

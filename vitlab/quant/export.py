@@ -138,7 +138,8 @@ def export_model(model_or_runner: Any, directory: str | Path, fmt: str, example:
         raise ValueError(f"export format {fmt!r} is not one of onnx, openvino")
     if isinstance(model_or_runner, OnnxRuntimeRunner):
         if fmt != "onnx":
-            raise ValueError("a model deployed to ONNX Runtime exports as --format onnx")
+            raise ValueError("a model deployed to ONNX Runtime (w8a8's default engine where it is installed) "
+                             "exports as --format onnx; for OpenVINO IR deploy with --apply w8a8:engine=openvino")
         return model_or_runner.save(directory, "model")
     if isinstance(model_or_runner, OpenVINORunner):
         if fmt != "openvino":
