@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--official-tome", default=None, help="path of an exported facebookresearch/ToMe tree")
     parser.add_argument("--compile", action="store_true", help="add compiled none, tome:r=13, evit:keep_rate=0.7")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="time only the rows whose name starts with one of these (none always runs), e.g. "
+                             "--only tome:r=13 'official ToMe patch r=13' for a longer focused run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
@@ -85,6 +88,9 @@ def main() -> None:
                 torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-3)   # compiles; equals eager
             rows.append((f"{name} (torch.compile)", compiled))
 
+    if args.only:
+        rows = [(name, model) for name, model in rows
+                if name == "none" or any(name.startswith(prefix) for prefix in args.only)]
     times = {name: [] for name, _ in rows}
     with torch.inference_mode():
         for _ in range(args.rounds):
