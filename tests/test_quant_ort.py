@@ -107,3 +107,15 @@ def test_auto_engine_is_onnx_runtime_when_installed_and_openvino_otherwise(monke
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime"
                         else real_find_spec(name, *a))
     assert W8A8().resolved_engine() == "openvino"
+
+
+def test_token_merged_model_runs_on_onnx_runtime_without_log_spam(capfd):
+    """ToMe + w8a8 on ONNX Runtime: the shrinking token axis is dynamic in the graph; the runner must not print
+    ORT's per-call "VerifyOutputSizes" shape warnings (it did in every Pareto run before log_severity_level=3)."""
+    torch.manual_seed(0)
+    model = vitlab.create_model("vl_test_vit", num_classes=10).eval()
+    runner = vitlab.apply_(model, vitlab.parse_apply(["tome:r=2", "w8a8:engine=onnxruntime,threads=1"]),
+                           calib=[_calib()])
+    out = runner(torch.randn(4, 1, 16, 16))
+    assert runner.engine == "onnxruntime-int8" and out.shape == (4, 10) and torch.isfinite(out).all()
+    assert "VerifyOutputSizes" not in capfd.readouterr().err
