@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.models.dinat import checkpoint_filter_fn
-from vitlab.profiling import num_threads, time_callable
+from vitlab.profiling import num_threads, time_callable, tune_allocator
 
 
 @lru_cache(maxsize=None)
@@ -102,6 +102,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
 
     reference_ops = _natten_or_stand_in()
     sys.path.insert(0, args.official)

@@ -21,7 +21,7 @@ import torch
 
 import vitlab.models
 from vitlab.models.pvt import checkpoint_filter_fn
-from vitlab.profiling import num_threads, time_callable
+from vitlab.profiling import num_threads, time_callable, tune_allocator
 
 
 def main(argv=None) -> None:
@@ -31,6 +31,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
     from transformers import PvtConfig, PvtForImageClassification
 
     torch.manual_seed(0)

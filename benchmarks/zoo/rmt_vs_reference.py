@@ -17,7 +17,7 @@ import torch
 
 import vitlab
 from vitlab.models.rmt import checkpoint_filter_fn
-from vitlab.profiling import num_threads
+from vitlab.profiling import num_threads, tune_allocator
 
 from _interleaved import interleaved_ratio, report
 
@@ -32,6 +32,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10, help="A-B-B-A rounds (see _interleaved.py)")
     args = parser.parse_args(argv)
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
 
     fvcore_nn = types.ModuleType("fvcore.nn")
     fvcore_nn.FlopCountAnalysis = fvcore_nn.flop_count_table = None

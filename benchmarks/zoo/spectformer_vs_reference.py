@@ -25,7 +25,7 @@ import torch.nn as nn
 
 import vitlab
 from vitlab.models.spectformer import checkpoint_filter_fn
-from vitlab.profiling import num_threads
+from vitlab.profiling import num_threads, tune_allocator
 
 from _interleaved import interleaved_ratio, report
 
@@ -67,6 +67,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10, help="A-B-B-A rounds (see _interleaved.py)")
     args = parser.parse_args(argv)
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
 
     torch.manual_seed(0)
     official = _official_model(args.official, **CONFIGS[args.variant])

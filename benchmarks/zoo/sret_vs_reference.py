@@ -16,7 +16,7 @@ import torch
 
 import vitlab
 from vitlab.models.sret import checkpoint_filter_fn
-from vitlab.profiling import num_threads, time_callable
+from vitlab.profiling import num_threads, time_callable, tune_allocator
 
 
 def main(argv=None) -> None:
@@ -26,6 +26,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
 
     sys.path.insert(0, args.official)
     with warnings.catch_warnings():
