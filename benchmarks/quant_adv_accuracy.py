@@ -86,6 +86,9 @@ def main(argv=None) -> None:
 
     import vitlab
     from vitlab.bench.measure import calibration_batches, dataset_for
+    from vitlab.profiling import tune_allocator
+
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
 
     base = vitlab.create_model(args.checkpoint).eval()
     calib = calibration_batches(base, "fashion-mnist", "train", args.calib_images)

@@ -23,6 +23,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 import vitlab
+from vitlab.profiling import tune_allocator
 from vitlab.bench.measure import dataset_for
 from vitlab.checkpoint import CONFIG, WEIGHTS, load_config, save_checkpoint
 from vitlab.engine import TrainConfig, evaluate, fit
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=RECIPE["threads"])
     parser.add_argument("--no-copy", action="store_true", help="do not copy into checkpoints/")
     args = parser.parse_args()
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
 
     out = Path(args.out)
     init_dir = out / "init"

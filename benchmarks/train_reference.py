@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import vitlab
+from vitlab.profiling import tune_allocator
 from vitlab.bench.measure import dataset_for
 from vitlab.checkpoint import CONFIG, WEIGHTS, load_config
 from vitlab.engine import TrainConfig, evaluate, fit
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=RECIPE["epochs"])
     parser.add_argument("--no-copy", action="store_true", help="do not copy into checkpoints/")
     args = parser.parse_args()
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
 
     cfg = TrainConfig(out=args.out, **{**RECIPE, "epochs": args.epochs})
     start = time.perf_counter()

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 import vitlab.models  # noqa: F401  (registers the vl_ families into timm)
 from vitlab.data import build_dataset
-from vitlab.profiling import count_flops, num_threads, time_callable
+from vitlab.profiling import count_flops, num_threads, time_callable, tune_allocator
 from vitlab.profiling.timing import environment
 from vitlab.utils.io import atomic_write_json
 
@@ -318,6 +318,7 @@ def main(argv=None) -> None:
                         help="print top-1 of each model across these result files (e.g. seeds), train nothing")
     parser.add_argument("--data-dir", default=None, help="--accuracy: folder of the Fashion-MNIST idx files")
     args = parser.parse_args(argv)
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
     if args.summarize:
         print(summary_table(args.summarize, args.models))
         return
