@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 import vitlab
-from vitlab.profiling import tune_allocator
 from vitlab.data import build_dataset
 from vitlab.engine.evaluate import evaluate
 from vitlab.engine.train import TrainConfig, fit
+from vitlab.profiling import tune_allocator
 from vitlab.prune import Prune, labelled_calibration, model_macs, prune_
 
 REF = "checkpoints/fashion-mnist-reference"

@@ -19,8 +19,8 @@ import time
 import torch
 
 import vitlab
-from vitlab.profiling import tune_allocator
 from vitlab.bench.measure import calibration_batches, dataset_for
+from vitlab.profiling import tune_allocator
 from vitlab.quant import PTQ, W8A8, quantizer_names
 
 

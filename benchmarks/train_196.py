@@ -23,10 +23,10 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 import vitlab
-from vitlab.profiling import tune_allocator
 from vitlab.bench.measure import dataset_for
 from vitlab.checkpoint import CONFIG, WEIGHTS, load_config, save_checkpoint
 from vitlab.engine import TrainConfig, evaluate, fit
+from vitlab.profiling import tune_allocator
 from vitlab.utils.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]

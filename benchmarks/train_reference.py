@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 import vitlab
-from vitlab.profiling import tune_allocator
 from vitlab.bench.measure import dataset_for
 from vitlab.checkpoint import CONFIG, WEIGHTS, load_config
 from vitlab.engine import TrainConfig, evaluate, fit
+from vitlab.profiling import tune_allocator
 from vitlab.utils.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
