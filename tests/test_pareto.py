@@ -98,6 +98,23 @@ def test_sweep_writes_report_and_resumes(tmp_path):
         run_sweep(_cfg(tmp_path, "part", batch=8), progress=False)
 
 
+def test_sweep_confirms_speed_round_robin_and_ranks_by_it(tmp_path):
+    """At the end every deployable point is timed again round-robin; img/s, speed-ups, the front and the
+    recommendation come from those timings, and the single pass stays as img_per_s_first. 0 rounds: single pass."""
+    res = run_sweep(_cfg(tmp_path, "c", confirm_rounds=2), progress=False, log=lambda *_: None)
+    rows = res["rows"]
+    assert all(r["img_per_s_first"] > 0 and r["img_per_s"] > 0 for r in rows)
+    assert any("4 points timed again round-robin (2 rounds, median)" in n for n in res["notes"])
+    base = next(r for r in rows if r["techniques"] == "none")
+    assert all(r["speedup"] == pytest.approx(r["img_per_s"] / base["img_per_s"]) for r in rows)
+    best = [r for r in rows if r["val_top1"] >= base["val_top1"] - 0.005]
+    recommended = [r for r in rows if r["recommended"]]
+    assert len(recommended) == 1 and recommended[0]["img_per_s"] == max(r["img_per_s"] for r in best)
+    single = run_sweep(_cfg(tmp_path, "s", confirm_rounds=0), progress=False, log=lambda *_: None)
+    assert not any("img_per_s_first" in r for r in single["rows"])
+    assert any(n.startswith("noise check:") for n in single["notes"])
+
+
 def test_sweep_budget_stops_and_reports(tmp_path):
     cfg = _cfg(tmp_path, "budget", budget_minutes=1e-6)
     summary = run_sweep(cfg, progress=False, log=lambda *_: None)

@@ -192,6 +192,9 @@ def _parser() -> argparse.ArgumentParser:
                         "\"none; tome:r=4; w8a8; tome:r=4+w8a8\" (default: a sweep chosen for the model)")
     p.add_argument("--candidates", nargs="*", default=[], metavar="DIR",
                    help="more checkpoint folders (e.g. pruned models) measured with the candidate stacks")
+    p.add_argument("--confirm-rounds", type=int, default=5, metavar="N",
+                   help="at the end, time every deployable point again round-robin over N rounds and rank by the "
+                        "median (0: keep each point's single pass) (default: %(default)s)")
     p.add_argument("--budget-minutes", type=float, default=None, metavar="N",
                    help="stop starting new points when N minutes have passed; report what was measured")
     p.add_argument("--batch", type=int, default=32, help="batch size for throughput (default: %(default)s)")
@@ -475,7 +478,8 @@ def cmd_pareto(args) -> int:
         source=args.model, out=args.out, data=args.data, data_dir=args.data_dir, max_drop_pt=args.max_drop_pt,
         techniques=args.techniques, candidates=list(args.candidates), budget_minutes=args.budget_minutes,
         batch=args.batch, threads=args.threads, calib_images=args.calib_images, min_time_s=args.min_time,
-        memory=not args.no_memory, val_limit=args.val_limit, export=not args.no_export, restart=args.restart)
+        memory=not args.no_memory, val_limit=args.val_limit, export=not args.no_export, restart=args.restart,
+        confirm_rounds=args.confirm_rounds)
     summary = run_sweep(cfg, progress=not args.no_progress and sys.stderr.isatty())
     _print_pareto(summary)
     return 0

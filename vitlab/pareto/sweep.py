@@ -26,8 +26,8 @@ __all__ = ["SweepConfig", "run_sweep", "load_results", "TIMING_FIELDS", "SweepEr
 RESULTS = "results.json"
 # Fields that vary from run to run on the same machine: timings, and what is derived from them (the front, the
 # recommendation, and the test accuracy, which is evaluated for the recommendation only). The rest is deterministic.
-TIMING_FIELDS = ("img_per_s", "latency_ms", "peak_mem_mb", "measure_s", "speedup", "on_front", "recommended",
-                 "test_top1", "test_top5", "n_test")
+TIMING_FIELDS = ("img_per_s", "img_per_s_first", "latency_ms", "peak_mem_mb", "measure_s", "speedup", "on_front",
+                 "recommended", "test_top1", "test_top5", "n_test")
 # Columns of results.csv, in order.
 CSV_FIELDS = ("key", "role", "source", "techniques", "engine", "simulated", "status", "val_top1", "test_top1",
               "drop_pt", "img_per_s", "speedup", "latency_ms", "macs", "params", "peak_mem_mb", "on_front",
@@ -56,6 +56,7 @@ class SweepConfig:
     val_limit: int | None = None                 # evaluate only the first N validation images (smoke runs)
     export: bool = True
     restart: bool = False
+    confirm_rounds: int = 5                      # re-time every deployable point round-robin at the end (0: off)
 
     def settings(self) -> dict:
         """What must match for a rerun to reuse rows (the budget and `restart` may change between runs)."""
@@ -187,6 +188,41 @@ def _retime(cfg: SweepConfig, row: dict) -> float:
     return cfg.batch / timing.median_s / row["img_per_s"]
 
 
+def _confirm_speed(cfg: SweepConfig, rows: list[dict]) -> str | None:
+    """Time every deployable point again, round-robin: `confirm_rounds` rounds, each timing every point once, and
+    keep the median of the rounds as its img/s (the first, single pass moves as `img_per_s_first`). A machine that
+    drifts during the sweep then slows all points alike instead of whichever ran at the time. Returns a note."""
+    from ..bench.measure import build_runner
+    from ..profiling import num_threads, time_callable
+
+    todo = [r for r in rows if r.get("status") == "ok" and not r["simulated"] and "img_per_s_first" not in r]
+    if not todo or cfg.confirm_rounds <= 0:
+        return None
+    with num_threads(cfg.threads):
+        runners = []
+        for r in todo:
+            torch.manual_seed(0)
+            runners.append(build_runner(r["source"], r["apply"], calib_data=cfg.data, calib_split="train",
+                                        calib_images=cfg.calib_images, data_dir=cfg.data_dir))
+        images = torch.randn(cfg.batch, *runners[0].input_size, generator=torch.Generator().manual_seed(0))
+        times: list[list[float]] = [[] for _ in todo]
+        with torch.inference_mode():
+            for _ in range(cfg.confirm_rounds):
+                for i, runner in enumerate(runners):
+                    times[i].append(time_callable(lambda: runner(images), warmup=1 if times[i] else 2, min_runs=2,
+                                                  min_time_s=cfg.min_time_s / cfg.confirm_rounds).median_s)
+        for runner in runners:
+            getattr(runner, "close", lambda: None)()
+    moved = []
+    for r, t in zip(todo, times):
+        r["img_per_s_first"] = r["img_per_s"]
+        r["img_per_s"] = cfg.batch / sorted(t)[len(t) // 2]
+        moved.append(r["img_per_s_first"] / r["img_per_s"])
+    return (f"speed: {len(todo)} points timed again round-robin ({cfg.confirm_rounds} rounds, median); their first "
+            f"single passes read {min(moved):.2f}-{max(moved):.2f}x of that, which is this machine's noise for a "
+            "single pass")
+
+
 def run_sweep(cfg: SweepConfig, *, progress: bool = True, log=print, _stop_after: int | None = None) -> dict:
     """Run (or resume) the sweep described by `cfg`; write results.json/.csv, plots, report.html; return a summary.
 
@@ -270,9 +306,15 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, log=print, _stop_after
         why = errors[0]["error"] if errors else "not measured"
         raise SweepError(f"the base model could not be measured ({why})")
     by_key = {r["key"]: r for r in rows}
+    if cfg.confirm_rounds > 0:
+        confirmed = _confirm_speed(cfg, rows)
+        if confirmed:
+            log(confirmed)
+            notes.append(confirmed)
+            summary = _summarise(rows, cfg.max_drop_pt)   # front and recommendation from the round-robin timings
     for key in dict.fromkeys(k for k in (summary["base"], summary["recommended"]) if k):
         by_key[key].update(_test_accuracy(cfg, by_key[key]))
-    if new:
+    if new and cfg.confirm_rounds <= 0:
         drift = _retime(cfg, by_key[summary["base"]])
         notes.append(f"noise check: the base model timed again after the sweep ran at {drift:.2f}x its first "
                      "throughput; speed-ups nearer 1 than that are within this machine's noise")
