@@ -560,9 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .profiling import tune_allocator
+    from .techniques import TechniqueError
 
     tune_allocator()   # keep freed memory in the process: see vitlab.profiling.allocator
-    from .techniques import TechniqueError
 
     try:
         return COMMANDS[args.verb](args)

@@ -196,7 +196,7 @@ def _confirm_speed(cfg: SweepConfig, rows: list[dict]) -> str | None:
     from ..profiling import num_threads, time_callable
 
     todo = [r for r in rows if r.get("status") == "ok" and not r["simulated"] and "img_per_s_first" not in r]
-    if not todo or cfg.confirm_rounds <= 0:
+    if not todo:
         return None
     with num_threads(cfg.threads):
         runners = []

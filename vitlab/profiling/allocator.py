@@ -47,8 +47,9 @@ def tune_allocator() -> str:
     if os.environ.get("VITLAB_ALLOCATOR", "").lower() == "default":
         _state = "glibc default (VITLAB_ALLOCATOR=default)"
         return _state
-    if "jemalloc" in os.environ.get("LD_PRELOAD", "") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
-        _state = f"preloaded ({os.environ['LD_PRELOAD']})"
+    preload = os.environ.get("LD_PRELOAD", "")
+    if "jemalloc" in preload or "tcmalloc" in preload:
+        _state = f"preloaded ({preload})"
         return _state
     libc = _libc()
     if libc is None:

@@ -53,8 +53,6 @@ class ToMe:
     inflect: float = 0.0
 
     def __post_init__(self):
-        if isinstance(self.r, list):   # from a JSON checkpoint config
-            object.__setattr__(self, "r", tuple(self.r))
         values = self.r if isinstance(self.r, tuple) else (self.r,)
         if not values or any(v < 0 for v in values):
             raise ValueError(f"r must be >= 0 tokens merged per block (one count, or one per block), got {self.r}")
@@ -67,8 +65,8 @@ class ToMe:
         """Tokens merged in each of `depth` blocks (the official `parse_r`)."""
         if isinstance(self.r, tuple):
             if len(self.r) > depth:
-                raise TechniqueError(f"tome:r={'/'.join(map(str, self.r))} lists {len(self.r)} blocks but the model "
-                                     f"has {depth}; give at most {depth} counts")
+                raise TechniqueError(f"{format_technique(self)} lists {len(self.r)} blocks but the model has "
+                                     f"{depth}; give at most {depth} counts")
             return [*self.r, *[0] * (depth - len(self.r))]
         low = int(self.r * (1.0 - self.inflect))
         step = (2 * self.r - 2 * low) / max(1, depth - 1)
