@@ -10,6 +10,7 @@ A checkpoint is a folder:
 `create_model(DIR)` rebuilds the model from the folder alone. Training state for `--resume` lives beside it in
 `train_state.pt` (see vitlab.engine). Every file is written atomically.
 """
+from .errors import UserError
 import datetime
 import json
 from pathlib import Path
@@ -35,7 +36,7 @@ SPEC_ATTR = "vitlab_model_spec"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")  # official releases use .pth.tar too
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint folder or weights file that cannot be used; the message names the file and the fix."""
 
 

@@ -23,8 +23,11 @@ import types
 import typing
 from typing import Any, Callable, Iterable, Sequence
 
+from .errors import TechniqueNotApplicable as _NotApplicable
+from .errors import UserError
+
 __all__ = [
-    "Kind", "TechniqueError", "register_technique", "register_handler", "unregister_technique", "technique_names",
+    "Kind", "TechniqueError", "TechniqueNotApplicable", "register_technique", "register_handler", "unregister_technique", "technique_names",
     "get_technique", "parse_technique", "parse_apply", "format_technique", "technique_to_dict",
     "technique_from_dict", "check_stack_order", "applied_techniques", "apply_",
 ]
@@ -47,8 +50,13 @@ class Kind(enum.IntEnum):
 ORDER_TEXT = " -> ".join(k.label for k in Kind)
 
 
-class TechniqueError(ValueError):
+class TechniqueError(UserError):
     """A technique name, option or stack that cannot be used; the message says what to do instead."""
+
+
+class TechniqueNotApplicable(TechniqueError, _NotApplicable):
+    """A technique asked of a model it does not support; the message names the technique, the model class and
+    what the technique supports (`vitlab.errors.TechniqueNotApplicable`)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 Nothing here touches the disk: parsing a spec only checks its syntax.
 """
+from ..errors import UserError
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Sequence
@@ -17,7 +18,7 @@ SYNTHETIC_DEFAULTS = {"n": 256, "classes": 10}
 SPEC_HELP = "use 'fashion-mnist', 'imagefolder:PATH' or 'synthetic[:n=N,classes=K]'"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad data input (spec, split, files, shapes); the message is one line that says how to fix it."""
 
 

@@ -6,6 +6,7 @@ top-1, throughput at `batch`, latency at batch 1, MACs, params and peak memory. 
 the front and the recommendation use validation accuracy only; the test split is evaluated afterwards, for the base
 model and the recommended point only, and reported beside them.
 """
+from ..errors import UserError
 import csv
 import io
 import json
@@ -34,7 +35,7 @@ CSV_FIELDS = ("key", "role", "source", "techniques", "engine", "simulated", "sta
               "recommended", "command", "error")
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep that cannot start or resume; the message says what to change."""
 
 

@@ -26,6 +26,7 @@ New quantizers register by name and plug into the sites of `vitlab.quant.sim` th
 """
 from __future__ import annotations
 
+from ..errors import UserError
 import abc
 import inspect
 import math
@@ -49,7 +50,7 @@ ACTIVATION_SITES = SITES[1:]
 SPECIAL_SITES = ("attn_prob", "post_gelu")
 
 
-class QuantizerError(ValueError):
+class QuantizerError(UserError):
     """A quantizer that cannot be built or used as asked; the message says what to do instead."""
 
 
