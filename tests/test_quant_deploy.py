@@ -109,7 +109,10 @@ def test_w8_weight_only_uses_vitlab_scales():
     assert len(weight_scales(runner.ov_model)) == 8 and not fake_quant_ranges(runner.ov_model)
     x = _x()
     with torch.no_grad():
-        torch.testing.assert_close(runner(x), runner.sim_module(x), atol=1e-4, rtol=0)
+        # exact up to f32 summation order on every CPU: vitlab pins OpenVINO's dynamic activation quantization off
+        # (on VNNI / AMX CPUs it would quantize w8's f32 activations on the fly: 1.7e-3 off)
+        torch.testing.assert_close(runner(x), runner.sim_module(x), atol=1e-5, rtol=0)
+        assert runner.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 0
         assert (runner(x) - model(x)).abs().max() > 0  # weights are quantized
 
 

@@ -68,9 +68,11 @@ def test_engine_agrees_with_the_twin_and_with_openvino(deployed):
     out = runner(x)
     assert (out.argmax(1) == sim.argmax(1)).float().mean().item() >= 0.99
     assert (out - sim).abs().max() <= 4 * (sim - flt).abs().max()  # the same bound the OpenVINO path meets
-    # two engines running the same scales compute the same int8 model
+    # two engines running the same scales compute the same int8 model: they differ only where f32 rounding before a
+    # quantizer flips a code by one step, a small part of the quantization error itself (measured 0.15 of it on an
+    # AVX-512 VNNI CPU); a bound in units of that error holds whatever kernels the CPU's ISA selects
     ov = vitlab.apply_(copy.deepcopy(model), W8A8(engine="openvino", threads=1), calib=[_calib()])
-    torch.testing.assert_close(out, ov(x), atol=2e-3, rtol=0)
+    assert (out - ov(x)).abs().max() <= 0.5 * (sim - flt).abs().max()
 
 
 def test_saved_runner_reloads(deployed, tmp_path):

@@ -45,6 +45,8 @@ class MeasureRow:
     timm: str
     vitlab: str
     cpu: str
+    cpu_flags: str = ""             # ISA flags that change engine kernels (vitlab.profiling.cpu), e.g. "avx2 avx512_vnni"
+    engine_choice: dict | None = None   # engine=auto: how the engine was chosen (trial timings, cache, or ISA rule)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -173,7 +175,8 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
                 attention_macs=counted.attention_macs if counted else 0, batch=b, input_size=(c, h, w), dtype=dtype,
                 channels_last=channels_last, compile=compile, img_per_s=b / timing.median_s,
                 latency_ms=1000 * latency.median_s, peak_mem_mb=peak, threads=env["threads"], torch=env["torch"],
-                timm=env["timm"], vitlab=env["vitlab"], cpu=env["cpu"]))
+                timm=env["timm"], vitlab=env["vitlab"], cpu=env["cpu"], cpu_flags=env["cpu_flags"],
+                engine_choice=getattr(runner, "engine_choice", None)))
     return rows
 
 
@@ -185,7 +188,8 @@ def print_rows(rows: list[MeasureRow]) -> None:
     if not rows:
         return
     has_acc = any(r.top1 is not None for r in rows)
-    table = Table(title=f"vitlab measure  ({rows[0].cpu}, {rows[0].threads} threads, torch {rows[0].torch})",
+    table = Table(title=f"vitlab measure  ({rows[0].cpu} [{rows[0].cpu_flags}], {rows[0].threads} threads, "
+                        f"torch {rows[0].torch})",
                   caption="MACs: multiply-accumulates per image (papers' \"FLOPs\"); FLOPs = 2 x MACs; "
                           "latency at batch 1, throughput at the batch shown; medians after warm-up")
     for col in ["model", "techniques", "engine"] + (["top-1 %", "top-5 %"] if has_acc else []) + [

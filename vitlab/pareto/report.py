@@ -230,7 +230,7 @@ def write_report(cfg, rows: list[dict], result: dict) -> Path:
 <style>{CSS}</style></head><body>
 <h1>Accuracy vs speed: {html.escape(cfg.source)}</h1>
 <p class="muted">data {html.escape(cfg.data)} · batch {cfg.batch} · {env.get('threads', '')} threads ·
-{html.escape(str(env.get('cpu', '')))} · torch {html.escape(str(env.get('torch', '')))}</p>
+{html.escape(str(env.get('cpu', '')))} ({html.escape(str(env.get('cpu_flags', '')))}) · torch {html.escape(str(env.get('torch', '')))}</p>
 <table class="summary">{''.join(f'<tr><th>{k}</th><td>{v}</td></tr>' for k, v in summary)}</table>
 <h2>Accuracy (validation) against throughput</h2>
 <div id="plot">{svg}</div>

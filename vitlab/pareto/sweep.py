@@ -112,7 +112,8 @@ def _measure_point(cfg: SweepConfig, point: Point) -> dict:
                val_loss=d["loss"], n_val=d["n"], params=d["params"], macs=d["macs"], flops=d["flops"],
                attention_macs=d["attention_macs"], batch=d["batch"], input_size=d["input_size"], dtype=d["dtype"],
                img_per_s=d["img_per_s"], latency_ms=d["latency_ms"], peak_mem_mb=d["peak_mem_mb"],
-               threads=d["threads"], measure_s=time.perf_counter() - start)
+               threads=d["threads"], cpu_flags=d["cpu_flags"], engine_choice=d["engine_choice"],
+               measure_s=time.perf_counter() - start)
     return row
 
 

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from .allocator import allocator_state
+from .cpu import cpu_flags_text, cpu_name
 
 __all__ = ["Timing", "time_callable", "num_threads", "environment"]
 
@@ -95,14 +96,7 @@ def num_threads(n: int | None):
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+    return cpu_name()
 
 
 def environment() -> dict:
@@ -124,6 +118,7 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "allocator": allocator_state(),
         "cpu": _cpu_name(),
+        "cpu_flags": cpu_flags_text(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": sys.version.split()[0],
         "platform": platform.platform(),

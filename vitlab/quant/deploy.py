@@ -42,10 +42,18 @@ def _ov():
     return ov
 
 
-def ov_config(threads: int | None) -> dict:
-    """The OpenVINO CPU settings vitlab always passes: f32 inference (no silent bf16) and an explicit thread count."""
-    return {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
-            "PERFORMANCE_HINT": "LATENCY"}
+def ov_config(threads: int | None, precision: str = "f32") -> dict:
+    """The OpenVINO CPU settings vitlab always passes, so that the engine computes the same numbers on every CPU:
+
+    - `INFERENCE_PRECISION_HINT` = `precision` ("f32" by default: OpenVINO would pick bf16 on CPUs with AVX512_BF16
+      or AMX; the `bf16` technique asks for "bf16" explicitly);
+    - `DYNAMIC_QUANTIZATION_GROUP_SIZE` = 0: on CPUs with VNNI/AMX, OpenVINO otherwise quantizes the f32 activations
+      of weight-compressed (int8-weight) matmuls to int8 on the fly, so `w8` (weight-only int8, f32 activations)
+      would compute something else there (1.7e-3 off the twin on a tiny ViT, against 1e-7 with it off);
+    - `INFERENCE_NUM_THREADS`: OpenVINO ignores torch's thread setting.
+    """
+    return {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+            "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0, "PERFORMANCE_HINT": "LATENCY"}
 
 
 @contextlib.contextmanager
@@ -82,8 +90,8 @@ def to_openvino(model: nn.Module, example: torch.Tensor):
     return ov_model
 
 
-def compile_openvino(ov_model, threads: int | None):
-    return _ov().Core().compile_model(ov_model, "CPU", ov_config(threads))
+def compile_openvino(ov_model, threads: int | None, precision: str = "f32"):
+    return _ov().Core().compile_model(ov_model, "CPU", ov_config(threads, precision))
 
 
 def fake_quant_ranges(ov_model) -> list[dict]:
