@@ -5,7 +5,19 @@ import os
 import sys
 from pathlib import Path
 
+from .utils.args import (below_one, fraction, non_negative_float, non_negative_int, positive_float, positive_int,
+                         probability)
+
 __all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with vitlab's error format: one line, `vitlab VERB: error: MESSAGE (see vitlab VERB --help)`, exit 2."""
+
+    def error(self, message: str):
+        from .errors import one_line
+
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def _add_apply(p: argparse.ArgumentParser) -> None:
@@ -23,24 +35,27 @@ def _add_data(p: argparse.ArgumentParser, default: str | None = "fashion-mnist",
 
 
 def _add_speed(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int, default=32, help="batch size for throughput (default: %(default)s)")
-    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. all cores)")
+    p.add_argument("--batch", type=positive_int, default=32, help="batch size for throughput (default: %(default)s)")
+    p.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the model's)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads (default: torch's, i.e. all cores)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model before timing")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess")
-    p.add_argument("--min-time", type=float, default=1.0, metavar="S",
+    p.add_argument("--min-time", type=positive_float, default=1.0, metavar="S",
                    help="time each measurement for at least S seconds (default: %(default)s)")
-    p.add_argument("--calib-images", type=int, default=256, metavar="N",
+    p.add_argument("--calib-images", type=positive_int, default=256, metavar="N",
                    help="images for calibrating quantization, a seeded subset of --data (default: %(default)s)")
     p.add_argument("--calib-split", default="train", choices=("train", "val"),
                    help="split the calibration images come from (never test; default: %(default)s)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitlab", description="Vision Transformers that are accurate and fast.")
+    parser = _Parser(prog="vitlab", description="Vision Transformers that are accurate and fast.")
     parser.add_argument("--version", action="version", version=f"vitlab {_version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of a user error too (or set VITLAB_DEBUG=1)")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = verbs.add_parser("train", help="train or fine-tune a model")
@@ -51,45 +66,48 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="fashion-mnist", metavar="SPEC")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help='constructor kwargs, e.g. \'{"depth": 4}\'')
-    p.add_argument("--epochs", type=float, default=10)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch over all processes")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--epochs", type=positive_float, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=128, help="global batch over all processes")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--min-lr", type=non_negative_float, default=1e-5)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
+    p.add_argument("--warmup-epochs", type=non_negative_float, default=1.0)
     p.add_argument("--opt", "--optimizer", dest="opt", default="adamw",
                    help="any timm.optim name, or sam (SAM around AdamW, with --sam-rho) (default: %(default)s)")
-    p.add_argument("--sam-rho", type=float, default=0.05, help="SAM neighbourhood radius (default: %(default)s)")
+    p.add_argument("--sam-rho", type=non_negative_float, default=0.05,
+                   help="SAM neighbourhood radius (default: %(default)s)")
     p.add_argument("--teacher", default=None, metavar="CHECKPOINT", help="distill from this checkpoint (DeiT)")
     p.add_argument("--distill", default=None, choices=("soft", "hard", "token"), help="distillation loss")
-    p.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term")
-    p.add_argument("--distill-tau", type=float, default=1.0, help="soft distillation temperature")
-    p.add_argument("--l1", type=float, default=0.0, metavar="LAMBDA",
+    p.add_argument("--distill-alpha", type=probability, default=0.5, help="weight of the distillation term")
+    p.add_argument("--distill-tau", type=positive_float, default=1.0, help="soft distillation temperature")
+    p.add_argument("--l1", type=non_negative_float, default=0.0, metavar="LAMBDA",
                    help="L1 penalty on the blocks' Linear weights (Sparse-then-Prune, before pruning)")
     p.add_argument("--keep-zeros", action=argparse.BooleanOptionalAction, default=None,
                    help="hold the blocks' zero Linear weights at zero while training (a block-sparse LPViT model "
                         "stays sparse); default: on for an --init checkpoint written by vitlab prune --apply lpvit")
-    p.add_argument("--token-consistency", type=float, default=0.0, metavar="WEIGHT",
+    p.add_argument("--token-consistency", type=non_negative_float, default=0.0, metavar="WEIGHT",
                    help="MCTF token-reduction consistency loss weight (official 3.0; needs --apply mctf:r=... or tome)")
-    p.add_argument("--token-consistency-threshold", type=float, default=0.4,
+    p.add_argument("--token-consistency-threshold", type=probability, default=0.4,
                    help="student confidence an image needs to enter the consistency term (default: %(default)s)")
-    p.add_argument("--token-consistency-teacher-r", type=int, default=None, metavar="R_MAX",
+    p.add_argument("--token-consistency-teacher-r", type=non_negative_int, default=None, metavar="R_MAX",
                    help="the teacher merges r ~ U{0..R_MAX-1} tokens per block (default: r // 2, as MCTF's 16/8)")
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
-    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
-    p.add_argument("--hflip", type=float, default=0.5)
-    p.add_argument("--crop-padding", type=int, default=None)
-    p.add_argument("--re-prob", type=float, default=0.0, help="random erasing probability")
-    p.add_argument("--drop-path", type=float, default=None)
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay, e.g. 0.999 (0: off)")
-    p.add_argument("--clip-grad", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes (0: in the main process)")
+    p.add_argument("--label-smoothing", type=below_one, default=0.1)
+    p.add_argument("--mixup", type=non_negative_float, default=0.0, help="mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=non_negative_float, default=0.0, help="cutmix alpha (0: off)")
+    p.add_argument("--hflip", type=probability, default=0.5)
+    p.add_argument("--crop-padding", type=non_negative_int, default=None)
+    p.add_argument("--re-prob", type=probability, default=0.0, help="random erasing probability")
+    p.add_argument("--drop-path", type=below_one, default=None)
+    p.add_argument("--ema", type=below_one, default=0.0, help="EMA decay, e.g. 0.999 (0: off)")
+    p.add_argument("--clip-grad", type=non_negative_float, default=1.0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="data-loading processes (0: in the main process)")
     p.add_argument("--no-val", action="store_true", help="skip the per-epoch evaluation on the val split")
-    p.add_argument("--save-every", type=int, default=0, metavar="STEPS", help="also save resume state every STEPS")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke runs)")
+    p.add_argument("--save-every", type=non_negative_int, default=0, metavar="STEPS",
+                   help="also save resume state every STEPS")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (smoke runs)")
     p.add_argument("--no-progress", action="store_true")
     _add_apply(p)
 
@@ -97,39 +115,42 @@ def _parser() -> argparse.ArgumentParser:
                          "a FLOPs/params target")
     p.add_argument("checkpoint", help="checkpoint folder (or model name)")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--target-flops", type=float, default=0.5, help="fraction of MACs to keep (default: %(default)s)")
-    target.add_argument("--target-params", type=float, default=None, help="fraction of parameters to keep instead")
+    target.add_argument("--target-flops", type=fraction, default=0.5,
+                        help="fraction of MACs to keep (default: %(default)s)")
+    target.add_argument("--target-params", type=fraction, default=None, help="fraction of parameters to keep instead")
     p.add_argument("--importance", default="hessian", choices=("l1", "l2", "taylor", "hessian", "ablation"),
                    help="criterion, ranked globally across layers (default: %(default)s, NViT)")
     p.add_argument("--blocks", action="store_true", help="also remove whole blocks")
     p.add_argument("--no-heads", action="store_true", help="keep every attention head")
     p.add_argument("--no-mlp", action="store_true", help="keep every MLP channel")
-    p.add_argument("--mlp-group", type=int, default=8, help="MLP channels pruned together (default: %(default)s)")
+    p.add_argument("--mlp-group", type=positive_int, default=8,
+                   help="MLP channels pruned together (default: %(default)s)")
     p.add_argument("--stem", action="store_true", help="also prune conv-stem channels (whole GroupNorm groups)")
     p.add_argument("--stem-weight", default="1", metavar="W[,W...]|auto",
                    help="ranking cost of a stem MAC vs a block MAC, one or one per stem layer; auto: measure CPU "
                         "time per MAC here (default: %(default)s = MACs)")
     p.add_argument("--embed", action="store_true", help="also prune embedding (residual) channels")
-    p.add_argument("--embed-group", type=int, default=8, help="embedding channels pruned together (default: %(default)s)")
+    p.add_argument("--embed-group", type=positive_int, default=8,
+                   help="embedding channels pruned together (default: %(default)s)")
     p.add_argument("--apply", default=None, metavar="TECHNIQUE",
                    help="another pruning technique in --apply syntax instead of the options above, e.g. "
                         "lpvit:sparsity=0.5 (LPViT block-structured pruning)")
     p.add_argument("--data", default=None, metavar="SPEC", help="images for taylor / hessian / ablation")
     p.add_argument("--split", default="train", choices=("train", "val"), help="(never test; default: %(default)s)")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--calib-images", type=int, default=512, metavar="N", help="(default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--calib-images", type=positive_int, default=512, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the pruned checkpoint")
 
     p = verbs.add_parser("eval", help="accuracy, loss, per-class accuracy and confusion matrix of a checkpoint")
     p.add_argument("checkpoint")
     _add_data(p)
     _add_apply(p)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
     p.add_argument("--out", default=None, metavar="DIR", help="write metrics.json and confusion.png here")
-    p.add_argument("--calib-images", type=int, default=256, metavar="N",
+    p.add_argument("--calib-images", type=positive_int, default=256, metavar="N",
                    help="calibration images when --apply calibrates, a seeded subset of --data (default: %(default)s)")
     p.add_argument("--calib-split", default="train", choices=("train", "val"),
                    help="split the calibration images come from (never test; default: %(default)s)")
@@ -149,14 +170,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_data(p)
     _add_speed(p)
     _add_apply(p)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
     p.add_argument("--out", default=None, metavar="FILE.jsonl", help="append the rows to this file")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines")
 
     p = verbs.add_parser("predict", help="top-5 classes of images")
     p.add_argument("checkpoint")
     p.add_argument("images", nargs="+")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=positive_int, default=5)
     p.add_argument("--json", action="store_true")
     _add_apply(p)
 
@@ -185,25 +206,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="dataset: val split for selection, train for calibration, test for the final number")
     p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files (default: Debian's)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (an existing sweep there resumes)")
-    p.add_argument("--max-drop-pt", type=float, default=0.5, metavar="PT",
+    p.add_argument("--max-drop-pt", type=non_negative_float, default=0.5, metavar="PT",
                    help="accuracy budget: points within PT percentage points of the base top-1 (default: %(default)s)")
     p.add_argument("--techniques", action="append", default=None, metavar="STACKS",
                    help="stacks to measure, ';'-separated, techniques in a stack joined by '+', e.g. "
                         "\"none; tome:r=4; w8a8; tome:r=4+w8a8\" (default: a sweep chosen for the model)")
     p.add_argument("--candidates", nargs="*", default=[], metavar="DIR",
                    help="more checkpoint folders (e.g. pruned models) measured with the candidate stacks")
-    p.add_argument("--confirm-rounds", type=int, default=5, metavar="N",
+    p.add_argument("--confirm-rounds", type=non_negative_int, default=5, metavar="N",
                    help="at the end, time every deployable point again round-robin over N rounds and rank by the "
                         "median (0: keep each point's single pass) (default: %(default)s)")
-    p.add_argument("--budget-minutes", type=float, default=None, metavar="N",
+    p.add_argument("--budget-minutes", type=positive_float, default=None, metavar="N",
                    help="stop starting new points when N minutes have passed; report what was measured")
-    p.add_argument("--batch", type=int, default=32, help="batch size for throughput (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--calib-images", type=int, default=256, metavar="N",
+    p.add_argument("--batch", type=positive_int, default=32, help="batch size for throughput (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--calib-images", type=positive_int, default=256, metavar="N",
                    help="quantization calibration images from the train split (default: %(default)s)")
-    p.add_argument("--min-time", type=float, default=1.0, metavar="S", help="seconds per timing (default: %(default)s)")
+    p.add_argument("--min-time", type=positive_float, default=1.0, metavar="S",
+                   help="seconds per timing (default: %(default)s)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess of each point")
-    p.add_argument("--val-limit", type=int, default=None, metavar="N", help="validate on the first N images only")
+    p.add_argument("--val-limit", type=positive_int, default=None, metavar="N",
+                   help="validate on the first N images only")
     p.add_argument("--no-export", action="store_true", help="do not export the recommended point")
     p.add_argument("--restart", action="store_true", help="discard the results already in --out")
     p.add_argument("--no-progress", action="store_true")
@@ -213,9 +236,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the quantized model (reload: create_model)")
     _add_apply(p)
     _add_data(p, default=None, split="train")
-    p.add_argument("--calib-images", type=int, default=256, metavar="N",
+    p.add_argument("--calib-images", type=positive_int, default=256, metavar="N",
                    help="calibration images, a seeded subset of --data/--split (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
 
     p = verbs.add_parser("export", help="export a float or quantized model to ONNX or OpenVINO IR")
     p.add_argument("checkpoint", help="checkpoint folder (a quantized one too) or model name")
@@ -223,13 +246,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR")
     _add_apply(p)
     _add_data(p, default=None, split="train")
-    p.add_argument("--calib-images", type=int, default=256, metavar="N",
+    p.add_argument("--calib-images", type=positive_int, default=256, metavar="N",
                    help="calibration images when --apply quantizes (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
 
     p = verbs.add_parser("models", help="list model names with parameter counts")
     p.add_argument("pattern", nargs="?", default="vl_*", help="glob, e.g. 'deit*' or '*' (default: %(default)s)")
     p.add_argument("--no-params", action="store_true", help="names only")
+    for p in verbs.choices.values():  # `vitlab --debug VERB ...` and `vitlab VERB ... --debug` both work
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -557,21 +582,32 @@ COMMANDS = {"train": cmd_train, "prune": cmd_prune, "eval": cmd_eval, "bench": c
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 a user error (one line on stderr: `vitlab VERB: error: MESSAGE`); 1 a bug in vitlab
+    (a traceback). `--debug` or VITLAB_DEBUG=1 prints the traceback of a user error too."""
     args = _parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .profiling import tune_allocator
-    from .techniques import TechniqueError
+    import traceback
 
+    from .errors import is_user_error, one_line
+    from .profiling import tune_allocator
+
+    debug = args.debug or os.environ.get("VITLAB_DEBUG", "") not in ("", "0")
     tune_allocator()   # keep freed memory in the process: see vitlab.profiling.allocator
 
     try:
         return COMMANDS[args.verb](args)
-    except (ValueError, CheckpointError, TechniqueError, FileNotFoundError) as e:
-        print(f"vitlab {args.verb}: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except Exception as e:  # noqa: BLE001  (the CLI boundary: every exception ends here)
+        if not is_user_error(e):
+            traceback.print_exc()
+            print(f"vitlab {args.verb}: internal error (a bug in vitlab; please report it with the traceback "
+                  f"above): {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+            return 1
+        if debug:
+            traceback.print_exc()
+        print(f"vitlab {args.verb}: error: {one_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"vitlab {args.verb}: interrupted", file=sys.stderr)
         return 130

@@ -7,7 +7,13 @@ derive from `UserError` (which derives from `ValueError`, so `except ValueError`
 """
 from __future__ import annotations
 
-__all__ = ["UserError", "TechniqueNotApplicable"]
+import os
+import re
+from pathlib import Path
+
+__all__ = ["UserError", "TechniqueNotApplicable", "is_user_error", "one_line"]
+
+_PACKAGE = str(Path(__file__).resolve().parent) + os.sep
 
 
 class UserError(ValueError):
@@ -23,3 +29,25 @@ class TechniqueNotApplicable(UserError):
         self.model_class = model if isinstance(model, str) else type(model).__name__
         self.why = why
         super().__init__(f"{technique} does not apply to {self.model_class}: {why}")
+
+
+def one_line(message: object) -> str:
+    """`message` as one line: line breaks (and the blanks around them) become "; ", so an error is one stderr line."""
+    text = str(message).strip()
+    return re.sub(r"\s*[\r\n]+\s*", "; ", text)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for a mistake in the user's input: a `UserError`, a `FileNotFoundError`, or (until every check raises
+    a `UserError`) a plain `ValueError` raised by a `raise` statement in vitlab's own code. A `ValueError` raised
+    inside torch, PIL, numpy ... is a bug in how vitlab called them: not a user error."""
+    if isinstance(exc, (UserError, FileNotFoundError)):
+        return True
+    if type(exc) is not ValueError:
+        return False
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(_PACKAGE)
