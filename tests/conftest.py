@@ -7,6 +7,12 @@ import torch
 import vitlab.models  # noqa: F401  (registers vl_* models)
 
 torch.set_num_threads(int(os.environ.get("VITLAB_TEST_THREADS", "2")))
+# vitlab's caches (engine=auto's choices, model parameter counts) go to a folder of this test session, not the
+# user's ~/.cache: a test sees no choice that an earlier run or another machine made
+if "VITLAB_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["VITLAB_CACHE"] = tempfile.mkdtemp(prefix="vitlab-test-cache-")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -93,24 +93,6 @@ def test_nncf_calibration_is_openvinos():
         vitlab.apply_(model, W8A8(engine="onnxruntime", calibration="nncf"), calib=[_x(8)])
 
 
-def test_auto_engine_is_onnx_runtime_when_installed_and_openvino_otherwise(monkeypatch):
-    """The default `w8a8` runs on ONNX Runtime (the faster int8 measured here); NNCF calibration, or no
-    onnxruntime installed, falls back to OpenVINO."""
-    import importlib.util
-
-    assert W8A8().engine == "auto" and W8A8().resolved_engine() == "onnxruntime"
-    assert W8A8(calibration="nncf").resolved_engine() == "openvino"
-    assert W8A8(engine="openvino").resolved_engine() == "openvino"
-    torch.manual_seed(0)
-    model = vitlab.create_model("vl_test_vit", num_classes=10).eval()
-    runner = vitlab.apply_(copy.deepcopy(model), vitlab.parse_apply(["w8a8:threads=1"]), calib=[_calib()])
-    assert runner.engine == "onnxruntime-int8"
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime"
-                        else real_find_spec(name, *a))
-    assert W8A8().resolved_engine() == "openvino"
-
-
 def test_token_merged_model_runs_on_onnx_runtime_without_log_spam(capfd):
     """ToMe + w8a8 on ONNX Runtime: the shrinking token axis is dynamic in the graph; the runner must not print
     ORT's per-call "VerifyOutputSizes" shape warnings (it did in every Pareto run before log_severity_level=3)."""

@@ -23,6 +23,9 @@ class _Parser(argparse.ArgumentParser):
 def _add_apply(p: argparse.ArgumentParser) -> None:
     p.add_argument("--apply", action="append", default=[], metavar="NAME:key=value,...",
                    help="technique to apply (repeatable, applied in order: structure -> tokens -> quantization)")
+    p.add_argument("--engine-trial", default=None, choices=("on", "off"),
+                   help="engine=auto (w8a8, bf16): time each installed engine here and keep the fastest (on, the "
+                        "default; cached per CPU, model, batch and threads) or use the ISA rule without timing (off)")
 
 
 def _add_data(p: argparse.ArgumentParser, default: str | None = "fashion-mnist", split: str = "test") -> None:
@@ -269,6 +272,16 @@ def _threads(n: int | None) -> None:
         import torch
 
         torch.set_num_threads(n)
+
+
+def _engine_trial(args):
+    """engine=auto's trial runs at the batch this verb will run (--batch, else --batch-size) with --engine-trial."""
+    from .quant.engine_choice import engine_trial
+
+    batch = getattr(args, "batch", None) or getattr(args, "batch_size", None)
+    flag = getattr(args, "engine_trial", None)
+    return engine_trial(batch=batch if isinstance(batch, int) and batch > 0 else None,
+                        enabled=None if flag is None else flag == "on")
 
 
 def cmd_train(args) -> int:
@@ -594,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()   # keep freed memory in the process: see vitlab.profiling.allocator
 
     try:
-        return COMMANDS[args.verb](args)
+        with _engine_trial(args):
+            return COMMANDS[args.verb](args)
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0

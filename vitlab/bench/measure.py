@@ -1,5 +1,6 @@
 """`vitlab.measure`: accuracy and speed of a model (plus its technique stack) as flat, comparable rows."""
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def calibration_batches(model, data: str, split: str = "train", num_images: int 
 
 def build_runner(source: str, apply=(), img_size: int | None = None, dtype: str = "fp32",
                  channels_last: bool = False, compile: bool = False, calib_data: str | None = None,
-                 calib_split: str = "train", calib_images: int = 256, data_dir: str | None = None):
+                 calib_split: str = "train", calib_images: int = 256, data_dir: str | None = None,
+                 engine_batch: int | None = None, engine_trial: bool | None = None):
     """Model (name or checkpoint) + technique stack -> a runner. Also the peak-memory subprocess's factory.
 
     A stack with quantization calibrates on `calib_images` images of `calib_data`/`calib_split` (seeded).
@@ -98,7 +100,20 @@ def build_runner(source: str, apply=(), img_size: int | None = None, dtype: str 
                              "(calibration uses --calib-split, default train; --data synthetic for a speed-only "
                              "run on random images)")
         calib = calibration_batches(model, calib_data, calib_split, calib_images, data_dir=data_dir)
+    `engine_batch` / `engine_trial`: the batch engine=auto times its trial at, and whether it times one
+    (`vitlab.quant.engine_choice.engine_trial`; None keeps the caller's setting).
     model = apply_(model, configs, calib=calib)
+    from ..quant.engine_choice import engine_trial as trial, trial_settings
+
+    settings = trial_settings()
+    with trial(batch=engine_batch or settings.batch, enabled=settings.enabled if engine_trial is None else engine_trial,
+               rounds=settings.rounds):
+        return _build_runner(source, apply, img_size, dtype, channels_last, compile, calib_data, calib_split,
+                             calib_images, data_dir)
+
+
+def _build_runner(source, apply, img_size, dtype, channels_last, compile, calib_data, calib_split, calib_images,
+                  data_dir):
     if isinstance(model, torch.nn.Module):
         return as_runner(model, dtype=dtype, channels_last=channels_last, compile=compile)
     return as_runner(model)
@@ -153,6 +168,12 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
             accuracy = {k: result[k] for k in accuracy}
         flops_model = module if module is not None else getattr(runner, "float_module", None)
         counted = count_flops(flops_model, torch.randn(1, c, h, w)) if flops_model is not None else None
+        from ..quant.engine_choice import trial_settings
+
+        # engine=auto times its trial at the first batch measured (unless the caller set one), and the memory
+        # subprocess builds with the same settings (a cached choice there: only the winning engine is built)
+        settings = trial_settings()
+        calib.update(engine_batch=settings.batch or batches[0], engine_trial=settings.enabled)
         params = sum(p.numel() for p in flops_model.parameters()) if flops_model is not None else 0
         one = torch.randn(1, c, h, w)
         latency = time_callable(lambda: runner(one), min_time_s=min_time_s)
@@ -188,7 +209,7 @@ def print_rows(rows: list[MeasureRow]) -> None:
     if not rows:
         return
     has_acc = any(r.top1 is not None for r in rows)
-    table = Table(title=f"vitlab measure  ({rows[0].cpu} [{rows[0].cpu_flags}], {rows[0].threads} threads, "
+    table = Table(title=f"vitlab measure  ({rows[0].cpu}; {rows[0].cpu_flags or 'no AVX2'}; {rows[0].threads} threads; "
                         f"torch {rows[0].torch})",
                   caption="MACs: multiply-accumulates per image (papers' \"FLOPs\"); FLOPs = 2 x MACs; "
                           "latency at batch 1, throughput at the batch shown; medians after warm-up")
@@ -201,4 +222,9 @@ def print_rows(rows: list[MeasureRow]) -> None:
         table.add_row(r.model, r.techniques, f"{r.engine} {r.dtype}", *acc, f"{r.params / 1e6:.3f}",
                       f"{r.macs / 1e6:.1f}", f"{r.flops / 1e6:.1f}", str(r.batch), f"{r.img_per_s:.0f}",
                       f"{r.latency_ms:.2f}", f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "-")
-    Console(width=max(160, Console().width)).print(table)
+    console = Console(width=max(160, Console().width))
+    console.print(table)
+    from ..quant.engine_choice import EngineChoice
+
+    for choice in {json.dumps(r.engine_choice, sort_keys=True) for r in rows if r.engine_choice}:
+        console.print(EngineChoice(**json.loads(choice)).describe(), highlight=False, markup=False)

@@ -122,10 +122,12 @@ class W8A8:
     (OpenVINO would otherwise use bf16 on CPUs that have it).
 
     `engine="onnxruntime"`: the twin is exported to ONNX, its fake quantizers as QuantizeLinear / DequantizeLinear
-    with vitlab's scales, and ONNX Runtime fuses them into int8 matmuls (MatMulIntegerToFloat); on an AVX2-only CPU
-    that ran faster than OpenVINO's int8 (BENCHMARKS.md, "Quantization"), and both compute the same int8 model.
-    `engine="auto"` (default): ONNX Runtime when it is installed and the calibration is vitlab's, else OpenVINO
-    (`resolved_engine()`). Name `engine=openvino` for an OpenVINO IR (`vitlab export --format openvino`).
+    with vitlab's scales, and ONNX Runtime fuses them into int8 matmuls (MatMulIntegerToFloat); both engines compute
+    the same int8 model. `engine="auto"` (default): both are built from the same calibrated twin and timed on this
+    machine at the caller's batch and threads, and the faster is kept (`vitlab.quant.engine_choice`: cached per CPU,
+    model, batch and threads; `--engine-trial off` uses the ISA rule instead: OpenVINO with VNNI/AMX, else ONNX
+    Runtime). `calibration="nncf"` runs on OpenVINO. Name `engine=openvino` for an OpenVINO IR
+    (`vitlab export --format openvino`).
     """
 
     engine: Literal["auto", "openvino", "onnxruntime"] = "auto"
@@ -144,19 +146,6 @@ class W8A8:
     def ptq(self) -> PTQ:
         """The simulated twin's config: what the engine computes, in PyTorch."""
         return PTQ(w=8, a=8, quantizer=self.quantizer, attn=self.attn, post_gelu=True, act_quantizer=self.quantizer)
-
-    def resolved_engine(self) -> str:
-        """The engine that runs: `engine`, or for "auto" ONNX Runtime (the faster int8 on the CPUs measured) when it
-        is importable and the calibration is vitlab's, else OpenVINO."""
-        if self.engine != "auto":
-            return self.engine
-        if self.calibration == "vitlab":
-            import importlib.util
-
-            if importlib.util.find_spec("onnxruntime") is not None:
-                return "onnxruntime"
-        return "openvino"
-
 
 @register_technique("w8", Kind.QUANTIZATION)
 @dataclass(frozen=True)

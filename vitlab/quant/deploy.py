@@ -160,13 +160,15 @@ class OpenVINORunner:
     engine: str
     threads: int | None = None
     sim_module: nn.Module | None = None
+    precision: str = "f32"     # OpenVINO's INFERENCE_PRECISION_HINT: f32 (int8 / w8 / float) or bf16 (the bf16 technique)
     input_size: tuple[int, int, int] = field(init=False)
     num_classes: int = field(init=False)
+    engine_choice: dict | None = field(default=None, init=False)   # engine=auto: how this engine was chosen
 
     def __post_init__(self):
         self.input_size = model_input_size(self.float_module)
         self.num_classes = int(getattr(self.float_module, "num_classes", 0))
-        self.compiled = compile_openvino(self.ov_model, self.threads)
+        self.compiled = compile_openvino(self.ov_model, self.threads, self.precision)
         self._request = self.compiled.create_infer_request()
 
     @property
@@ -202,6 +204,7 @@ class OnnxRuntimeRunner:
     sim_module: nn.Module | None = None
     input_size: tuple[int, int, int] = field(init=False)
     num_classes: int = field(init=False)
+    engine_choice: dict | None = field(default=None, init=False)   # engine=auto: how this engine was chosen
 
     def __post_init__(self):
         try:
@@ -266,39 +269,60 @@ def _example(model: nn.Module, calib: list[torch.Tensor] | None) -> torch.Tensor
     return torch.zeros(1, *model_input_size(model))
 
 
-def deploy_w8a8(model: nn.Module, cfg, calib: list[torch.Tensor]) -> OpenVINORunner:
+def _ort_runner(sim: nn.Module, float_module: nn.Module, techniques: tuple, threads: int | None,
+                example: torch.Tensor) -> "OnnxRuntimeRunner":
+    """The calibrated twin exported as QDQ ONNX and run by ONNX Runtime."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="vitlab-ort-") as tmp:
+        graph = to_onnx(sim, example, Path(tmp) / "model.onnx").read_bytes()
+    return OnnxRuntimeRunner(graph, float_module, techniques, "onnxruntime-int8", threads, sim)
+
+
+def deploy_w8a8(model: nn.Module, cfg, calib: list[torch.Tensor]):
     """The w8a8 handler: calibrate (vitlab or NNCF), convert, compile; returns an OnnxRuntimeRunner or an
-    OpenVINORunner (`W8A8.resolved_engine`)."""
+    OpenVINORunner. `engine=auto` builds both from the same calibrated twin and keeps the one that is faster here
+    (`vitlab.quant.engine_choice`; the runner's `engine_choice` says how it was chosen)."""
+    from ..techniques import format_technique
     from . import calibrate, quantize_
+    from .engine_choice import choose_engine, installed_engines
 
     stack = applied_techniques(model)
+    techniques = stack + (cfg,)
     float_module = copy.deepcopy(model).eval()
     example = _example(model, calib)
-    if cfg.resolved_engine() == "onnxruntime":
-        import tempfile
-
-        if cfg.calibration != "vitlab":
-            raise TechniqueError("w8a8:engine=onnxruntime runs vitlab's calibration; calibration=nncf is OpenVINO's")
-        quantize_(model, cfg.ptq())
-        calibrate(model, calib)
-        with tempfile.TemporaryDirectory(prefix="vitlab-ort-") as tmp:
-            graph = to_onnx(model, example, Path(tmp) / "model.onnx").read_bytes()
-        runner = OnnxRuntimeRunner(graph, float_module, stack + (cfg,), "onnxruntime-int8", cfg.threads, model)
-        _check_conversion(runner, model, calib[0][:16], "w8a8")
-        return runner
-    if cfg.calibration == "vitlab":
-        quantize_(model, cfg.ptq())
-        calibrate(model, calib)
-        ov_model = to_openvino(model, example)
-        sim = model
-    else:
-        import nncf
-
+    if cfg.calibration == "nncf":
+        if cfg.engine == "onnxruntime":
+            raise TechniqueError("w8a8:engine=onnxruntime runs vitlab's calibration; calibration=nncf is OpenVINO's "
+                                 "(use engine=openvino or engine=auto)")
+        try:
+            import nncf
+        except ImportError:
+            raise TechniqueError("w8a8:calibration=nncf needs NNCF: pip install nncf==3.4.0 (or vitlab[deploy])") \
+                from None
+        # NNCF counts its subset in dataset items, here batches of images
         ov_model = nncf.quantize(to_openvino(float_module, example), nncf.Dataset([b.numpy() for b in calib]),
-                                 model_type=nncf.ModelType.TRANSFORMER, subset_size=sum(len(b) for b in calib))
-        sim = None
-    runner = OpenVINORunner(ov_model, float_module, stack + (cfg,), "openvino-int8", cfg.threads, sim)
-    _check_conversion(runner, sim if sim is not None else float_module, calib[0][:16], "w8a8")
+                                 model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
+        runner = OpenVINORunner(ov_model, float_module, techniques, "openvino-int8", cfg.threads, None)
+        _check_conversion(runner, float_module, calib[0][:16], "w8a8")
+        return runner
+    quantize_(model, cfg.ptq())
+    calibrate(model, calib)
+    builders = {
+        "onnxruntime": lambda: _ort_runner(model, float_module, techniques, cfg.threads, example),
+        "openvino": lambda: OpenVINORunner(to_openvino(model, example), float_module, techniques, "openvino-int8",
+                                           cfg.threads, model),
+    }
+    if cfg.engine == "auto":
+        installed = installed_engines(("onnxruntime", "openvino"))
+        runner, choice = choose_engine({e: builders[e] for e in installed}, model, tuple(example.shape[1:]),
+                                       threads=int(cfg.threads or torch.get_num_threads()),
+                                       default_batch=len(calib[0]),
+                                       extra=" + ".join(format_technique(t) for t in techniques))
+        runner.engine_choice = choice.to_dict()
+    else:
+        runner = builders[cfg.engine]()
+    _check_conversion(runner, model, calib[0][:16], "w8a8")
     return runner
 
 
