@@ -382,15 +382,18 @@ def _prune_with_technique(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .bench.measure import dataset_for
+    from .data.transforms import check_source_classes, dataset_for_model
     from .engine.evaluate import evaluate, plot_confusion
     from .utils.io import atomic_write_json
 
     _threads(args.threads)
+    check_source_classes(args.checkpoint, args.data, data_dir=args.data_dir)  # before loading or calibrating
     runner = _load_runner(args.checkpoint, args.apply, calib_args=args)
-    dataset = dataset_for(runner, args.data, args.split, data_dir=args.data_dir, strict=args.strict)
+    dataset = dataset_for_model(runner, args.data, args.split, data_dir=args.data_dir, strict=args.strict)
     result = evaluate(runner, dataset, batch_size=args.batch_size, limit=args.limit, progress=not args.json)
-    print(f"{args.checkpoint} on {args.data} [{args.split}], {result['n']} images")
+    skipped = f", {result['skipped']} unreadable file(s) skipped (listed in --json / metrics.json)" \
+        if result["skipped"] else ""
+    print(f"{args.checkpoint} on {args.data} [{args.split}], {result['n']} images{skipped}")
     print(f"  top-1 {100 * result['top1']:.2f} %   top-5 {100 * result['top5']:.2f} %   loss {result['loss']:.4f}")
     width = max(len(c) for c in result["classes"])
     for name, acc in result["per_class"].items():
@@ -401,7 +404,7 @@ def cmd_eval(args) -> int:
         plot_confusion(result, out / "confusion.png", title=f"{Path(args.checkpoint).name} [{args.split}]")
         print(f"  wrote {out / 'metrics.json'} and {out / 'confusion.png'}")
     if args.json:
-        summary = {k: result[k] for k in ("top1", "top5", "loss", "n")}
+        summary = {k: result[k] for k in ("top1", "top5", "loss", "n", "skipped", "skipped_files")}
         summary.update(per_class=result["per_class"], data=args.data, split=args.split, checkpoint=args.checkpoint)
         print(json.dumps(summary))
     return 0
@@ -462,18 +465,17 @@ def cmd_predict(args) -> int:
 def cmd_explain(args) -> int:
     import torch
 
-    from .checkpoint import default_preprocessing
+    from .data.transforms import load_image_tensor, resolve_preprocessing
     from .explain import plot_token_sources, token_source_map
-    from .predict import load_image
 
     if not args.tokens:
         raise ValueError("choose what to explain: --tokens (token-source map); attention maps and CAMs come later")
     model = _load_runner(args.checkpoint, args.apply)
-    pre = getattr(model, "vitlab_checkpoint", {}).get("config", {}).get("preprocessing") or default_preprocessing(model)
-    x = load_image(args.image, tuple(pre["input_size"]), pre["mean"], pre["std"])
+    pre = resolve_preprocessing(model)  # the preprocessing eval and predict use
+    x = load_image_tensor(args.image, pre)
     labels = token_source_map(model, x)
-    mean = torch.tensor(pre["mean"])[:, None, None]
-    std = torch.tensor(pre["std"])[:, None, None]
+    mean = torch.tensor(pre.mean)[:, None, None]
+    std = torch.tensor(pre.std)[:, None, None]
     picture = (x * std + mean).clamp(0, 1)
     stack = " + ".join(args.apply) or "no technique"
     kept = int((labels >= 0).sum())

@@ -6,23 +6,12 @@ import torch
 __all__ = ["predict", "load_image"]
 
 
-def load_image(path: str | Path, input_size: tuple[int, int, int], mean, std) -> torch.Tensor:
-    """One image file -> normalized float tensor (C, H, W): any PIL mode, resized (bilinear) to the model's size."""
-    from PIL import UnidentifiedImageError
-    from torchvision.transforms.v2 import functional as TF
+def load_image(path: str | Path, preprocessing) -> torch.Tensor:
+    """One image file -> normalized float tensor (C, H, W), prepared as `preprocessing` (a model or
+    `vitlab.data.Preprocessing`) says: the same function `eval` uses on an image folder (vitlab.data.transforms)."""
+    from .data.transforms import load_image_tensor
 
-    from .data.imagefolder import load_image as load_pil
-
-    c, h, w = input_size
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        tensor = TF.pil_to_tensor(load_pil(str(path), c))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
-    tensor = TF.resize(tensor, [h, w], antialias=True).float() / 255
-    return TF.normalize(tensor, list(mean), list(std))
+    return load_image_tensor(path, preprocessing)
 
 
 def predict(checkpoint: str | Path, images: list[str | Path], *, top: int = 5, apply=()) -> dict[str, list[tuple[str, float]]]:
@@ -36,7 +25,10 @@ def predict(checkpoint: str | Path, images: list[str | Path], *, top: int = 5, a
     pre = config.get("preprocessing") or default_preprocessing(model)
     runner = as_runner(apply_(model, parse_apply(apply)))
     names = pre.get("class_names") or [str(i) for i in range(runner.num_classes)]
-    batch = torch.stack([load_image(p, tuple(pre["input_size"]), pre["mean"], pre["std"]) for p in images])
+    from .data.transforms import resolve_preprocessing
+
+    resolved = resolve_preprocessing(model)
+    batch = torch.stack([load_image(p, resolved) for p in images])
     probs = runner(batch).softmax(dim=-1)
     k = min(top, probs.shape[1])
     values, indices = probs.topk(k, dim=-1)

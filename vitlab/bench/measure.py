@@ -68,18 +68,29 @@ def calibration_batches(model, data: str, split: str = "train", num_images: int 
                         batch_size: int = 32, data_dir: str | None = None) -> list[torch.Tensor]:
     """`num_images` images (a seeded random subset of `data`/`split`), preprocessed for `model`, in batches.
 
-    Calibrating on the test split is refused: the test split is for the final number only.
+    Calibrating on the test split is refused: the test split is for the final number only. Images are prepared by
+    `vitlab.data.transforms` (the preprocessing every verb uses); the classes need not be the model's. An image file
+    that cannot be decoded is left out (with a warning) and the next of the seeded order taken, never repeated.
     """
+    from ..data.transforms import dataset_for_model
+
     if split == "test":
         raise ValueError("calibration on the test split is refused (it would leak into the reported accuracy): "
                          "use --calib-split train (default) or val")
     if num_images < 1:
         raise ValueError(f"--calib-images must be >= 1, got {num_images}")
-    dataset = dataset_for(model, data, split, data_dir=data_dir)
-    n = min(num_images, len(dataset))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    images = torch.stack([dataset[i][0] for i in order])
-    return list(images.split(batch_size))
+    dataset = dataset_for_model(model, data, split, data_dir=data_dir, check=False)
+    get = getattr(dataset, "get_or_skip", dataset.__getitem__)
+    images = []
+    for i in torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist():
+        item = get(i)
+        if isinstance(item, tuple):  # else a Skipped record: an undecodable file
+            images.append(item[0])
+            if len(images) == num_images:
+                break
+    if not images:
+        raise ValueError(f"none of the images of {data} [{split}] can be decoded: check the files")
+    return list(torch.stack(images).split(batch_size))
 
 
 def build_runner(source: str, apply=(), img_size: int | None = None, dtype: str = "fp32",

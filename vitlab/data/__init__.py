@@ -6,7 +6,8 @@
 
 Splits (a contract other modules rely on): `train` is the training set minus a fixed hold-out, `val` is that
 hold-out (a `torch.Generator().manual_seed(seed)` permutation, seed 0 by default), `test` is the test set. See
-`fashion_mnist`, `imagefolder` and `synthetic` for each kind's details. This package knows no model.
+`fashion_mnist`, `imagefolder` and `synthetic` for each kind's details. Only `transforms` reads a model (its data
+config: `resolve_preprocessing`, `dataset_for_model`), so that every verb reading image files prepares them alike.
 """
 import os
 
@@ -16,10 +17,14 @@ from .fashion_mnist import FMNIST_CLASSES, FMNIST_DIR, FMNIST_MEAN, FMNIST_STD, 
 from .imagefolder import ImageFolderDataset, find_classes, resolve_root
 from .spec import KINDS, SPLITS, DataError, DatasetNotFoundError, DataSpec, check_aug, check_split, to_stats
 from .synthetic import SyntheticDataset
+from .transforms import (Preprocessing, check_classes, dataset_for_model, display_name, image_transform,
+                         load_image_tensor, resolve_preprocessing)
 
 __all__ = [
     "SPLITS", "KINDS", "DataSpec", "DataError", "DatasetNotFoundError", "build_dataset", "dataset_info",
     "FashionMNIST", "ImageFolderDataset", "SyntheticDataset", "FMNIST_DIR", "FMNIST_MEAN", "FMNIST_STD",
+    "Preprocessing", "resolve_preprocessing", "image_transform", "load_image_tensor", "check_classes",
+    "dataset_for_model",
 ]
 
 
@@ -36,6 +41,10 @@ def build_dataset(
         data_dir: str | os.PathLike | None = None,
         strict: bool = False,
         seed: int = 0,
+        interpolation: str = "bilinear",
+        crop_pct: float = 1.0,
+        crop_mode: str = "center",
+        classes: list[str] | None = None,
 ) -> torch.utils.data.Dataset:
     """Build one split of a dataset, returning items (float tensor (in_chans, H, W), int label).
 
@@ -51,17 +60,28 @@ def build_dataset(
         data_dir: folder of the Fashion-MNIST idx files (default FMNIST_DIR); other kinds ignore it.
         strict: imagefolder: raise DataError on a bad image file instead of skipping it with a warning.
         seed: chooses the val hold-out (fixed forever at the default 0) and the synthetic data.
+        interpolation, crop_pct, crop_mode: imagefolder's eval preprocessing (timm's: resize the short side to
+            size / crop_pct, crop the centre); Fashion-MNIST (resized as above) and synthetic ignore them.
+        classes: the class names in the model's output order; imagefolder labels its class folders so (they must be
+            the same names), other kinds only accept their own order. `transforms.dataset_for_model` passes it.
+
+    `transforms.dataset_for_model(model, spec, split)` calls this with the model's preprocessing and checked classes.
     """
     spec = DataSpec.parse(spec)
     check_split(split)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise DataError(f"seed={seed!r} must be an int")
+    if classes is not None and spec.kind != "imagefolder":
+        own = dataset_info(spec)["classes"]
+        if list(classes) != own:
+            raise DataError(f"{spec} has classes {own}, which cannot be relabelled as {list(classes)}")
     if spec.kind == "fashion-mnist":
         return FashionMNIST(split, img_size=img_size, in_chans=in_chans, mean=mean, std=std, train_aug=train_aug,
                             aug=aug, data_dir=data_dir, seed=seed)
     if spec.kind == "imagefolder":
         return ImageFolderDataset(spec, split, img_size=img_size, in_chans=in_chans, mean=mean, std=std,
-                                  train_aug=train_aug, aug=aug, strict=strict, seed=seed)
+                                  train_aug=train_aug, aug=aug, strict=strict, seed=seed, interpolation=interpolation,
+                                  crop_pct=crop_pct, crop_mode=crop_mode, classes=classes)
     # synthetic: still reject malformed arguments, so a typo does not pass unnoticed in tests
     to_stats(mean, std, in_chans)
     check_aug(aug, {**FashionMNIST.AUG_DEFAULTS, **ImageFolderDataset.AUG_DEFAULTS}, "synthetic")
@@ -80,7 +100,8 @@ def dataset_info(spec: str | DataSpec, data_dir: str | os.PathLike | None = None
         classes, shape = list(FMNIST_CLASSES), NATIVE_SHAPE
     elif spec.kind == "imagefolder":
         root = resolve_root(spec)
-        classes, shape = find_classes(root / "train" if (root / "train").is_dir() else root), None
+        found = find_classes(root / "train" if (root / "train").is_dir() else root)
+        classes, shape = [display_name(c) for c in found], None
     else:
         classes, shape = [f"class_{i}" for i in range(spec.option("classes"))], None
     return {"kind": spec.kind, "num_classes": len(classes), "classes": classes, "native_shape": shape}

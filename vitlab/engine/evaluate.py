@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from ..runner import as_runner
 
-__all__ = ["evaluate", "check_input_shape", "plot_confusion"]
+__all__ = ["evaluate", "check_input_shape", "check_num_classes", "plot_confusion"]
 
 
 def check_input_shape(images: torch.Tensor, runner) -> None:
@@ -14,52 +14,118 @@ def check_input_shape(images: torch.Tensor, runner) -> None:
     expected = tuple(getattr(runner, "input_size", ()) or ())
     got = tuple(images.shape[1:])
     if expected and got != expected:
-        raise ValueError(
+        from ..data import DataError
+
+        raise DataError(
             f"data gives images of shape {'x'.join(map(str, got))} but the model expects "
             f"{'x'.join(map(str, expected))}: build the data with the model's input size and in_chans")
 
 
-def evaluate(model_or_runner, dataset, *, batch_size: int = 256, progress: bool = True, limit: int | None = None) -> dict:
-    """Run the whole dataset (or its first `limit` images) through the runner; accuracies are fractions."""
+class _Items(torch.utils.data.Dataset):
+    """(index, item or Skipped) for the first `n` items: a dataset with `get_or_skip` (an image folder) reports a file
+    it cannot decode instead of substituting another image."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, n
+        self.get = getattr(dataset, "get_or_skip", dataset.__getitem__)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return index, self.get(index)
+
+
+def _collate(batch):
+    """(indices, images, targets, skipped): items that could not be read are dropped and listed, never replaced."""
+    from ..data.imagefolder import Skipped
+
+    kept = [(i, item) for i, item in batch if not isinstance(item, Skipped)]
+    skipped = [item for _, item in batch if isinstance(item, Skipped)]
+    if not kept:
+        return [], None, None, skipped
+    images, targets = torch.utils.data.default_collate([item for _, item in kept])
+    return [i for i, _ in kept], images, targets, skipped
+
+
+def check_num_classes(runner, dataset) -> None:
+    """A runner whose outputs are not one per class of the dataset is an error naming both (before any image)."""
+    from ..data import DataError
+
+    classes = list(getattr(dataset, "classes", None) or [])
+    num_classes = int(getattr(runner, "num_classes", 0) or 0)
+    if classes and num_classes and num_classes != len(classes):
+        shown = ", ".join(map(str, classes[:20])) + (f", ... (+{len(classes) - 20} more)" if len(classes) > 20 else "")
+        raise DataError(f"the model has {num_classes} classes but {getattr(dataset, 'spec', 'the dataset')} has "
+                        f"{len(classes)} [{shown}]: evaluate it on data with the same classes, or fine-tune it on "
+                        f"this data (vitlab train --init CHECKPOINT --data ... --out DIR)")
+
+
+def evaluate(model_or_runner, dataset, *, batch_size: int = 256, progress: bool = True, limit: int | None = None,
+             predictions: bool = False) -> dict:
+    """Run the whole dataset (or its first `limit` images) through the runner; accuracies are fractions.
+
+    An image file that cannot be read is dropped, never replaced: `n` counts the images evaluated, `skipped` those
+    left out (files found bad when the dataset was built, and files that failed to decode here), `skipped_files`
+    names them. `predictions=True` adds "predictions": {dataset index: top-1 class index} of every image evaluated.
+    A model whose class count differs from the dataset's is an error before any image is read.
+    """
     runner = as_runner(model_or_runner)
+    check_num_classes(runner, dataset)
     classes = list(getattr(dataset, "classes", []))
     num_classes = runner.num_classes or len(classes)
     n_total = len(dataset) if limit is None else min(limit, len(dataset))
-    subset = dataset if n_total == len(dataset) else torch.utils.data.Subset(dataset, range(n_total))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False)
+    loader = torch.utils.data.DataLoader(_Items(dataset, n_total), batch_size=batch_size, shuffle=False,
+                                         collate_fn=_collate)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     loss_sum, top5_hits, n = 0.0, 0, 0
+    skipped = list(getattr(dataset, "bad", None) or [])  # left out when the dataset was built
+    top1_of = {}
     bar = _bar(progress, len(loader))
     try:
-        for images, targets in loader:
-            if n == 0:
-                check_input_shape(images, runner)
-            logits = runner(images)
-            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-            k = min(5, logits.shape[1])
-            top5_hits += (logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1).sum().item()
-            confusion += torch.bincount(targets * num_classes + logits.argmax(1), minlength=num_classes ** 2).view(
-                num_classes, num_classes)
-            n += targets.numel()
+        for indices, images, targets, dropped in loader:
+            skipped += [s.path for s in dropped if s.path not in skipped]
+            if images is not None:
+                if n == 0:
+                    check_input_shape(images, runner)
+                logits = runner(images)
+                loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+                k = min(5, logits.shape[1])
+                top5_hits += (logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1).sum().item()
+                top1 = logits.argmax(1)
+                confusion += torch.bincount(targets * num_classes + top1, minlength=num_classes ** 2).view(
+                    num_classes, num_classes)
+                n += targets.numel()
+                if predictions:
+                    top1_of.update(zip(indices, top1.tolist()))
             if bar:
                 bar[0].advance(bar[1])
     finally:
         if bar:
             bar[0].stop()
     if n == 0:
-        raise ValueError("the dataset is empty: nothing to evaluate")
+        from ..data import DataError
+
+        if skipped:
+            raise DataError(f"none of the {len(skipped)} images could be read (e.g. {skipped[0]}): check the files")
+        raise DataError("the dataset is empty: nothing to evaluate")
     support = confusion.sum(1)
     per_class = (confusion.diag().double() / support.clamp(min=1)).tolist()
     names = classes if len(classes) == num_classes else [str(i) for i in range(num_classes)]
-    return {
+    result = {
         "top1": confusion.diag().sum().item() / n,
         "top5": top5_hits / n,
         "loss": loss_sum / n,
         "n": n,
+        "skipped": len(skipped),
+        "skipped_files": skipped,
         "per_class": {name: acc for name, acc in zip(names, per_class)},
         "confusion": confusion.tolist(),
         "classes": names,
     }
+    if predictions:
+        result["predictions"] = top1_of
+    return result
 
 
 def _bar(enabled: bool, total: int):
