@@ -1,7 +1,9 @@
-"""Atomic file writes: a reader never sees a half-written file, and a failed write leaves nothing behind."""
+"""Atomic file writes: a reader never sees a half-written file, and a failed write leaves nothing behind. A file
+written here gets the permission bits an ordinary `open(path, "w")` would give it (not mkstemp's 0600)."""
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -9,16 +11,42 @@ from typing import Iterator
 __all__ = ["atomic_path", "atomic_write_text", "atomic_write_json"]
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask both sets and reads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _open_mode(path: Path) -> int:
+    """The permission bits `open(path, "w")` leaves: an existing file keeps its own, a new one gets 0o666 & ~umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`, on error delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _open_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        # mkstemp makes 0600; give the file the mode `open(path, "w")` would (a shared folder stays readable).
+        # After the write: a read-only mode copied from an existing file must not stop the writer.
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
