@@ -9,10 +9,14 @@ A checkpoint is a folder:
 `model.kwargs` are the constructor keyword arguments (per-block widths of a pruned model go here too), so
 `create_model(DIR)` rebuilds the model from the folder alone. Training state for `--resume` lives beside it in
 `train_state.pt` (see vitlab.engine). Every file is written atomically.
+
+Loading trusts nothing in the folder: config.json is checked for types and keys, every file it names must lie inside
+the folder (`checkpoint_file`: no absolute path, no "..", no symlink out), every tensor must have the model's
+name, shape and dtype, and pickle files are never unpickled (`vitlab convert ... --allow-pickle` reads tensors only).
 """
-from .errors import UserError
 import datetime
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +24,14 @@ import torch
 import torch.nn as nn
 
 from . import __version__
+from .errors import UserError
 from .techniques import apply_, applied_techniques, reapply_on_load, technique_from_dict, technique_to_dict
 from .utils.io import atomic_path, atomic_write_json
 
 __all__ = [
     "FORMAT", "VERSION", "CheckpointError", "create_model", "save_checkpoint", "load_config", "load_weights",
-    "is_checkpoint", "model_spec", "default_preprocessing",
+    "is_checkpoint", "model_spec", "default_preprocessing", "checkpoint_file", "check_state_dict",
+    "techniques_from_config",
 ]
 
 FORMAT = "vitlab-checkpoint"
@@ -140,80 +146,209 @@ def save_checkpoint(
     return directory
 
 
-def load_config(directory: str | Path) -> dict:
-    """Read and validate a checkpoint folder's config.json."""
+def checkpoint_file(directory: str | Path, name: object, what: str = "a file name") -> Path:
+    """The file `name` (read from `directory`'s config.json, or one of vitlab's fixed names) inside `directory`.
+
+    A checkpoint may only refer to files inside its own folder: an absolute path, a ".." or a symlink that leads
+    out of it is a CheckpointError (a crafted config.json must not make vitlab open /etc/passwd). The folder itself
+    may be a symlink (e.g. `latest -> run3`)."""
     directory = Path(directory)
-    path = directory / CONFIG
-    if not directory.exists():
-        raise CheckpointError(f"checkpoint folder {directory} does not exist")
-    if not path.is_file():
-        raise CheckpointError(f"{directory} is not a vitlab checkpoint: it has no {CONFIG}")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{directory / CONFIG}: {what} must be a file name inside the checkpoint, got {name!r}")
+    root = directory.resolve()
+    rel = Path(name)
+    path = (root / rel).resolve()
+    if rel.is_absolute() or ".." in rel.parts or not path.is_relative_to(root) or path == root:
+        raise CheckpointError(f"checkpoint refers to a file outside it: {what} {name!r} in {directory} leads to "
+                              f"{path}; a checkpoint may only name files inside its folder (re-create it with vitlab)")
+    return path
+
+
+def _expect(cond: bool, path: Path, where: str, want: str, got: object) -> None:
+    if not cond:
+        text = repr(got)
+        text = text if len(text) <= 80 else text[:77] + "..."
+        raise CheckpointError(f"{path}: {where} must be {want}, got {text}; the checkpoint is damaged or was edited "
+                              "by hand: fix that key or re-save the checkpoint with vitlab")
+
+
+def _check_config(config: object, path: Path) -> dict:
+    """Types and required keys of a config.json (what loading reads), each error naming the key."""
+    _expect(isinstance(config, dict), path, "the file", "a JSON object", type(config).__name__)
     if config.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {config.get('format')!r}, expected {FORMAT!r}")
-    if not isinstance(config.get("version"), int) or config["version"] > VERSION:
+        raise CheckpointError(f"{path} has format {config.get('format')!r}, expected {FORMAT!r}: not a vitlab "
+                              "checkpoint (import weights with `vitlab convert MODEL FILE --out DIR`)")
+    version = config.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > VERSION:
         raise CheckpointError(
-            f"{path} is checkpoint version {config.get('version')!r}; this vitlab {__version__} reads up to version "
+            f"{path} is checkpoint version {version!r}; this vitlab {__version__} reads up to version "
             f"{VERSION}: upgrade vitlab")
+    model = config.get("model")
+    _expect(isinstance(model, dict), path, '"model"', 'an object {"name": ..., "kwargs": {...}}', model)
+    _expect(isinstance(model.get("name"), str) and bool(model.get("name")), path, '"model.name"',
+            "a model name (text)", model.get("name"))
+    _expect(isinstance(model.get("kwargs"), dict), path, '"model.kwargs"', "an object of constructor kwargs",
+            model.get("kwargs", "(missing)"))
+    techniques = config.get("techniques", [])
+    _expect(isinstance(techniques, list), path, '"techniques"', "a list", techniques)
+    for i, t in enumerate(techniques):
+        _expect(isinstance(t, dict) and isinstance(t.get("name"), str), path, f'"techniques"[{i}]',
+                'an object with a "name"', t)
+    pre = config.get("preprocessing")
+    if pre is not None:
+        _expect(isinstance(pre, dict), path, '"preprocessing"', "an object", pre)
+        size = pre.get("input_size")
+        _expect(isinstance(size, list) and len(size) == 3 and all(type(v) is int and v > 0 for v in size), path,
+                '"preprocessing.input_size"', "[channels, height, width], three integers >= 1", size)
+        for key in ("mean", "std"):
+            v = pre.get(key)
+            _expect(isinstance(v, list) and len(v) == size[0]
+                    and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v), path,
+                    f'"preprocessing.{key}"', f"a list of {size[0]} numbers (one per channel)", v)
+        _expect(all(x > 0 for x in pre["std"]), path, '"preprocessing.std"', "positive numbers", pre["std"])
+        names = pre.get("class_names", [])
+        _expect(isinstance(names, list) and all(isinstance(n, str) for n in names), path,
+                '"preprocessing.class_names"', "a list of class names (text)", names)
+    quant = config.get("quantization")
+    if quant is not None:
+        _expect(isinstance(quant, dict), path, '"quantization"', "an object", quant)
+        for key in ("bits", "modes"):
+            _expect(isinstance(quant.get(key, {}), dict), path, f'"quantization.{key}"',
+                    "an object {quantizer: value}", quant.get(key))
     return config
 
 
-def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def load_config(directory: str | Path) -> dict:
+    """Read and validate a checkpoint folder's config.json (types and keys: see `_check_config`)."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint folder {directory} does not exist")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file, not a checkpoint folder (a folder with {CONFIG} and {WEIGHTS})")
+    if not (directory / CONFIG).is_file():
+        raise CheckpointError(f"{directory} is not a vitlab checkpoint: it has no {CONFIG}")
+    path = directory / CONFIG
+    checkpoint_file(directory, CONFIG)  # config.json itself may not be a symlink out of the folder
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from None
+    return _check_config(config, path)
+
+
+def _convert_hint(path: Path, model: nn.Module | None) -> str:
+    """The exact `vitlab convert` command that turns a trusted pickle file into a checkpoint."""
+    spec = (getattr(model, SPEC_ATTR, None) or {}) if model is not None else {}
+    name = spec.get("name") or ((getattr(model, "pretrained_cfg", None) or {}).get("architecture") if model else None)
+    command = f"vitlab convert {shlex.quote(name) if name else 'MODEL'} {shlex.quote(str(path))}"
+    if spec.get("kwargs"):
+        command += f" --model-kwargs {shlex.quote(json.dumps(spec['kwargs']))}"
+    return command + " --allow-pickle --out DIR"
+
+
+def _unpickler_reason(err: BaseException) -> str:
+    """torch.load's refusal without its multi-line advice (weights_only=False etc.): just what it found."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        text = text.split(" Please use", 1)[0].split("Check the documentation", 1)[0]
+    elif "Weights only load failed" in text:
+        text = text.split("\n", 1)[0]
+    text = " ".join(text.split()).strip(" .")
+    return text or f"{type(err).__name__}: the file is empty or truncated"
+
+
+def _read_state_dict(path: Path, allow_pickle: bool, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
+        hint = ""
+        if path.name == WEIGHTS and path.parent.is_dir():
+            pickles = sorted(p.name for p in path.parent.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                hint = (f" (the folder has {pickles[0]}, a pickle file, which vitlab does not read from a checkpoint; "
+                        f"if you trust it: {_convert_hint(path.parent / pickles[0], model)})")
+        raise CheckpointError(f"weights file {path} does not exist{hint}")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"cannot read {path}: {e} (truncated or not a safetensors file)") from None
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise CheckpointError(
-                f"{path} is a pickle-based file, which can run code when loaded; vitlab loads it only when you pass "
-                "--allow-pickle (allow_pickle=True), and then with torch.load(weights_only=True). Prefer safetensors.")
+                f"{path} is a pickle file, and vitlab does not unpickle files (loading a pickle can run any code in "
+                f"it); if you trust it, convert it once: {_convert_hint(path, model)}")
         import argparse
+        import pickle
 
         try:
             # training scripts (timm, DeiT) store their argparse.Namespace beside the weights: a plain data class
             with torch.serialization.safe_globals([argparse.Namespace]):
                 state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001  (torch raises many types for a bad or unsafe pickle)
-            raise CheckpointError(f"cannot load {path} with weights_only=True: {e}") from None
+        except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, TypeError, KeyError,
+                AttributeError, ImportError) as e:  # torch raises many types for a bad or unsafe pickle
+            raise CheckpointError(
+                f"{path}: vitlab read this pickle with torch.load(weights_only=True), tensors and plain data only, "
+                f"and it holds something else ({_unpickler_reason(e)}); vitlab will not unpickle it: get the "
+                "weights as .safetensors or a plain state_dict from its source") from None
         for key in ("state_dict", "model", "module"):  # common wrappers
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
-        return state
+        if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path} holds no state_dict (a dict of tensor names to tensors) but a "
+                                  f"{type(state).__name__}; save model.state_dict() instead")
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     raise CheckpointError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors")
+
+
+def _dtype_fits(saved: torch.dtype, wanted: torch.dtype) -> bool:
+    """Same dtype, or a lossless widening of one floating-point type into another (a float16 release into float32
+    parameters). Never int <-> float (int8 codes read as float weights), never a narrowing."""
+    if saved == wanted:
+        return True
+    return saved.is_floating_point and wanted.is_floating_point and torch.promote_types(saved, wanted) == wanted
+
+
+def check_state_dict(state: dict, own: dict, path: str | Path, *, strict: bool = True, adopt_shapes=()) -> None:
+    """Every tensor of `own` (the model's state_dict) is in `state` with the same shape and a dtype that fits; else
+    a CheckpointError naming the tensor and the file. `strict`: missing and unexpected tensors are errors too.
+    `adopt_shapes`: keys whose module takes the saved shape (a quantizer's per-channel scales): dtype checked only."""
+    for key, value in own.items():
+        if key not in state:
+            if strict:
+                raise CheckpointError(f"{path}: tensor {key!r} {tuple(value.shape)} that the model needs is missing")
+            continue
+        saved = state[key]
+        if not isinstance(saved, torch.Tensor):
+            raise CheckpointError(f"{path}: {key!r} is a {type(saved).__name__}, not a tensor")
+        if tuple(saved.shape) != tuple(value.shape) and key not in adopt_shapes:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {tuple(saved.shape)} but the model expects {tuple(value.shape)}")
+        if not _dtype_fits(saved.dtype, value.dtype):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} is {str(saved.dtype).removeprefix('torch.')} but the model's is "
+                f"{str(value.dtype).removeprefix('torch.')}; vitlab does not cast it (the file is damaged or belongs "
+                "to another model or quantization layout)")
+    unexpected = [k for k in state if k not in own]
+    if unexpected and strict:
+        raise CheckpointError(f"{path}: tensor {unexpected[0]!r} is not in the model ({len(unexpected)} unexpected)")
 
 
 def load_weights(model: nn.Module, path: str | Path, *, allow_pickle: bool = False, strict: bool = True,
                  filter_fn=None) -> nn.Module:
-    """Load weights into `model`; a missing, unexpected or mis-shaped tensor is an error naming it and the file.
+    """Load weights into `model`; a missing, unexpected, mis-shaped or wrong-dtype tensor is an error naming it and
+    the file (a float16 file may fill float32 parameters: a lossless widening; nothing else is cast).
 
     `filter_fn(state_dict, model) -> state_dict` converts another layout first (each zoo family's
     `checkpoint_filter_fn` maps its official checkpoints to vitlab's layout).
     """
     path = Path(path)
-    state = _read_state_dict(path, allow_pickle)
+    state = _read_state_dict(path, allow_pickle, model)
     if filter_fn is not None:
         state = filter_fn(state, model)
-    own = model.state_dict()
-    for key, value in own.items():
-        if key not in state:
-            if strict:
-                raise CheckpointError(f"{path}: tensor {key!r} {tuple(value.shape)} that the model needs is missing")
-        elif tuple(state[key].shape) != tuple(value.shape):
-            raise CheckpointError(
-                f"{path}: tensor {key!r} has shape {tuple(state[key].shape)} but the model expects {tuple(value.shape)}")
-    unexpected = [k for k in state if k not in own]
-    if unexpected and strict:
-        raise CheckpointError(f"{path}: tensor {unexpected[0]!r} is not in the model ({len(unexpected)} unexpected)")
+    check_state_dict(state, model.state_dict(), path, strict=strict)
     model.load_state_dict(state, strict=False)
     return model
 
@@ -235,11 +370,10 @@ def create_model(name_or_checkpoint: str | Path, *, pretrained: bool = False, re
             from .quant.export import load_quantized
 
             return load_quantized(directory, **kwargs)
-        model_kwargs = {**config["model"]["kwargs"], **kwargs}
-        model = create_model(config["model"]["name"], **model_kwargs)
-        load_weights(model, directory / WEIGHTS)
+        model = _build_from_config(directory, config, kwargs)
+        load_weights(model, checkpoint_file(directory, WEIGHTS))
         model.eval()
-        stack = [technique_from_dict(t) for t in config.get("techniques", [])]
+        stack = techniques_from_config(directory, config)
         if stack:
             object.__setattr__(model, "vitlab_techniques", tuple(t for t in stack if not reapply_on_load(t)))
             if reapply:
@@ -250,7 +384,47 @@ def create_model(name_or_checkpoint: str | Path, *, pretrained: bool = False, re
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:8]
         hint = f"; similar: {', '.join(close)}" if close else "; `vitlab models PATTERN` lists names"
-        raise ValueError(f"unknown model {name!r} (not a timm/vitlab model name nor a checkpoint folder){hint}")
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        raise UserError(f"unknown model {name!r} (not a timm/vitlab model name nor a checkpoint folder){hint}")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        # a keyword the constructor does not take, or a value of the wrong type (--model-kwargs, config.json)
+        if not kwargs:
+            raise
+        raise UserError(f"{name} cannot be built with kwargs {json.dumps(_jsonable_or_repr(kwargs))}: {e}") from None
     setattr(model, SPEC_ATTR, {"name": name, "kwargs": dict(kwargs)})
     return model
+
+
+def _jsonable_or_repr(value: Any) -> Any:
+    try:
+        return _jsonable(value)
+    except CheckpointError:
+        return repr(value)
+
+
+def _build_from_config(directory: Path, config: dict, overrides: dict) -> nn.Module:
+    """The model config.json names, built with its kwargs (and `overrides`); errors name config.json's keys."""
+    import timm
+
+    name = config["model"]["name"]
+    path = directory / CONFIG
+    if not timm.is_model(name):
+        raise CheckpointError(f"{path}: \"model.name\" {name!r} is not a model this vitlab knows (a newer vitlab or "
+                              "a plugin made it, or the file was edited): upgrade vitlab or fix the name")
+    try:
+        return create_model(name, **{**config["model"]["kwargs"], **overrides})
+    except (UserError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: \"model.kwargs\" do not build {name}: {e}") from None
+
+
+def techniques_from_config(directory: str | Path, config: dict) -> list:
+    """config.json's "techniques" as technique configs; a bad entry is a CheckpointError naming it."""
+    stack = []
+    for i, t in enumerate(config.get("techniques", [])):
+        try:
+            stack.append(technique_from_dict(t))
+        except (UserError, TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{Path(directory) / CONFIG}: \"techniques\"[{i}] {json.dumps(t)[:120]} cannot be "
+                                  f"read: {e}") from None
+    return stack

@@ -61,65 +61,104 @@ def save_quantized(model_or_runner: Any, directory: str | Path, **checkpoint_kwa
 
 
 def load_quantized(directory: str | Path, **kwargs):
-    """Rebuild what `save_quantized` wrote: a PyTorch module (simulated) or an OpenVINORunner (deployed)."""
-    from safetensors.torch import load_file
+    """Rebuild what `save_quantized` wrote: a PyTorch module (simulated) or an OpenVINORunner (deployed).
 
-    from ..checkpoint import create_model
-    from ..techniques import apply_, reapply_on_load, technique_from_dict
+    Every file comes from inside `directory` (config.json's "ir" included: `checkpoint_file`), every tensor must
+    match the rebuilt model's names, shapes and dtypes, and a missing or damaged graph is a CheckpointError naming
+    the file (never an engine traceback)."""
+    from ..checkpoint import (_build_from_config, _read_state_dict, check_state_dict, checkpoint_file,
+                              techniques_from_config)
+    from ..errors import UserError, one_line
+    from ..techniques import apply_, reapply_on_load
     from . import PTQ, quantize_
     from .sim import quantizers
 
     directory = Path(directory)
     config = load_config(directory)
     section = config.get("quantization") or {}
+    config_path = directory / "config.json"
     if section.get("format") != QUANT_FORMAT:
         raise CheckpointError(f"{directory}: config.json has no vitlab quantization section")
-    stack = tuple(technique_from_dict(t) for t in config.get("techniques", []))
+    kind = section.get("kind")
+    if kind not in ("simulated", "onnxruntime", "openvino"):
+        raise CheckpointError(f"{config_path}: \"quantization.kind\" is {kind!r}, not simulated, onnxruntime or "
+                              "openvino; the checkpoint is damaged: re-create it with vitlab quantize")
+    stack = tuple(techniques_from_config(directory, config))
 
     def build() -> nn.Module:  # the float model with the techniques that re-apply on load (token reduction)
-        m = create_model(config["model"]["name"], **{**config["model"]["kwargs"], **kwargs}).eval()
+        m = _build_from_config(directory, config, kwargs).eval()
         return apply_(m, [t for t in stack if reapply_on_load(t)])
 
     model = build()
     quant_cfg = stack[-1] if stack else None
-    state = load_file(str(directory / WEIGHTS))
+    if not isinstance(quant_cfg, PTQ) and not hasattr(quant_cfg, "ptq"):
+        raise CheckpointError(f"{config_path}: a quantized checkpoint's last technique must be its quantization "
+                              f"(ptq, w8a8, w8), got {config.get('techniques')!r}; re-create it with vitlab quantize")
+    weights = checkpoint_file(directory, WEIGHTS)
+    state = _read_state_dict(weights, allow_pickle=False)
     twin_cfg = quant_cfg if isinstance(quant_cfg, PTQ) else (
         quant_cfg.ptq() if section.get("simulated_twin") else None)
+    if kind == "simulated" and twin_cfg is None:
+        raise CheckpointError(f"{config_path}: a simulated quantized checkpoint needs a ptq technique, got "
+                              f"{config.get('techniques')!r}; re-create it with vitlab quantize")
     float_state = {k: v for k, v in state.items() if k in model.state_dict()}
     if twin_cfg is None:
-        missing = [k for k in model.state_dict() if k not in float_state]
-        if missing:
-            raise CheckpointError(f"{directory / WEIGHTS}: tensor {missing[0]!r} that the model needs is missing")
+        check_state_dict(float_state, model.state_dict(), weights)
         model.load_state_dict(float_state)
         sim = None
     else:
         float_model = build()
+        check_state_dict(float_state, float_model.state_dict(), weights)
         float_model.load_state_dict(float_state)
         quantize_(model, twin_cfg)
-        bits = section.get("bits", {})
-        for name, q in quantizers(model):
-            if name in bits:
-                q.set_bits(int(bits[name]))
+        try:
+            bits = section.get("bits", {})
+            for name, q in quantizers(model):
+                if name in bits:
+                    q.set_bits(int(bits[name]))
+        except (UserError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{config_path}: \"quantization.bits\" {one_line(e)}; the checkpoint is damaged: "
+                                  "re-create it with vitlab quantize") from None
+        # the quantizers' scales and zero points too; their per-channel shapes come from the file
+        adopt = {f"{name}.{b}" for name, q in quantizers(model) for b, _ in q.named_buffers(recurse=False)}
+        check_state_dict(state, model.state_dict(), weights, adopt_shapes=adopt)
         model.load_state_dict(state, strict=True)
         modes = section.get("modes", {})
-        for name, q in quantizers(model):
-            q.calibrated = modes.get(name, "quant") == "quant"
-            q.set_mode(modes.get(name, "quant"))
+        try:
+            for name, q in quantizers(model):
+                q.calibrated = modes.get(name, "quant") == "quant"
+                q.set_mode(modes.get(name, "quant"))
+        except UserError as e:
+            raise CheckpointError(f"{config_path}: \"quantization.modes\": {one_line(e)}") from None
         object.__setattr__(model, "vitlab_techniques", stack)
         model.vitlab_checkpoint = {"path": str(directory), "config": config}
         sim = model
         model = float_model
     model.vitlab_checkpoint = {"path": str(directory), "config": config}
-    if section.get("kind") == "simulated":
+    if kind == "simulated":
         return sim
     from .deploy import OnnxRuntimeRunner, OpenVINORunner, _ov
 
     threads = getattr(quant_cfg, "threads", None)
-    if section.get("kind") == "onnxruntime":
-        graph = (directory / section["ir"]).read_bytes()
-        return OnnxRuntimeRunner(graph, model, stack, section["engine"], threads, sim)
-    ov_model = _ov().Core().read_model(str(directory / section.get("ir", IR)))
-    return OpenVINORunner(ov_model, model, stack, section.get("engine", "openvino-int8"), threads, sim)
+    graph_name = section.get("ir", IR if kind == "openvino" else "model.onnx")
+    graph = checkpoint_file(directory, graph_name, '"quantization.ir"')
+    files = [graph] + ([checkpoint_file(directory, str(Path(graph_name).with_suffix(".bin")))]
+                       if kind == "openvino" else [])
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{directory}: the engine graph {f.name} that config.json names is missing; "
+                                  "re-create the checkpoint with vitlab quantize")
+    try:
+        if kind == "onnxruntime":
+            return OnnxRuntimeRunner(graph.read_bytes(), model, stack, section.get("engine", "onnxruntime-int8"),
+                                     threads, sim)
+        ov_model = _ov().Core().read_model(str(graph))
+        return OpenVINORunner(ov_model, model, stack, section.get("engine", "openvino-int8"), threads, sim)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001  (each engine raises its own types for a damaged graph)
+        raise CheckpointError(f"cannot load the engine graph {graph}: {type(e).__name__}: {one_line(e)[:300]}; "
+                              "the file is damaged: re-create the checkpoint with vitlab quantize") from None
 
 
 def export_model(model_or_runner: Any, directory: str | Path, fmt: str, example: torch.Tensor | None = None) -> Path:
