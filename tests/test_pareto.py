@@ -144,5 +144,5 @@ def test_export_of_an_int8_point_reloads(tmp_path):
                       calib_images=32)
     out = export_point(cfg, {"source": str(tmp_path / "src"), "apply": ["w8a8"]}, tmp_path / "rec")
     runner = vitlab.create_model(str(out))
-    assert runner.engine == "onnxruntime-int8"     # w8a8's default engine where onnxruntime is installed
+    assert runner.engine in ("onnxruntime-int8", "openvino-int8")   # engine=auto: whichever was faster here
     assert runner(torch.randn(2, 1, 16, 16)).shape == (2, 10)

@@ -61,7 +61,8 @@ def needs_calibration(apply) -> bool:
 
     configs = parse_apply(list(apply)) if apply and isinstance(list(apply)[0], str) else list(apply or [])
     # quantization calibrates; pruning criteria that score with gradients or ablations say so (needs_calibration)
-    return any(technique_kind(c) == Kind.QUANTIZATION or getattr(c, "needs_calibration", False) for c in configs)
+    # (a quantization technique that needs none, bf16 or w8, says needs_calibration = False)
+    return any(getattr(c, "needs_calibration", technique_kind(c) == Kind.QUANTIZATION) for c in configs)
 
 
 def calibration_batches(model, data: str, split: str = "train", num_images: int = 256, *, seed: int = 0,
@@ -100,17 +101,6 @@ def build_runner(source: str, apply=(), img_size: int | None = None, dtype: str 
     """Model (name or checkpoint) + technique stack -> a runner. Also the peak-memory subprocess's factory.
 
     A stack with quantization calibrates on `calib_images` images of `calib_data`/`calib_split` (seeded).
-    """
-    kwargs = {"img_size": img_size} if img_size else {}
-    model = create_model(source, **kwargs)
-    configs = parse_apply(list(apply))
-    calib = None
-    if needs_calibration(configs):
-        if calib_data is None:
-            raise ValueError(f"{' + '.join(map(format_technique, configs))} calibrates on images: give --data SPEC "
-                             "(calibration uses --calib-split, default train; --data synthetic for a speed-only "
-                             "run on random images)")
-        calib = calibration_batches(model, calib_data, calib_split, calib_images, data_dir=data_dir)
     `engine_batch` / `engine_trial`: the batch engine=auto times its trial at, and whether it times one
     (`vitlab.quant.engine_choice.engine_trial`; None keeps the caller's setting).
     model = apply_(model, configs, calib=calib)
@@ -125,6 +115,17 @@ def build_runner(source: str, apply=(), img_size: int | None = None, dtype: str 
 
 def _build_runner(source, apply, img_size, dtype, channels_last, compile, calib_data, calib_split, calib_images,
                   data_dir):
+    kwargs = {"img_size": img_size} if img_size else {}
+    model = create_model(source, **kwargs)
+    configs = parse_apply(list(apply))
+    calib = None
+    if needs_calibration(configs):
+        if calib_data is None:
+            raise ValueError(f"{' + '.join(map(format_technique, configs))} calibrates on images: give --data SPEC "
+                             "(calibration uses --calib-split, default train; --data synthetic for a speed-only "
+                             "run on random images)")
+        calib = calibration_batches(model, calib_data, calib_split, calib_images, data_dir=data_dir)
+    model = apply_(model, configs, calib=calib)
     if isinstance(model, torch.nn.Module):
         return as_runner(model, dtype=dtype, channels_last=channels_last, compile=compile)
     return as_runner(model)

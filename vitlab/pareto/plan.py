@@ -98,7 +98,7 @@ def _token_stacks(model) -> list[str]:
 def default_stacks(model) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]], list[str]]:
     """(stacks for the base model, stacks for candidates, notes on what was left out and why).
 
-    Base: none; w8a8 (deployed int8); token reduction at two strengths each; W6A6 and W4A4 AdaLog (simulated:
+    Base: none; w8a8 (deployed int8); bf16 where the CPU has native bf16; token reduction at two strengths each; W6A6 and W4A4 AdaLog (simulated:
     accuracy only, their speed is fake-quant PyTorch); then stacks of the mildest token setting with int8.
     Candidates (pruned models): none, w8a8, and mild tokens + w8a8.
     """
@@ -117,9 +117,16 @@ def default_stacks(model) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]],
     ptq = "ptq" in names
     if not ptq:
         notes.append("ptq (simulated low-bit PTQ) is not available in this install: no W6A6/W4A4 points")
+    from ..profiling.cpu import cpu_flags_text, has_bf16
+
+    bf16 = "bf16" in names and has_bf16()
+    if "bf16" in names and not bf16:
+        notes.append(f"bf16: this CPU has no native bf16 (flags: {cpu_flags_text() or 'no AVX2'}), no bf16 point")
     base = [()]
     if int8:
         base.append(("w8a8",))
+    if bf16:
+        base.append(("bf16",))
     base += [(t,) for t in tokens]
     if ptq:
         base += [("ptq:w=6,a=6,quantizer=adalog",), ("ptq:w=4,a=4,quantizer=adalog",)]

@@ -23,7 +23,7 @@ widths with set_bits and re-finalizes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, ClassVar, Iterable, Literal
 
 import torch
 import torch.nn as nn
@@ -48,7 +48,7 @@ def load_quantized(directory, **kwargs):
     return _load(directory, **kwargs)
 
 __all__ = [
-    "PTQ", "W8A8", "W8", "calibrate", "quantize_", "Quantizer", "UniformQuantizer", "MinMaxQuantizer",
+    "PTQ", "W8A8", "W8", "BF16", "calibrate", "quantize_", "Quantizer", "UniformQuantizer", "MinMaxQuantizer",
     "PercentileQuantizer", "MSEQuantizer", "QUANTIZERS", "register_quantizer", "make_quantizer", "quantizer_names",
     "QuantizerError", "QuantLinear", "QuantAttention", "quantizers", "set_quant_mode", "is_quantized",
     "CalibrationError", "save_quantized", "load_quantized",
@@ -154,10 +154,32 @@ class W8:
 
     engine: Literal["openvino"] = "openvino"
     threads: int | None = None
+    needs_calibration: ClassVar[bool] = False   # scales come from the weights alone
 
     def ptq(self) -> PTQ:
         """The simulated twin's config (only its weight quantizers are switched on)."""
         return PTQ(w=8, a=8, quantizer="minmax", attn=False, post_gelu=False, act_quantizer="minmax")
+
+
+@register_technique("bf16", Kind.QUANTIZATION, reapply_on_load=True)
+@dataclass(frozen=True)
+class BF16:
+    """bf16 inference on a CPU with native bf16 (AVX512_BF16 or AMX); weights and activations in bfloat16.
+
+    `engine="torch"`: PyTorch with bf16 autocast (oneDNN's bf16 matmuls; softmax, LayerNorm and the output in
+    f32); `engine="openvino"`: OpenVINO with `INFERENCE_PRECISION_HINT=bf16`; `engine="auto"` (default): both are
+    built and timed here at the caller's batch and threads, the faster kept (`vitlab.quant.engine_choice`; trial off:
+    OpenVINO). Refused on CPUs without native bf16, where bf16 is emulated and slower than f32. Needs no
+    calibration; a checkpoint saved with it keeps the float weights and re-deploys bf16 when it loads.
+    """
+
+    engine: Literal["auto", "torch", "openvino"] = "auto"
+    threads: int | None = None
+    needs_calibration: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads} must be >= 1")
 
 
 # ----------------------------------------------------------------------------------------------- verbs
@@ -281,3 +303,10 @@ def _apply_w8(model: nn.Module, cfg: W8, calib=None):
     from .deploy import deploy_w8
 
     return deploy_w8(model, cfg)
+
+
+@register_handler(BF16)
+def _apply_bf16(model: nn.Module, cfg: BF16):
+    from .deploy import deploy_bf16
+
+    return deploy_bf16(model, cfg)

@@ -30,7 +30,7 @@ import torch.nn as nn
 from ..runner import model_input_size
 from ..techniques import TechniqueError, applied_techniques
 
-__all__ = ["OpenVINORunner", "OnnxRuntimeRunner", "to_onnx", "deploy_w8a8", "deploy_w8", "to_openvino", "compile_openvino", "fake_quant_ranges",
+__all__ = ["OpenVINORunner", "OnnxRuntimeRunner", "to_onnx", "deploy_w8a8", "deploy_w8", "deploy_bf16", "to_openvino", "compile_openvino", "fake_quant_ranges",
            "weight_scales", "ov_config", "int8_weight_form"]
 
 
@@ -363,4 +363,47 @@ def deploy_w8(model: nn.Module, cfg) -> OpenVINORunner:
     runner = OpenVINORunner(ov_model, float_module, stack + (cfg,), "openvino-w8", cfg.threads, model)
     _check_conversion(runner, model, torch.randn(8, *model_input_size(model), generator=torch.Generator().manual_seed(0)),
                       "w8")
+    return runner
+
+
+def deploy_bf16(model: nn.Module, cfg):
+    """The bf16 handler: refuse a CPU without native bf16; else a torch autocast runner or an OpenVINO bf16 runner
+    (`engine=auto`: the faster here, `vitlab.quant.engine_choice`)."""
+    from ..profiling.cpu import cpu_flags_text, cpu_name, has_bf16
+    from ..runner import TorchRunner
+    from ..techniques import format_technique
+    from .engine_choice import choose_engine, installed_engines
+
+    if not isinstance(model, nn.Module):
+        raise TechniqueError(f"bf16 deploys a PyTorch model; got {type(model).__name__} (apply bf16 instead of, not "
+                             "after, another deployment)")
+    if not has_bf16():
+        raise TechniqueError(
+            f"bf16 needs a CPU with native bf16 (AVX512_BF16 or AMX); this one ({cpu_name()}: "
+            f"{cpu_flags_text() or 'no AVX2'}) would emulate it, slower than f32: use w8a8 (real int8) or no "
+            "quantization here")
+    stack = applied_techniques(model)
+    techniques = stack + (cfg,)
+    model.eval()
+    float_module = copy.deepcopy(model)
+
+    def torch_runner():
+        module = copy.deepcopy(float_module)
+        module.vitlab_techniques = techniques
+        return TorchRunner(module, dtype="bf16", engine="torch-bf16")
+
+    builders = {
+        "torch": torch_runner,
+        "openvino": lambda: OpenVINORunner(to_openvino(float_module, _example(float_module, None)), float_module,
+                                           techniques, "openvino-bf16", cfg.threads, None, precision="bf16"),
+    }
+    if cfg.engine == "auto":
+        installed = installed_engines(("torch", "openvino"))
+        runner, choice = choose_engine({e: builders[e] for e in installed}, float_module,
+                                       model_input_size(float_module),
+                                       threads=int(cfg.threads or torch.get_num_threads()), default_batch=32,
+                                       kind="bf16", extra=" + ".join(format_technique(t) for t in techniques))
+        runner.engine_choice = choice.to_dict()
+    else:
+        runner = builders[cfg.engine]()
     return runner

@@ -37,7 +37,15 @@ def save_quantized(model_or_runner: Any, directory: str | Path, **checkpoint_kwa
     from .deploy import OnnxRuntimeRunner, OpenVINORunner
     from .sim import is_quantized
 
+    from . import BF16
+
     directory = Path(directory)
+    stack = tuple(getattr(model_or_runner, "techniques", None) or ())
+    if stack and isinstance(stack[-1], BF16):
+        # bf16 has no state of its own: the float weights, with bf16 in the stack, re-deployed when they load
+        module = getattr(model_or_runner, "float_module", None) or model_or_runner.module
+        object.__setattr__(module, "vitlab_techniques", stack)
+        return save_checkpoint(module, directory, **checkpoint_kwargs)
     if isinstance(model_or_runner, (OpenVINORunner, OnnxRuntimeRunner)):
         runner = model_or_runner
         module = runner.sim_module if runner.sim_module is not None else runner.float_module
