@@ -103,7 +103,7 @@ def build_runner(source: str, apply=(), img_size: int | None = None, dtype: str 
     A stack with quantization calibrates on `calib_images` images of `calib_data`/`calib_split` (seeded).
     `engine_batch` / `engine_trial`: the batch engine=auto times its trial at, and whether it times one
     (`vitlab.quant.engine_choice.engine_trial`; None keeps the caller's setting).
-    model = apply_(model, configs, calib=calib)
+    """
     from ..quant.engine_choice import engine_trial as trial, trial_settings
 
     settings = trial_settings()
@@ -169,6 +169,12 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
     with num_threads(threads):
         calib_data = calib_data or data
         calib = dict(calib_data=calib_data, calib_split=calib_split, calib_images=calib_images, data_dir=data_dir)
+        from ..quant.engine_choice import trial_settings
+
+        # engine=auto times its trial at the first batch measured (unless the caller set one), and the memory
+        # subprocess builds with the same settings (a cached choice there: only the winning engine is built)
+        settings = trial_settings()
+        calib.update(engine_batch=settings.batch or batches[0], engine_trial=settings.enabled)
         runner = build_runner(source, apply, img_size=img_size, dtype=dtype, channels_last=channels_last,
                               compile=compile, **calib)
         module = getattr(runner, "module", None)
@@ -180,12 +186,6 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
             accuracy = {k: result[k] for k in accuracy}
         flops_model = module if module is not None else getattr(runner, "float_module", None)
         counted = count_flops(flops_model, torch.randn(1, c, h, w)) if flops_model is not None else None
-        from ..quant.engine_choice import trial_settings
-
-        # engine=auto times its trial at the first batch measured (unless the caller set one), and the memory
-        # subprocess builds with the same settings (a cached choice there: only the winning engine is built)
-        settings = trial_settings()
-        calib.update(engine_batch=settings.batch or batches[0], engine_trial=settings.enabled)
         params = sum(p.numel() for p in flops_model.parameters()) if flops_model is not None else 0
         one = torch.randn(1, c, h, w)
         latency = time_callable(lambda: runner(one), min_time_s=min_time_s)
