@@ -1,6 +1,7 @@
 """Tests of vitlab.data: specs, splits, Fashion-MNIST (installed at /usr/share/datasets), image folders, synthetic."""
 import gzip
 import io
+import json
 import os
 import warnings
 
@@ -13,6 +14,9 @@ from vitlab.data import (SPLITS, DataError, DatasetNotFoundError, DataSpec, FMNI
                          build_dataset, dataset_info)
 from vitlab.data.fashion_mnist import _read_idx_cached
 from vitlab.data.imagefolder import load_image
+from vitlab.data.transforms import display_name
+
+import vitlab
 
 
 # --------------------------------------------------------------------------------------------------------- specs
@@ -330,3 +334,113 @@ def test_dataset_info():
                     "Ankle boot"]}
     info = dataset_info("synthetic:classes=4")
     assert info["num_classes"] == 4 and info["native_shape"] is None and info["kind"] == "synthetic"
+
+
+# ------------------------------------------------------------------------------ odd folders and files (issue 22)
+
+def _png(path, size=(6, 6), value=128):
+    _mk(path)
+    Image.new("L", size, value).save(path)
+
+
+def _mk(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _quiet_build(spec, split="test", **kw):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ds = build_dataset(spec, split, img_size=8, **kw)
+    return ds, " | ".join(str(w.message) for w in record)
+
+
+def test_imagefolder_symlink_loop_counts_each_file_once(tmp_path):
+    root = tmp_path / "loop"
+    _png(root / "a" / "1.png")
+    _png(root / "b" / "2.png")
+    os.symlink(root / "a", root / "a" / "again")      # a loop: a/again/again/... grew the folder to 902 images
+    os.symlink(root, root / "b" / "up")               # a loop through the root
+    os.symlink(root / "a" / "1.png", root / "b" / "same.png")   # one file reached twice
+    os.link(root / "b" / "2.png", root / "b" / "hard.png")      # a hard link is the same file too
+    ds, messages = _quiet_build(f"imagefolder:{root}")
+    assert sorted(os.path.basename(p) for p, _ in ds.samples) == ["1.png", "2.png"]
+    assert "symbolic link loop" in messages and "counting" in messages and "same file" in messages
+    # a linked folder reached once is read (once)
+    other = tmp_path / "elsewhere"
+    _png(other / "3.png")
+    os.symlink(other, root / "a" / "linked")
+    ds, _ = _quiet_build(f"imagefolder:{root}")
+    assert sorted(os.path.basename(p) for p, _ in ds.samples) == ["1.png", "2.png", "3.png"]
+
+
+def test_imagefolder_odd_files_are_read_or_reported(tmp_path):
+    root = tmp_path / "odd"
+    rgba = Image.new("RGBA", (5, 7), (0, 0, 0, 0))                # fully transparent: white on white
+    rgba.save(_mk(root / "x" / "alpha.png"))
+    Image.fromarray(np.full((3, 9), 65535, dtype=np.uint16)).save(root / "x" / "sixteen.png")
+    Image.new("CMYK", (4, 4), (0, 0, 0, 255)).save(root / "x" / "cmyk.jpg")
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([0, 0, 0] * 256)
+    pal.info["transparency"] = 0
+    pal.save(root / "x" / "palette.png", transparency=0)        # transparent palette index: white
+    Image.new("L", (1, 1), 0).save(root / "x" / "one.png")       # 1x1: resized up
+    (root / "x" / "zero.png").write_bytes(b"")                   # zero bytes: skipped with a report
+    Image.new("LAB", (4, 4), (0, 0, 0)).save(root / "x" / "lab.tif")  # 'A' is a band, not alpha
+    bad_name = os.fsdecode(b"caf\xe9.png")                       # not UTF-8
+    Image.new("L", (4, 4), 0).save(root / "x" / bad_name)
+    (root / "empty_class").mkdir()
+    ds, messages = _quiet_build(f"imagefolder:{root}", in_chans=3, mean=(0.0,), std=(1.0,))
+    assert "zero.png: empty file (0 bytes)" in messages and "empty_class has no images" in messages
+    assert ds.classes == ["empty_class", "x"] and any(b.endswith("zero.png") for b in ds.bad)
+    values = {os.path.basename(p): ds[i][0] for i, (p, _) in enumerate(ds.samples)}
+    assert all(v.shape == (3, 8, 8) for v in values.values())
+    white = {k for k, v in values.items() if torch.allclose(v, torch.ones_like(v), atol=0.02)}
+    black = {k for k, v in values.items() if v.abs().max() < 0.02}
+    assert white == {"alpha.png", "sixteen.png", "palette.png"} and {"cmyk.jpg", "one.png", bad_name} <= black
+    json.dumps({"skipped": ds.bad, "files": [display_name(p) for p, _ in ds.samples]}, ensure_ascii=False)
+    assert any("caf\\xe9.png" in display_name(p) for p, _ in ds.samples)
+
+
+def test_imagefolder_non_utf8_class_folder(tmp_path):
+    root = tmp_path / "names"
+    _png(root / os.fsdecode(b"\xff-class") / "a.png")
+    _png(root / "plain" / "b.png")
+    ds, _ = _quiet_build(f"imagefolder:{root}")
+    assert ds.classes == ["plain", "\\xff-class"] and len(ds) == 2 and ds[1][0].shape == (1, 8, 8)
+    print(ds.classes)  # printable: no UnicodeEncodeError
+    assert dataset_info(f"imagefolder:{root}")["classes"] == ds.classes
+
+
+def test_imagefolder_with_no_images_is_one_line(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "readme.txt").write_text("no images")
+    with pytest.raises(DataError, match="no images in") as e:
+        _quiet_build(f"imagefolder:{tmp_path}")
+    assert "\n" not in str(e.value)
+    (tmp_path / "a" / "zero.png").write_bytes(b"")
+    with pytest.raises(DataError, match="none of the 1 image files"):
+        _quiet_build(f"imagefolder:{tmp_path}")
+
+
+def test_get_or_skip_never_substitutes(tree):
+    from vitlab.data.imagefolder import Skipped
+
+    ds = _build_quietly(f"imagefolder:{tree}", "train", img_size=16, in_chans=3, mean=(0.5,), std=(0.5,))
+    index = [p for p, _ in ds.samples].index(str(tree / "train" / "cat" / "truncated.jpg"))
+    with pytest.warns(UserWarning, match="truncated.jpg"):
+        item = ds.get_or_skip(index)
+    assert isinstance(item, Skipped) and item.path.endswith("truncated.jpg")
+    assert isinstance(ds.get_or_skip(index), Skipped)          # remembered: no second decode attempt
+    x, y = ds[index]                                            # a training loader still gets an item
+    assert x.shape == (3, 16, 16)
+
+
+def test_fashion_mnist_for_a_model_is_unchanged():
+    from vitlab.data.transforms import dataset_for_model
+
+    model = vitlab.create_model("vl_test_vit")       # 1x16x16: Fashion-MNIST is resized as before
+    ours = dataset_for_model(model, "fashion-mnist", "val")
+    theirs = build_dataset("fashion-mnist", "val", img_size=16, mean=FMNIST_MEAN, std=FMNIST_STD)
+    for i in (0, 17, 4999):
+        assert torch.equal(ours[i][0], theirs[i][0]) and ours[i][1] == theirs[i][1]

@@ -131,20 +131,22 @@ def _scan(root: Path, class_dirs: list[str], labels: dict[str, int]) -> list[tup
     if extra:
         raise DataError(f"{display_name(str(root))} has class folder(s) {[display_name(e) for e in extra]} that the "
                         f"training classes lack: make the class folders of train/, val/ and test/ match")
-    samples, notes, seen_dirs, seen_files = [], _Notes(), {}, {}
+    samples, notes, seen_dirs, seen_files, empty = [], _Notes(), {}, {}, []
     for name in class_dirs:
         class_dir = root / name
         if not class_dir.is_dir():
             continue
         files = _walk(str(class_dir), seen_dirs, seen_files, notes)
         if not files:
-            notes.warn(f"class folder {display_name(str(class_dir))} has no images: class {display_name(name)!r} "
-                       f"gets no samples here")
+            empty.append(name)
         samples += [(f, labels[name]) for f in files]
-    notes.close(display_name(str(root)))
     if not samples:
         raise DataError(f"no images in {display_name(str(root))}: expected files ending in "
                         f"{', '.join(IMG_EXTENSIONS)} under {display_name(str(root))}/CLASS_NAME/")
+    for name in empty:
+        notes.warn(f"class folder {display_name(str(root / name))} has no images: class {display_name(name)!r} "
+                   f"gets no samples here")
+    notes.close(display_name(str(root)))
     return samples
 
 
