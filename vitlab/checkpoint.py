@@ -31,7 +31,7 @@ from .utils.io import atomic_path, atomic_write_json
 __all__ = [
     "FORMAT", "VERSION", "CheckpointError", "create_model", "save_checkpoint", "load_config", "load_weights",
     "is_checkpoint", "model_spec", "default_preprocessing", "checkpoint_file", "check_state_dict",
-    "techniques_from_config",
+    "techniques_from_config", "refuse_out_over_source",
 ]
 
 FORMAT = "vitlab-checkpoint"
@@ -162,6 +162,24 @@ def checkpoint_file(directory: str | Path, name: object, what: str = "a file nam
         raise CheckpointError(f"checkpoint refers to a file outside it: {what} {name!r} in {directory} leads to "
                               f"{path}; a checkpoint may only name files inside its folder (re-create it with vitlab)")
     return path
+
+
+def refuse_out_over_source(out: str | Path, *sources: str | Path, flag: str = "--out") -> None:
+    """A verb never writes into what it reads: `out` may not be (or lie inside) a source checkpoint folder, nor be
+    the folder of a source weights file (its model.safetensors / config.json would land beside, or over, the file).
+    Model names among `sources` are skipped."""
+    target = Path(out).resolve()
+    for source in sources:
+        src = Path(source)
+        if src.is_dir():
+            folder = src.resolve()
+            hit = target == folder or target.is_relative_to(folder)
+        else:
+            hit = src.is_file() and target == src.resolve().parent
+        if hit:
+            what = "the checkpoint folder" if src.is_dir() else f"the folder of {src.name}"
+            raise UserError(f"{flag} {out} is {what} it reads ({source}); vitlab does not write into its input: "
+                            f"choose another {flag}")
 
 
 def _expect(cond: bool, path: Path, where: str, want: str, got: object) -> None:

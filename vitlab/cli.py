@@ -331,9 +331,11 @@ def _load_runner(source: str, apply: list[str], calib_args=None):
 
 
 def cmd_prune(args) -> int:
+    from .checkpoint import refuse_out_over_source
     from .prune import Prune, prune_checkpoint
 
     _threads(args.threads)
+    refuse_out_over_source(args.out, args.checkpoint)
     if args.apply:
         return _prune_with_technique(args)
     if args.stem_weight == "auto":
@@ -466,10 +468,11 @@ def cmd_explain(args) -> int:
     import torch
 
     from .data.transforms import load_image_tensor, resolve_preprocessing
-    from .explain import plot_token_sources, token_source_map
+    from .explain import image_format, plot_token_sources, token_source_map
 
     if not args.tokens:
         raise ValueError("choose what to explain: --tokens (token-source map); attention maps and CAMs come later")
+    image_format(args.out)  # an --out suffix that names no image format is refused before any work
     model = _load_runner(args.checkpoint, args.apply)
     pre = resolve_preprocessing(model)  # the preprocessing eval and predict use
     x = load_image_tensor(args.image, pre)
@@ -496,10 +499,11 @@ def _json_arg(text: str, flag: str) -> dict:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint import create_model, load_weights, save_checkpoint
+    from .checkpoint import create_model, load_weights, refuse_out_over_source, save_checkpoint
 
     from timm.models import model_entrypoint
 
+    refuse_out_over_source(args.out, args.weights)
     model = create_model(args.model, **_json_arg(args.model_kwargs, "--model-kwargs"))
     # a vitlab family's checkpoint_filter_fn maps its official checkpoints to vitlab's layout; timm models load as
     # saved (timm's own filters expect its hub layouts)
@@ -512,8 +516,10 @@ def cmd_convert(args) -> int:
 
 
 def cmd_pareto(args) -> int:
+    from .checkpoint import refuse_out_over_source
     from .pareto import SweepConfig, run_sweep
 
+    refuse_out_over_source(args.out, args.model, *args.candidates)
     cfg = SweepConfig(
         source=args.model, out=args.out, data=args.data, data_dir=args.data_dir, max_drop_pt=args.max_drop_pt,
         techniques=args.techniques, candidates=list(args.candidates), budget_minutes=args.budget_minutes,

@@ -3,7 +3,24 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["token_source_map", "plot_token_sources"]
+from ..errors import UserError
+
+__all__ = ["token_source_map", "plot_token_sources", "image_format", "IMAGE_FORMATS"]
+
+# the file types an explanation is written as, by --out's suffix (matplotlib's savefig formats)
+IMAGE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff",
+                 ".pdf": "pdf", ".svg": "svg"}
+
+
+def image_format(path: str | Path) -> str:
+    """The format a picture written to `path` gets, from its suffix; an unknown or missing suffix is a UserError."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise UserError(f"--out {path}: the suffix {suffix or '(none)'!s} names no image format vitlab writes; "
+                        f"end the name with one of {', '.join(IMAGE_FORMATS)}")
+    if Path(path).is_dir():
+        raise UserError(f"--out {path} is a folder: give an image file name, e.g. {Path(path) / 'tokens.png'}")
+    return IMAGE_FORMATS[suffix]
 
 
 def token_source_map(model, image: torch.Tensor) -> torch.Tensor:
@@ -15,7 +32,7 @@ def token_source_map(model, image: torch.Tensor) -> torch.Tensor:
     from ..tokens.patch import TokenReducingViT
 
     if not isinstance(model, TokenReducingViT):
-        raise ValueError("token_source_map needs a model with a token-reduction technique applied "
+        raise UserError("token_source_map needs a model with a token-reduction technique applied "
                          "(e.g. --apply tome:r=4 or --apply evit:keep_rate=0.7)")
     state = model.token_state
     previous, state.trace_source = state.trace_source, True
@@ -36,7 +53,10 @@ def token_source_map(model, image: torch.Tensor) -> torch.Tensor:
 
 
 def plot_token_sources(image: torch.Tensor, labels: torch.Tensor, path: str | Path, title: str = "") -> Path:
-    """Draw the token-source map over the image (C, H, W in [0, 1]): one color and outline per token, PNG."""
+    """Draw the token-source map over the image (C, H, W in [0, 1]): one color and outline per token, in the format
+    `path`'s suffix names (.png, .jpg, .pdf, ...: `image_format`). Gray images are drawn as they are (0 black,
+    1 white), not stretched to their own darkest and brightest pixels."""
+    fmt = image_format(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,9 +86,10 @@ def plot_token_sources(image: torch.Tensor, labels: torch.Tensor, path: str | Pa
     edges[1:, :] |= grid[1:, :] != grid[:-1, :]
     overlay[edges] = (1, 1, 1, 0.9)
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
-    axes[0].imshow(picture, cmap="gray" if c == 1 else None)
+    shown = dict(cmap="gray", vmin=0.0, vmax=1.0) if c == 1 else {}  # no auto-contrast of a gray image
+    axes[0].imshow(picture, **shown)
     axes[0].set_title("input")
-    axes[1].imshow(picture, cmap="gray" if c == 1 else None)
+    axes[1].imshow(picture, **shown)
     axes[1].imshow(overlay)
     axes[1].set_title(title or f"{len(ids)} tokens", fontsize=9)
     for ax in axes:
@@ -76,6 +97,6 @@ def plot_token_sources(image: torch.Tensor, labels: torch.Tensor, path: str | Pa
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format=fmt, dpi=110)
     plt.close(fig)
     return path

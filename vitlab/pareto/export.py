@@ -9,6 +9,17 @@ __all__ = ["export_point"]
 
 
 def export_point(cfg, row: dict, directory: str | Path) -> Path:
+    """Rebuild the point and save it in `directory`, built in a fresh folder that then replaces `directory`: no file
+    of an earlier export (a model.onnx of another recommendation) stays beside the new one."""
+    from ..utils.io import atomic_dir
+
+    directory = Path(directory)
+    with atomic_dir(directory) as fresh:
+        _export_into(cfg, row, fresh)
+    return directory
+
+
+def _export_into(cfg, row: dict, directory: str | Path) -> Path:
     """Rebuild the point and save it in `directory`.
 
     Structure and token techniques are saved as a normal checkpoint (weights + config; tokens re-applied on load).

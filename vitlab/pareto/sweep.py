@@ -257,7 +257,13 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, log=print, _stop_after
     keys = [p.key for p in points]
     rows = [done[k] for k in keys if k in done]
     if rows:
-        log(f"resuming: {len(rows)} of {len(points)} points already measured in {out / RESULTS}")
+        failed = [r["key"] for r in rows if r.get("status") == "error"]
+        again = (f"; {len(failed)} of them failed ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}) "
+                 "and are kept as failed: pass --restart to measure everything again" if failed else "")
+        log(f"resuming: {len(rows)} of {len(points)} points already measured in {out / RESULTS}{again}")
+        if failed:
+            notes.append(f"resumed with {len(failed)} failed point(s) from an earlier run, not retried: pass "
+                         "--restart to measure them again")
 
     start = time.monotonic()
     budget_s = cfg.budget_minutes * 60 if cfg.budget_minutes else None

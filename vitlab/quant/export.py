@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, load_config, model_spec, save_checkpoint
+from ..checkpoint import CheckpointError, load_config, model_spec, refuse_out_over_source, save_checkpoint
 from ..utils.io import atomic_write_json
 
 __all__ = ["save_quantized", "load_quantized", "export_model", "QUANT_FORMAT"]
@@ -212,6 +212,10 @@ def quantize_checkpoint(source: str, out: str | Path, apply: list[str], *, data:
     from ..checkpoint import create_model
     from ..techniques import Kind, TechniqueError, apply_, parse_apply, technique_kind
 
+    refuse_out_over_source(out, source)
+    if split == "test":  # vitlab quantize / export name this split --split (eval's is --calib-split)
+        raise TechniqueError("--split test: calibration on the test split is refused (it would leak into the "
+                             "reported accuracy): use --split train (default) or val")
     configs = parse_apply(list(apply))
     if not any(technique_kind(c) == Kind.QUANTIZATION for c in configs):
         raise TechniqueError("vitlab quantize needs a quantization technique: --apply ptq:w=8,a=8 (simulated), "
@@ -234,6 +238,7 @@ def export_checkpoint(source: str, out: str | Path, fmt: str, apply: list[str] =
     """`vitlab export`: a model / checkpoint (+ an optional technique stack) -> ONNX or OpenVINO IR in `out`."""
     from ..checkpoint import create_model
 
+    refuse_out_over_source(out, source)
     if apply:
         result = quantize_checkpoint(source, Path(out) / "checkpoint", apply, data=data, split=split,
                                      calib_images=calib_images, data_dir=data_dir)
