@@ -92,12 +92,13 @@ def resolve_preprocessing(model_or_runner) -> Preprocessing:
                 pass
         size = size or getattr(m, "input_size", None)  # a runner's
         num_classes = num_classes or getattr(m, "num_classes", None)
-    saved = dict(config.get("preprocessing") or {})
+    saved = dict(config.get("preprocessing") or {}) if isinstance(config.get("preprocessing"), dict) else {}
     values = {**(base or {}), **{k: v for k, v in saved.items() if v is not None}}
-    source = str((getattr(model_or_runner, "vitlab_checkpoint", None) or {}).get("path") or "")
+    source, name = "", ""
     for m in _modules(model_or_runner):
         source = source or str((getattr(m, "vitlab_checkpoint", None) or {}).get("path") or "")
-    source = f"checkpoint {source}" if source else "the model"
+        name = name or str((getattr(m, "vitlab_model_spec", None) or {}).get("name") or "")
+    source = f"checkpoint {source}" if source else f"model {name}" if name else "the model"
 
     size = tuple(int(v) for v in (size or (base or saved).get("input_size") or ()))  # the model's actual size
     if len(size) != 3 or min(size) < 1:
@@ -126,9 +127,10 @@ def resolve_preprocessing(model_or_runner) -> Preprocessing:
 
 def _known_names(names, num_classes: int | None) -> tuple[str, ...] | None:
     """Stored class names, or None for placeholders ('0', '1', ... from default_preprocessing) and stale lists."""
-    names = tuple(str(n) for n in names) if names else None
-    if names is not None and (names == tuple(str(i) for i in range(len(names)))
-                              or (num_classes and len(names) != num_classes)):
+    if not isinstance(names, (list, tuple)) or not names:
+        return None
+    names = tuple(str(n) for n in names)
+    if names == tuple(str(i) for i in range(len(names))) or (num_classes and len(names) != num_classes):
         return None
     return names
 
@@ -261,9 +263,12 @@ def check_source_classes(source, data: str | DataSpec, data_dir: str | None = No
     if not is_checkpoint(source):
         return
     config = load_config(source)
-    names = (config.get("preprocessing") or {}).get("class_names")
-    num = len(names) if names else (config.get("model") or {}).get("kwargs", {}).get("num_classes")
-    num = num if isinstance(num, int) and not isinstance(num, bool) and num > 0 else None
+    saved = config.get("preprocessing") if isinstance(config.get("preprocessing"), dict) else {}
+    names = saved.get("class_names")
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    num = (model.get("kwargs") if isinstance(model.get("kwargs"), dict) else {}).get("num_classes")
+    if not (isinstance(num, int) and not isinstance(num, bool) and num > 0):
+        num = len(names) if isinstance(names, list) and names else None  # default_preprocessing lists one per class
     pre = Preprocessing(input_size=(1, 1, 1), mean=(0.0,), std=(1.0,), num_classes=num,
                         class_names=_known_names(names, num), source=f"checkpoint {source}")
     with warnings.catch_warnings():
