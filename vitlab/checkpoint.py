@@ -158,9 +158,11 @@ def checkpoint_file(directory: str | Path, name: object, what: str = "a file nam
     root = directory.resolve()
     rel = Path(name)
     path = (root / rel).resolve()
-    if rel.is_absolute() or ".." in rel.parts or not path.is_relative_to(root) or path == root:
-        raise CheckpointError(f"checkpoint refers to a file outside it: {what} {name!r} in {directory} leads to "
-                              f"{path}; a checkpoint may only name files inside its folder (re-create it with vitlab)")
+    why = ("is an absolute path" if rel.is_absolute() else "climbs out with '..'" if ".." in rel.parts else
+           f"leads to {path}" if not path.is_relative_to(root) or path == root else None)
+    if why:
+        raise CheckpointError(f"checkpoint refers to a file outside it: {what} {name!r} in {directory} {why}; a "
+                              "checkpoint may only name files inside its folder (re-create it with vitlab)")
     return path
 
 
@@ -182,11 +184,14 @@ def refuse_out_over_source(out: str | Path, *sources: str | Path, flag: str = "-
                             f"choose another {flag}")
 
 
+MISSING = object()
+
+
 def _expect(cond: bool, path: Path, where: str, want: str, got: object) -> None:
     if not cond:
-        text = repr(got)
-        text = text if len(text) <= 80 else text[:77] + "..."
-        raise CheckpointError(f"{path}: {where} must be {want}, got {text}; the checkpoint is damaged or was edited "
+        text = "it is missing" if got is MISSING else f"got {got!r}"
+        text = text if len(text) <= 84 else text[:81] + "..."
+        raise CheckpointError(f"{path}: {where} must be {want}, {text}; the checkpoint is damaged or was edited "
                               "by hand: fix that key or re-save the checkpoint with vitlab")
 
 
@@ -201,12 +206,12 @@ def _check_config(config: object, path: Path) -> dict:
         raise CheckpointError(
             f"{path} is checkpoint version {version!r}; this vitlab {__version__} reads up to version "
             f"{VERSION}: upgrade vitlab")
-    model = config.get("model")
+    model = config.get("model", MISSING)
     _expect(isinstance(model, dict), path, '"model"', 'an object {"name": ..., "kwargs": {...}}', model)
     _expect(isinstance(model.get("name"), str) and bool(model.get("name")), path, '"model.name"',
-            "a model name (text)", model.get("name"))
+            "a model name (text)", model.get("name", MISSING))
     _expect(isinstance(model.get("kwargs"), dict), path, '"model.kwargs"', "an object of constructor kwargs",
-            model.get("kwargs", "(missing)"))
+            model.get("kwargs", MISSING))
     techniques = config.get("techniques", [])
     _expect(isinstance(techniques, list), path, '"techniques"', "a list", techniques)
     for i, t in enumerate(techniques):
@@ -215,11 +220,11 @@ def _check_config(config: object, path: Path) -> dict:
     pre = config.get("preprocessing")
     if pre is not None:
         _expect(isinstance(pre, dict), path, '"preprocessing"', "an object", pre)
-        size = pre.get("input_size")
+        size = pre.get("input_size", MISSING)
         _expect(isinstance(size, list) and len(size) == 3 and all(type(v) is int and v > 0 for v in size), path,
                 '"preprocessing.input_size"', "[channels, height, width], three integers >= 1", size)
         for key in ("mean", "std"):
-            v = pre.get(key)
+            v = pre.get(key, MISSING)
             _expect(isinstance(v, list) and len(v) == size[0]
                     and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v), path,
                     f'"preprocessing.{key}"', f"a list of {size[0]} numbers (one per channel)", v)

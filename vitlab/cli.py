@@ -19,6 +19,14 @@ class _Parser(argparse.ArgumentParser):
 
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        args, extra = self.parse_known_args(args, namespace)
+        if extra:  # reported by the verb's parser: "vitlab eval: error: unrecognized arguments: ..."
+            verbs = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+            verb = verbs[0].choices.get(getattr(args, "verb", None)) if verbs else None
+            (verb or self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+
 
 def _add_apply(p: argparse.ArgumentParser) -> None:
     p.add_argument("--apply", action="append", default=[], metavar="NAME:key=value,...",
@@ -452,11 +460,12 @@ def cmd_measure(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from .data.transforms import display_name
     from .predict import predict
 
     results = predict(args.checkpoint, args.images, top=args.top, apply=args.apply)
     for path, top in results.items():
-        print(path)
+        print(display_name(path))  # a non-UTF-8 file name prints with \xNN escapes
         for name, prob in top:
             print(f"  {100 * prob:6.2f} %  {name}")
     if args.json:
