@@ -155,6 +155,24 @@ def _copy(rel: str, to: str):
     return lambda ws: shutil.copy(ws / rel, ws / to)
 
 
+def _onnx_external(rel: str, location: str):
+    """Move the graph's first initializer to an external data file at `location` (relative to the graph)."""
+    def setup(ws: Path):
+        import onnx
+
+        model = onnx.load(str(ws / rel))
+        tensor = model.graph.initializer[0]
+        raw = tensor.raw_data
+        (ws / rel).parent.joinpath(location).write_bytes(raw)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        tensor.ClearField("raw_data")
+        for key, value in (("location", location), ("offset", "0"), ("length", str(len(raw)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        (ws / rel).write_bytes(model.SerializeToString())
+    return setup
+
+
 def _drop_tensors(folder: str, suffix: str):
     def setup(ws: Path):
         path = ws / folder / "model.safetensors"
@@ -342,6 +360,8 @@ ROWS = [
     Row("ir-absolute", _predict("ort"), ("outside", "'/etc/passwd' in", "absolute path"),
         _config("ort", _set("quantization.ir", "/etc/passwd"))),
     Row("ir-symlink-out", _predict("ort"), ("outside",), _link_out("ort/model.onnx")),
+    Row("onnx-external-data", _predict("ort"), ("outside", "external file", "'../secret.bin'"),
+        _onnx_external("ort/model.onnx", "../secret.bin")),
     Row("ir-not-text", _predict("ort"), ('"quantization.ir"',), _config("ort", _set("quantization.ir", 5))),
     Row("openvino-bin-symlink-out", _predict("ov"), ("outside",), _link_out("ov/model.bin")),
 

@@ -38,10 +38,11 @@ def one_line(message: object) -> str:
 
 
 def is_user_error(exc: BaseException) -> bool:
-    """True for a mistake in the user's input: a `UserError`, a `FileNotFoundError`, or (until every check raises
-    a `UserError`) a plain `ValueError` raised by a `raise` statement in vitlab's own code. A `ValueError` raised
-    inside torch, PIL, numpy ... is a bug in how vitlab called them: not a user error."""
-    if isinstance(exc, (UserError, FileNotFoundError)):
+    """True for a mistake in the user's input or environment: a `UserError`, a missing file or a path that cannot
+    be used (`FileNotFoundError`, `PermissionError`, `IsADirectoryError`, `NotADirectoryError`: their message names
+    the path), or (until every check raises a `UserError`) a plain `ValueError` raised by a `raise` statement in
+    vitlab's own code. A `ValueError` raised inside torch, PIL, numpy ... is a bug in how vitlab called them."""
+    if isinstance(exc, (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return True
     if type(exc) is not ValueError:
         return False

@@ -158,7 +158,7 @@ def load_quantized(directory: str | Path, **kwargs):
                                   "re-create the checkpoint with vitlab quantize")
     try:
         if kind == "onnxruntime":
-            return OnnxRuntimeRunner(graph.read_bytes(), model, stack, section.get("engine", "onnxruntime-int8"),
+            return OnnxRuntimeRunner(_embedded_onnx(graph), model, stack, section.get("engine", "onnxruntime-int8"),
                                      threads, sim)
         ov_model = _ov().Core().read_model(str(graph))
         return OpenVINORunner(ov_model, model, stack, section.get("engine", "openvino-int8"), threads, sim)
@@ -167,6 +167,38 @@ def load_quantized(directory: str | Path, **kwargs):
     except Exception as e:  # noqa: BLE001  (each engine raises its own types for a damaged graph)
         raise CheckpointError(f"cannot load the engine graph {graph}: {type(e).__name__}: {one_line(e)[:300]}; "
                               "the file is damaged: re-create the checkpoint with vitlab quantize") from None
+
+
+def _embedded_onnx(path: Path) -> bytes:
+    """The ONNX graph at `path`, refused if any tensor lives in an external data file: vitlab's graphs embed their
+    weights, and an external location is a path the checkpoint does not control (ONNX Runtime would resolve it
+    against the working directory)."""
+    import onnx
+
+    data = path.read_bytes()
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as e:  # noqa: BLE001  (protobuf's DecodeError and friends)
+        raise CheckpointError(f"cannot load the engine graph {path}: {type(e).__name__}: {e}; the file is damaged: "
+                              "re-create the checkpoint with vitlab quantize") from None
+
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from tensors(sub)
+
+    for t in tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            where = next((e.value for e in t.external_data if e.key == "location"), "?")
+            raise CheckpointError(f"checkpoint refers to a file outside it: the engine graph {path} keeps tensor "
+                                  f"{t.name!r} in an external file {where!r}; vitlab's graphs embed their weights: "
+                                  "re-create the checkpoint with vitlab quantize")
+    return data
 
 
 def export_model(model_or_runner: Any, directory: str | Path, fmt: str, example: torch.Tensor | None = None) -> Path:
