@@ -7,12 +7,25 @@ N ranks takes its 1/N slice of the global batch, so N processes compute the same
 Run folder (`--out RUN_DIR`):
     model.safetensors + config.json   the checkpoint (latest epoch; EMA weights when --ema is on)
     train_state.pt                    everything `--resume` needs (tensors and plain types: loads weights_only=True)
-    metrics.jsonl                     one JSON line per epoch
+    metrics.jsonl                     one JSON line per epoch (each written with one write + fsync)
+
+Nothing lost: a folder that already holds a run is refused (`RunExists`; `overwrite=True` moves the old run aside and
+deletes it only once the new one has finished), the folder is locked while a run writes it (vitlab/utils/lock.py),
+and `--resume` is bitwise also with DataLoader workers: the order of the images is a seeded permutation per epoch,
+a resumed epoch skips the batches already trained on, and torch's RNG is re-seeded for every image from
+(seed, epoch, step, position), so augmentation does not depend on which worker loads an image, nor on --workers.
+(vitlab's datasets draw their augmentation from torch's RNG; Python's `random` and numpy are not re-seeded per
+image.) A resumed run keeps its settings: only `epochs` (extends or shortens the schedule) and settings that do not
+change what is trained (threads, workers, progress, save_every, log_every, max_steps; another thread count may
+round floats differently) may be changed.
 """
 import dataclasses
 import json
 import math
+import os
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,15 +33,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError, create_model, default_preprocessing, save_checkpoint
+from ..checkpoint import CONFIG, WEIGHTS, CheckpointError, create_model, default_preprocessing, save_checkpoint
+from ..errors import UserError
 from ..techniques import apply_, parse_apply
-from ..utils.io import atomic_path
+from ..utils.io import atomic_path, atomic_write_text
+from ..utils.lock import kill_point, lock_folder
 from .runtime import Runtime, rng_state, seed_everything, set_rng_state, setup_runtime
 
-__all__ = ["TrainConfig", "fit", "TrainInterrupted"]
+__all__ = ["TrainConfig", "fit", "TrainInterrupted", "RunExists", "RESUME_CHANGEABLE"]
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
+RUN_FILES = (STATE_FILE, METRICS_FILE, WEIGHTS, CONFIG, "checkpoint")   # what a run writes into its folder
+REPLACED_PREFIX = ".vitlab-replaced-"   # an old run moved aside by overwrite=True until the new one finishes
+DATA_ORDER = "per-image-seed-v1"        # how batches and augmentation seeds derive from (seed, epoch, step)
+# settings a resumed run may change: they do not change its result (and `epochs`, which extends the schedule)
+RESUME_CHANGEABLE = ("epochs", "threads", "workers", "progress", "save_every", "log_every", "max_steps")
 
 
 @dataclass
@@ -95,6 +115,10 @@ class TrainInterrupted(RuntimeError):
     """Raised by the test hook `_crash_at_step` to simulate a killed run."""
 
 
+class RunExists(UserError):
+    """--out names a folder that already holds a run or a checkpoint (nothing in it is touched)."""
+
+
 def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if cfg.init:
         model = create_model(cfg.init, **cfg.model_kwargs)
@@ -149,12 +173,49 @@ def _datasets(cfg: TrainConfig, model: nn.Module):
     return train, val, pre
 
 
+def _item_seed(seed: int, epoch: int, step: int, position: int) -> int:
+    """A 63-bit seed for one image of one step (splitmix64 over the four numbers): the same whichever process or
+    DataLoader worker loads it, and whatever was loaded before."""
+    x = 0
+    for v in (seed, epoch, step, position):
+        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x >> 1
+
+
+class _SeededItems(torch.utils.data.Dataset):
+    """`dataset[index]` with torch's CPU RNG seeded from the item's own seed, for keys (index, seed) that
+    `_EpochBatches` yields. In the main process (--workers 0) the RNG is restored afterwards, so dropout, drop path
+    and mixup draw the same numbers with or without workers."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        gen = torch.random.default_generator   # CPU only: torch.manual_seed would re-seed CUDA too
+        saved = gen.get_state() if torch.utils.data.get_worker_info() is None else None
+        gen.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            if saved is not None:
+                gen.set_state(saved)
+
+
 class _EpochBatches(torch.utils.data.Sampler):
-    """This rank's slice of each global batch of a seeded per-epoch permutation, starting at `start_step`."""
+    """This rank's slice of each global batch of a seeded per-epoch permutation, starting at `start_step`; each
+    item is (index, seed) for `_SeededItems`, the seed from (seed, epoch, step, position in the global batch)."""
 
     def __init__(self, n: int, batch_size: int, epoch: int, seed: int, start_step: int, rt: Runtime):
         self.perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         self.batch_size, self.start_step, self.rt = batch_size, start_step, rt
+        self.seed, self.epoch = seed, epoch
         self.steps = n // batch_size
 
     def __len__(self) -> int:
@@ -163,8 +224,9 @@ class _EpochBatches(torch.utils.data.Sampler):
     def __iter__(self):
         local = self.batch_size // self.rt.world_size
         for step in range(self.start_step, self.steps):
-            batch = self.perm[step * self.batch_size:(step + 1) * self.batch_size]
-            yield batch[self.rt.rank * local:(self.rt.rank + 1) * local].tolist()
+            batch = self.perm[step * self.batch_size:(step + 1) * self.batch_size].tolist()
+            first = self.rt.rank * local
+            yield [(batch[i], _item_seed(self.seed, self.epoch, step, i)) for i in range(first, first + local)]
 
 
 def _save_state(path: Path, **state) -> None:
@@ -181,18 +243,233 @@ def _load_state(path: Path) -> dict:
         raise CheckpointError(f"cannot resume from {path}: {e}") from None
 
 
-def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_step: int | None = None) -> Path:
-    """Train as `cfg` says (or continue the run in folder `resume`); return the run folder."""
+def _flag(name: str) -> str:
+    return {"eval_val": "--no-val", "progress": "--no-progress"}.get(name, "--" + name.replace("_", "-"))
+
+
+def _existing_run(out: Path) -> RunExists | None:
+    """The refusal for an --out that already holds a run or a checkpoint, or None."""
+    if not out.is_dir():
+        return None
+    have = [name for name in RUN_FILES if (out / name).exists()]
+    if not have:
+        return None
+    if STATE_FILE in have or METRICS_FILE in have:
+        return RunExists(f"{out} already holds a run; continue it with --resume {out} or choose another --out / "
+                         "pass --overwrite")
+    return RunExists(f"{out} already holds a checkpoint ({', '.join(have)}); choose another --out / pass --overwrite")
+
+
+def _check_new_run(cfg: TrainConfig, overwrite: bool) -> None:
+    """Everything about a new run that can be refused without reading an image (before the folder is touched)."""
+    from ..data import DataError, dataset_info
+
+    out = Path(cfg.out)
+    for flag, other in (("--init", cfg.init), ("--teacher", cfg.teacher)):
+        if other and Path(other).exists() and Path(other).resolve() == out.resolve():
+            raise RunExists(f"--out {out} is the {flag} checkpoint: choose another --out")
+    info = dataset_info(cfg.data, data_dir=cfg.data_dir)
+    if info["num_classes"] < 2:
+        raise DataError(f"--data {cfg.data} has {info['num_classes']} class ({', '.join(info['classes'])}): "
+                        "training a classifier needs at least 2 classes")
+    if not overwrite and (refusal := _existing_run(out)):
+        raise refusal
+    if cfg.epochs < cfg.warmup_epochs:
+        warnings.warn(f"--epochs {cfg.epochs:g} is less than --warmup-epochs {cfg.warmup_epochs:g}: the learning "
+                      "rate never leaves its warm-up and never decays; give fewer --warmup-epochs or more --epochs",
+                      stacklevel=3)
+
+
+def _resumed_config(state: dict, run: Path, changes: dict | None) -> tuple[TrainConfig, float | None]:
+    """The run's saved config with `changes` applied: RESUME_CHANGEABLE ones are taken; any other that differs
+    from the saved value is refused by name (UserError). Returns (config, the old epochs if epochs changed)."""
+    saved = {**state["config"], "out": str(run)}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    defaults = dataclasses.asdict(TrainConfig(out=str(run), model="x"))
+    refused, old_epochs = [], None
+    for key, value in (changes or {}).items():
+        if key not in names:
+            raise ValueError(f"unknown TrainConfig setting {key!r}")
+        old = saved.get(key, defaults.get(key))
+        if key == "out":
+            if Path(value).resolve() != run.resolve():
+                refused.append(f"--out {value} (the run is in {run})")
+            continue
+        if old == value:
+            continue
+        if key == "epochs":
+            old_epochs = old
+        elif key not in RESUME_CHANGEABLE:
+            shown = json.dumps(value) if isinstance(value, (dict, list)) else value
+            was = json.dumps(old) if isinstance(old, (dict, list)) else old
+            if isinstance(value, bool):
+                flag = "--no-keep-zeros" if key == "keep_zeros" and not value else _flag(key)
+                refused.append(f"{flag} (sets {key}={value}; the run has {was})")
+            else:
+                refused.append(f"{_flag(key)} {shown} (the run has {was})")
+            continue
+        saved[key] = value
+    if refused:
+        raise UserError(f"--resume {run}: {'; '.join(refused)}: a resumed run keeps the settings it started with "
+                        "(only --epochs and " + ", ".join(_flag(k) for k in RESUME_CHANGEABLE[1:]) +
+                        " may change); drop " + ("this flag" if len(refused) == 1 else "these flags") +
+                        ", or start a new run with another --out")
+    fields = {k: v for k, v in saved.items() if k in names}
+    return TrainConfig(**fields), old_epochs
+
+
+def _repair_metrics(run: Path, state: dict) -> None:
+    """metrics.jsonl as the state saw it: a torn last line (a kill while writing it) is dropped, and so are lines
+    written after the state was saved (their epoch is trained again), each with a warning."""
+    path = run / METRICS_FILE
+    if not path.is_file():
+        return
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    tail = lines.pop()        # "" when the file ends with a newline
+    good, torn = [], []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            torn.append(line)
+            continue
+        good.append((line, record))
+    if tail.strip():
+        torn.append(tail)
+    if "metrics_lines" in state:
+        keep = good[:state["metrics_lines"]]
+    else:   # a state from before metrics_lines was saved
+        keep = [(line, r) for line, r in good if not (isinstance(r, dict) and isinstance(r.get("step"), int)
+                                                      and r["step"] > state["global_step"])]
+    later = len(good) - len(keep)
+    if torn:
+        warnings.warn(f"{path}: dropping {len(torn)} torn line(s) (a run killed while writing it): "
+                      f"{torn[-1][:60]!r}", stacklevel=3)
+    if later:
+        warnings.warn(f"{path}: dropping {later} line(s) written after the last saved state (step "
+                      f"{state['global_step']}); that epoch's end is run again", stacklevel=3)
+    if torn or later:
+        atomic_write_text(path, "".join(line + "\n" for line, _ in keep))
+
+
+def _append_line(path: Path, record: dict) -> None:
+    """One JSON line, appended with one write, flushed to disk (fsync) before returning."""
+    data = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        written = os.write(fd, data)
+        while written < len(data):   # only on a full disk or the like
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Aside:
+    """overwrite=True: the old run's files are moved into a hidden folder inside the run folder (so the new run
+    never mixes with them), deleted once the new run has finished, and moved back if it fails with an error. A kill
+    leaves them there; the next run to finish in the folder deletes them."""
+
+    def __init__(self, out: Path):
+        self.out, self.folder = out, None
+        names = [n for n in RUN_FILES if (out / n).exists() or (out / n).is_symlink()]
+        if names:
+            import tempfile
+
+            self.folder = Path(tempfile.mkdtemp(prefix=REPLACED_PREFIX, dir=out))
+            for name in names:
+                os.replace(out / name, self.folder / name)
+            kill_point("train-moved-aside")
+
+    def restore(self) -> None:
+        """The new run failed: delete its files and put the old run's back."""
+        if self.folder is None:
+            return
+        import shutil
+
+        for name in RUN_FILES:
+            target = self.out / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            if (self.folder / name).exists() or (self.folder / name).is_symlink():
+                os.replace(self.folder / name, target)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _delete_replaced(out: Path) -> None:
+    import shutil
+
+    for entry in out.iterdir():
+        if entry.name.startswith(REPLACED_PREFIX) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, overwrite: bool = False,
+        changes: dict | None = None, _crash_at_step: int | None = None) -> Path:
+    """Train as `cfg` says (or continue the run in folder `resume`); return the run folder.
+
+    A new run refuses an `out` that already holds a run or a checkpoint (`RunExists`) unless `overwrite`, which
+    replaces it only once the new run has finished. `changes` (with `resume`): settings given again (e.g. from the
+    command line); `epochs` and RESUME_CHANGEABLE ones are applied, any other that differs from the run's is
+    refused by name. The folder is locked while the run writes it (`FolderLocked` for a second process).
+    """
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if resume is not None:
+        if cfg is not None:
+            raise ValueError("give a TrainConfig or resume=RUN_DIR, not both")
+        out = Path(resume)
+        if not (out / STATE_FILE).is_file():
+            _load_state(out / STATE_FILE)   # raises the error that names the missing file
+    else:
+        if changes:
+            raise ValueError("changes= goes with resume=RUN_DIR")
+        cfg.validate()
+        _check_new_run(cfg, overwrite)
+        out = Path(cfg.out)
+    old_epochs = None
+    lock = lock_folder(out, "vitlab train", "--resume" if resume is not None else "--out") if is_main else None
+    aside = None
+    try:
+        state = None
+        if resume is not None:
+            state = _load_state(out / STATE_FILE)
+            cfg, old_epochs = _resumed_config(state, out, changes)
+            cfg.validate()
+            if old_epochs is not None and cfg.epochs < cfg.warmup_epochs and is_main:
+                warnings.warn(f"--epochs {cfg.epochs:g} is less than --warmup-epochs {cfg.warmup_epochs:g}: the "
+                              "learning rate never decays", stacklevel=2)
+            if state.get("data_order") != DATA_ORDER and is_main:
+                warnings.warn(f"{out / STATE_FILE} was written by an older vitlab that ordered and augmented images "
+                              "differently: the resumed run is not bitwise the run it continues", stacklevel=2)
+            if is_main:
+                _repair_metrics(out, state)
+        elif is_main:
+            if not overwrite and (refusal := _existing_run(out)):   # again, now that the folder is ours
+                raise refusal
+            if overwrite:
+                aside = _Aside(out)
+        try:
+            result = _fit(cfg, state, _crash_at_step, old_epochs)
+        except BaseException:
+            if aside is not None:
+                aside.restore()
+            raise
+        if is_main:
+            _delete_replaced(out)
+        return result
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_epochs: float | None) -> Path:
     import timm.data
     import timm.optim
     import timm.scheduler
     import timm.utils
 
-    state = None
-    if resume is not None:
-        state = _load_state(Path(resume) / STATE_FILE)
-        cfg = TrainConfig(**{**state["config"], "out": str(resume)})
-    cfg.validate()
     rt = setup_runtime(threads=cfg.threads)
     if cfg.batch_size % rt.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {rt.world_size} processes")
@@ -263,6 +540,16 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_
             ema.module.load_state_dict(state["ema"])
         global_step, epoch, step_in_epoch = state["global_step"], state["epoch"], state["step_in_epoch"]
         set_rng_state(state["rng"][rt.rank] if rt.rank < len(state["rng"]) else state["rng"][0])
+        if old_epochs is not None:
+            if global_step >= total_steps:
+                raise UserError(f"--epochs {cfg.epochs:g}: the run has already trained {global_step} steps "
+                                f"({global_step / steps_per_epoch:.2f} epochs); give more --epochs to continue it")
+            if rt.is_main:
+                how = "extending" if cfg.epochs > old_epochs else "shortening"
+                print(f"vitlab train: --epochs {cfg.epochs:g}: {how} the run from {old_epochs:g} to {cfg.epochs:g} "
+                      f"epochs; the learning-rate schedule is recomputed for {cfg.epochs:g} epochs and followed from "
+                      f"step {global_step} on", file=sys.stderr)
+        scheduler.step_update(global_step)   # the learning rate the next step uses (the same unless epochs changed)
 
     def checkpoint_state() -> dict:
         rngs = [rng_state()]
@@ -272,7 +559,18 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_
             rngs = gathered
         return dict(config=dataclasses.asdict(cfg), model=model.state_dict(), optimizer=optimizer.state_dict(),
                     ema=ema.module.state_dict() if ema else None, global_step=global_step, epoch=epoch,
-                    step_in_epoch=step_in_epoch, rng=rngs)
+                    step_in_epoch=step_in_epoch, rng=rngs, data_order=DATA_ORDER, epoch_loss_sum=loss_sum,
+                    epoch_seen=seen, metrics_lines=metrics_lines)
+
+    # the epoch in progress carries on from the state (its metrics line then covers the whole epoch), and
+    # metrics.jsonl has exactly the lines the state has seen written (fit() dropped any later ones)
+    carried = (0.0, 0)
+    if state is not None and step_in_epoch > 0:
+        carried = (state.get("epoch_loss_sum", 0.0), state.get("epoch_seen", 0))
+    metrics_lines = 0
+    if state is not None and (out / METRICS_FILE).is_file():
+        metrics_lines = len((out / METRICS_FILE).read_text().splitlines())
+    loss_sum, seen = carried
 
     progress = _Progress(enabled=cfg.progress and rt.is_main, total=total_steps, done=global_step,
                          every=max(1, steps_per_epoch // 10))
@@ -285,9 +583,11 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_
             sampler = _EpochBatches(len(train_set), cfg.batch_size, epoch, cfg.seed, step_in_epoch, rt)
             # own generator: a DataLoader iterator otherwise draws its seed from the global RNG, so a resumed run would
             # draw once more than an uninterrupted one
-            loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers,
+            loader = torch.utils.data.DataLoader(_SeededItems(train_set), batch_sampler=sampler,
+                                                 num_workers=cfg.workers,
                                                  generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            loss_sum, seen, epoch_start = 0.0, 0, time.perf_counter()
+            (loss_sum, seen), carried = carried, (0.0, 0)
+            ips_seen, epoch_start = 0, time.perf_counter()   # images/s counts the images of this process's run
             for images, targets in loader:
                 images, targets = images.to(rt.device), targets.to(rt.device)
                 soft = None
@@ -345,14 +645,16 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_
                     ema.update(model, step=global_step)
                 loss_sum += loss.item() * images.shape[0]
                 seen += images.shape[0]
+                ips_seen += images.shape[0]
                 progress.update(global_step, epoch, loss.item(), optimizer.param_groups[0]["lr"],
-                                seen * rt.world_size / (time.perf_counter() - epoch_start))
+                                ips_seen * rt.world_size / (time.perf_counter() - epoch_start))
                 if cfg.save_every and global_step % cfg.save_every == 0:
                     _checkpoint_state = checkpoint_state()
                     if rt.is_main:
                         _save_state(out / STATE_FILE, **_checkpoint_state)
                 if _crash_at_step is not None and global_step == _crash_at_step:
                     raise TrainInterrupted(f"simulated crash at step {global_step}")
+                kill_point(f"train-step-{global_step}")
                 if global_step >= max_steps:
                     break
             epoch_done = step_in_epoch >= steps_per_epoch
@@ -360,7 +662,7 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_
                 epoch, step_in_epoch = epoch + 1, 0
             record = {"epoch": epoch if epoch_done else epoch + step_in_epoch / steps_per_epoch, "step": global_step,
                       "train_loss": loss_sum / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
-                      "img_per_s": seen * rt.world_size / (time.perf_counter() - epoch_start),
+                      "img_per_s": ips_seen * rt.world_size / (time.perf_counter() - epoch_start),
                       "elapsed_s": time.perf_counter() - start}
             eval_model = ema.module if ema is not None else model
             eval_model = getattr(eval_model, "vit", eval_model)  # --distill token: the ViT with its class head
@@ -369,12 +671,17 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, _crash_at_
                 if val_set is not None:
                     from .evaluate import evaluate
 
-                    val = evaluate(eval_model, val_set, batch_size=256, progress=False)
+                    # the evaluation's DataLoader draws its seed from torch's RNG: it must not move the training's
+                    # (the state was taken before it, so a run resumed from an epoch's end would draw differently)
+                    with torch.random.fork_rng(devices=[]):
+                        val = evaluate(eval_model, val_set, batch_size=256, progress=False)
                     record.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"])
                 history.append(record)
                 progress.log(record)
-                with open(out / METRICS_FILE, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                _append_line(out / METRICS_FILE, record)
+                metrics_lines += 1
+                _checkpoint_state["metrics_lines"] = metrics_lines
+                kill_point(f"train-epoch-{epoch}-metrics")
                 metrics = {k: v for k, v in record.items() if k.startswith("val_")}
                 save_checkpoint(eval_model, out, preprocessing=pre,
                                 data={"spec": str(cfg.data), "split": "train"}, metrics=metrics,
