@@ -277,26 +277,47 @@ def labelled_calibration(model: nn.Module, data: str, split: str = "train", num_
 def prune_checkpoint(source: str, out: str, cfg, *, data: str | None = None, split: str = "train",
                      num_images: int = 512, data_dir: str | None = None) -> tuple[nn.Module, dict]:
     """Load `source` (checkpoint folder or model name), prune it with `cfg` (`Prune`, `LPViT` or another pruning
-    technique), save it to `out`; return (model, summary)."""
+    technique), save it to `out`; return (model, summary).
+
+    `out` is locked for the whole run (a second process gets `FolderLocked`) and checked writable before any work.
+    The checkpoint is written into a staging folder inside `out` and moved in as a whole (vitlab/utils/lock.py), so a
+    killed prune leaves no half-written checkpoint: `out` holds the old one or the new one, and a rerun succeeds."""
+    from pathlib import Path
+
     from ..checkpoint import create_model, save_checkpoint
     from ..techniques import format_technique
+    from ..utils.lock import abandon_staged, commit_staged, kill_point, lock_folder, staging_folder
 
-    model = create_model(source)
-    calib = None
-    if getattr(cfg, "needs_calibration", False):
-        if data is None:
-            hint = ", or use --importance l1 / l2" if isinstance(cfg, Prune) else ""
-            raise PruneError(f"{format_technique(cfg)} scores with images: give --data SPEC (with --split train)"
-                             f"{hint}")
-        calib = labelled_calibration(model, data, split, num_images, data_dir=data_dir)
-    config = getattr(model, "vitlab_checkpoint", {}).get("config", {})
-    from ..techniques import apply_
+    out_dir = Path(out)
+    if Path(source).exists() and Path(source).resolve() == out_dir.resolve():
+        raise PruneError(f"--out {out} is the checkpoint being pruned: choose another folder")
+    with lock_folder(out_dir, "vitlab prune"):
+        run = [name for name in ("train_state.pt", "metrics.jsonl") if (out_dir / name).exists()]
+        if run:
+            raise PruneError(f"--out {out} holds a training run ({', '.join(run)}): a pruned checkpoint there would "
+                             "mix with it; choose another --out")
+        model = create_model(source)
+        calib = None
+        if getattr(cfg, "needs_calibration", False):
+            if data is None:
+                hint = ", or use --importance l1 / l2" if isinstance(cfg, Prune) else ""
+                raise PruneError(f"{format_technique(cfg)} scores with images: give --data SPEC (with --split train)"
+                                 f"{hint}")
+            calib = labelled_calibration(model, data, split, num_images, data_dir=data_dir)
+        config = getattr(model, "vitlab_checkpoint", {}).get("config", {})
+        from ..techniques import apply_
 
-    model = apply_(model, [cfg], calib=calib)
-    summary = dict(getattr(model, "vitlab_prune", {}), technique=format_technique(cfg), source=str(source), data=data,
-                   split=split, calib_images=num_images)
-    save_checkpoint(model, out, preprocessing=config.get("preprocessing"),
-                    data={"spec": data, "split": split} if data else None,
-                    metrics={"macs": model_macs(model), "params": sum(p.numel() for p in model.parameters())},
-                    training={"pruned": summary})
+        model = apply_(model, [cfg], calib=calib)
+        summary = dict(getattr(model, "vitlab_prune", {}), technique=format_technique(cfg), source=str(source),
+                       data=data, split=split, calib_images=num_images)
+        staging = staging_folder(out_dir)
+        try:
+            save_checkpoint(model, staging, preprocessing=config.get("preprocessing"),
+                            data={"spec": data, "split": split} if data else None,
+                            metrics={"macs": model_macs(model), "params": sum(p.numel() for p in model.parameters())},
+                            training={"pruned": summary})
+            kill_point("prune-staged")
+            commit_staged(out_dir, staging)
+        finally:
+            abandon_staged(out_dir, staging)
     return model, summary
