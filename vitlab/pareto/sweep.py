@@ -19,6 +19,7 @@ import torch
 
 from ..techniques import TechniqueError
 from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.lock import kill_point, lock_folder
 from .front import pareto_front, recommend
 from .plan import Point, default_stacks, is_simulated, parse_stacks, plan_points, stack_text
 
@@ -228,8 +229,16 @@ def _confirm_speed(cfg: SweepConfig, rows: list[dict]) -> str | None:
 def run_sweep(cfg: SweepConfig, *, progress: bool = True, log=print, _stop_after: int | None = None) -> dict:
     """Run (or resume) the sweep described by `cfg`; write results.json/.csv, plots, report.html; return a summary.
 
+    `cfg.out` is locked for the whole sweep (vitlab/utils/lock.py): a second sweep on the same folder stops with
+    `FolderLocked`, naming the pid and host that hold it, instead of interleaving its rows with the first's.
+
     `_stop_after` (tests): stop after measuring that many new points, as a kill would.
     """
+    with lock_folder(cfg.out, "vitlab pareto"):
+        return _run_sweep(cfg, progress=progress, log=log, _stop_after=_stop_after)
+
+
+def _run_sweep(cfg: SweepConfig, *, progress: bool, log, _stop_after: int | None) -> dict:
     from ..checkpoint import create_model
 
     if cfg.max_drop_pt < 0:
@@ -293,6 +302,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, log=print, _stop_after
             rows.sort(key=lambda r: keys.index(r["key"]))
             summary = _summarise(rows, cfg.max_drop_pt)
             _write(cfg, rows, {"complete": False, "notes": notes, **summary})
+            kill_point(f"pareto-row-{len(rows)}")   # test hook (tests/test_crash_resume.py)
             if bar:
                 bar[0].advance(bar[1])
             else:
