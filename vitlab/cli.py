@@ -72,8 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("train", help="train or fine-tune a model")
     p.add_argument("--model", default=None, help="model name (timm or vitlab)")
     p.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from this checkpoint's weights")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (with its settings; --epochs may extend it)")
     p.add_argument("--out", default=None, metavar="RUN_DIR", help="run folder (checkpoint, train_state.pt, metrics.jsonl)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (deleted only once the new run has finished)")
     p.add_argument("--data", default="fashion-mnist", metavar="SPEC")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model-kwargs", default="{}", metavar="JSON", help='constructor kwargs, e.g. \'{"depth": 4}\'')
@@ -282,6 +285,14 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _check_out(out: str) -> None:
+    """An --out folder that cannot be written is an error before any work (train, prune and pareto check it when
+    they lock it)."""
+    from .utils.lock import check_writable
+
+    check_writable(out, "--out")
+
+
 def _engine_trial(args):
     """engine=auto's trial runs at the batch this verb will run (--batch, else --batch-size) with --engine-trial."""
     from .quant.engine_choice import engine_trial
@@ -292,28 +303,56 @@ def _engine_trial(args):
                         enabled=None if flag is None else flag == "on")
 
 
+def _given_flags(args, verb: str) -> set[str] | None:
+    """The dests of `verb`'s options given on the command line (main() keeps argv as args._argv), or None."""
+    argv = getattr(args, "_argv", None)
+    if argv is None:
+        return None
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[verb]
+    dests = {a.dest for a in sub._actions} - {a.dest for a in parser._actions}   # not help, --debug, ...
+    for action in sub._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) & dests
+
+
 def cmd_train(args) -> int:
     from .engine.train import TrainConfig, fit
+    from .errors import UserError
 
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues a run and --overwrite replaces one: give one of them")
+    if not args.resume and not args.out:
+        raise ValueError("give --out RUN_DIR (or --resume RUN_DIR)")
+    model_kwargs = _json_arg(args.model_kwargs, "--model-kwargs")
+    settings = dict(
+        out=args.out, model=args.model, init=args.init, model_kwargs=model_kwargs, data=args.data,
+        data_dir=args.data_dir, apply=args.apply, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, opt=args.opt,
+        label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix, hflip=args.hflip,
+        crop_padding=args.crop_padding, re_prob=args.re_prob, drop_path=args.drop_path, ema=args.ema,
+        clip_grad=args.clip_grad or None, seed=args.seed, threads=args.threads, workers=args.workers,
+        eval_val=not args.no_val, save_every=args.save_every, max_steps=args.max_steps,
+        progress=not args.no_progress, teacher=args.teacher, distill=args.distill,
+        distill_alpha=args.distill_alpha, distill_tau=args.distill_tau, sam_rho=args.sam_rho, l1=args.l1,
+        token_consistency=args.token_consistency, token_consistency_threshold=args.token_consistency_threshold,
+        token_consistency_teacher_r=args.token_consistency_teacher_r, keep_zeros=args.keep_zeros)
     if args.resume:
-        out = fit(resume=args.resume)
+        # every flag given with --resume is either applied (epochs, threads, ...) or refused by name: never ignored
+        given = _given_flags(args, "train")
+        if given is None:   # called without main(): flags that differ from their defaults count as given
+            defaults = vars(_parser().parse_args(["train"]))
+            given = {k for k, v in vars(args).items() if k in defaults and defaults[k] != v}
+        given -= {"resume"}
+        to_field = {"no_val": "eval_val", "no_progress": "progress"}
+        unknown = sorted(d for d in given if to_field.get(d, d) not in settings)
+        if unknown:
+            raise UserError(f"--resume {args.resume}: {', '.join('--' + d.replace('_', '-') for d in unknown)} "
+                             "cannot be changed for a resumed run; drop it")
+        changes = {to_field.get(d, d): settings[to_field.get(d, d)] for d in given}
+        out = fit(resume=args.resume, changes=changes)
     else:
-        if not args.out:
-            raise ValueError("give --out RUN_DIR (or --resume RUN_DIR)")
-        model_kwargs = _json_arg(args.model_kwargs, "--model-kwargs")
-        cfg = TrainConfig(
-            out=args.out, model=args.model, init=args.init, model_kwargs=model_kwargs, data=args.data,
-            data_dir=args.data_dir, apply=args.apply, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, opt=args.opt,
-            label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix, hflip=args.hflip,
-            crop_padding=args.crop_padding, re_prob=args.re_prob, drop_path=args.drop_path, ema=args.ema,
-            clip_grad=args.clip_grad or None, seed=args.seed, threads=args.threads, workers=args.workers,
-            eval_val=not args.no_val, save_every=args.save_every, max_steps=args.max_steps,
-            progress=not args.no_progress, teacher=args.teacher, distill=args.distill,
-            distill_alpha=args.distill_alpha, distill_tau=args.distill_tau, sam_rho=args.sam_rho, l1=args.l1,
-            token_consistency=args.token_consistency, token_consistency_threshold=args.token_consistency_threshold,
-            token_consistency_teacher_r=args.token_consistency_teacher_r, keep_zeros=args.keep_zeros)
-        out = fit(cfg)
+        out = fit(TrainConfig(**settings), overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(f"checkpoint: {out}")
     return 0
@@ -397,6 +436,8 @@ def cmd_eval(args) -> int:
     from .utils.io import atomic_write_json
 
     _threads(args.threads)
+    if args.out:
+        _check_out(args.out)
     check_source_classes(args.checkpoint, args.data, data_dir=args.data_dir)  # before loading or calibrating
     runner = _load_runner(args.checkpoint, args.apply, calib_args=args)
     dataset = dataset_for_model(runner, args.data, args.split, data_dir=args.data_dir, strict=args.strict)
@@ -575,6 +616,7 @@ def cmd_quantize(args) -> int:
     from .quant.export import quantize_checkpoint
 
     _threads(args.threads)
+    _check_out(args.out)
     result = quantize_checkpoint(args.checkpoint, args.out, args.apply, data=args.data, split=args.split,
                                  calib_images=args.calib_images, data_dir=args.data_dir)
     kind = getattr(result, "engine", "simulated (PyTorch fake-quant)")
@@ -587,6 +629,7 @@ def cmd_export(args) -> int:
     from .quant.export import export_checkpoint
 
     _threads(args.threads)
+    _check_out(args.out)
     path = export_checkpoint(args.checkpoint, args.out, args.format, args.apply, data=args.data, split=args.split,
                              calib_images=args.calib_images, data_dir=args.data_dir)
     print(f"{args.checkpoint} -> {path}")
@@ -615,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 2 a user error (one line on stderr: `vitlab VERB: error: MESSAGE`); 1 a bug in vitlab
     (a traceback). `--debug` or VITLAB_DEBUG=1 prints the traceback of a user error too."""
     args = _parser().parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)   # which flags were given (train --resume)
     import traceback
 
     from .errors import is_user_error, one_line
