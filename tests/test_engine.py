@@ -55,15 +55,19 @@ def tiny_folder(tmp_path) -> str:
     return f"imagefolder:{tmp_path / 'imgs'}"
 
 
-def test_resume_after_a_crash_mid_epoch_is_bitwise_identical(tmp_path, tiny_folder):
+@pytest.mark.parametrize("crash_at, saved", [
+    (9, (8, 1, 2)),   # 6 steps per epoch: dies in epoch 2, state from --save-every at step 8
+    (7, (6, 1, 0)),   # state from epoch 1's end, after which the validation ran (it must not move the RNG)
+])
+def test_resume_after_a_crash_mid_epoch_is_bitwise_identical(tmp_path, tiny_folder, crash_at, saved):
     # augmentation (torch RNG), drop path (torch RNG) and mixup (numpy RNG) all draw random numbers
     common = dict(data=tiny_folder, batch_size=4, epochs=2, drop_path=0.1, mixup=0.4, save_every=2,
                   model_kwargs={"in_chans": 3})
     straight = fit(_cfg(tmp_path / "a", **common))
     with pytest.raises(TrainInterrupted):
-        fit(_cfg(tmp_path / "b", **common), _crash_at_step=9)  # 6 steps per epoch: dies in epoch 2, state at 8
+        fit(_cfg(tmp_path / "b", **common), _crash_at_step=crash_at)
     state = torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)
-    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (8, 1, 2)
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == saved
     resumed = fit(resume=str(tmp_path / "b"))
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys()
