@@ -132,7 +132,7 @@ def test_tome_schedule_errors_name_the_block_and_the_fix(tmp_path):
 
 
 def test_unsupported_models_are_named():
-    with pytest.raises(TypeError, match="supports timm VisionTransformer models.*got ResNet"):
+    with pytest.raises(vitlab.TechniqueNotApplicable, match="tome:r=1 does not apply to ResNet: not a plain ViT"):
         vitlab.apply_(timm.create_model("resnet18"), ToMe(r=1))
 
 

@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 from .checkpoint import CheckpointError, create_model, load_config, save_checkpoint  # noqa: E402
 from . import models  # noqa: E402,F401  (registers the vl_* models into timm: timm.create_model works)
 from .runner import Runner, TorchRunner, as_runner  # noqa: E402
-from .techniques import Kind, TechniqueError, apply_, format_technique, parse_apply, register_technique  # noqa: E402
+from .techniques import (Kind, TechniqueError, TechniqueNotApplicable, apply_, format_technique, parse_apply,  # noqa: E402
+                         register_technique)
 
 
 def measure(*args, **kwargs):
@@ -50,6 +51,6 @@ def from_transformers(model_or_dir):
 
 __all__ = [
     "__version__", "create_model", "save_checkpoint", "load_config", "CheckpointError", "Runner", "TorchRunner",
-    "as_runner", "apply_", "parse_apply", "format_technique", "register_technique", "Kind", "TechniqueError",
+    "as_runner", "apply_", "parse_apply", "format_technique", "register_technique", "Kind", "TechniqueError", "TechniqueNotApplicable",
     "measure", "from_transformers", "prune_", "quantize_", "calibrate",
 ]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import create_model, default_preprocessing
+from ..checkpoint import create_model
 from ..profiling import count_flops, environment, num_threads, peak_memory_mb, time_callable
 from ..runner import as_runner
 from ..techniques import apply_, format_technique, parse_apply
@@ -132,15 +132,11 @@ def _build_runner(source, apply, img_size, dtype, channels_last, compile, calib_
 
 
 def dataset_for(runner, data: str, split: str, *, data_dir: str | None = None, strict: bool = False):
-    """The dataset `data`/`split`, preprocessed as the runner's checkpoint (or model) says."""
-    from ..data import build_dataset
+    """The dataset `data`/`split`, preprocessed as the runner's checkpoint (or model) says, its classes checked
+    against the model's (`vitlab.data.transforms.dataset_for_model`: the preprocessing every verb uses)."""
+    from ..data.transforms import dataset_for_model
 
-    module = getattr(runner, "module", runner)
-    config = getattr(module, "vitlab_checkpoint", {}).get("config", {})
-    pre = config.get("preprocessing") or default_preprocessing(module)
-    c, h, w = getattr(runner, "input_size", None) or pre["input_size"]
-    return build_dataset(data, split, img_size=(h, w), in_chans=c, mean=pre["mean"], std=pre["std"],
-                         data_dir=data_dir, strict=strict)
+    return dataset_for_model(runner, data, split, data_dir=data_dir, strict=strict)
 
 
 def _model_name(runner, source: str) -> str:

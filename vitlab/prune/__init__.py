@@ -247,6 +247,10 @@ def prune_(model: nn.Module, cfg: Prune | None = None, *, calib=None, **kwargs) 
 
 @register_handler(Prune)
 def _apply_prune(model, cfg: Prune, calib=None):
+    from ..techniques import format_technique
+    from .applicable import check_prunable
+
+    check_prunable(model, format_technique(cfg))
     return prune_(model, cfg, calib=calib)
 
 

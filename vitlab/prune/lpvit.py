@@ -267,12 +267,14 @@ def prunable_linears(model: nn.Module, layers=LAYERS) -> list[tuple[str, nn.Line
     """(name, module) of the chosen Linear layers of every transformer block (`model.blocks[i].attn/.mlp`)."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise LPViTError(f"lpvit prunes the Linear layers of a ViT's `blocks`; {type(model).__name__} has no "
-                         "`blocks` (use a timm VisionTransformer or a vl_* ViT)")
+        from ..techniques import TechniqueNotApplicable
+
+        raise TechniqueNotApplicable("lpvit", model, "it has no `blocks`; lpvit supports models whose `blocks` hold "
+                                     "attn.qkv/proj and mlp.fc1/fc2 Linear layers (timm VisionTransformer, vl_* ViTs)")
     out = []
     for i, blk in enumerate(blocks):
         for name in layers:
-            parent = blk.attn if name in ("qkv", "proj") else blk.mlp
+            parent = getattr(blk, "attn" if name in ("qkv", "proj") else "mlp", None)  # spectral blocks: no attn
             mod = getattr(parent, name, None)
             if isinstance(mod, nn.Linear):
                 out.append((f"blocks.{i}.{'attn' if name in ('qkv', 'proj') else 'mlp'}.{name}", mod))

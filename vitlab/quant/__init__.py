@@ -277,11 +277,31 @@ def _mptq():
     return mptq
 
 
+def _named(cfg):
+    """Re-raise a refusal from the shared quantization machinery under this technique's own name."""
+    import contextlib
+
+    from ..techniques import TechniqueNotApplicable, format_technique
+
+    @contextlib.contextmanager
+    def ctx():
+        try:
+            yield
+        except TechniqueNotApplicable as e:
+            name = format_technique(cfg)
+            if str(e).startswith(name):
+                raise
+            raise TechniqueNotApplicable(name, e.model_class, e.why) from None
+
+    return ctx()
+
+
 @register_handler(PTQ)
 def _apply_ptq(model: nn.Module, cfg: PTQ, calib=None) -> nn.Module:
     _require_calib(cfg, calib)
     calib = list(calib)
-    quantize_(model, cfg)
+    with _named(cfg):
+        quantize_(model, cfg)
     if cfg.smooth:
         _mptq().smooth_(model, calib, cfg)
     calibrate(model, calib)
@@ -295,14 +315,16 @@ def _apply_w8a8(model: nn.Module, cfg: W8A8, calib=None):
     _require_calib(cfg, calib)
     from .deploy import deploy_w8a8
 
-    return deploy_w8a8(model, cfg, list(calib))
+    with _named(cfg):
+        return deploy_w8a8(model, cfg, list(calib))
 
 
 @register_handler(W8)
 def _apply_w8(model: nn.Module, cfg: W8, calib=None):
     from .deploy import deploy_w8
 
-    return deploy_w8(model, cfg)
+    with _named(cfg):
+        return deploy_w8(model, cfg)
 
 
 @register_handler(BF16)

@@ -285,7 +285,6 @@ def deploy_w8a8(model: nn.Module, cfg, calib: list[torch.Tensor]):
     (`vitlab.quant.engine_choice`; the runner's `engine_choice` says how it was chosen)."""
     from ..techniques import format_technique
     from . import calibrate, quantize_
-    from .engine_choice import choose_engine, installed_engines
 
     stack = applied_techniques(model)
     techniques = stack + (cfg,)
@@ -308,21 +307,63 @@ def deploy_w8a8(model: nn.Module, cfg, calib: list[torch.Tensor]):
         return runner
     quantize_(model, cfg.ptq())
     calibrate(model, calib)
+    check = calib[0][:16]
     builders = {
-        "onnxruntime": lambda: _ort_runner(model, float_module, techniques, cfg.threads, example),
-        "openvino": lambda: OpenVINORunner(to_openvino(model, example), float_module, techniques, "openvino-int8",
-                                           cfg.threads, model),
+        "onnxruntime": _checked(lambda: _ort_runner(model, float_module, techniques, cfg.threads, example), model,
+                                check, "w8a8"),
+        "openvino": _checked(lambda: OpenVINORunner(to_openvino(model, example), float_module, techniques,
+                                                    "openvino-int8", cfg.threads, model), model, check, "w8a8"),
     }
-    if cfg.engine == "auto":
-        installed = installed_engines(("onnxruntime", "openvino"))
-        runner, choice = choose_engine({e: builders[e] for e in installed}, model, tuple(example.shape[1:]),
+    return _run_builders(builders, cfg, model, tuple(example.shape[1:]), len(calib[0]),
+                         " + ".join(format_technique(t) for t in techniques), ("onnxruntime", "openvino"))
+
+
+def _checked(build, reference: nn.Module, images: torch.Tensor, name: str):
+    """`build` made into an engine builder: the runner is built and checked against `reference` on `images`; an
+    engine that cannot convert or run the model raises EngineFailure with its reason (a vitlab user error, e.g. a
+    conversion that computes something else, passes through)."""
+    from ..errors import UserError
+    from .engine_choice import EngineFailure
+
+    def builder():
+        try:
+            runner = build()
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an engine's own error, whatever its type, means it cannot run this
+            text = (str(e).strip().splitlines() or [""])[0][:200]
+            raise EngineFailure(f"{type(e).__name__}: {text}") from e
+        try:
+            _check_conversion(runner, reference, images, name)
+        except TechniqueError as e:
+            raise EngineFailure(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - the converted graph fails when it runs
+            runner.close()
+            text = (str(e).strip().splitlines() or [""])[0][:200]
+            raise EngineFailure(f"{type(e).__name__}: {text}") from e
+        return runner
+
+    return builder
+
+
+def _run_builders(builders: dict, cfg, model: nn.Module, input_shape: tuple, default_batch: int, stack: str,
+                  engines: tuple, kind: str = "int8"):
+    """Build the named engine, or for engine=auto the fastest installed one (`choose_engine`); an engine that
+    cannot run the model ends in TechniqueNotApplicable naming the engine and its reason."""
+    from ..techniques import TechniqueNotApplicable, format_technique
+    from .engine_choice import EngineFailure, choose_engine, installed_engines
+
+    try:
+        if cfg.engine != "auto":
+            return builders[cfg.engine]()
+        installed = installed_engines(engines)
+        runner, choice = choose_engine({e: builders[e] for e in installed}, model, input_shape,
                                        threads=int(cfg.threads or torch.get_num_threads()),
-                                       default_batch=len(calib[0]),
-                                       extra=" + ".join(format_technique(t) for t in techniques))
-        runner.engine_choice = choice.to_dict()
-    else:
-        runner = builders[cfg.engine]()
-    _check_conversion(runner, model, calib[0][:16], "w8a8")
+                                       default_batch=default_batch, kind=kind, extra=stack)
+    except EngineFailure as e:
+        engine = "" if cfg.engine == "auto" else f"{cfg.engine} "
+        raise TechniqueNotApplicable(format_technique(cfg), model, f"the {engine}engine cannot run it ({e})") from None
+    runner.engine_choice = choice.to_dict()
     return runner
 
 
@@ -372,7 +413,6 @@ def deploy_bf16(model: nn.Module, cfg):
     from ..profiling.cpu import cpu_flags_text, cpu_name, has_bf16
     from ..runner import TorchRunner
     from ..techniques import format_technique
-    from .engine_choice import choose_engine, installed_engines
 
     if not isinstance(model, nn.Module):
         raise TechniqueError(f"bf16 deploys a PyTorch model; got {type(model).__name__} (apply bf16 instead of, not "
@@ -392,18 +432,12 @@ def deploy_bf16(model: nn.Module, cfg):
         module.vitlab_techniques = techniques
         return TorchRunner(module, dtype="bf16", engine="torch-bf16")
 
+    check = torch.randn(8, *model_input_size(float_module), generator=torch.Generator().manual_seed(0))
     builders = {
-        "torch": torch_runner,
-        "openvino": lambda: OpenVINORunner(to_openvino(float_module, _example(float_module, None)), float_module,
-                                           techniques, "openvino-bf16", cfg.threads, None, precision="bf16"),
+        "torch": _checked(torch_runner, float_module, check, "bf16"),
+        "openvino": _checked(lambda: OpenVINORunner(to_openvino(float_module, check), float_module, techniques,
+                                                    "openvino-bf16", cfg.threads, None, precision="bf16"),
+                             float_module, check, "bf16"),
     }
-    if cfg.engine == "auto":
-        installed = installed_engines(("torch", "openvino"))
-        runner, choice = choose_engine({e: builders[e] for e in installed}, float_module,
-                                       model_input_size(float_module),
-                                       threads=int(cfg.threads or torch.get_num_threads()), default_batch=32,
-                                       kind="bf16", extra=" + ".join(format_technique(t) for t in techniques))
-        runner.engine_choice = choice.to_dict()
-    else:
-        runner = builders[cfg.engine]()
-    return runner
+    return _run_builders(builders, cfg, float_module, model_input_size(float_module), 32,
+                         " + ".join(format_technique(t) for t in techniques), ("torch", "openvino"), kind="bf16")

@@ -31,8 +31,13 @@ import torch
 
 from ..profiling.cpu import cpu_flags_text, cpu_name, has_amx, has_vnni
 
-__all__ = ["EngineChoice", "engine_trial", "trial_settings", "choose_engine", "isa_rule", "installed_engines",
+__all__ = ["EngineChoice", "EngineFailure", "engine_trial", "trial_settings", "choose_engine", "isa_rule", "installed_engines",
            "model_signature", "cache_path"]
+
+
+class EngineFailure(RuntimeError):
+    """An engine could not convert or run the model (raised by the deploy builders, with the engine's reason);
+    `auto` leaves that engine out of its trial, a named engine turns it into TechniqueNotApplicable."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class EngineChoice:
     batch: int
     threads: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)   # engines that could not run the model, and why
     cpu: str = field(default_factory=cpu_name)
     cpu_flags: str = field(default_factory=cpu_flags_text)
     key: str = ""
@@ -90,7 +96,8 @@ class EngineChoice:
         return asdict(self)
 
     def describe(self) -> str:
-        times = ", ".join(f"{e} {t:.1f} ms" for e, t in sorted(self.timings_ms.items(), key=lambda kv: kv[1]))
+        times = ", ".join([f"{e} {t:.1f} ms" for e, t in sorted(self.timings_ms.items(), key=lambda kv: kv[1])]
+                          + [f"{e} failed" for e in self.failed])
         return f"engine=auto chose {self.engine} ({self.how}{': ' + times if times else ''}; batch {self.batch}, " \
                f"{self.threads} threads, {self.cpu_flags or 'no AVX2'})"
 
@@ -202,18 +209,33 @@ def choose_engine(builders: dict[str, Callable[[], object]], model: torch.nn.Mod
     cached = _read_cache().get(key)
     if settings.enabled and isinstance(cached, dict) and cached.get("engine") in builders:
         choice = EngineChoice(cached["engine"], "cached", batch, threads, dict(cached.get("timings_ms", {})), key=key)
-        return builders[choice.engine](), choice
+        try:
+            return builders[choice.engine](), choice
+        except EngineFailure:
+            pass   # the cached engine cannot run it now: time what can
     if not settings.enabled:
-        engine = isa_rule(engines, kind)
-        return builders[engine](), EngineChoice(engine, "rule", batch, threads, key=key)
-    runners = {e: builders[e]() for e in engines}
+        failed = {}
+        for engine in [isa_rule(engines, kind)] + [e for e in engines if e != isa_rule(engines, kind)]:
+            try:
+                return builders[engine](), EngineChoice(engine, "rule", batch, threads, key=key, failed=failed)
+            except EngineFailure as err:
+                failed[engine] = str(err)
+        raise EngineFailure("no engine could run it: " + "; ".join(f"{e}: {m}" for e, m in failed.items()))
+    runners, failed = {}, {}
+    for e in engines:
+        try:
+            runners[e] = builders[e]()
+        except EngineFailure as err:
+            failed[e] = str(err)
+    if not runners:
+        raise EngineFailure("no engine could run it: " + "; ".join(f"{e}: {m}" for e, m in failed.items()))
     images = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
     timings = _time(runners, images, settings.rounds)
     engine = min(timings, key=timings.get)
     for e, r in runners.items():
         if e != engine and hasattr(r, "close"):
             r.close()
-    choice = EngineChoice(engine, "trial", batch, threads, timings, key=key)
+    choice = EngineChoice(engine, "trial", batch, threads, timings, key=key, failed=failed)
     _write_cache(key, {"engine": engine, "timings_ms": timings, "batch": batch, "threads": threads,
                        "cpu": choice.cpu, "cpu_flags": choice.cpu_flags, "when": time.strftime("%Y-%m-%d %H:%M:%S")})
     return runners[engine], choice

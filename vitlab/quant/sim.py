@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
 
+from ..techniques import TechniqueNotApplicable
 from .base import Quantizer, QuantizerError, make_quantizer
 
 __all__ = ["QuantLinear", "QuantAttention", "wrap_model", "quantizers", "set_quant_mode", "quant_linears",
@@ -123,8 +124,8 @@ def _blocks(model: nn.Module) -> nn.Module:
     if blocks is None:
         stages = getattr(model, "stages", None)
         if stages is None:
-            raise QuantizerError(f"{type(model).__name__} has no `blocks` (or `stages`): vitlab.quant quantizes "
-                                 "timm ViT-style models")
+            raise TechniqueNotApplicable("quantization (ptq, w8a8, w8)", model, "it has no `blocks` (or `stages`); "
+                                         "vitlab.quant supports models whose blocks hold Linear layers (ViT-style)")
         return stages
     return blocks
 
@@ -150,7 +151,8 @@ def wrap_model(model: nn.Module, cfg: Any) -> nn.Module:
             # only timm's own Attention: a subclass (token reduction's) keeps its float matmuls, Linears quantized
             QuantAttention.wrap_(module, {site: make_quantizer(site, cfg) for site in ATTN_SITES})
     if n_linear == 0:
-        raise QuantizerError(f"{type(model).__name__} has no nn.Linear layers in its blocks to quantize")
+        raise TechniqueNotApplicable("quantization (ptq, w8a8, w8)", model, "its blocks have no nn.Linear layers; "
+                                     "vitlab.quant supports Linear layers and attention matmuls, not convolutions")
     return model
 
 

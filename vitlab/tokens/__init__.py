@@ -193,7 +193,7 @@ def _mctf_blocks(model, cfg: MCTF) -> set[int]:
 
 
 def _apply(model, cfg, reductions: list):
-    check_supported(model)
+    check_supported(model, format_technique(cfg))
     if isinstance(model, TokenReducingViT):
         raise TechniqueError("the model already has a token-reduction technique; apply one per model")
     token_schedule(model, cfg)
@@ -202,13 +202,13 @@ def _apply(model, cfg, reductions: list):
 
 @register_handler(ToMe)
 def _apply_tome(model, cfg: ToMe):
-    check_supported(model)
+    check_supported(model, format_technique(cfg))
     return _apply(model, cfg, [ToMeReduction(r) for r in cfg.per_block(len(model.blocks))])
 
 
 @register_handler(EViT)
 def _apply_evit(model, cfg: EViT):
-    check_supported(model)
+    check_supported(model, format_technique(cfg))
     blocks = _evit_blocks(model, cfg)
     return _apply(model, cfg, [EViTReduction(cfg.keep_rate, cfg.fuse) if i in blocks else None
                                for i in range(len(model.blocks))])
@@ -216,14 +216,14 @@ def _apply_evit(model, cfg: EViT):
 
 @register_handler(ATS)
 def _apply_ats(model, cfg: ATS):
-    check_supported(model)
+    check_supported(model, format_technique(cfg))
     blocks = _ats_blocks(model, cfg)
     return _apply(model, cfg, [ATSReduction(cfg.keep_rate) if i in blocks else None for i in range(len(model.blocks))])
 
 
 @register_handler(MCTF)
 def _apply_mctf(model, cfg: MCTF):
-    check_supported(model)
+    check_supported(model, format_technique(cfg))
     blocks = _mctf_blocks(model, cfg)
     return _apply(model, cfg, [MCTFReduction(cfg.r, cfg.tau_sim, cfg.tau_info, cfg.tau_size, cfg.bidirection)
                                if i in blocks else None

@@ -42,15 +42,19 @@ class TokenState:
         self.size, self.source, self.counts, self.padded, self.image_counts = None, None, [], False, []
 
 
-def check_supported(model: Any) -> None:
-    """Token reduction works on timm VisionTransformer models whose blocks are timm Blocks with timm Attention."""
+def check_supported(model: Any, technique: str = "token reduction") -> None:
+    """Token reduction works on timm VisionTransformer models whose blocks are timm Blocks with timm Attention;
+    anything else raises `TechniqueNotApplicable` naming `technique`, the model class and why."""
+    from ..techniques import TechniqueNotApplicable
+
+    supported = ("it supports timm VisionTransformer models whose blocks are timm Block + Attention (ViT, DeiT, "
+                 "DeiT III, register tokens, vl_vit_fmnist, vl_test_vit, ...)")
     if not isinstance(model, VisionTransformer):
-        raise TypeError(f"token reduction supports timm VisionTransformer models (ViT, DeiT, DeiT III, vl_vit_fmnist, "
-                        f"...); got {type(model).__name__}")
+        raise TechniqueNotApplicable(technique, model, f"not a plain ViT; {supported}")
     for i, blk in enumerate(model.blocks):
         if type(blk) not in (Block, ReducingBlock) or type(blk.attn) not in (Attention, ReducingAttention):
-            raise TypeError(f"token reduction supports blocks of class timm Block with timm Attention; block {i} of "
-                            f"{type(model).__name__} is {type(blk).__name__} with {type(blk.attn).__name__}")
+            raise TechniqueNotApplicable(technique, model, f"block {i} is {type(blk).__name__} with "
+                                         f"{type(blk.attn).__name__}; {supported}")
 
 
 class ReducingAttention(Attention):
