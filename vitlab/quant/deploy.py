@@ -186,6 +186,7 @@ class OpenVINORunner:
         return save_ir(self.ov_model, directory, name)
 
     def close(self) -> None:
+        """Release the engine: the infer request before the compiled model it belongs to."""
         self._request = None
         self.compiled = None
 
