@@ -81,7 +81,7 @@ def main() -> None:
                           epochs=epochs, batch_size=64, lr=1e-3, warmup_epochs=0.1, teacher=REF, distill="soft",
                           distill_alpha=0.8, distill_tau=2.0, threads=args.threads, workers=args.workers,
                           eval_val=False, progress=False, max_steps=40 if args.quick else None)
-        fit(cfg)
+        fit(cfg, overwrite=True)   # a rerun replaces the earlier run of this plan
         row.update(epochs=epochs, train_s=time.time() - t0, device="cuda" if torch.cuda.is_available() else "cpu",
                    steps=json.loads((out / name / "config.json").read_text())["training"]["global_step"],
                    after=acc(vitlab.create_model(out / name)))
