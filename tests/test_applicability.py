@@ -74,3 +74,24 @@ def test_cli_refusal_is_one_line(model, technique, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert technique.split(":")[0] in err[0] and "does not apply to" in err[0] and "Traceback" not in err[0]
+
+
+def matrix_markdown() -> str:
+    """The matrix as README shows it (README's table is this function's output; a test keeps them equal)."""
+    names = [t.split(":")[0] for t in TECHNIQUES]
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for model, (kwargs, works) in MODELS.items():
+        label = f"`{model.split(':')[0]}`" + (" (global_pool=map)" if model.endswith(":map") else "")
+        lines.append(f"| {label} | " + " | ".join("yes" if n in works else "refused" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def test_readme_shows_this_matrix():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert matrix_markdown() in readme, "README's matrix is stale: paste tests/test_applicability.matrix_markdown()"
+
+
+if __name__ == "__main__":
+    print(matrix_markdown())
