@@ -108,6 +108,22 @@ def default_preprocessing(model: nn.Module, class_names: list[str] | None = None
     }
 
 
+def _inherited_preprocessing(model: nn.Module) -> dict | None:
+    """The preprocessing (input size, mean/std, class names) of the checkpoint `model` was loaded from, if any, so
+    a model saved again (quantized, exported by the Pareto lab) keeps its class names; None when the input size
+    changed since (e.g. a model rebuilt at another img_size)."""
+    from .runner import model_input_size
+
+    pre = (getattr(model, "vitlab_checkpoint", None) or {}).get("config", {}).get("preprocessing")
+    if not isinstance(pre, dict):
+        return None
+    try:
+        same = list(pre.get("input_size", [])) == list(model_input_size(model))
+    except ValueError:
+        return None
+    return dict(pre) if same and len(pre.get("class_names") or []) == int(getattr(model, "num_classes", 0)) else None
+
+
 def save_checkpoint(
         model: nn.Module,
         directory: str | Path,
@@ -131,7 +147,7 @@ def save_checkpoint(
         "version": VERSION,
         "model": {"name": spec["name"], "kwargs": _jsonable(spec["kwargs"])},
         "techniques": [technique_to_dict(t) for t in applied_techniques(model)],
-        "preprocessing": _jsonable(preprocessing or default_preprocessing(model)),
+        "preprocessing": _jsonable(preprocessing or _inherited_preprocessing(model) or default_preprocessing(model)),
         "data": _jsonable(data or {}),
         "metrics": _jsonable(metrics or {}),
         "training": _jsonable(training or {}),

@@ -260,21 +260,27 @@ def labelled_calibration(model: nn.Module, data: str, split: str = "train", num_
 
     The test split is refused: scores computed on it would leak into the reported accuracy.
     """
-    from ..checkpoint import default_preprocessing
-    from ..data import build_dataset
+    from ..data.transforms import dataset_for_model
 
     if split == "test":
         raise PruneError("pruning on the test split is refused (it would leak into the reported accuracy): "
                          "use --split train (default) or val")
     if num_images < 1:
         raise PruneError(f"--calib-images must be >= 1, got {num_images}")
-    pre = getattr(model, "vitlab_checkpoint", {}).get("config", {}).get("preprocessing") or default_preprocessing(model)
-    c, h, w = pre["input_size"]
-    dataset = build_dataset(data, split, img_size=(h, w), in_chans=c, mean=pre["mean"], std=pre["std"],
-                            data_dir=data_dir)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images].tolist()
-    images = torch.stack([dataset[i][0] for i in order])
-    labels = torch.tensor([int(dataset[i][1]) for i in order])
+    # the preprocessing every verb uses, and the model's classes checked against the data's (labels score here)
+    dataset = dataset_for_model(model, data, split, data_dir=data_dir)
+    get = getattr(dataset, "get_or_skip", dataset.__getitem__)
+    picked = []
+    for i in torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist():
+        item = get(i)
+        if isinstance(item, tuple):   # else a Skipped record: an undecodable file, left out
+            picked.append(item)
+            if len(picked) == num_images:
+                break
+    if not picked:
+        raise PruneError(f"none of the images of {data} [{split}] can be decoded: check the files")
+    images = torch.stack([x for x, _ in picked])
+    labels = torch.tensor([int(y) for _, y in picked])
     return list(zip(images.split(batch_size), labels.split(batch_size)))
 
 
