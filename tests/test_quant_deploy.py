@@ -44,6 +44,16 @@ def test_engine_runs_int8_kernels(deployed):
              for op in runner.compiled.get_runtime_model().get_ops()]
     int8_fc = [k for k in kinds if k[0] == "FullyConnected" and k[1] in ("u8", "i8")]
     assert len(int8_fc) == 4 * 2  # every Linear of the 2 blocks; the head stays f32
+    # both attention matmuls of every block run in int8 too (OpenVINO needs symmetric q / k for that: w8a8's twin
+    # quantizes q, k, v symmetrically; with asymmetric q / k it kept some blocks' attention in f32)
+    attn = [(op.get_rt_info()["runtimePrecision"].astype(str), op.get_rt_info()["originalLayersNames"].astype(str))
+            for op in runner.compiled.get_runtime_model().get_ops()
+            if ".attn/aten::matmul/MatMul" in op.get_rt_info()["originalLayersNames"].astype(str)]
+    assert {f"blocks.{i}.attn" for i in range(2)} <= {n.split("__module.")[1].split("/")[0] for _, n in attn}
+    from vitlab.profiling import has_amx, has_vnni
+
+    if has_vnni() or has_amx():   # OpenVINO's int8 attention kernels need VNNI / AMX; on AVX2 it may keep them f32
+        assert all(p in ("u8", "i8") for p, _ in attn), attn
 
 
 def test_deployed_scales_are_vitlabs(deployed):

@@ -421,7 +421,8 @@ def make_quantizer(site: str, cfg: Any) -> Quantizer:
     * other activation sites ("input", "q", "k", "v"): `cfg.quantizer` when it is uniform, else
       `cfg.act_quantizer` (a uniform one). "input" is per token (axis 1 of (B, N, C)) when `cfg.per_token`.
     Every quantizer gets the option `site=` (and `objective=cfg.objective` when its constructor takes one: AdaLog).
-    Activations use an unsigned asymmetric grid (uint8 for 8 bits).
+    Activations use an unsigned asymmetric grid (uint8 for 8 bits); with `cfg.qkv_symmetric`, q, k and v use a
+    symmetric one (zero point at the centre), which OpenVINO needs to run the attention matmuls in int8.
     """
     if site not in SITES:
         raise QuantizerError(f"unknown quantization site {site!r}; sites are {', '.join(SITES)}")
@@ -444,4 +445,6 @@ def make_quantizer(site: str, cfg: Any) -> Quantizer:
     extra = {}
     if "objective" in inspect.signature(cls.__init__).parameters and getattr(cfg, "objective", None) is not None:
         extra["objective"] = cfg.objective            # AdaLog's search objective (PTQ.objective)
+    if site in ("q", "k", "v") and getattr(cfg, "qkv_symmetric", False) and issubclass(cls, UniformQuantizer):
+        extra["symmetric"] = True                      # zero point at the grid's centre (128 on uint8)
     return cls(cfg.a, signed=False, channel_axis=channel_axis, site=site, **extra)
