@@ -5,11 +5,13 @@
     python benchmarks/quant_speed.py --engines all --only "ONNX Runtime,torchao" --models deit_small_patch16_224
 
 Rows (`--engines openvino`, the default): torch float (eager), OpenVINO float (f32), OpenVINO int8 with NNCF's default
-calibration (`nncf.quantize(..., model_type=TRANSFORMER)`), OpenVINO int8 with vitlab's scales (`w8a8`, with and
-without the attention matmuls). `--engines all` adds torch float + `torch.compile`, ONNX Runtime float, ONNX
-Runtime int8 (`quantize_static`, QDQ, per-channel s8 weights / u8 activations, its own min-max calibration) and
-torchao's PT2E x86 int8 (`X86InductorQuantizer` default static config + `torch.compile`), so every int8 path
-the issue names is timed against its own float baseline in the same run. Every engine gets `--threads` explicitly.
+calibration (`nncf.quantize(..., model_type=TRANSFORMER)`), vitlab's scales on OpenVINO (`w8a8:engine=openvino`) and
+on ONNX Runtime (`w8a8:engine=onnxruntime`), `w8a8` with engine=auto (its own timed trial; the row says which engine
+it kept), and bf16 on torch (autocast) and OpenVINO (refused, as an error row, on CPUs without native bf16).
+`--engines all` adds torch float + `torch.compile`, ONNX Runtime float, ONNX Runtime int8 (`quantize_static`, QDQ,
+per-channel s8 weights / u8 activations, its own min-max calibration), the attn=false variants and torchao's PT2E
+x86 int8 (`X86InductorQuantizer` default static config + `torch.compile`). Every engine gets `--threads` explicitly.
+The table's header line names the CPU and its ISA flags.
 
 Calibration: a checkpoint folder whose config names its data (the reference model) is calibrated on 64 seeded
 train images, and top-1 on the first `--accuracy-images` test images plus top-1 agreement with torch float are
@@ -128,17 +130,29 @@ def _w8a8(**kw):
     return build
 
 
+def _bf16(engine):
+    def build(model, x, calib, threads):
+        from vitlab.quant import BF16
+
+        return vitlab.apply_(copy.deepcopy(model), BF16(engine=engine, threads=threads))
+
+    return build
+
+
 ENGINES = [  # (row name, builder(model, x, calib, threads) -> callable, in the default set)
     ("torch float", lambda model, x, calib, threads: model, True),
     ("torch float + compile", _compiled_float, False),
     ("OpenVINO float", _ov_float, True),
     ("OpenVINO int8, NNCF default", _w8a8(calibration="nncf"), True),
-    ("OpenVINO int8, vitlab (w8a8)", _w8a8(), True),
-    ("OpenVINO int8, vitlab (w8a8:attn=false)", _w8a8(attn=False), True),
+    ("OpenVINO int8, vitlab (w8a8:engine=openvino)", _w8a8(engine="openvino"), True),
+    ("OpenVINO int8, vitlab (w8a8:engine=openvino,attn=false)", _w8a8(engine="openvino", attn=False), False),
     ("ONNX Runtime float", _ort_float, False),
     ("ONNX Runtime int8 (QDQ, own calibration)", _ort_int8, False),
     ("ONNX Runtime int8, vitlab (w8a8:engine=onnxruntime)", _w8a8(engine="onnxruntime"), True),
     ("ONNX Runtime int8, vitlab (w8a8:engine=onnxruntime,attn=false)", _w8a8(engine="onnxruntime", attn=False), False),
+    ("w8a8 (engine=auto: timed trial)", _w8a8(), True),
+    ("torch bf16 autocast (bf16:engine=torch)", _bf16("torch"), True),
+    ("OpenVINO bf16 (bf16:engine=openvino)", _bf16("openvino"), True),
     ("torchao PT2E x86 int8 + compile", _torchao, False),
 ]
 
@@ -198,6 +212,9 @@ def bench_model(name: str, args) -> list[dict]:
             print(f"{name}: {engine} failed: {e}", file=sys.stderr, flush=True)
             continue
         rows[engine] = {"setup_s": time.perf_counter() - start, "times": []}
+        choice = getattr(runners[engine], "engine_choice", None)
+        if choice:
+            rows[engine]["choice"] = f"{choice['engine']} ({choice['how']})"
         print(f"{name}: {engine} ready in {rows[engine]['setup_s']:.0f} s", file=sys.stderr, flush=True)
     with torch.inference_mode():
         for _ in range(args.repeats):
@@ -237,12 +254,19 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models:
         rows += bench_model(name, args)
-    import onnxruntime
-    import torchao
+    from importlib.metadata import PackageNotFoundError, version
 
-    print(f"\nbatch {args.batch}, {args.threads} threads, median of {args.repeats} interleaved rounds, "
-          f"torch {torch.__version__}, OpenVINO {__import__('openvino').__version__}, onnxruntime "
-          f"{onnxruntime.__version__}, torchao {torchao.__version__}\n")
+    from vitlab.profiling import cpu_flags_text, cpu_name
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    print(f"\n{cpu_name()} ({cpu_flags_text()}), batch {args.batch}, {args.threads} threads, median of "
+          f"{args.repeats} interleaved rounds, torch {torch.__version__}, OpenVINO {v('openvino')}, NNCF {v('nncf')}, "
+          f"onnxruntime {v('onnxruntime')}, torchao {v('torchao')}\n")
     print("| model | engine | ms / batch | speed-up vs torch float | top-1 % | top-1 agreement with torch float % "
           "| setup (s) |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -251,7 +275,8 @@ def main(argv=None) -> int:
             print(f"| {r['model']} | {r['engine']} | failed: {r['error']} | | | | |")
             continue
         acc = (f"{r['top1']:.2f} | {r['agree']:.2f}") if "top1" in r else "- | -"
-        print(f"| {r['model']} | {r['engine']} | {r['ms']:.1f} | {r['speedup']:.2f}x | {acc} | {r['setup_s']:.0f} |")
+        engine = r["engine"] + (f" -> {r['choice']}" if "choice" in r else "")
+        print(f"| {r['model']} | {engine} | {r['ms']:.1f} | {r['speedup']:.2f}x | {acc} | {r['setup_s']:.0f} |")
     if any("top1" in r for r in rows):
         n = next(r["accuracy_images"] for r in rows if "accuracy_images" in r)
         print(f"\ntop-1 and agreement: first {n} test images; that model calibrated on 64 seeded train images. "
