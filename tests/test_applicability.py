@@ -1,7 +1,7 @@
 """The applicability matrix: every technique on every model either works (right output shape) or refuses with
 `TechniqueNotApplicable` naming the technique and the model class — never any other exception — and on the CLI a
 refusal is one line on stderr with exit code 2. `WORKS` is the contract: a cell that stops working fails here, and
-so does a cell that starts working without this table saying so (update it, and README's matrix, when a technique
+so does a cell that starts working without this table saying so (update it, and docs/contracts.md's matrix, when a technique
 learns a new model)."""
 import pytest
 import torch
@@ -77,7 +77,7 @@ def test_cli_refusal_is_one_line(model, technique, capsys):
 
 
 def matrix_markdown() -> str:
-    """The matrix as README shows it (README's table is this function's output; a test keeps them equal)."""
+    """The matrix as docs/contracts.md shows it (its table is this function's output; a test keeps them equal)."""
     names = [t.split(":")[0] for t in TECHNIQUES]
     lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for model, (kwargs, works) in MODELS.items():
@@ -86,11 +86,11 @@ def matrix_markdown() -> str:
     return "\n".join(lines)
 
 
-def test_readme_shows_this_matrix():
+def test_docs_show_this_matrix():
     from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert matrix_markdown() in readme, "README's matrix is stale: paste tests/test_applicability.matrix_markdown()"
+    page = (Path(__file__).parent.parent / "docs" / "contracts.md").read_text()
+    assert matrix_markdown() in page, "docs/contracts.md's matrix is stale: paste python tests/test_applicability.py"
 
 
 if __name__ == "__main__":
