@@ -26,6 +26,14 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture
+def engine_sandbox(tmp_path, monkeypatch):
+    """engine=auto's cache in this test's own folder, and no trial / CPU-flag override from the environment."""
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("VITLAB_ENGINE_TRIAL", raising=False)
+    monkeypatch.delenv("VITLAB_CPU_FLAGS", raising=False)
+
+
+@pytest.fixture
 def tiny_model():
     return vitlab.create_model("vl_test_vit", num_classes=10)
 

@@ -18,9 +18,7 @@ def model():
     return vitlab.create_model("vl_test_vit", num_classes=10).eval()
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("engine_sandbox")   # tests/conftest.py
 
 
 def _x(n=16):

@@ -31,6 +31,10 @@ class _Parser(argparse.ArgumentParser):
 def _add_apply(p: argparse.ArgumentParser) -> None:
     p.add_argument("--apply", action="append", default=[], metavar="NAME:key=value,...",
                    help="technique to apply (repeatable, applied in order: structure -> tokens -> quantization)")
+    _add_engine_trial(p)
+
+
+def _add_engine_trial(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-trial", default=None, choices=("on", "off"),
                    help="engine=auto (w8a8, bf16): time each installed engine here and keep the fastest (on, the "
                         "default; cached per CPU, model, batch and threads) or use the ISA rule without timing (off)")
@@ -244,6 +248,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="do not export the recommended point")
     p.add_argument("--restart", action="store_true", help="discard the results already in --out")
     p.add_argument("--no-progress", action="store_true")
+    _add_engine_trial(p)
 
     p = verbs.add_parser("quantize", help="post-training quantization: simulated (ptq) or real int8 (w8a8, w8)")
     p.add_argument("checkpoint", help="checkpoint folder or model name")
@@ -295,6 +300,10 @@ def _check_out(out: str) -> None:
 
 def _engine_trial(args):
     """engine=auto's trial runs at the batch this verb will run (--batch, else --batch-size) with --engine-trial."""
+    if not hasattr(args, "engine_trial"):   # a verb that deploys nothing
+        import contextlib
+
+        return contextlib.nullcontext()
     from .quant.engine_choice import engine_trial
 
     batch = getattr(args, "batch", None) or getattr(args, "batch_size", None)

@@ -9,7 +9,7 @@ and holding the holder's pid, host, command and start time, so that a second pro
 that names the dead pid. Forked children (DataLoader workers) close their copy of the lock at fork, so a killed
 run's orphaned workers do not keep its folder locked.
 
-On taking the lock, files a killed writer left half-written are removed (`atomic_path`'s `.NAME.XXXXXXXX.tmp`
+On taking the lock, files a killed writer left half-written are removed (`atomic_path`'s `.NAME.<random>.tmp`
 files and unfinished `.vitlab-staging-*` folders), and a staged result whose commit was interrupted is finished
 (`commit_staged`'s journal), so a folder never holds a half-written output after a crash.
 
