@@ -1,0 +1,290 @@
+"""Contract adapters for timm's seed families and vitlab's zoo.
+
+Two tables do most of the work: `MIXERS` maps a mixer class to its kind (and whether it attends globally over the
+block's sequence), `BLOCKS` maps a block class to its mixers, MLPs, layout and grid needs. A family adapter only
+says where its stages and blocks are (`_spec`). `tests/test_contract.py` checks each claim against the model.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch.nn as nn
+from timm.layers import Attention as TimmAttention
+from timm.models import (convit, convnext, crossvit, efficientformer, efficientvit_msra, metaformer, nextvit, pvt_v2,
+                         swin_transformer, swin_transformer_v2, tiny_vit, tnt, vision_transformer, volo)
+
+from ..models import crossformer, cvt, dinat, hornet, pvt, rmt, sret, spectformer, t2t_vit, uniformer
+from . import BlockSpec, Mixer, ModelSpec, StageSpec, register_adapter
+
+_QKV_FORMS = (("qkv",), ("q", "kv"), ("q", "k", "v"), ("qk", "v"), ("kv", "q"), ("proj_q", "proj_k", "proj_v"),
+              ("wq", "wk", "wv"), ("qkvs",))
+
+# mixer class -> (kind, global_tokens: bool or fn(module) -> bool)
+MIXERS: dict[type, tuple[str, bool | Callable[[nn.Module], bool]]] = {
+    TimmAttention: ("attention", True),
+    swin_transformer.WindowAttention: ("window_attention", False),
+    swin_transformer_v2.WindowAttention: ("window_attention", False),
+    pvt_v2.Attention: ("sra_attention", lambda m: m.sr is None and not getattr(m, "linear", False)),
+    tiny_vit.Attention: ("window_attention", False),
+    efficientformer.Attention: ("positional_attention", False),   # learned bias per (query, key) position pair
+    efficientformer.Pooling: ("pool", False),
+    metaformer.Pooling: ("pool", False),
+    metaformer.Attention: ("attention", False),        # runs on the NCHW map (flattened inside)
+    metaformer.SepConv: ("conv", False),
+    nextvit.EfficientAttention: ("sra_attention", lambda m: m.sr is None),
+    nextvit.ConvAttention: ("conv", False),
+    convit.GPSA: ("positional_attention", False),
+    convit.MHSA: ("attention", True),
+    tnt.Attention: ("attention", True),
+    volo.OutlookAttention: ("outlook_attention", False),
+    volo.Attention: ("attention", False),              # on the (B, H, W, C) map
+    volo.ClassAttention: ("class_attention", False),
+    efficientvit_msra.LocalWindowAttention: ("window_attention", False),
+    nn.Conv2d: ("conv", False),
+    tiny_vit.ConvNorm: ("conv", False),
+    cvt.ConvAttention: ("conv_attention", False),
+    pvt.SpatialReductionAttention: ("sra_attention", lambda m: m.sr_ratio == 1),
+    dinat.NeighborhoodAttention2d: ("neighborhood_attention", False),
+    hornet.GnConv: ("gnconv", False),
+    crossformer.GroupAttention: ("group_attention", False),
+    rmt.ManhattanSelfAttention: ("retention", False),
+    spectformer.SpectralGatingNetwork: ("spectral", False),
+}
+
+
+class _Rule:
+    """What a block class holds: mixer attribute names, MLP attribute names, input layout, grid needs."""
+
+    def __init__(self, mixers: Iterable[str], mlps: Iterable[str], layout: str, needs_grid: bool | Callable = False,
+                 residual: bool = True):
+        self.mixers, self.mlps, self.layout = tuple(mixers), tuple(mlps), layout
+        self.needs_grid, self.residual = needs_grid, residual
+
+
+BLOCKS: dict[type, _Rule] = {
+    vision_transformer.Block: _Rule(["attn"], ["mlp"], "sequence"),
+    swin_transformer.SwinTransformerBlock: _Rule(["attn"], ["mlp"], "nhwc", True),
+    swin_transformer_v2.SwinTransformerV2Block: _Rule(["attn"], ["mlp"], "nhwc", True),
+    pvt_v2.Block: _Rule(["attn"], ["mlp"], "sequence", True),             # depthwise conv in the MLP
+    tiny_vit.MBConv: _Rule(["conv2"], [], "nchw", True),
+    tiny_vit.TinyVitBlock: _Rule(["attn"], ["mlp"], "nhwc", True),
+    efficientformer.MetaBlock2d: _Rule(["token_mixer"], ["mlp"], "nchw", True),
+    efficientformer.MetaBlock1d: _Rule(["token_mixer"], ["mlp"], "sequence", True),
+    metaformer.MetaFormerBlock: _Rule(["token_mixer"], ["mlp"], "nchw", True),
+    nextvit.NextConvBlock: _Rule(["mhca"], ["mlp"], "nchw", True),
+    nextvit.NextTransformerBlock: _Rule(["e_mhsa", "mhca"], ["mlp"], "nchw", True),
+    convit.Block: _Rule(["attn"], ["mlp"], "sequence", lambda b: isinstance(b.attn, convit.GPSA)),
+    tnt.Block: _Rule(["attn_in", "attn_out"], ["mlp_in", "mlp"], "sequence", True),  # inner pixels follow patches
+    volo.Outlooker: _Rule(["attn"], ["mlp"], "nhwc", True),
+    volo.Transformer: _Rule(["attn"], ["mlp"], "nhwc", True),
+    volo.ClassBlock: _Rule(["attn"], ["mlp"], "sequence"),
+    efficientvit_msra.EfficientVitBlock: _Rule(["mixer.m"], ["ffn0.m", "ffn1.m"], "nchw", True),
+    convnext.ConvNeXtBlock: _Rule(["conv_dw"], ["mlp"], "nchw", True),
+    cvt.Block: _Rule(["attn"], ["mlp"], "sequence", True),
+    pvt.Block: _Rule(["attn"], ["mlp"], "sequence", lambda b: b.attn.sr_ratio > 1),
+    dinat.NATBlock: _Rule(["attn"], ["mlp"], "nhwc", True),
+    hornet.HorBlock: _Rule(["gnconv"], ["mlp"], "nhwc", True),
+    crossformer.CrossFormerBlock: _Rule(["attn"], ["mlp"], "nhwc", True),
+    rmt.RetBlock: _Rule(["attn"], ["mlp"], "nhwc", True),
+    sret.RecursiveBlock: _Rule(["attn"], ["mlp"], "sequence", True),      # sliced groups; the stage ends on a grid
+    spectformer.SpectralBlock: _Rule(["filter"], ["mlp"], "sequence", True),
+    uniformer.CBlock: _Rule(["attn"], ["mlp"], "nchw", True),
+    uniformer.SABlock: _Rule(["attn"], ["mlp"], "nchw", True),
+}
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    return module.get_submodule(path) if path else module
+
+
+def mixer_of(module: nn.Module, name: str) -> Mixer:
+    """A Mixer for `module` (found by class in MIXERS, most specific first); KeyError if unknown."""
+    for cls in type(module).__mro__:
+        if cls in MIXERS:
+            kind, glob = MIXERS[cls]
+            break
+    else:
+        raise KeyError(f"no mixer kind for {type(module).__name__}")
+    inner = module.attn if isinstance(module, efficientvit_msra.LocalWindowAttention) else module
+    heads = getattr(inner, "num_heads", None) or getattr(inner, "heads", None)
+    head_dim = getattr(inner, "head_dim", None) or getattr(inner, "key_dim", None)
+    children = dict(inner.named_children())
+    qkv = next((form for form in _QKV_FORMS if all(n in children for n in form)), ())
+    if inner is not module:
+        qkv = tuple(f"attn.{n}" for n in qkv)
+    proj = ("attn.proj" if inner is not module else "proj") if "proj" in children else None
+    return Mixer(kind, name, module, num_heads=heads, head_dim=head_dim, qkv=qkv, proj=proj,
+                 global_tokens=glob(module) if callable(glob) else glob)
+
+
+def block_of(module: nn.Module, name: str, num_prefix_tokens: int = 0) -> BlockSpec:
+    rule = BLOCKS[type(module)]
+    needs_grid = rule.needs_grid(module) if callable(rule.needs_grid) else rule.needs_grid
+    mixers = tuple(mixer_of(_get(module, m), m) for m in rule.mixers)
+    return BlockSpec(name, module, mixers, rule.mlps, rule.layout, needs_grid, num_prefix_tokens, rule.residual)
+
+
+def _blocks(container: nn.Module, prefix: str, num_prefix_tokens: int = 0) -> list[BlockSpec]:
+    """Blocks among `container`'s children (non-block children such as EfficientFormer's Flat are skipped)."""
+    return [block_of(m, f"{prefix}.{n}", num_prefix_tokens) for n, m in container.named_children()
+            if type(m) in BLOCKS]
+
+
+def _pcfg(model: nn.Module, key: str) -> tuple[str, ...]:
+    value = (getattr(model, "pretrained_cfg", None) or {}).get(key)
+    return () if value is None else ((value,) if isinstance(value, str) else tuple(value))
+
+
+def _first_layer(model: nn.Module) -> tuple[str, ...]:
+    return next(((n,) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))), ())
+
+
+def _classifier(model: nn.Module) -> tuple[str, ...]:
+    heads = [model.get_classifier()] if hasattr(model, "get_classifier") else []
+    heads = [h for hs in heads for h in (hs if isinstance(hs, tuple) else (hs,))]
+    return tuple(n for n, m in model.named_modules() if any(m is h for h in heads))
+
+
+def _spec(model, family, stages, *, prefix: int = 0, notes: str = "") -> ModelSpec:
+    """Stem and head from timm's pretrained_cfg (`first_conv`, `classifier`), else the first weight layer and
+    `get_classifier()` (a model built by its class, without a registry entry)."""
+    names = dict(model.named_modules())
+    stem = tuple(n for n in _pcfg(model, "first_conv") if n in names) or _first_layer(model)  # cfgs may list more
+    head = tuple(n for n in _pcfg(model, "classifier") if n in names) or _classifier(model)
+    return ModelSpec(family, model, stages, stem, head, prefix, notes)
+
+
+def _staged(model, family, stages_attr="stages", blocks_attr="blocks", prefix=lambda i, s: 0, **kw) -> ModelSpec:
+    out = []
+    for i, stage in enumerate(getattr(model, stages_attr)):
+        name = f"{stages_attr}.{i}"
+        container = getattr(stage, blocks_attr) if blocks_attr else stage
+        down = "downsample" if isinstance(getattr(stage, "downsample", None), nn.Module) else None
+        down = down if down and not isinstance(stage.downsample, nn.Identity) else None
+        out.append(StageSpec(name, _blocks(container, f"{name}.{blocks_attr}" if blocks_attr else name,
+                                           prefix(i, stage)), down and f"{name}.{down}"))
+    return _spec(model, family, out, **kw)
+
+
+@register_adapter(vision_transformer.VisionTransformer)
+def _vit(model) -> ModelSpec:
+    p = model.num_prefix_tokens
+    family = "t2t_vit" if isinstance(model, t2t_vit.T2TViT) else "vit"
+    return _spec(model, family, [StageSpec("blocks", _blocks(model.blocks, "blocks", p))], prefix=p)
+
+
+@register_adapter(swin_transformer.SwinTransformer, swin_transformer_v2.SwinTransformerV2)
+def _swin(model) -> ModelSpec:
+    family = "swinv2" if isinstance(model, swin_transformer_v2.SwinTransformerV2) else "swin"
+    return _staged(model, family, stages_attr="layers")
+
+
+@register_adapter(pvt_v2.PyramidVisionTransformerV2)
+def _pvt_v2(model) -> ModelSpec:
+    return _staged(model, "pvt_v2")
+
+
+@register_adapter(tiny_vit.TinyVit)
+def _tiny_vit(model) -> ModelSpec:
+    return _staged(model, "tiny_vit")
+
+
+@register_adapter(efficientformer.EfficientFormer)
+def _efficientformer(model) -> ModelSpec:
+    return _staged(model, "efficientformer")
+
+
+@register_adapter(metaformer.MetaFormer)
+def _metaformer(model) -> ModelSpec:
+    return _staged(model, "metaformer")
+
+
+@register_adapter(nextvit.NextViT)
+def _nextvit(model) -> ModelSpec:
+    return _staged(model, "nextvit")
+
+
+@register_adapter(convnext.ConvNeXt)
+def _convnext(model) -> ModelSpec:
+    return _staged(model, "convnext")
+
+
+@register_adapter(efficientvit_msra.EfficientVitMsra)
+def _efficientvit(model) -> ModelSpec:
+    return _staged(model, "efficientvit_msra")
+
+
+@register_adapter(convit.ConVit)
+def _convit(model) -> ModelSpec:
+    # the class token joins the sequence at block `local_up_to_layer` (the first MHSA block)
+    blocks = [block_of(b, f"blocks.{i}", int(i >= model.local_up_to_layer)) for i, b in enumerate(model.blocks)]
+    return _spec(model, "convit", [StageSpec("blocks", blocks)], prefix=1)
+
+
+@register_adapter(crossvit.CrossVit)
+def _crossvit(model) -> ModelSpec:
+    stages = []
+    for i, msb in enumerate(model.blocks):   # each multi-scale block: one branch of plain ViT blocks per scale
+        for b, branch in enumerate(msb.blocks):
+            stages.append(StageSpec(f"blocks.{i}.blocks.{b}", _blocks(branch, f"blocks.{i}.blocks.{b}", 1)))
+    return _spec(model, "crossvit", stages, prefix=1, notes="cross-attention fusion between branches reads only the "
+                 "class tokens; it is not a block")
+
+
+@register_adapter(tnt.TNT)
+def _tnt(model) -> ModelSpec:
+    return _spec(model, "tnt", [StageSpec("blocks", _blocks(model.blocks, "blocks", 1))], prefix=1)
+
+
+@register_adapter(volo.VOLO)
+def _volo(model) -> ModelSpec:
+    stages = [StageSpec(f"network.{i}", _blocks(s, f"network.{i}")) for i, s in enumerate(model.network)
+              if isinstance(s, nn.Sequential)]
+    if model.post_network is not None:
+        stages.append(StageSpec("post_network", _blocks(model.post_network, "post_network", 1)))
+    return _spec(model, "volo", stages, prefix=1)
+
+
+@register_adapter(cvt.ConvVisionTransformer)
+def _cvt(model) -> ModelSpec:
+    return _staged(model, "vl_cvt", prefix=lambda i, s: int(s.cls_token is not None))
+
+
+@register_adapter(pvt.PyramidVisionTransformer)
+def _pvt(model) -> ModelSpec:
+    return _staged(model, "vl_pvt", prefix=lambda i, s: int(s.cls_token is not None))
+
+
+@register_adapter(dinat.DiNAT)
+def _dinat(model) -> ModelSpec:
+    return _staged(model, "vl_dinat")
+
+
+@register_adapter(hornet.HorNet)
+def _hornet(model) -> ModelSpec:
+    return _staged(model, "vl_hornet")
+
+
+@register_adapter(crossformer.CrossFormer)
+def _crossformer(model) -> ModelSpec:
+    return _staged(model, "vl_crossformer")
+
+
+@register_adapter(rmt.RMT)
+def _rmt(model) -> ModelSpec:
+    return _staged(model, "vl_rmt")
+
+
+@register_adapter(sret.SReT)
+def _sret(model) -> ModelSpec:
+    return _staged(model, "vl_sret", prefix=lambda i, s: 0)
+
+
+@register_adapter(uniformer.UniFormer)
+def _uniformer(model) -> ModelSpec:
+    return _staged(model, "vl_uniformer")
+
+
+@register_adapter(spectformer.SpectFormer)
+def _spectformer(model) -> ModelSpec:
+    return _spec(model, "vl_spectformer", [StageSpec("blocks", _blocks(model.blocks, "blocks"))])
