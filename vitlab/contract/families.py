@@ -52,7 +52,7 @@ MIXERS: dict[type, tuple[str, bool | Callable[[nn.Module], bool]]] = {
 }
 
 
-class _Rule:
+class BlockRule:
     """What a block class holds: mixer attribute names, MLP attribute names, input layout, grid needs."""
 
     def __init__(self, mixers: Iterable[str], mlps: Iterable[str], layout: str, needs_grid: bool | Callable = False,
@@ -61,35 +61,35 @@ class _Rule:
         self.needs_grid, self.residual = needs_grid, residual
 
 
-BLOCKS: dict[type, _Rule] = {
-    vision_transformer.Block: _Rule(["attn"], ["mlp"], "sequence"),
-    swin_transformer.SwinTransformerBlock: _Rule(["attn"], ["mlp"], "nhwc", True),
-    swin_transformer_v2.SwinTransformerV2Block: _Rule(["attn"], ["mlp"], "nhwc", True),
-    pvt_v2.Block: _Rule(["attn"], ["mlp"], "sequence", True),             # depthwise conv in the MLP
-    tiny_vit.MBConv: _Rule(["conv2"], [], "nchw", True),
-    tiny_vit.TinyVitBlock: _Rule(["attn"], ["mlp"], "nhwc", True),
-    efficientformer.MetaBlock2d: _Rule(["token_mixer"], ["mlp"], "nchw", True),
-    efficientformer.MetaBlock1d: _Rule(["token_mixer"], ["mlp"], "sequence", True),
-    metaformer.MetaFormerBlock: _Rule(["token_mixer"], ["mlp"], "nchw", True),
-    nextvit.NextConvBlock: _Rule(["mhca"], ["mlp"], "nchw", True),
-    nextvit.NextTransformerBlock: _Rule(["e_mhsa", "mhca"], ["mlp"], "nchw", True),
-    convit.Block: _Rule(["attn"], ["mlp"], "sequence", lambda b: isinstance(b.attn, convit.GPSA)),
-    tnt.Block: _Rule(["attn_in", "attn_out"], ["mlp_in", "mlp"], "sequence", True),  # inner pixels follow patches
-    volo.Outlooker: _Rule(["attn"], ["mlp"], "nhwc", True),
-    volo.Transformer: _Rule(["attn"], ["mlp"], "nhwc", True),
-    volo.ClassBlock: _Rule(["attn"], ["mlp"], "sequence"),
-    efficientvit_msra.EfficientVitBlock: _Rule(["mixer.m"], ["ffn0.m", "ffn1.m"], "nchw", True),
-    convnext.ConvNeXtBlock: _Rule(["conv_dw"], ["mlp"], "nchw", True),
-    cvt.Block: _Rule(["attn"], ["mlp"], "sequence", True),
-    pvt.Block: _Rule(["attn"], ["mlp"], "sequence", lambda b: b.attn.sr_ratio > 1),
-    dinat.NATBlock: _Rule(["attn"], ["mlp"], "nhwc", True),
-    hornet.HorBlock: _Rule(["gnconv"], ["mlp"], "nhwc", True),
-    crossformer.CrossFormerBlock: _Rule(["attn"], ["mlp"], "nhwc", True),
-    rmt.RetBlock: _Rule(["attn"], ["mlp"], "nhwc", True),
-    sret.RecursiveBlock: _Rule(["attn"], ["mlp"], "sequence", True),      # sliced groups; the stage ends on a grid
-    spectformer.SpectralBlock: _Rule(["filter"], ["mlp"], "sequence", True),
-    uniformer.CBlock: _Rule(["attn"], ["mlp"], "nchw", True),
-    uniformer.SABlock: _Rule(["attn"], ["mlp"], "nchw", True),
+BLOCKS: dict[type, BlockRule] = {
+    vision_transformer.Block: BlockRule(["attn"], ["mlp"], "sequence"),
+    swin_transformer.SwinTransformerBlock: BlockRule(["attn"], ["mlp"], "nhwc", True),
+    swin_transformer_v2.SwinTransformerV2Block: BlockRule(["attn"], ["mlp"], "nhwc", True),
+    pvt_v2.Block: BlockRule(["attn"], ["mlp"], "sequence", True),             # depthwise conv in the MLP
+    tiny_vit.MBConv: BlockRule(["conv2"], [], "nchw", True),
+    tiny_vit.TinyVitBlock: BlockRule(["attn"], ["mlp"], "nhwc", True),
+    efficientformer.MetaBlock2d: BlockRule(["token_mixer"], ["mlp"], "nchw", True),
+    efficientformer.MetaBlock1d: BlockRule(["token_mixer"], ["mlp"], "sequence", True),
+    metaformer.MetaFormerBlock: BlockRule(["token_mixer"], ["mlp"], "nchw", True),
+    nextvit.NextConvBlock: BlockRule(["mhca"], ["mlp"], "nchw", True),
+    nextvit.NextTransformerBlock: BlockRule(["e_mhsa", "mhca"], ["mlp"], "nchw", True),
+    convit.Block: BlockRule(["attn"], ["mlp"], "sequence", lambda b: isinstance(b.attn, convit.GPSA)),
+    tnt.Block: BlockRule(["attn_in", "attn_out"], ["mlp_in", "mlp"], "sequence", True),  # inner pixels follow patches
+    volo.Outlooker: BlockRule(["attn"], ["mlp"], "nhwc", True),
+    volo.Transformer: BlockRule(["attn"], ["mlp"], "nhwc", True),
+    volo.ClassBlock: BlockRule(["attn"], ["mlp"], "sequence"),
+    efficientvit_msra.EfficientVitBlock: BlockRule(["mixer.m"], ["ffn0.m", "ffn1.m"], "nchw", True),
+    convnext.ConvNeXtBlock: BlockRule(["conv_dw"], ["mlp"], "nchw", True),
+    cvt.Block: BlockRule(["attn"], ["mlp"], "sequence", True),
+    pvt.Block: BlockRule(["attn"], ["mlp"], "sequence", lambda b: b.attn.sr_ratio > 1),
+    dinat.NATBlock: BlockRule(["attn"], ["mlp"], "nhwc", True),
+    hornet.HorBlock: BlockRule(["gnconv"], ["mlp"], "nhwc", True),
+    crossformer.CrossFormerBlock: BlockRule(["attn"], ["mlp"], "nhwc", True),
+    rmt.RetBlock: BlockRule(["attn"], ["mlp"], "nhwc", True),
+    sret.RecursiveBlock: BlockRule(["attn"], ["mlp"], "sequence", True),      # sliced groups; the stage ends on a grid
+    spectformer.SpectralBlock: BlockRule(["filter"], ["mlp"], "sequence", True),
+    uniformer.CBlock: BlockRule(["attn"], ["mlp"], "nchw", True),
+    uniformer.SABlock: BlockRule(["attn"], ["mlp"], "nchw", True),
 }
 
 
@@ -154,7 +154,7 @@ def _spec(model, family, stages, *, prefix: int = 0, notes: str = "") -> ModelSp
     return ModelSpec(family, model, stages, stem, head, prefix, notes)
 
 
-def _staged(model, family, stages_attr="stages", blocks_attr="blocks", prefix=lambda i, s: 0, **kw) -> ModelSpec:
+def staged_spec(model, family, stages_attr="stages", blocks_attr="blocks", prefix=lambda i, s: 0, **kw) -> ModelSpec:
     out = []
     for i, stage in enumerate(getattr(model, stages_attr)):
         name = f"{stages_attr}.{i}"
@@ -176,42 +176,42 @@ def _vit(model) -> ModelSpec:
 @register_adapter(swin_transformer.SwinTransformer, swin_transformer_v2.SwinTransformerV2)
 def _swin(model) -> ModelSpec:
     family = "swinv2" if isinstance(model, swin_transformer_v2.SwinTransformerV2) else "swin"
-    return _staged(model, family, stages_attr="layers")
+    return staged_spec(model, family, stages_attr="layers")
 
 
 @register_adapter(pvt_v2.PyramidVisionTransformerV2)
 def _pvt_v2(model) -> ModelSpec:
-    return _staged(model, "pvt_v2")
+    return staged_spec(model, "pvt_v2")
 
 
 @register_adapter(tiny_vit.TinyVit)
 def _tiny_vit(model) -> ModelSpec:
-    return _staged(model, "tiny_vit")
+    return staged_spec(model, "tiny_vit")
 
 
 @register_adapter(efficientformer.EfficientFormer)
 def _efficientformer(model) -> ModelSpec:
-    return _staged(model, "efficientformer")
+    return staged_spec(model, "efficientformer")
 
 
 @register_adapter(metaformer.MetaFormer)
 def _metaformer(model) -> ModelSpec:
-    return _staged(model, "metaformer")
+    return staged_spec(model, "metaformer")
 
 
 @register_adapter(nextvit.NextViT)
 def _nextvit(model) -> ModelSpec:
-    return _staged(model, "nextvit")
+    return staged_spec(model, "nextvit")
 
 
 @register_adapter(convnext.ConvNeXt)
 def _convnext(model) -> ModelSpec:
-    return _staged(model, "convnext")
+    return staged_spec(model, "convnext")
 
 
 @register_adapter(efficientvit_msra.EfficientVitMsra)
 def _efficientvit(model) -> ModelSpec:
-    return _staged(model, "efficientvit_msra")
+    return staged_spec(model, "efficientvit_msra")
 
 
 @register_adapter(convit.ConVit)
@@ -247,42 +247,42 @@ def _volo(model) -> ModelSpec:
 
 @register_adapter(cvt.ConvVisionTransformer)
 def _cvt(model) -> ModelSpec:
-    return _staged(model, "vl_cvt", prefix=lambda i, s: int(s.cls_token is not None))
+    return staged_spec(model, "vl_cvt", prefix=lambda i, s: int(s.cls_token is not None))
 
 
 @register_adapter(pvt.PyramidVisionTransformer)
 def _pvt(model) -> ModelSpec:
-    return _staged(model, "vl_pvt", prefix=lambda i, s: int(s.cls_token is not None))
+    return staged_spec(model, "vl_pvt", prefix=lambda i, s: int(s.cls_token is not None))
 
 
 @register_adapter(dinat.DiNAT)
 def _dinat(model) -> ModelSpec:
-    return _staged(model, "vl_dinat")
+    return staged_spec(model, "vl_dinat")
 
 
 @register_adapter(hornet.HorNet)
 def _hornet(model) -> ModelSpec:
-    return _staged(model, "vl_hornet")
+    return staged_spec(model, "vl_hornet")
 
 
 @register_adapter(crossformer.CrossFormer)
 def _crossformer(model) -> ModelSpec:
-    return _staged(model, "vl_crossformer")
+    return staged_spec(model, "vl_crossformer")
 
 
 @register_adapter(rmt.RMT)
 def _rmt(model) -> ModelSpec:
-    return _staged(model, "vl_rmt")
+    return staged_spec(model, "vl_rmt")
 
 
 @register_adapter(sret.SReT)
 def _sret(model) -> ModelSpec:
-    return _staged(model, "vl_sret", prefix=lambda i, s: 0)
+    return staged_spec(model, "vl_sret", prefix=lambda i, s: 0)
 
 
 @register_adapter(uniformer.UniFormer)
 def _uniformer(model) -> ModelSpec:
-    return _staged(model, "vl_uniformer")
+    return staged_spec(model, "vl_uniformer")
 
 
 @register_adapter(spectformer.SpectFormer)
