@@ -117,8 +117,13 @@ def mixer_of(module: nn.Module, name: str) -> Mixer:
                  global_tokens=glob(module) if callable(glob) else glob)
 
 
+def _rule(module: nn.Module) -> BlockRule | None:
+    """The rule of the block's class or of the class it was swapped from (techniques subclass blocks in place)."""
+    return next((BLOCKS[cls] for cls in type(module).__mro__ if cls in BLOCKS), None)
+
+
 def block_of(module: nn.Module, name: str, num_prefix_tokens: int = 0) -> BlockSpec:
-    rule = BLOCKS[type(module)]
+    rule = _rule(module)
     needs_grid = rule.needs_grid(module) if callable(rule.needs_grid) else rule.needs_grid
     mixers = tuple(mixer_of(_get(module, m), m) for m in rule.mixers)
     return BlockSpec(name, module, mixers, rule.mlps, rule.layout, needs_grid, num_prefix_tokens, rule.residual)
@@ -127,7 +132,7 @@ def block_of(module: nn.Module, name: str, num_prefix_tokens: int = 0) -> BlockS
 def _blocks(container: nn.Module, prefix: str, num_prefix_tokens: int = 0) -> list[BlockSpec]:
     """Blocks among `container`'s children (non-block children such as EfficientFormer's Flat are skipped)."""
     return [block_of(m, f"{prefix}.{n}", num_prefix_tokens) for n, m in container.named_children()
-            if type(m) in BLOCKS]
+            if _rule(m) is not None]
 
 
 def _pcfg(model: nn.Module, key: str) -> tuple[str, ...]:
