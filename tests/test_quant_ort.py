@@ -50,7 +50,8 @@ def test_graph_carries_vitlabs_scales_and_runs_int8_matmuls(deployed, tmp_path):
                     if n.op_type == "QuantizeLinear" and consts[n.input[1]].size == 1)
     expected = sorted(q.scale.item() for name, q in quantizers(runner.sim_module)
                       if not name.endswith("weight_quant") and q.scale.numel() == 1)
-    assert len(scales) == len(expected) == 2 * (4 + 4)  # 2 blocks: 4 Linear inputs + q, k, softmax, v
+    # 2 blocks: 4 Linear inputs + q, k, softmax, v; + the inputs of the patch embedding's convs after its first
+    assert len(scales) == len(expected) == 2 * (4 + 4) + 2
     np.testing.assert_allclose(scales, expected, rtol=1e-6)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -48,6 +48,7 @@ class MeasureRow:
     cpu: str
     cpu_flags: str = ""             # ISA flags that change engine kernels (vitlab.profiling.cpu), e.g. "avx2 avx512_vnni"
     engine_choice: dict | None = None   # engine=auto: how the engine was chosen (trial timings, cache, or ISA rule)
+    quant_mac_fraction: float | None = None   # quantized: MACs run by quantized ops / all MACs, stem and head excluded
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -158,6 +159,7 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
     `calib_split` (train or val; never test).
     """
     from ..engine.evaluate import evaluate
+    from ..quant import quant_mac_fraction_of
 
     apply = list(apply or [])
     batches = [batch] if isinstance(batch, int) else list(batch)
@@ -186,6 +188,7 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
         one = torch.randn(1, c, h, w)
         latency = time_callable(lambda: runner(one), min_time_s=min_time_s)
         env = environment()
+        quant_fraction = quant_mac_fraction_of(runner)
         for b in batches:
             images = torch.randn(b, c, h, w)
             timing = time_callable(lambda: runner(images), min_time_s=min_time_s)
@@ -205,7 +208,7 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
                 channels_last=channels_last, compile=compile, img_per_s=b / timing.median_s,
                 latency_ms=1000 * latency.median_s, peak_mem_mb=peak, threads=env["threads"], torch=env["torch"],
                 timm=env["timm"], vitlab=env["vitlab"], cpu=env["cpu"], cpu_flags=env["cpu_flags"],
-                engine_choice=getattr(runner, "engine_choice", None)))
+                engine_choice=getattr(runner, "engine_choice", None), quant_mac_fraction=quant_fraction))
     return rows
 
 
@@ -217,17 +220,23 @@ def print_rows(rows: list[MeasureRow]) -> None:
     if not rows:
         return
     has_acc = any(r.top1 is not None for r in rows)
+    has_quant = any(r.quant_mac_fraction is not None for r in rows)
     table = Table(title=f"vitlab measure  ({rows[0].cpu}; {rows[0].cpu_flags or 'no AVX2'}; {rows[0].threads} threads; "
                         f"torch {rows[0].torch})",
                   caption="MACs: multiply-accumulates per image (papers' \"FLOPs\"); FLOPs = 2 x MACs; "
-                          "latency at batch 1, throughput at the batch shown; medians after warm-up")
-    for col in ["model", "techniques", "engine"] + (["top-1 %", "top-5 %"] if has_acc else []) + [
+                          "latency at batch 1, throughput at the batch shown; medians after warm-up"
+                          + ("; quant MACs: share of the MACs (stem and head excluded) run by quantized ops"
+                             if has_quant else ""))
+    for col in ["model", "techniques", "engine"] + (["quant MACs %"] if has_quant else []) + (
+            ["top-1 %", "top-5 %"] if has_acc else []) + [
             "params M", "MMACs", "MFLOPs", "batch", "img/s", "latency ms", "peak MB"]:
         table.add_column(col, justify="left" if col in ("model", "techniques", "engine") else "right")
     for r in rows:
         acc = [f"{100 * r.top1:.2f}" if r.top1 is not None else "-",
                f"{100 * r.top5:.2f}" if r.top5 is not None else "-"] if has_acc else []
-        table.add_row(r.model, r.techniques, f"{r.engine} {r.dtype}", *acc, f"{r.params / 1e6:.3f}",
+        quant = ([f"{100 * r.quant_mac_fraction:.1f}" if r.quant_mac_fraction is not None else "-"]
+                 if has_quant else [])
+        table.add_row(r.model, r.techniques, f"{r.engine} {r.dtype}", *quant, *acc, f"{r.params / 1e6:.3f}",
                       f"{r.macs / 1e6:.1f}", f"{r.flops / 1e6:.1f}", str(r.batch), f"{r.img_per_s:.0f}",
                       f"{r.latency_ms:.2f}", f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "-")
     console = Console(width=max(160, Console().width))

@@ -92,7 +92,8 @@ def _fmt(value, spec: str = "") -> str:
 COLUMNS = [
     # (header, row key, format, numeric)
     ("source", "source", "", False), ("techniques", "techniques", "", False), ("component", None, "", False),
-    ("engine", "engine", "", False), ("val top-1 %", "val_top1", ".2f", True),
+    ("engine", "engine", "", False), ("quantized MACs %", "quant_mac_fraction", ".1f", True),
+    ("val top-1 %", "val_top1", ".2f", True),
     ("test top-1 %", "test_top1", ".2f", True), ("Δ pt (val)", "drop_pt", "+.2f", True),
     ("img/s", "img_per_s", ".0f", True), ("speed-up", "speedup", ".2f", True),
     ("latency ms", "latency_ms", ".2f", True), ("MMACs", "macs", ".1f", True), ("params M", "params", ".3f", True),
@@ -107,7 +108,7 @@ def _cell(r: dict, key: str | None, spec: str) -> tuple[str, str]:
     v = r.get(key)
     if v is None or r.get("status") != "ok" and key not in ("source", "techniques"):
         return ("error" if key == "engine" and r.get("status") != "ok" else ""), ""
-    if key in ("val_top1", "test_top1"):
+    if key in ("val_top1", "test_top1", "quant_mac_fraction"):
         return _fmt(100 * v, spec), f"{v:.6f}"
     if key == "drop_pt":
         return _fmt(0.0 - v + 0.0, spec).replace("-0.00", "+0.00"), f"{-v:.6f}"

@@ -31,9 +31,9 @@ RESULTS = "results.json"
 TIMING_FIELDS = ("img_per_s", "img_per_s_first", "latency_ms", "peak_mem_mb", "measure_s", "speedup", "on_front",
                  "recommended", "test_top1", "test_top5", "n_test")
 # Columns of results.csv, in order.
-CSV_FIELDS = ("key", "role", "source", "techniques", "engine", "simulated", "status", "val_top1", "test_top1",
-              "drop_pt", "img_per_s", "speedup", "latency_ms", "macs", "params", "peak_mem_mb", "on_front",
-              "recommended", "command", "error")
+CSV_FIELDS = ("key", "role", "source", "techniques", "engine", "quant_mac_fraction", "simulated", "status",
+              "val_top1", "test_top1", "drop_pt", "img_per_s", "speedup", "latency_ms", "macs", "params",
+              "peak_mem_mb", "on_front", "recommended", "command", "error")
 
 
 class SweepError(UserError):
@@ -114,7 +114,7 @@ def _measure_point(cfg: SweepConfig, point: Point) -> dict:
                attention_macs=d["attention_macs"], batch=d["batch"], input_size=d["input_size"], dtype=d["dtype"],
                img_per_s=d["img_per_s"], latency_ms=d["latency_ms"], peak_mem_mb=d["peak_mem_mb"],
                threads=d["threads"], cpu_flags=d["cpu_flags"], engine_choice=d["engine_choice"],
-               measure_s=time.perf_counter() - start)
+               quant_mac_fraction=d["quant_mac_fraction"], measure_s=time.perf_counter() - start)
     return row
 
 

@@ -31,7 +31,10 @@ import torch.nn as nn
 from ..techniques import Kind, TechniqueError, register_handler, register_technique
 from .base import (QUANTIZERS, MSEQuantizer, MinMaxQuantizer, PercentileQuantizer, Quantizer, QuantizerError,
                    UniformQuantizer, get_quantizer_class, make_quantizer, quantizer_names, register_quantizer)
-from .sim import QuantAttention, QuantLinear, is_quantized, quant_linears, quantizers, set_quant_mode, wrap_model
+from .coverage import settle_
+from .sim import (QuantAttention, QuantAttentionOps, QuantConv2d, QuantLinear, QuantWindowAttention,
+                  QuantWindowAttentionV2, is_quantized, quant_layers, quant_linears, quantizers, set_quant_mode,
+                  wrap_model)
 
 
 def save_quantized(model_or_runner, directory, **checkpoint_kwargs):
@@ -50,9 +53,21 @@ def load_quantized(directory, **kwargs):
 __all__ = [
     "PTQ", "W8A8", "W8", "BF16", "calibrate", "quantize_", "Quantizer", "UniformQuantizer", "MinMaxQuantizer",
     "PercentileQuantizer", "MSEQuantizer", "QUANTIZERS", "register_quantizer", "make_quantizer", "quantizer_names",
-    "QuantizerError", "QuantLinear", "QuantAttention", "quantizers", "set_quant_mode", "is_quantized",
-    "CalibrationError", "save_quantized", "load_quantized",
+    "QuantizerError", "QuantLinear", "QuantConv2d", "QuantAttention", "QuantWindowAttention", "QuantWindowAttentionV2",
+    "QuantAttentionOps", "quantizers", "quant_layers", "set_quant_mode", "is_quantized", "CalibrationError",
+    "save_quantized", "load_quantized", "quant_mac_fraction_of",
 ]
+
+
+def quant_mac_fraction_of(model_or_runner) -> float | None:
+    """The `quant_mac_fraction` of a quantized model or deployed runner (MACs run by quantized ops over all MACs,
+    stem and head excluded; `vitlab.quant.coverage`); None when it was not quantized by vitlab's sites (float,
+    bf16, NNCF's own calibration)."""
+    runner = model_or_runner
+    for obj in (runner, getattr(runner, "sim_module", None), getattr(runner, "module", None)):
+        if getattr(obj, "quant_mac_fraction", None) is not None:
+            return float(obj.quant_mac_fraction)
+    return None
 
 
 class CalibrationError(TechniqueError):
@@ -189,14 +204,17 @@ class BF16:
 
 # ----------------------------------------------------------------------------------------------- verbs
 
-def quantize_(model: nn.Module, cfg: PTQ | None = None) -> nn.Module:
+def quantize_(model: nn.Module, cfg: PTQ | None = None, *, example: torch.Tensor | None = None) -> nn.Module:
     """Put fake quantizers at every site `cfg` (default `PTQ()`) asks for, in place, in mode "off" (the model
-    still computes exactly what it did); then `calibrate` it. Returns the model."""
+    still computes exactly what it did); then `calibrate` it. Returns the model, with `model.quant_mac_fraction`
+    (the share of its MACs, stem and head excluded, that quantized ops run: `vitlab.quant.coverage`), counted on
+    `example` (one image batch; default: zeros of the model's input size)."""
     cfg = PTQ() if cfg is None else cfg
     if not isinstance(cfg, PTQ):
         raise TechniqueError(f"quantize_ takes a PTQ config, got {type(cfg).__name__}; deploy with "
                              "vitlab.apply_(model, W8A8(), calib=...)")
     wrap_model(model, cfg)
+    settle_(model, example)
     model.vitlab_quant_config = cfg
     return model
 
@@ -222,13 +240,13 @@ def calibrate(model: nn.Module, loader_or_batches: Any, num_images: int | None =
     if loader_or_batches is None:
         raise CalibrationError("calibration needs images: pass --data SPEC (calibration images come from its "
                                "--calib-split, default train) or calib=[image batches]")
-    weight_quants = {id(m.weight_quant) for _, m in quant_linears(model)}
+    weight_quants = {id(m.weight_quant) for _, m in quant_layers(model)}
     was_training = model.training
     model.eval()
     for _, q in quantizers(model):
         q.reset_observations()
     set_quant_mode(model, "observe", weights=False)
-    for _, m in quant_linears(model):
+    for _, m in quant_layers(model):
         m.weight_quant.mode = "off"
     seen = 0
     try:
@@ -245,7 +263,7 @@ def calibrate(model: nn.Module, loader_or_batches: Any, num_images: int | None =
         model.train(was_training)
     if seen == 0:
         raise CalibrationError("calibration saw no images: the calibration data is empty (pass --calib-images >= 1)")
-    for name, m in quant_linears(model):
+    for name, m in quant_layers(model):
         m.weight_quant.observe(m.weight)
     named = list(quantizers(model))
     for name, q in named:
@@ -306,7 +324,7 @@ def _apply_ptq(model: nn.Module, cfg: PTQ, calib=None) -> nn.Module:
     _require_calib(cfg, calib)
     calib = list(calib)
     with _named(cfg):
-        quantize_(model, cfg)
+        quantize_(model, cfg, example=calib[0][:1])
     if cfg.smooth:
         _mptq().smooth_(model, calib, cfg)
     calibrate(model, calib)

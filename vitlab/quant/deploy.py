@@ -58,15 +58,16 @@ def ov_config(threads: int | None, precision: str = "f32") -> dict:
 
 @contextlib.contextmanager
 def int8_weight_form(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every calibrated QuantLinear computes its weight as ``int8 codes * per-channel scale``
-    from buffers `weight_int8` / `weight_scale` (vitlab's codes and scales). Traced, that is OpenVINO's
-    compressed-weight pattern Constant(i8) -> Convert -> Multiply, which it keeps (a folded fake-quantized f32
-    weight would lose the scales) and runs as the i8 operand of its int8 kernels."""
-    from .sim import quant_linears
+    """Within the block, every calibrated QuantLinear / QuantConv2d computes its weight as ``int8 codes *
+    per-channel scale`` from buffers `weight_int8` / `weight_scale` (vitlab's codes and scales). Traced, that is
+    OpenVINO's compressed-weight pattern Constant(i8) -> Convert -> Multiply, which it keeps (a folded
+    fake-quantized f32 weight would lose the scales) and runs as the i8 operand of its int8 kernels (FullyConnected,
+    Convolution, GroupConvolution)."""
+    from .sim import quant_layers
 
-    linears = [m for _, m in quant_linears(model) if m.weight_quant.mode == "quant"]
+    layers = [m for _, m in quant_layers(model) if m.weight_quant.mode == "quant"]
     try:
-        for m in linears:
+        for m in layers:
             wq = m.weight_quant
             if wq.bits > 8 or not getattr(wq, "symmetric", False) or bool((wq.zero_point != 0).any()):
                 raise TechniqueError(f"int8 deployment needs symmetric weights of at most 8 bits, got {wq}")
@@ -74,7 +75,7 @@ def int8_weight_form(model: nn.Module) -> Iterator[nn.Module]:
             m.register_buffer("weight_scale", wq._broadcast(wq.scale.detach(), m.weight).clone(), persistent=False)
         yield model
     finally:
-        for m in linears:
+        for m in layers:
             m._buffers.pop("weight_int8", None)
             m._buffers.pop("weight_scale", None)
 
@@ -176,6 +177,12 @@ class OpenVINORunner:
         """The float module (what `measure` counts FLOPs on and reads preprocessing from)."""
         return self.float_module
 
+    @property
+    def quant_mac_fraction(self) -> float | None:
+        """Share of the MACs (stem and head excluded) the engine runs quantized: the simulated twin's
+        (`vitlab.quant.coverage`); None without a twin (float, bf16, NNCF's own calibration)."""
+        return getattr(self.sim_module, "quant_mac_fraction", None)
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.detach().float().contiguous().numpy()
         out = self._request.infer({0: x})
@@ -232,6 +239,12 @@ class OnnxRuntimeRunner:
     @property
     def module(self) -> nn.Module:
         return self.float_module
+
+    @property
+    def quant_mac_fraction(self) -> float | None:
+        """Share of the MACs (stem and head excluded) the engine runs quantized: the simulated twin's
+        (`vitlab.quant.coverage`); None without a twin (float, bf16, NNCF's own calibration)."""
+        return getattr(self.sim_module, "quant_mac_fraction", None)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(images.detach().float().numpy())
@@ -310,7 +323,7 @@ def deploy_w8a8(model: nn.Module, cfg, calib: list[torch.Tensor]):
         runner = OpenVINORunner(ov_model, float_module, techniques, "openvino-int8", cfg.threads, None)
         _check_conversion(runner, float_module, calib[0][:16], "w8a8")
         return runner
-    quantize_(model, cfg.ptq())
+    quantize_(model, cfg.ptq(), example=example)
     calibrate(model, calib)
     check = calib[0][:16]
     builders = {
@@ -396,12 +409,12 @@ def deploy_w8(model: nn.Module, cfg) -> OpenVINORunner:
     """The w8 handler: int8 weights with vitlab's per-channel symmetric min-max scales (computed from the weights,
     no images needed), f32 activations; OpenVINO runs the compressed-weight form."""
     from . import quantize_
-    from .sim import quant_linears
+    from .sim import quant_layers
 
     stack = applied_techniques(model)
     float_module = copy.deepcopy(model).eval()
     quantize_(model, cfg.ptq())
-    for _, m in quant_linears(model):
+    for _, m in quant_layers(model):
         m.weight_quant.observe(m.weight)
         m.weight_quant.finalize()
         m.weight_quant.set_mode("quant")

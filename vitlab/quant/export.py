@@ -28,8 +28,11 @@ IR = "model.xml"
 def _quantizer_state(model: nn.Module) -> dict[str, dict]:
     from .sim import quantizers
 
-    return {"bits": {name: q.bits for name, q in quantizers(model)},
-            "modes": {name: q.mode for name, q in quantizers(model)}}
+    state = {"bits": {name: q.bits for name, q in quantizers(model)},
+             "modes": {name: q.mode for name, q in quantizers(model)}}
+    if getattr(model, "quant_input_size", None):   # the input the quantized sites were counted on (coverage.settle_)
+        state["input_size"] = list(model.quant_input_size)
+    return state
 
 
 def save_quantized(model_or_runner: Any, directory: str | Path, **checkpoint_kwargs) -> Path:
@@ -118,7 +121,13 @@ def load_quantized(directory: str | Path, **kwargs):
         float_model = build()
         check_state_dict(float_state, float_model.state_dict(), weights)
         float_model.load_state_dict(float_state)
-        quantize_(model, twin_cfg)
+        size = section.get("input_size")
+        try:
+            example = torch.zeros(1, *(int(v) for v in size)) if size else None
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{config_path}: \"quantization.input_size\" is {size!r}, not (C, H, W); the "
+                                  "checkpoint is damaged: re-create it with vitlab quantize") from None
+        quantize_(model, twin_cfg, example=example)
         try:
             bits = section.get("bits", {})
             for name, q in quantizers(model):
