@@ -68,7 +68,8 @@ def model_spec(model: nn.Module) -> dict:
     spec = getattr(model, SPEC_ATTR, None)
     if spec is not None:
         # vitlab models record every constructor kwarg (vitlab_arch), so a checkpoint survives changed defaults
-        return {"name": spec["name"], "kwargs": {**getattr(model, "vitlab_arch", {}), **spec["kwargs"]}}
+        return {"name": spec["name"], "kwargs": {**getattr(model, "vitlab_arch", {}), **spec["kwargs"]},
+                **_resized(model)}
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if arch is None:
         raise CheckpointError(
@@ -85,7 +86,13 @@ def model_spec(model: nn.Module) -> dict:
         img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)  # ViTs fix their grid at build
         if img_size is not None and tuple(img_size) != default[1:]:
             kwargs["img_size"] = list(img_size)
-    return {"name": arch, "kwargs": dict(kwargs)}
+    return {"name": arch, "kwargs": dict(kwargs), **_resized(model)}
+
+
+def _resized(model: nn.Module) -> dict:
+    """{"resized": ...} for a model pruned through the dependency graph (vitlab.prune.graph), else {}."""
+    resized = getattr(model, "vitlab_resized", None)
+    return {"resized": resized} if resized else {}
 
 
 def default_preprocessing(model: nn.Module, class_names: list[str] | None = None) -> dict:
@@ -145,7 +152,8 @@ def save_checkpoint(
     config = {
         "format": FORMAT,
         "version": VERSION,
-        "model": {"name": spec["name"], "kwargs": _jsonable(spec["kwargs"])},
+        "model": {"name": spec["name"], "kwargs": _jsonable(spec["kwargs"]),
+                  **({"resized": _jsonable(spec["resized"])} if spec.get("resized") else {})},
         "techniques": [technique_to_dict(t) for t in applied_techniques(model)],
         "preprocessing": _jsonable(preprocessing or _inherited_preprocessing(model) or default_preprocessing(model)),
         "data": _jsonable(data or {}),
@@ -452,9 +460,14 @@ def _build_from_config(directory: Path, config: dict, overrides: dict) -> nn.Mod
         raise CheckpointError(f"{path}: \"model.name\" {name!r} is not a model this vitlab knows (a newer vitlab or "
                               "a plugin made it, or the file was edited): upgrade vitlab or fix the name")
     try:
-        return create_model(name, **{**config["model"]["kwargs"], **overrides})
+        model = create_model(name, **{**config["model"]["kwargs"], **overrides})
     except (UserError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: \"model.kwargs\" do not build {name}: {e}") from None
+    if "resized" in config["model"]:  # pruned through the dependency graph: re-shape the base before its weights
+        from .prune.graph import resize_
+
+        resize_(model, config["model"]["resized"], f'{path}: "model.resized"')
+    return model
 
 
 def techniques_from_config(directory: str | Path, config: dict) -> list:

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from ..techniques import Kind, TechniqueError, register_handler, register_technique
+from ..techniques import Kind, TechniqueError, TechniqueNotApplicable, register_handler, register_technique
 from .importance import CRITERIA, unit_scores
 from .structure import (Unit, Widths, keep_channels, keep_indices, model_widths, prune_model_, remove_unit,
                         stem_layers, stem_macs, units, variable_macs, variable_params)
@@ -250,7 +250,16 @@ def _apply_prune(model, cfg: Prune, calib=None):
     from ..techniques import format_technique
     from .applicable import check_prunable
 
-    check_prunable(model, format_technique(cfg))
+    technique = format_technique(cfg)
+    try:
+        check_prunable(model, technique)
+    except TechniqueNotApplicable as plain_vit:
+        from ..contract import has_adapter
+        from .graph import graph_prune_
+
+        if not has_adapter(model):
+            raise plain_vit
+        return graph_prune_(model, cfg, technique, calib=calib)   # any other family: the dependency graph
     return prune_(model, cfg, calib=calib)
 
 
