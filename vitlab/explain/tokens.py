@@ -27,13 +27,19 @@ def token_source_map(model, image: torch.Tensor) -> torch.Tensor:
     """Run one image (C, H, W) through a token-reduced model with source tracing; return a (gh, gw) grid of token ids.
 
     Patch (y, x) gets the index of the final token that contains it, or -1 where its token was dropped (EViT without
-    fusion). Prefix tokens (class, registers) are not patches and are left out.
+    fusion). Prefix tokens (class, registers) are not patches and are left out. The grid is the one the first
+    reducible block sees (a PVT's last stage, say); a model with several token sequences (CrossViT) is refused.
     """
-    from ..tokens.patch import TokenReducingViT
+    from ..tokens.patch import TokenReducingModel
 
-    if not isinstance(model, TokenReducingViT):
+    if not isinstance(model, TokenReducingModel):
         raise UserError("token_source_map needs a model with a token-reduction technique applied "
                          "(e.g. --apply tome:r=4 or --apply evit:keep_rate=0.7)")
+    sequences = model.token_sequences
+    if len(sequences) != 1 or sequences[0].grid is None:
+        raise UserError(f"token_source_map draws one token sequence over a patch grid; {type(model).__name__} has "
+                        f"{len(sequences)} sequences ({', '.join(s.name for s in sequences)})"
+                        + ("" if len(sequences) != 1 else " without a known grid"))
     state = model.token_state
     previous, state.trace_source = state.trace_source, True
     try:
@@ -42,13 +48,11 @@ def token_source_map(model, image: torch.Tensor) -> torch.Tensor:
         source = state.source
     finally:
         state.trace_source = previous
+    gh, gw = sequences[0].grid
     if source is None:  # no reduction happened in any block
-        gh, gw = model.patch_embed.grid_size
         return torch.arange(gh * gw).view(gh, gw)
-    p = model.num_prefix_tokens
-    patches = source[0, :, p:]                                   # (N, num_patches)
+    patches = source[0, :, state.num_prefix:]                    # (N, num_patches)
     labels = torch.where(patches.sum(0) > 0, patches.argmax(0), torch.full_like(patches[0], -1, dtype=torch.long))
-    gh, gw = model.patch_embed.grid_size
     return labels.long().view(gh, gw)
 
 

@@ -1,4 +1,5 @@
-"""Token reduction for any timm ViT: ToMe and MCTF (merging), EViT and ATS (selection), behind `vitlab.apply_`.
+"""Token reduction: ToMe and MCTF (merging), EViT and ATS (selection), behind `vitlab.apply_`, on ViTs and every
+model with token-reducible blocks.
 
     model = timm.create_model("deit_small_patch16_224")
     vitlab.apply_(model, ToMe(r=13))           # or: --apply tome:r=13
@@ -6,9 +7,15 @@
     vitlab.apply_(model, ATS(keep_rate=0.5))   # or: --apply ats:keep_rate=0.5   (per-image token counts, padded)
     vitlab.apply_(model, MCTF(r=16))           # or: --apply mctf:r=16           (needs the full attention map)
 
-Supported: timm `VisionTransformer` models built from timm `Block` + `Attention` (ViT, DeiT, DeiT III with
-LayerScale, distilled models, register tokens, class-token and average-pool heads) and `vl_vit_fmnist`. Prefix
-tokens (class, distillation, registers) are never merged or dropped. EViT and ATS rank tokens by the class token's
+Supported: every model whose blocks `vitlab.contract.describe` calls token-reducible (a token sequence, attention
+over all of it, no use of the grid) in a family `vitlab.tokens.families` has checked: timm `VisionTransformer`
+(ViT, DeiT, DeiT III with LayerScale, distilled models, register tokens, ViTamin, class-token, average- and
+attention-pool heads), vitlab's T2T-ViT, ConViT's MHSA blocks, CrossViT's branches, PVT v1's last stage and
+SpectFormer's attention blocks; other models are refused by name (`TechniqueNotApplicable`, saying why). The
+schedule (which blocks, r per block) runs over the model's reducible blocks in execution order as if they were its
+depth: `ToMe(r=(a, b))` is the first two reducible blocks, EViT's `locations`, ATS's and MCTF's `start` are
+fractions of the reducible blocks (MCTF never fuses in the model's very first block). Prefix tokens (class,
+distillation, registers) are never merged or dropped. EViT and ATS rank tokens by the class token's
 attention; a model without a class token uses the mean attention each token receives (this needs the full
 attention map, computed beside the fused attention). Fused attention (SDPA) is kept: ToMe's proportional attention
 is an additive bias (log token size) passed as SDPA's `attn_mask`, and so is ATS's padding mask (log 0 = -inf).
@@ -27,10 +34,12 @@ from dataclasses import dataclass
 from ..techniques import Kind, TechniqueError, format_technique, register_handler, register_technique
 from .ats import ATSReduction
 from .consistency import TokenConsistency
+from .expedit import Expedit
+from .families import reducible_blocks, token_sequences
 from .mctf import MCTFReduction
-from .patch import EViTReduction, TokenReducingViT, TokenState, ToMeReduction, check_supported, patch_vit
+from .patch import EViTReduction, TokenReducingModel, TokenState, ToMeReduction, patch_model
 
-__all__ = ["ToMe", "EViT", "ATS", "MCTF", "TokenConsistency", "TokenState", "token_schedule"]
+__all__ = ["ToMe", "EViT", "ATS", "MCTF", "Expedit", "TokenConsistency", "TokenState", "token_schedule"]
 
 
 @register_technique("tome", Kind.TOKENS)
@@ -136,95 +145,107 @@ class MCTF:
             raise ValueError(f"start is a fraction of the depth in [0, 1], got {self.start}")
 
 
-def _num_tokens(model) -> int:
-    return model.patch_embed.num_patches + model.num_prefix_tokens
+def _block_settings(cfg, sequences) -> list:
+    """What `cfg` does in each reducible block (execution order): ToMe's r, or whether the block is active."""
+    blocks = reducible_blocks(sequences)
+    depth = len(blocks)
+    if isinstance(cfg, ToMe):
+        return cfg.per_block(depth)
+    if isinstance(cfg, EViT):
+        active = {min(depth - 1, round(f * depth)) for f in cfg.locations}
+    elif isinstance(cfg, ATS):
+        active = set(range(round(cfg.start * depth), depth))
+    else:   # MCTF: from `start` on, never in the model's first block (the official setting skips block 0)
+        first_is_models_first = min(rank for s in sequences for rank in s.ranks) == 0
+        low = round(cfg.start * depth)
+        active = set(range(max(1, low) if first_is_models_first else low, depth))
+    return [i in active for i in range(depth)]
+
+
+def _block_label(k: int, name: str) -> str:
+    return f"block {k}" if name == f"blocks.{k}" else f"reducible block {k} ({name})"
 
 
 def token_schedule(model, cfg) -> list[int]:
-    """Token count after each block under `cfg`, for the model's configured input size; errors if impossible."""
-    p, n = model.num_prefix_tokens, _num_tokens(model)
-    tome_r = cfg.per_block(len(model.blocks)) if isinstance(cfg, ToMe) else None
+    """Token count after each reducible block under `cfg` (execution order; each block's own sequence), for the
+    model's configured input size; errors if impossible, refuses (`TechniqueNotApplicable`) unsupported models."""
+    sequences = token_sequences(model, format_technique(cfg))
+    blocks = reducible_blocks(sequences)
+    settings = _block_settings(cfg, sequences)
+    tokens = [s.num_tokens for s in sequences]
     counts = []
-    for i in range(len(model.blocks)):
+    for k, ((i, spec), setting) in enumerate(zip(blocks, settings)):
+        p, n = sequences[i].num_prefix, tokens[i]
         if isinstance(cfg, ToMe):
-            r = tome_r[i]
-            if r > (n - p) // 2:
-                hint = (f"use r <= {_max_tome_r(model)} for this model" if tome_r == [cfg.r] * len(tome_r) else
-                        f"lower r from block {i} on")
+            if setting > (n - p) // 2:
+                hint = (f"use r <= {_max_tome_r(sequences)} for this model" if len(set(settings)) == 1 else
+                        f"lower r from {_block_label(k, spec.name)} on")
                 raise TechniqueError(
-                    f"{format_technique(cfg)} would merge more tokens than exist: block {i} has {n} tokens ({p} "
-                    f"prefix), so at most {(n - p) // 2} can merge there, not {r}; {hint}")
-            n -= r
-        elif isinstance(cfg, MCTF):
-            if i in _mctf_blocks(model, cfg):
-                r = cfg.r if n - cfg.r >= 10 else n - 10
-                r = max(0, min(r, (n - p) // 2))
-                n -= r
-        elif isinstance(cfg, ATS):
-            if i in _ats_blocks(model, cfg):   # an upper bound: each image keeps <= K distinct samples
-                n = p + max(1, min(n - p, math.ceil(cfg.keep_rate * (n - p))))
-        elif i in _evit_blocks(model, cfg):
+                    f"{format_technique(cfg)} would merge more tokens than exist: {_block_label(k, spec.name)} has "
+                    f"{n} tokens ({p} prefix), so at most {(n - p) // 2} can merge there, not {setting}; {hint}")
+            n -= setting
+        elif isinstance(cfg, MCTF) and setting:
+            r = cfg.r if n - cfg.r >= 10 else n - 10
+            n -= max(0, min(r, (n - p) // 2))
+        elif isinstance(cfg, ATS) and setting:   # an upper bound: each image keeps <= K distinct samples
+            n = p + max(1, min(n - p, math.ceil(cfg.keep_rate * (n - p))))
+        elif isinstance(cfg, EViT) and setting:
             keep = math.ceil(cfg.keep_rate * (n - p))
             if keep < 1:
-                raise TechniqueError(f"evit:keep_rate={cfg.keep_rate} keeps no token at block {i}")
+                raise TechniqueError(f"evit:keep_rate={cfg.keep_rate} keeps no token at {_block_label(k, spec.name)}")
             n = p + keep + (1 if cfg.fuse and keep < n - p else 0)
+        tokens[i] = n
         counts.append(n)
     return counts
 
 
-def _max_tome_r(model) -> int:
-    p, n0, depth = model.num_prefix_tokens, _num_tokens(model), len(model.blocks)
-    return max((r for r in range(0, n0) if all((n0 - i * r - p) // 2 >= r for i in range(depth))), default=0)
+def _max_tome_r(sequences) -> int:
+    """The largest r that every reducible block can merge."""
+    blocks = reducible_blocks(sequences)
+
+    def fits(r: int) -> bool:
+        tokens = [s.num_tokens for s in sequences]
+        for i, _ in blocks:
+            if r > (tokens[i] - sequences[i].num_prefix) // 2:
+                return False
+            tokens[i] -= r
+        return True
+    return max((r for r in range(max(s.num_tokens for s in sequences)) if fits(r)), default=0)
 
 
-def _evit_blocks(model, cfg: EViT) -> set[int]:
-    depth = len(model.blocks)
-    return {min(depth - 1, round(f * depth)) for f in cfg.locations}
-
-
-def _ats_blocks(model, cfg: ATS) -> set[int]:
-    depth = len(model.blocks)
-    return set(range(round(cfg.start * depth), depth))
-
-
-def _mctf_blocks(model, cfg: MCTF) -> set[int]:
-    depth = len(model.blocks)
-    return set(range(max(1, round(cfg.start * depth)), depth))
-
-
-def _apply(model, cfg, reductions: list):
-    check_supported(model, format_technique(cfg))
-    if isinstance(model, TokenReducingViT):
+def _apply(model, cfg, make):
+    """Patch `model` with `make(setting)` (a reduction, or None) in each reducible block."""
+    if isinstance(model, TokenReducingModel):
         raise TechniqueError("the model already has a token-reduction technique; apply one per model")
+    sequences = token_sequences(model, format_technique(cfg))
     token_schedule(model, cfg)
-    return patch_vit(model, reductions, trace_source=cfg.trace_source, prop_attn=getattr(cfg, "prop_attn", False))
+    where = {id(b.module): (i, j) for i, s in enumerate(sequences) for j, b in enumerate(s.blocks)}
+    reductions = [[None] * len(s.blocks) for s in sequences]
+    for (_, spec), setting in zip(reducible_blocks(sequences), _block_settings(cfg, sequences)):
+        i, j = where[id(spec.module)]
+        reductions[i][j] = make(setting)
+    patch_model(model, sequences, reductions, trace_source=cfg.trace_source,
+                prop_attn=getattr(cfg, "prop_attn", False))
+    model.token_sequences = sequences
+    return model
 
 
 @register_handler(ToMe)
 def _apply_tome(model, cfg: ToMe):
-    check_supported(model, format_technique(cfg))
-    return _apply(model, cfg, [ToMeReduction(r) for r in cfg.per_block(len(model.blocks))])
+    return _apply(model, cfg, ToMeReduction)
 
 
 @register_handler(EViT)
 def _apply_evit(model, cfg: EViT):
-    check_supported(model, format_technique(cfg))
-    blocks = _evit_blocks(model, cfg)
-    return _apply(model, cfg, [EViTReduction(cfg.keep_rate, cfg.fuse) if i in blocks else None
-                               for i in range(len(model.blocks))])
+    return _apply(model, cfg, lambda active: EViTReduction(cfg.keep_rate, cfg.fuse) if active else None)
 
 
 @register_handler(ATS)
 def _apply_ats(model, cfg: ATS):
-    check_supported(model, format_technique(cfg))
-    blocks = _ats_blocks(model, cfg)
-    return _apply(model, cfg, [ATSReduction(cfg.keep_rate) if i in blocks else None for i in range(len(model.blocks))])
+    return _apply(model, cfg, lambda active: ATSReduction(cfg.keep_rate) if active else None)
 
 
 @register_handler(MCTF)
 def _apply_mctf(model, cfg: MCTF):
-    check_supported(model, format_technique(cfg))
-    blocks = _mctf_blocks(model, cfg)
-    return _apply(model, cfg, [MCTFReduction(cfg.r, cfg.tau_sim, cfg.tau_info, cfg.tau_size, cfg.bidirection)
-                               if i in blocks else None
-                               for i in range(len(model.blocks))])
+    return _apply(model, cfg, lambda active: MCTFReduction(cfg.r, cfg.tau_sim, cfg.tau_info, cfg.tau_size,
+                                                           cfg.bidirection) if active else None)

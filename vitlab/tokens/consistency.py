@@ -77,9 +77,9 @@ def consistency_term(student_feat: torch.Tensor, teacher_feat: torch.Tensor, stu
 
 def _r_reductions(model: nn.Module) -> list:
     from .mctf import MCTFReduction
-    from .patch import ToMeReduction
+    from .patch import ReducingBlockMixin, ToMeReduction
 
-    reductions = [getattr(blk, "reduction", None) for blk in getattr(model, "blocks", [])]
+    reductions = [m.reduction for m in model.modules() if isinstance(m, ReducingBlockMixin)]
     found = [red for red in reductions if isinstance(red, (MCTFReduction, ToMeReduction))]
     if not found:
         kinds = sorted({type(red).__name__ for red in reductions if red is not None}) or ["none"]

@@ -123,25 +123,21 @@ class MCTFReduction:
         attn_mod = block.attn
         init_state(x, state)
         p = state.num_prefix
-        B, N, C = x.shape
-        H, d = attn_mod.num_heads, attn_mod.head_dim
+        N = x.shape[1]
         size = state.size
-        w_qkv, b_qkv = attn_mod.qkv.weight, attn_mod.qkv.bias
         h = block.norm1(x)
-        # the attention map of the unfused tokens (with proportional attention), computed once
-        qk = torch.nn.functional.linear(h, w_qkv[:2 * H * d], None if b_qkv is None else b_qkv[:2 * H * d])
-        q, k = qk.reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
-        logits = (q * attn_mod.scale) @ k.transpose(-2, -1)
-        if state.prop_attn:
-            logits = logits + size.log()[:, None, None, :, 0]
-        attn = logits.softmax(dim=-1)                                  # (B, H, N, N)
         r = self.r
         if N - r < 10:                                                 # the official floor of 10 tokens
             r = N - 10
         r = max(0, min(r, (N - p) // 2))
-        if r == 0:
-            return x, attn_mod(h)
+        if r == 0:                                                     # nothing to fuse: plain (fused) attention
+            return x, attn_mod.attend(h)
+        # the attention map of the unfused tokens (with proportional attention), computed once
+        q, k = attn_mod.qk(h)                                          # (B, H, N, d) each
+        logits = (q * attn_mod.scale) @ k.transpose(-2, -1)
+        if state.prop_attn:
+            logits = logits + size.log()[:, None, None, :, 0]
+        attn = logits.softmax(dim=-1)                                  # (B, H, N, N)
         merge = mctf_matching(x, attn, size, r, p, self.tau_sim, self.tau_info, self.tau_size, self.bidirection)
         # attention-weighted pooling ("pooling_type 1"): weight = attention received x size / max size
         with torch.no_grad():
@@ -156,9 +152,5 @@ class MCTFReduction:
         with torch.no_grad():
             state.size = merge(size, "sum")
         h = block.norm1(x)
-        n = x.shape[1]
-        v = torch.nn.functional.linear(h, w_qkv[2 * H * d:], None if b_qkv is None else b_qkv[2 * H * d:])
-        v = v.reshape(B, n, H, d).transpose(1, 2)
-        out = attn_mod.attn_drop(attn) @ v
-        out = attn_mod.norm(out.transpose(1, 2).reshape(B, n, H * d))
-        return x, attn_mod.proj_drop(attn_mod.proj(out))
+        out = attn_mod.attn_drop(attn) @ attn_mod.v(h)                 # (B, H, N - r, d)
+        return x, attn_mod.out(out, h)

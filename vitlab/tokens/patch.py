@@ -1,33 +1,46 @@
-"""Thin adapters that fit token reduction into timm's `VisionTransformer`, keeping fused attention.
+"""Thin adapters that fit token reduction into a model's own blocks, keeping fused attention.
 
 The model's class is swapped for a subclass (weights untouched) whose `forward_features` resets a small per-forward
-state; each block's class is swapped for a subclass that calls timm's own sublayers (`norm1`, `attn`, `ls1`,
-`drop_path1`, `norm2`, `mlp`, `ls2`, `drop_path2`) and reduces tokens between attention and MLP; each attention's
-class is swapped for one that adds ToMe's proportional-attention bias (log token size) to SDPA's `attn_mask` and
-records what the reduction needs (the mean key per token for ToMe; the class token's attention row for EViT, which
-costs one extra (1 x N) query against the keys, not the full attention map).
+state per token sequence and whose average pooling weights tokens by the patches they stand for; each reducible
+block's class is swapped for a subclass that calls the block's own sublayers (`norm1`, `attn`, `ls1`, `drop_path1`,
+`norm2`, `mlp`, ...) and reduces tokens between attention and MLP; each attention's class is swapped for one that
+adds ToMe's proportional-attention bias (log token size) to SDPA's `attn_mask` and records what the reduction needs
+(the mean key per token for ToMe; the class token's attention row for EViT, which costs one extra (1 x N) query
+against the keys, not the full attention map). Which blocks of which models: `vitlab.tokens.families`.
+
+Reducing classes exist for timm's `Block` + `Attention` (ViT, DeiT, ViTamin, CrossViT branches, T2T-ViT,
+SpectFormer's attention blocks), ConViT's `Block` + `MHSA` and vitlab PVT v1's `Block` + `SpatialReductionAttention`
+(sr_ratio 1); a class is matched exactly, so a subclass with its own forward is never swapped.
 
 Token sources: `model.token_state.source` (B, N, N0) when tracing is on; row i marks the input tokens (prefix tokens
-first, then patches in raster order) that the surviving token i stands for. `model.token_state.size` (B, N, 1)
-counts them (ToMe), and `model.token_state.counts` lists the token count after each block.
+first, then patches in raster order) of the first reducible block that the surviving token i stands for.
+`model.token_state.size` (B, N, 1) counts them (ToMe), and `model.token_state.counts` lists the token count after
+each reducible block. A model with several token sequences (CrossViT's branches) has one state per sequence in
+`model.token_states`; `model.token_state` is the first.
 """
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
+from timm.models.convit import MHSA
+from timm.models.convit import Block as ConViTBlock
+from timm.models.crossvit import CrossAttention
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from ..models.pvt import Block as PvtBlock
+from ..models.pvt import SpatialReductionAttention
 from .merge import bipartite_soft_matching, merge_source, merge_wavg
 from .select import evit_select, num_kept
 
-__all__ = ["TokenState", "TokenReducingViT", "ReducingBlock", "ReducingAttention", "patch_vit", "check_supported"]
+__all__ = ["TokenState", "TokenReducingModel", "TokenReducingViT", "ReducingBlock", "ReducingAttention",
+           "REDUCING_BLOCKS", "REDUCING_ATTENTION", "patch_model"]
 
 
 @dataclass
 class TokenState:
-    """Per-forward state of a token-reduced model (reset at the start of every forward)."""
+    """Per-forward state of one token sequence of a token-reduced model (reset at the start of every forward)."""
 
     num_prefix: int
     trace_source: bool = False
@@ -41,44 +54,41 @@ class TokenState:
     def reset(self) -> None:
         self.size, self.source, self.counts, self.padded, self.image_counts = None, None, [], False, []
 
-
-def check_supported(model: Any, technique: str = "token reduction") -> None:
-    """Token reduction works on timm VisionTransformer models whose blocks are timm Blocks with timm Attention;
-    anything else raises `TechniqueNotApplicable` naming `technique`, the model class and why."""
-    from ..techniques import TechniqueNotApplicable
-
-    supported = ("it supports timm VisionTransformer models whose blocks are timm Block + Attention (ViT, DeiT, "
-                 "DeiT III, register tokens, vl_vit_fmnist, vl_test_vit, ...)")
-    if not isinstance(model, VisionTransformer):
-        raise TechniqueNotApplicable(technique, model, f"not a plain ViT; {supported}")
-    for i, blk in enumerate(model.blocks):
-        if type(blk) not in (Block, ReducingBlock) or type(blk.attn) not in (Attention, ReducingAttention):
-            raise TechniqueNotApplicable(technique, model, f"block {i} is {type(blk).__name__} with "
-                                         f"{type(blk.attn).__name__}; {supported}")
+    def key_bias(self, attn_mask: Optional[torch.Tensor], start: int = 0) -> Optional[torch.Tensor]:
+        """`attn_mask` plus log(size) on every key from token `start` on (B, 1, 1, N - start), where proportional
+        attention or padding asks."""
+        if self.size is None or not (self.prop_attn or self.padded):
+            return attn_mask
+        bias = self.size[:, start:].log()[:, None, None, :, 0]      # log(0) = -inf masks padding rows (ATS)
+        return bias if attn_mask is None else attn_mask + bias
 
 
-class ReducingAttention(Attention):
-    """timm Attention plus a size bias on the keys and the statistics token reduction needs."""
+# ----------------------------------------------------------------------------------------------- attention
 
-    reduction: Optional[Any] = None   # the block's reduction (set by patch_vit)
+class ReducingAttentionMixin:
+    """Attention with a size bias on the keys that records what the block's reduction needs.
+
+    A subclass says how its class computes q, k, v (`qk`, `v`, each (B, H, N, d)) and its output (`out`); the
+    attention itself (SDPA with the bias as `attn_mask`, or matmul + softmax) is shared."""
+
+    reduction: Optional[Any] = None   # the block's reduction (set by patch_model)
     token_state: Optional[TokenState] = None
     # On CPU, SDPA with a float mask (the size bias) may be slower than matmul + softmax at short sequences: at or
     # below this many tokens a masked attention takes the plain path. 0 (default) keeps SDPA everywhere; an
     # experiment knob timed by benchmarks/tokens_speed.py (per instance: `attn.math_max_tokens = 96`).
     math_max_tokens: int = 0
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (*self.qk(x), self.v(x))
+
+    def attend(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
         state, reduction = self.token_state, self.reduction
-        B, N, C = x.shape
-        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                  # each (B, H, N, d)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if state is not None and state.size is not None and (state.prop_attn or state.padded):
-            # (B, 1, 1, N): log(size) added to every key; log(0) = -inf masks padding rows (ATS)
-            bias = state.size.log()[:, None, None, :, 0]
-            attn_mask = bias if attn_mask is None else attn_mask + bias
-        if self.fused_attn and not (attn_mask is not None and N <= self.math_max_tokens and x.device.type == "cpu"):
+        N = x.shape[1]
+        q, k, v = self.qkv_heads(x)                               # each (B, H, N, d)
+        if state is not None:
+            attn_mask = state.key_bias(attn_mask)
+        if getattr(self, "fused_attn", True) and not (
+                attn_mask is not None and N <= self.math_max_tokens and x.device.type == "cpu"):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                  dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
@@ -89,47 +99,229 @@ class ReducingAttention(Attention):
             out = attn @ v
         if reduction is not None and reduction.active and not reduction.before_attention:
             reduction.observe(q, k, v, self.scale, attn_mask, state)
-        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
-        out = self.norm(out)
-        if gate is not None:
-            out = out * gate
+        return self.out(out, x)
+
+
+def fused_qk(qkv: torch.nn.Linear, x: torch.Tensor, H: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k (B, H, N, d) from a fused qkv Linear (rows q, k, v), without computing v."""
+    B, N, _ = x.shape
+    w, b = qkv.weight, qkv.bias
+    qk = F.linear(x, w[:2 * H * d], None if b is None else b[:2 * H * d])
+    q, k = qk.reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)   # (B, H, N, d) each
+    return q, k
+
+
+def fused_v(qkv: torch.nn.Linear, x: torch.Tensor, H: int, d: int) -> torch.Tensor:
+    """v (B, H, N, d) from a fused qkv Linear, without computing q and k."""
+    B, N, _ = x.shape
+    w, b = qkv.weight, qkv.bias
+    v = F.linear(x, w[2 * H * d:], None if b is None else b[2 * H * d:])
+    return v.reshape(B, N, H, d).transpose(1, 2)
+
+
+class ReducingAttention(ReducingAttentionMixin, Attention):
+    """timm Attention (fused qkv, optional q/k norm, scale norm and gate)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        return self.attend(x, attn_mask, is_causal)
+
+    def qkv_heads(self, x):
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)                                  # each (B, H, N, d)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def qk(self, x):
+        q, k = fused_qk(self.qkv, x, self.num_heads, self.head_dim)
+        return self.q_norm(q), self.k_norm(k)
+
+    def v(self, x):
+        return fused_v(self.qkv, x, self.num_heads, self.head_dim)
+
+    def out(self, out, x):
+        B, H, N, d = out.shape
+        out = self.norm(out.transpose(1, 2).reshape(B, N, H * d))
+        if getattr(self, "gate", None) is not None:
+            out = out * self.gate(x).sigmoid()
         return self.proj_drop(self.proj(out))
 
 
-class ReducingBlock(Block):
-    """timm Block that reduces tokens after the attention residual, before the MLP (where ToMe and EViT do)."""
+class ReducingMHSA(ReducingAttentionMixin, MHSA):
+    """ConViT's MHSA (fused qkv, no q/k norm); runs as SDPA (the original computes the same map by matmuls)."""
+
+    def forward(self, x: torch.Tensor):
+        return self.attend(x)
+
+    def qkv_heads(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)                                     # each (B, H, N, d)
+
+    def qk(self, x):
+        return fused_qk(self.qkv, x, self.num_heads, x.shape[-1] // self.num_heads)
+
+    def v(self, x):
+        return fused_v(self.qkv, x, self.num_heads, x.shape[-1] // self.num_heads)
+
+    def out(self, out, x):
+        B, H, N, d = out.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, H * d)))
+
+
+class ReducingSRA(ReducingAttentionMixin, SpatialReductionAttention):
+    """vitlab PVT v1's attention at sr_ratio 1 (q and fused kv from the tokens themselves: global attention)."""
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]):
+        return self.attend(x)
+
+    def qk(self, x):
+        B, N, C = x.shape
+        q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)            # (B, H, N, d)
+        k = F.linear(x, self.kv.weight[:C], None if self.kv.bias is None else self.kv.bias[:C])
+        return q, k.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def v(self, x):
+        B, N, C = x.shape
+        v = F.linear(x, self.kv.weight[C:], None if self.kv.bias is None else self.kv.bias[C:])
+        return v.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)                 # (B, H, N, d)
+
+    def qkv_heads(self, x):
+        B, N, C = x.shape
+        q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)            # (B, H, N, d)
+        k, v = self.kv(x).view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def out(self, out, x):
+        B, H, N, d = out.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, H * d)))
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+
+class ReducingBlockMixin:
+    """A pre-norm block that reduces tokens after the attention residual, before the MLP (where ToMe and EViT do),
+    or, for MCTF, fuses the block's input before attending. Subclasses pass their own residual branches."""
 
     reduction: Optional[Any] = None
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        reduction = self.reduction
+    def run(self, x: torch.Tensor, attend: Callable, attn_residual: Callable, mlp_residual: Callable):
+        reduction, state = self.reduction, self.attn.token_state
         if reduction is not None and reduction.active and reduction.before_attention:
             # MCTF: merge the block's input, then attend with the merged attention map (one-step-ahead)
-            x, attn_out = reduction.merge_and_attend(self, x, self.attn.token_state)
-            x = x + self.drop_path1(self.ls1(attn_out))
+            x, attn_out = reduction.merge_and_attend(self, x, state)
         else:
-            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+            attn_out = attend(self.norm1(x))
+        x = x + attn_residual(attn_out)
         if reduction is not None and reduction.active and not reduction.before_attention:
-            x = reduction.reduce(x, self.attn.token_state)
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        state = self.attn.token_state
+            x = reduction.reduce(x, state)
+        x = x + mlp_residual(x)
         if state is not None:
             state.counts.append(x.shape[1])
         return x
 
 
-class TokenReducingViT(VisionTransformer):
-    """Mixin over the model's own class (VisionTransformer, VisionTransformerDistilled, ...): the forward resets the
-    token state, and average pooling weights each token by the patches it stands for."""
+class ReducingBlock(ReducingBlockMixin, Block):
+    """timm Block (LayerScale and drop path kept)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        return self.run(x, lambda h: self.attn(h, attn_mask=attn_mask, is_causal=is_causal),
+                        lambda a: self.drop_path1(self.ls1(a)),
+                        lambda x: self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
+
+
+class ReducingConViTBlock(ReducingBlockMixin, ConViTBlock):
+    """ConViT Block with MHSA (the GPSA blocks before it need the grid and are never swapped)."""
+
+    def forward(self, x: torch.Tensor):
+        return self.run(x, self.attn, self.drop_path, lambda x: self.drop_path(self.mlp(self.norm2(x))))
+
+
+class ReducingPvtBlock(ReducingBlockMixin, PvtBlock):
+    """vitlab PVT v1 Block at sr_ratio 1 (the grid size `hw` goes unused)."""
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]):
+        return self.run(x, lambda h: self.attn(h, hw), self.drop_path1,
+                        lambda x: self.drop_path2(self._mlp(self.norm2(x))))
+
+
+# original class -> its reducing class (matched exactly: a subclass may have its own forward)
+REDUCING_BLOCKS: dict[type, type] = {Block: ReducingBlock, ConViTBlock: ReducingConViTBlock, PvtBlock: ReducingPvtBlock}
+REDUCING_ATTENTION: dict[type, type] = {Attention: ReducingAttention, MHSA: ReducingMHSA,
+                                        SpatialReductionAttention: ReducingSRA}
+
+
+class SizedCrossAttention(CrossAttention):
+    """CrossViT's fusion attention (class-token query; keys: its own class token, then the other branch's tokens)
+    with the other branch's size bias on the keys: log(size), -inf for ATS padding."""
+
+    token_state: Optional[TokenState] = None
+
+    def forward(self, x):
+        B, N, C = x.shape
+        H = self.num_heads
+        q = self.wq(x[:, 0:1]).reshape(B, 1, H, C // H).permute(0, 2, 1, 3)      # (B, H, 1, d)
+        k = self.wk(x).reshape(B, N, H, C // H).permute(0, 2, 1, 3)             # (B, H, N, d)
+        v = self.wv(x).reshape(B, N, H, C // H).permute(0, 2, 1, 3)
+        attn = (q @ k.transpose(-2, -1)) * self.scale                            # (B, H, 1, N)
+        state = self.token_state
+        if state is not None and state.size is not None and state.size.shape[1] == N:
+            attn = state.key_bias(attn)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(B, 1, C)
+        return self.proj_drop(self.proj(x))
+
+
+# modules outside the reducible blocks that read a sequence's tokens -> the class that weights them by size
+READERS: dict[type, type] = {CrossAttention: SizedCrossAttention}
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+def size_weighted(x: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """x (B, N, C) with its non-prefix tokens scaled by size x n / total size: their plain mean is then the mean
+    over the patches they stand for, so a head that averages tokens (`x[:, prefix:].mean(1)`) stays exact."""
+    if state.size is None:
+        return x
+    p = state.num_prefix
+    size = state.size[:, p:]                                     # (B, n, 1); 0 for padding (ATS)
+    rest = x[:, p:] * (size * (size.shape[1] / size.sum(dim=1, keepdim=True)))
+    return torch.cat([x[:, :p], rest], dim=1)
+
+
+class TokenReducingModel:
+    """Mixin over the model's own class: the forward resets the token states, and average pooling ("avg") weights
+    each token by the patches it stands for. A head fed a list of sequences (CrossViT) gets each weighted by its
+    own state; a head fed one tensor reads the last sequence."""
 
     token_state: TokenState
+    token_states: tuple[TokenState, ...]
 
-    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        self.token_state.reset()
-        return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+    def forward_features(self, x: torch.Tensor, *args, **kwargs):
+        for state in self.token_states:
+            state.reset()
+        return super().forward_features(x, *args, **kwargs)
+
+    def forward_head(self, x, *args, **kwargs):
+        if getattr(self, "global_pool", None) == "avg":
+            if isinstance(x, (list, tuple)):
+                x = [size_weighted(t, s) for t, s in zip(x, self.token_states)]
+            else:
+                x = size_weighted(x, self.token_states[-1])
+        return super().forward_head(x, *args, **kwargs)
+
+
+class TokenReducingViT(TokenReducingModel, VisionTransformer):
+    """timm VisionTransformer (and subclasses: distilled DeiT, T2T-ViT): average pooling weights each token by size
+    before `fc_norm`, as the official ToMe does; attention pooling adds the size bias to its keys."""
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         size = self.token_state.size
+        if self.attn_pool is not None and size is not None:
+            # attention pooling ("map"): its keys get the size bias and padding mask the blocks' attention gets
+            p = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+            x = self.attn_pool(x[:, p:], attn_mask=self.token_state.key_bias(None, start=p))
+            x = self.head_drop(self.fc_norm(x))
+            return x if pre_logits else self.head(x)
         if self.global_pool == "avg" and size is not None:
             # each merged token stands for `size` patches: weight the average so it equals the mean over patches
             patch_size = size[:, self.num_prefix_tokens:]
@@ -153,26 +345,32 @@ _CLASSES: dict[type, type] = {}
 
 
 def _reducing_class(cls: type) -> type:
-    """TokenReducingViT mixed over `cls`, so subclasses (e.g. timm's distilled DeiT) keep their own methods."""
-    if issubclass(cls, TokenReducingViT):
+    """The token-reducing mixin over `cls`, so subclasses (e.g. timm's distilled DeiT) keep their own methods."""
+    if issubclass(cls, TokenReducingModel):
         return cls
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"TokenReducing{cls.__name__}", (TokenReducingViT, cls), {"__module__": __name__})
+        mixin = TokenReducingViT if issubclass(cls, VisionTransformer) else TokenReducingModel
+        _CLASSES[cls] = type(f"TokenReducing{cls.__name__}", (mixin, cls), {"__module__": __name__})
     return _CLASSES[cls]
 
 
-def patch_vit(model: VisionTransformer, reductions: list, *, trace_source: bool, prop_attn: bool) -> VisionTransformer:
-    """Swap classes in place and attach one reduction object per block (None: that block keeps every token)."""
-    check_supported(model)
-    state = TokenState(num_prefix=model.num_prefix_tokens, trace_source=trace_source, prop_attn=prop_attn)
+def patch_model(model, sequences: list, reductions: list, *, trace_source: bool, prop_attn: bool):
+    """Swap classes in place; `sequences` are `vitlab.tokens.families.TokenSequence`s, `reductions` one list per
+    sequence with one reduction object per block of it (None: that block keeps every token)."""
+    states = tuple(TokenState(num_prefix=seq.num_prefix, trace_source=trace_source, prop_attn=prop_attn)
+                   for seq in sequences)
     model.__class__ = _reducing_class(type(model))
-    model.token_state = state
-    for blk, reduction in zip(model.blocks, reductions):
-        blk.__class__ = ReducingBlock
-        blk.attn.__class__ = ReducingAttention
-        blk.reduction = reduction
-        blk.attn.reduction = reduction
-        blk.attn.token_state = state
+    model.token_states, model.token_state = states, states[0]
+    for seq, state, per_block in zip(sequences, states, reductions):
+        for spec, reduction in zip(seq.blocks, per_block):
+            blk = spec.module
+            blk.__class__ = REDUCING_BLOCKS[type(blk)]
+            blk.attn.__class__ = REDUCING_ATTENTION[type(blk.attn)]
+            blk.reduction = blk.attn.reduction = reduction
+            blk.attn.token_state = state
+        for reader in seq.readers:
+            reader.__class__ = READERS[type(reader)]
+            reader.token_state = state
     return model
 
 
