@@ -213,6 +213,37 @@ def _restore_state(model: nn.Module, args: tuple, backward: bool):
                 t.grad = g
 
 
+@contextlib.contextmanager
+def frozen_params(model):
+    """Parameters stop requiring grad inside (forward-only counting): torch's module tracker, which FlopCounterMode
+    uses, trips over no-grad views of them passed between modules ("Expected gradient function to be set": timm's
+    attention-pool latent)."""
+    frozen = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else []
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def per_module_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """(total MACs, {module name: MACs of its calls, children included; "" for the model}) of `model(example)`
+    under no_grad, attention and SDPA counted; a module that ran no counted op is absent."""
+    counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping([0]))
+    with torch.no_grad(), frozen_params(model), counter:
+        model(example)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    out = {}
+    for key, ops in counts.items():
+        name = "" if key == root else key[len(root) + 1:] if key.startswith(root + ".") else None
+        if name is not None:
+            out[name] = sum(ops.values()) // 2
+    return sum(counts.get("Global", {}).values()) // 2, out
+
+
 def count_flops(model: nn.Module, inputs: torch.Tensor | tuple, *, backward: bool = False) -> FlopCount:
     """Count MACs of `model(*inputs)` (plus the backward of sum(outputs) if `backward`), attention and FFTs included.
 
@@ -231,7 +262,8 @@ def count_flops(model: nn.Module, inputs: torch.Tensor | tuple, *, backward: boo
     fused_attention_flops = [0]  # tally the fused-MHA formulas add their attention part to
     counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping(fused_attention_flops))
     grad_mode = torch.enable_grad() if backward else torch.no_grad()
-    with _restore_state(model, args, backward), grad_mode, counter:
+    with _restore_state(model, args, backward), grad_mode, (contextlib.nullcontext() if backward else
+                                                           frozen_params(model)), counter:
         out = model(*args)
         if backward:
             _backward_of_outputs(out)

@@ -57,6 +57,12 @@ HEAD_KINDS = ("attention", "window_attention", "sra_attention", "conv_attention"
               "class_attention")
 
 
+# Families whose traced graph torch-pruning 1.6 cannot group in reasonable time (minutes per group on a tiny
+# instance): refused up front rather than left to hang.
+SLOW_GRAPH_FAMILIES = {"efficientvit_msra": "torch-pruning's dependency graph does not resolve EfficientViT's "
+                       "cascaded group attention (per-head conv chains feeding each other) in reasonable time"}
+
+
 class DroppedBlock(nn.Module):
     """A removed residual block: returns its input (extra arguments such as the grid size are ignored)."""
 
@@ -96,20 +102,9 @@ def _graph(model: nn.Module, x: torch.Tensor):
 
 def _module_macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     """MACs per image of every module (a parent's count includes its children's), attention and SDPA counted."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from ..profiling.flops import per_module_macs
 
-    from ..profiling.flops import _custom_mapping
-
-    counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping([0]))
-    with torch.no_grad(), counter:
-        model(x[:1])
-    root = type(model).__name__
-    out = {}
-    for key, ops in counter.get_flop_counts().items():
-        name = "" if key == root else key[len(root) + 1:] if key.startswith(root + ".") else None
-        if name is not None:
-            out[name] = sum(ops.values()) // 2
-    return out
+    return per_module_macs(model, x[:1])[1]
 
 
 def _side(dg, dep) -> bool:
@@ -183,8 +178,8 @@ def _head_units(g: _Model, block, mixer) -> list[GraphUnit]:
         return []
     base = g.spec.qualified(block, mixer.name)
     found = _single_layer(mixer.module.get_submodule(mixer.proj))
-    if found is None:
-        return []
+    if found is None or any(_single_layer(mixer.module.get_submodule(n)) is None for n in mixer.qkv):
+        return []   # heads are rows of single q/k/v layers (not EfficientViT's per-head cascade of convs)
     proj_name = f"{base}.{mixer.proj}" + (f".{found[0]}" if found[0] else "")
     width = _channels(found[1], False)
     if width % h:
@@ -473,7 +468,9 @@ def check_graph_prunable(model: nn.Module, technique: str) -> dict:
     from ..checkpoint import CheckpointError, create_model, model_spec
     from ..contract import describe
 
-    describe(model, technique)   # NoAdapter: a TechniqueNotApplicable naming what it supports
+    family = describe(model, technique).family   # NoAdapter: a TechniqueNotApplicable naming what it supports
+    if family in SLOW_GRAPH_FAMILIES:
+        _refuse(model, technique, SLOW_GRAPH_FAMILIES[family])
     try:
         spec = model_spec(model)
     except CheckpointError as e:

@@ -279,7 +279,11 @@ def prunable_linears(model: nn.Module, layers=LAYERS) -> list[tuple[str, nn.Line
             if isinstance(mod, nn.Linear):
                 out.append((f"blocks.{i}.{'attn' if name in ('qkv', 'proj') else 'mlp'}.{name}", mod))
     if not out:
-        raise LPViTError(f"no Linear layers named {'/'.join(layers)} in {type(model).__name__}.blocks")
+        from ..techniques import TechniqueNotApplicable
+
+        raise TechniqueNotApplicable("lpvit", model, f"no Linear layers named {'/'.join(layers)} in its `blocks`; "
+                                     "lpvit supports models whose `blocks` hold attn.qkv/proj and mlp.fc1/fc2 Linear "
+                                     "layers (timm VisionTransformer, vl_* ViTs)")
     return out
 
 

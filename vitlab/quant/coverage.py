@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["module_macs", "quant_mac_fraction", "settle_"]
 
@@ -20,23 +19,16 @@ __all__ = ["module_macs", "quant_mac_fraction", "settle_"]
 def module_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, dict[str, int]]:
     """(total MACs, {module name: MACs of its calls, children included}) of `model(example)` in eval mode; a
     module that ran no counted op is absent."""
-    from ..profiling.flops import _custom_mapping
+    from ..profiling.flops import per_module_macs
 
-    counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping([0]))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), counter:
-            model(example)
+        total, per_module = per_module_macs(model, example)
     finally:
         model.train(was_training)
-    counts = counter.get_flop_counts()
-    root = type(model).__name__
-    per_module = {}
-    for key, ops in counts.items():
-        if key == root or key.startswith(root + "."):
-            per_module[key[len(root) + 1:]] = sum(ops.values()) // 2
-    return sum(counts.get("Global", {}).values()) // 2, per_module
+    per_module.pop("", None)
+    return total, per_module
 
 
 def _macs_of(name: str, module: nn.Module, macs: dict[str, int]) -> int:

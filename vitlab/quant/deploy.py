@@ -408,9 +408,16 @@ def _check_conversion(runner: OpenVINORunner, reference: nn.Module, images: torc
 def deploy_w8(model: nn.Module, cfg) -> OpenVINORunner:
     """The w8 handler: int8 weights with vitlab's per-channel symmetric min-max scales (computed from the weights,
     no images needed), f32 activations; OpenVINO runs the compressed-weight form."""
+    from ..techniques import TechniqueNotApplicable, format_technique
     from . import quantize_
     from .sim import quant_layers
 
+    try:
+        model_input_size(model)
+    except ValueError as e:   # no calibration images to take the size from: the model must know it
+        raise TechniqueNotApplicable(format_technique(cfg), model, f"{e}; w8 exports at the model's configured input "
+                                     "size: it supports models that know it (timm's pretrained_cfg input_size or "
+                                     "patch_embed.img_size)") from None
     stack = applied_techniques(model)
     float_module = copy.deepcopy(model).eval()
     quantize_(model, cfg.ptq())
