@@ -1,11 +1,12 @@
 """Tiny instances of every seed backbone (timm's and vitlab's), shared by the contract and applicability tests.
 
-`SEED_MODELS[name]()` builds a random-init model with 10 classes, small enough for CPU tests; `input_shape(model)`
-is the (C, H, W) it takes. Families whose timm registry functions fix the widths are built from their classes.
+`SEED_MODELS[name]()` builds a random-init model with 10 classes, small enough for CPU tests; `input_shape(name,
+model)` is the (C, H, W) it takes. Models are built with `vitlab.create_model`, which records name and kwargs so a
+pruned model rebuilds from its config; VOLO, whose registry functions fix the widths, is built from its class (so
+techniques that must rebuild the model refuse it here) and PoolFormer keeps poolformer_s12's widths.
 """
-import timm
 import torch.nn as nn
-from timm.models import crossvit, efficientformer, metaformer, nextvit, volo
+from timm.models import volo
 
 import vitlab
 
@@ -22,29 +23,26 @@ _TIMM_KWARGS = {
     "vitamin_small_224": dict(img_size=64, depth=2),
     "efficientvit_m0": dict(img_size=64),
     "convnext_atto": dict(dims=(16, 32, 48, 64)),
+    "efficientformer_l1": dict(depths=(1, 1, 1, 2), embed_dims=(16, 32, 48, 64), num_vit=1),
+    "nextvit_small": dict(depths=(1, 1, 5, 1)),
+    "crossvit_tiny_240": dict(img_size=48, img_scale=(1.0, 1.0), patch_size=(8, 16), embed_dim=(24, 48),
+                              num_heads=(2, 2), depth=((1, 1, 0),), mlp_ratio=(2.0, 2.0, 4.0)),
+    "poolformer_s12": dict(),
 }
 _INPUT = {"efficientformer_l1": 224, "crossvit_tiny_240": 48, "vit_tiny_patch16_224": 32, "convit_tiny": 32,
           "tnt_s_patch16_224": 32}
 
 
 def _timm(name):
-    return lambda: timm.create_model(name, num_classes=10, **_TIMM_KWARGS[name])
+    # the configured input size (what deployment exports at) is the size the tests feed
+    size = _INPUT.get(name) or _TIMM_KWARGS[name].get("img_size", 64)
+    overlay = dict(pretrained_cfg_overlay=dict(input_size=(3, size, size)))
+    return lambda: vitlab.create_model(name, num_classes=10, **_TIMM_KWARGS[name], **overlay)
 
 
 SEED_MODELS = {name: _timm(name) for name in _TIMM_KWARGS}
-SEED_MODELS.update({
-    "efficientformer_l1": lambda: efficientformer.EfficientFormer(depths=(1, 1, 1, 2), embed_dims=(16, 32, 48, 64),
-                                                                  num_vit=1, num_classes=10),
-    "nextvit_small": lambda: nextvit.NextViT(in_chans=3, depths=(1, 1, 5, 1), num_classes=10),
-    "crossvit_tiny_240": lambda: crossvit.CrossVit(img_size=48, patch_size=(8, 16), embed_dim=(24, 48),
-                                                   num_heads=(2, 2), depth=((1, 1, 0),), num_classes=10),
-    "volo_d1_224": lambda: volo.VOLO(layers=(1, 1, 1, 1), img_size=64, embed_dims=(24, 48, 48, 48),
-                                     num_heads=(1, 2, 2, 2), num_classes=10),
-    "poolformer_s12": lambda: metaformer.MetaFormer(
-        depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), token_mixers=metaformer.Pooling, num_classes=10,
-        norm_layers=metaformer.GroupNorm1, mlp_act=nn.GELU, mlp_bias=True, layer_scale_init_values=1e-5,
-        res_scale_init_values=None, use_mlp_head=False),
-})
+SEED_MODELS["volo_d1_224"] = lambda: volo.VOLO(layers=(1, 1, 1, 1), img_size=64, embed_dims=(24, 48, 48, 48),
+                                                num_heads=(1, 2, 2, 2), num_classes=10)
 for _name in ("vl_test_vit", "vl_test_t2t_vit", "vl_test_spectformer", "vl_test_cvt", "vl_test_pvt", "vl_test_dinat",
               "vl_test_hornet", "vl_test_crossformer", "vl_test_rmt", "vl_test_sret", "vl_test_uniformer"):
     SEED_MODELS[_name] = (lambda n: lambda: vitlab.create_model(n, num_classes=10))(_name)

@@ -134,9 +134,11 @@ def test_taylor_with_calibration_and_heads_kept_where_forward_reshapes():
 
 
 def test_refusals_name_what_prune_supports():
-    poolformer = SEED_MODELS["poolformer_s12"]().eval()     # built from its class: no name + kwargs rebuild it
-    with pytest.raises(vitlab.TechniqueNotApplicable, match="supports"):
-        vitlab.apply_(poolformer, [Prune(target_flops=0.8, importance="l1")])
+    volo = SEED_MODELS["volo_d1_224"]().eval()     # built from its class: no name + kwargs rebuild it
+    with pytest.raises(vitlab.TechniqueNotApplicable, match="rebuilt.*supports"):
+        vitlab.apply_(volo, [Prune(target_flops=0.8, importance="l1")])
+    with pytest.raises(vitlab.TechniqueNotApplicable, match="cascaded group attention.*supports"):
+        vitlab.apply_(SEED_MODELS["efficientvit_m0"]().eval(), [Prune(target_flops=0.8, importance="l1")])
     with pytest.raises(vitlab.TechniqueNotApplicable, match="supports"):
         vitlab.apply_(create("convnext_atto"), [Prune(target_flops=0.8, importance="l1", embed=True)])
 

@@ -23,9 +23,6 @@ NO_OP = {"tome": ToMe(r=0), "evit": EViT(keep_rate=1.0), "ats": ATS(start=1.0), 
 NOTHING_TO_FUSE = {("crossvit_tiny_240", "mctf"), ("vl_test_pvt", "mctf")}
 # how to rebuild the seed models that tests/seed_models.py does not build through vitlab.create_model
 REBUILD = {name: (name, dict(kw, num_classes=10)) for name, kw in _TIMM_KWARGS.items()}
-REBUILD["crossvit_tiny_240"] = ("crossvit_tiny_240", dict(
-    img_size=48, patch_size=(8, 16), embed_dim=(24, 48), num_heads=(2, 2), depth=((1, 1, 0),), num_classes=10,
-    img_scale=(1.0, 1.0), mlp_ratio=(2.0, 2.0, 4.0)))
 
 
 @functools.cache
