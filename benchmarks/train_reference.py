@@ -20,7 +20,7 @@ import vitlab
 from vitlab.bench.measure import dataset_for
 from vitlab.checkpoint import CONFIG, WEIGHTS, load_config
 from vitlab.engine import TrainConfig, evaluate, fit
-from vitlab.profiling import tune_allocator
+from vitlab.profiling import cpu_flags_text, cpu_name, tune_allocator
 from vitlab.utils.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,16 +31,19 @@ RECIPE = dict(
 )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/fashion-mnist-reference", help="run folder")
-    parser.add_argument("--dest", default=str(ROOT / "checkpoints" / "fashion-mnist-reference"))
-    parser.add_argument("--epochs", type=float, default=RECIPE["epochs"])
+def main(recipe: dict = RECIPE, name: str = "fashion-mnist-reference", doc: str = __doc__) -> None:
+    """Train `recipe`, evaluate on the test split, record the test metrics in config.json and copy weights + config
+    into checkpoints/NAME (other training benchmarks call this with their own recipe)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=f"runs/{name}", help="run folder")
+    parser.add_argument("--dest", default=str(ROOT / "checkpoints" / name))
+    parser.add_argument("--epochs", type=float, default=recipe["epochs"])
     parser.add_argument("--no-copy", action="store_true", help="do not copy into checkpoints/")
     args = parser.parse_args()
-    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
+    # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
+    print(f"{cpu_name()} ({cpu_flags_text()}); allocator: {tune_allocator()}")
 
-    cfg = TrainConfig(out=args.out, **{**RECIPE, "epochs": args.epochs})
+    cfg = TrainConfig(out=args.out, **{**recipe, "epochs": args.epochs})
     start = time.perf_counter()
     run = fit(cfg, overwrite=True)   # a rerun of this benchmark replaces its earlier run
     train_s = time.perf_counter() - start
@@ -56,15 +59,16 @@ def main() -> None:
     curve = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     print(f"trained in {train_s / 60:.1f} min (train + test eval {total_s / 60:.1f} min); "
           f"test top-1 {100 * test['top1']:.2f} %, top-5 {100 * test['top5']:.2f} %")
-    print("epoch  elapsed_min  val_top1_%")
+    print("epoch  elapsed_min  train_img_per_s  val_top1_%")
     for row in curve:
-        print(f"{row['epoch']:5.2f}  {row['elapsed_s'] / 60:11.1f}  {100 * row['val_top1']:10.2f}")
+        print(f"{row['epoch']:5.2f}  {row['elapsed_s'] / 60:11.1f}  {row.get('img_per_s', 0):15.0f}  "
+              f"{100 * row['val_top1']:10.2f}")
     if not args.no_copy:
         dest = Path(args.dest)
         dest.mkdir(parents=True, exist_ok=True)
-        for name in (WEIGHTS, CONFIG):
-            shutil.copyfile(run / name, dest / f".{name}.tmp")
-            (dest / f".{name}.tmp").replace(dest / name)
+        for fname in (WEIGHTS, CONFIG):
+            shutil.copyfile(run / fname, dest / f".{fname}.tmp")
+            (dest / f".{fname}.tmp").replace(dest / fname)
         print(f"copied weights + config to {dest}")
 
 

@@ -17,22 +17,7 @@ OMP_WAIT_POLICY=PASSIVE matters on a shared CPU: with other processes running, O
 two-thread training step 15x slower (15.6 s instead of 0.93 s of wall time per step of 64 images, load average 12
 on 2 cores; one thread: 1.01 s). Its cost on a quiet machine was not measured.
 """
-import argparse
-import json
-import shutil
-import time
-from pathlib import Path
-
-import torch
-
-import vitlab
-from vitlab.bench.measure import dataset_for
-from vitlab.checkpoint import CONFIG, WEIGHTS, load_config
-from vitlab.engine import TrainConfig, evaluate, fit
-from vitlab.profiling import cpu_flags_text, cpu_name, tune_allocator
-from vitlab.utils.io import atomic_write_json
-
-ROOT = Path(__file__).resolve().parents[1]
+from train_reference import main   # the shared train -> test -> commit loop
 
 # timm Swin at 32x32: 2x2 patches -> 16x16 tokens of 24 channels; stages (grid, channels, heads, blocks):
 # (16, 24, 1, 1), (8, 48, 2, 1), (4, 96, 4, 6), (2, 192, 8, 1). The overlay records Fashion-MNIST's own mean/std (the
@@ -48,43 +33,5 @@ RECIPE = dict(
 )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/fashion-mnist-swin", help="run folder")
-    parser.add_argument("--dest", default=str(ROOT / "checkpoints" / "fashion-mnist-swin"))
-    parser.add_argument("--epochs", type=float, default=RECIPE["epochs"])
-    parser.add_argument("--no-copy", action="store_true", help="do not copy into checkpoints/")
-    args = parser.parse_args()
-    print(f"{cpu_name()} ({cpu_flags_text()}); allocator: {tune_allocator()}")
-
-    cfg = TrainConfig(out=args.out, **{**RECIPE, "epochs": args.epochs})
-    start = time.perf_counter()
-    run = fit(cfg, overwrite=True)   # a rerun of this benchmark replaces its earlier run
-    train_s = time.perf_counter() - start
-
-    model = vitlab.create_model(run)
-    test = evaluate(model, dataset_for(model, "fashion-mnist", "test"), progress=False)
-    total_s = time.perf_counter() - start
-    config = load_config(run)
-    config["metrics"].update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"], test_n=test["n"],
-                             train_wall_s=round(train_s, 1), threads=torch.get_num_threads())
-    atomic_write_json(run / CONFIG, config)
-
-    curve = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    print(f"trained in {train_s / 60:.1f} min (train + test eval {total_s / 60:.1f} min); "
-          f"test top-1 {100 * test['top1']:.2f} %, top-5 {100 * test['top5']:.2f} %")
-    print("epoch  elapsed_min  train_img_per_s  val_top1_%")
-    for row in curve:
-        print(f"{row['epoch']:5.2f}  {row['elapsed_s'] / 60:11.1f}  {row['img_per_s']:15.0f}  "
-              f"{100 * row['val_top1']:10.2f}")
-    if not args.no_copy:
-        dest = Path(args.dest)
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in (WEIGHTS, CONFIG):
-            shutil.copyfile(run / name, dest / f".{name}.tmp")
-            (dest / f".{name}.tmp").replace(dest / name)
-        print(f"copied weights + config to {dest}")
-
-
 if __name__ == "__main__":
-    main()
+    main(RECIPE, "fashion-mnist-swin", __doc__)
