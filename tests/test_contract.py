@@ -10,7 +10,9 @@ from vitlab.contract import ATTENTION_KINDS, NoAdapter, describe
 
 # blocks where merging tokens is well defined (sequence layout, global attention, no grid use), per model
 REDUCIBLE = {"vit_tiny_patch16_224": 2, "vitamin_small_224": 2, "convit_tiny": 1, "crossvit_tiny_240": 2,
-             "vl_test_vit": 2, "vl_test_t2t_vit": 2, "vl_test_spectformer": 2, "vl_test_pvt": 1}
+             "vl_test_vit": 2, "vl_test_t2t_vit": 2, "vl_test_spectformer": 2, "vl_test_pvt": 1,
+             "vl_test_channelvit": 2, "vl_test_ggem": 2, "vl_test_soft": 1,
+             "vl_test_hyena_nd": 2}
 
 
 def _channels(block) -> set[int]:

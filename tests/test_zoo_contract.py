@@ -13,7 +13,7 @@ import vitlab
 # family -> (its vl_test model, an input size other than the default that the architecture allows)
 # SpectFormer's global filters and T2T-ViT's position embedding are sized to the grid at build time: those two are
 # built for the other size (img_size=...); the others take it as it comes.
-FIXED_SIZE = {"spectformer", "t2t_vit"}
+FIXED_SIZE = {"spectformer", "t2t_vit", "gmm_vit", "fcaformer", "ggem", "activator", "svt"}
 FAMILIES = {
     "cvt": ("vl_test_cvt", (40, 56)),
     "pvt": ("vl_test_pvt", (96, 64)),
@@ -25,8 +25,21 @@ FAMILIES = {
     "rmt": ("vl_test_rmt", (96, 64)),
     "spectformer": ("vl_test_spectformer", (48, 64)),
     "sret": ("vl_test_sret", (96, 64)),
+    "channelvit": ("vl_test_channelvit", (64, 48)),
+    "gmm_vit": ("vl_test_gmm_vit", (48, 64)),
+    "ggem": ("vl_test_ggem", (48, 64)),
+    "fcaformer": ("vl_test_fcaformer", (96, 64)),
+    "favit": ("vl_test_favit", (96, 64)),
+    "vir": ("vl_test_vir", (48, 64)),
+    "soft": ("vl_test_soft", (96, 64)),
+    "activator": ("vl_test_activator", (48, 64)),
+    "hyena_nd": ("vl_test_hyena_nd", (48, 64)),
+    "svt": ("vl_test_svt", (96, 64)),
+    "sgformer": ("vl_test_sgformer", (112, 56)),
+    "msvmamba": ("vl_test_msvmamba", (88, 56)),
 }
-HIERARCHICAL = {"cvt", "pvt", "dinat", "hornet", "uniformer", "crossformer", "rmt", "sret"}
+HIERARCHICAL = {"cvt", "pvt", "dinat", "hornet", "uniformer", "crossformer", "rmt", "sret", "fcaformer", "favit",
+                "soft", "svt", "sgformer", "msvmamba"}
 
 
 def _model(family, **kwargs):

@@ -37,7 +37,7 @@ MIXERS: dict[type, tuple[str, bool | Callable[[nn.Module], bool]]] = {
     convit.MHSA: ("attention", True),
     tnt.Attention: ("attention", True),
     volo.OutlookAttention: ("outlook_attention", False),
-    volo.Attention: ("attention", False),              # on the (B, H, W, C) map
+    volo.Attention: ("attention", True),   # vitlab.tokens (VOLO): over the whole flattened (B, H, W, C) map
     volo.ClassAttention: ("class_attention", False),
     efficientvit_msra.LocalWindowAttention: ("window_attention", False),
     nn.Conv2d: ("conv", False),
@@ -76,7 +76,7 @@ BLOCKS: dict[type, BlockRule] = {
     convit.Block: BlockRule(["attn"], ["mlp"], "sequence", lambda b: isinstance(b.attn, convit.GPSA)),
     tnt.Block: BlockRule(["attn_in", "attn_out"], ["mlp_in", "mlp"], "sequence", True),  # inner pixels follow patches
     volo.Outlooker: BlockRule(["attn"], ["mlp"], "nhwc", True),
-    volo.Transformer: BlockRule(["attn"], ["mlp"], "nhwc", True),
+    volo.Transformer: BlockRule(["attn"], ["mlp"], "nhwc"),   # vitlab.tokens (VOLO): no grid use (global attn, MLP)
     volo.ClassBlock: BlockRule(["attn"], ["mlp"], "sequence"),
     efficientvit_msra.EfficientVitBlock: BlockRule(["mixer.m"], ["ffn0.m", "ffn1.m"], "nchw", True),
     convnext.ConvNeXtBlock: BlockRule(["conv_dw"], ["mlp"], "nchw", True),
@@ -293,3 +293,158 @@ def _uniformer(model) -> ModelSpec:
 @register_adapter(spectformer.SpectFormer)
 def _spectformer(model) -> ModelSpec:
     return _spec(model, "vl_spectformer", [StageSpec("blocks", _blocks(model.blocks, "blocks"))])
+
+
+# --- gmm_vit (zoo wave 2) ---
+from ..models import gmm_vit as _gmm_vit  # noqa: E402
+
+# GMMViT is a timm VisionTransformer of timm Blocks: the ViT adapter describes it. Its attention multiplies the
+# logits by a mask over (query, key) grid positions, so dropping or merging tokens is not defined for it.
+MIXERS[_gmm_vit.GaussianMixtureAttention] = ("positional_attention", False)
+# --- end gmm_vit ---
+
+# --- fcaformer (zoo wave 2) ---
+from ..models import fcaformer as _fcaformer  # noqa: E402
+
+# Fca attention adds a learned bias per head and (|dy|, |dx|) offset, and one per cross token: positions matter.
+MIXERS[_fcaformer.FcaAttention] = ("positional_attention", False)
+# Its local and token-merge convs work on the grid, and the stage threads cross tokens from block to block (the
+# local conv is not residual either): a block is not an x + f(x) that can be dropped. ConvNeXt stages use timm's
+# ConvNeXtBlock, already described.
+BLOCKS[_fcaformer.FcaBlock] = BlockRule(["attn"], ["mlp"], "sequence", True, residual=False)
+
+
+@register_adapter(_fcaformer.FcaFormer)
+def _fcaformer_spec(model) -> ModelSpec:
+    return staged_spec(model, "vl_fcaformer")
+# --- end fcaformer ---
+
+# --- favit (zoo wave 2) ---
+from ..models import favit as _favit  # noqa: E402
+
+# FaSA: each query attends to a spatially reduced grid (one head) and to K x K keys pooled over dilated windows of the
+# map (per dilation group, like CrossFormer's long-distance groups); no q/k/v trio a head pruner could cut.
+MIXERS[_favit.FactorizationAttention] = ("group_attention", False)
+# grid use: the attention's convs and windows, the depthwise conv in the MLP
+BLOCKS[_favit.FaViTBlock] = BlockRule(["attn"], ["mlp"], "sequence", True)
+
+
+@register_adapter(_favit.FaViT)
+def _favit_spec(model) -> ModelSpec:
+    return staged_spec(model, "vl_favit")
+# --- end favit ---
+
+# --- vir (zoo wave 2) ---
+from ..models import vir as _vir  # noqa: E402
+
+# Retention is causal with a decay by token distance: merging or dropping tokens changes what every later token
+# sees, so it is not global attention. Its blocks are timm's vision_transformer.Block (attn_layer=Retention),
+# already described.
+MIXERS[_vir.Retention] = ("retention", False)
+
+
+@register_adapter(_vir.VisionRetention)
+def _vir_spec(model) -> ModelSpec:
+    return _spec(model, "vl_vir", [StageSpec("blocks", _blocks(model.blocks, "blocks"))],
+                 notes="the class token is the LAST token of the sequence (retention is causal), not a prefix")
+# --- end vir ---
+
+# --- soft (zoo wave 2) ---
+from ..models import soft as _soft  # noqa: E402
+
+# Gaussian-kernel attention of every query to landmarks pooled from the query grid by a strided conv (Nystrom, no
+# softmax): the closest kind is spatial-reduction attention. It needs the grid (the landmark conv, a depthwise conv of
+# V); its q and v layers (keys are the queries) are no q/k/v form a head pruner could cut.
+MIXERS[_soft.SoftmaxFreeAttention] = ("sra_attention", False)
+# post-norm: the block returns LN(x + f(x)), so dropping it is not the identity
+BLOCKS[_soft.SoftBlock] = BlockRule(["attn"], ["mlp"], "sequence", True, residual=False)
+
+
+@register_adapter(_soft.SoftmaxFreeVisionTransformer)
+def _soft_spec(model) -> ModelSpec:
+    return staged_spec(model, "vl_soft", prefix=lambda i, s: s.num_prefix_tokens)  # the last stage's timm Blocks
+# --- end soft ---
+
+# --- activator (zoo wave 2) ---
+from ..models import activator as _activator  # noqa: E402
+
+# A learned, input-independent N x N token projection inside a GLU (no softmax, no heads): the closest kind is a
+# fixed global linear filter over token positions, "spectral". It is sized to the token count and position-bound, so
+# the block needs its grid; the gated MLP is the block's only sublayer (no separate channel MLP).
+MIXERS[_activator.TokenGatedMLP] = ("spectral", False)
+BLOCKS[_activator.ActivatorBlock] = BlockRule(["mlp"], [], "sequence", True)
+
+
+@register_adapter(_activator.Activator)
+def _activator_spec(model) -> ModelSpec:
+    return _spec(model, "vl_activator", [StageSpec("blocks", _blocks(model.blocks, "blocks"))])
+# --- end activator ---
+
+# --- hyena_nd (zoo wave 2) ---
+from ..models import hyena_nd as _hyena_nd  # noqa: E402
+
+# A long 2-D convolution done as a product in the Fourier domain, between data-controlled gates: "spectral". Its
+# filter spans the token grid, so merging or dropping tokens is not defined for it. The attention blocks after the
+# Hyena ones are timm Blocks, already described (token-reducible, like SpectFormer's).
+MIXERS[_hyena_nd.HyenaND] = ("spectral", False)
+BLOCKS[_hyena_nd.HyenaBlock] = BlockRule(["hyena"], ["mlp"], "sequence", True)
+
+
+@register_adapter(_hyena_nd.HyenaViT)
+def _hyena_nd_spec(model) -> ModelSpec:
+    return _spec(model, "vl_hyena_nd", [StageSpec("blocks", _blocks(model.blocks, "blocks"))])
+# --- end hyena_nd ---
+
+# --- svt (zoo wave 2) ---
+from ..models import svt as _svt  # noqa: E402
+
+# The scattering layer filters the token grid in the wavelet domain (a learned low-pass filter per position and
+# channel, complex gating of the high band): "spectral", bound to the grid. The later stages' mixer is timm's
+# Attention (global), but every SVT block's PVTv2 FFN has a depthwise conv over the grid: none is token-reducible.
+MIXERS[_svt.SpectralScattering] = ("spectral", False)
+BLOCKS[_svt.SVTBlock] = BlockRule(["attn"], ["mlp"], "sequence", True)
+
+
+@register_adapter(_svt.SVT)
+def _svt_spec(model) -> ModelSpec:
+    spec = staged_spec(model, "vl_svt")
+    if len(model.post_network):  # VOLO's class-attention block over [mean of the tokens, tokens]
+        spec.stages.append(StageSpec("post_network", _blocks(model.post_network, "post_network", 1)))
+        spec.num_prefix_tokens = 1
+    return spec
+# --- end svt ---
+
+# --- sgformer (zoo wave 2) ---
+from ..models import sgformer as _sgformer  # noqa: E402
+
+# Hybrid-scale attention (half the heads on an sr-reduced map, half in 7x7 windows) and significance-guided attention
+# (keys merged from significance-sorted token groups whose sizes are fixed per token count) are spatial-reduction
+# kinds; stage 4's plain attention adds a LePE conv over the grid. None may drop or merge tokens.
+MIXERS[_sgformer.HybridScaleAttention] = ("sra_attention", False)
+MIXERS[_sgformer.SignificanceGuidedAttention] = ("sra_attention", False)
+MIXERS[_sgformer.GlobalAttention] = ("attention", False)
+# (x, (H, W), significance) -> (x, significance): a hybrid block hands its map to the guided block after it, so a
+# block is not an x + f(x) that can be dropped
+BLOCKS[_sgformer.SGBlock] = BlockRule(["attn"], ["mlp"], "sequence", True, residual=False)
+
+
+@register_adapter(_sgformer.SGFormer)
+def _sgformer_spec(model) -> ModelSpec:
+    return staged_spec(model, "vl_sgformer")
+# --- end sgformer ---
+
+# --- msvmamba (zoo wave 2) ---
+from ..models import msvmamba as _msvmamba  # noqa: E402
+
+# MS2D: selective scans (decayed causal linear recurrences) along raster / column orders of the full and the
+# half-resolution grid. MIXER_KINDS has no SSM kind: the closest is "retention", a decayed causal scan. Dropping or
+# merging tokens changes every later state, so it is not global attention.
+MIXERS[_msvmamba.MultiScaleSS2D] = ("retention", False)
+# grid use: the scan routes, the depthwise convs, the bilinear upsampling and the ConvFFN's depthwise conv
+BLOCKS[_msvmamba.VSSBlock] = BlockRule(["token_mixer"], ["mlp"], "nhwc", True)
+
+
+@register_adapter(_msvmamba.MSVMamba)
+def _msvmamba_spec(model) -> ModelSpec:
+    return staged_spec(model, "vl_msvmamba")
+# --- end msvmamba ---
