@@ -117,11 +117,12 @@ def test_a_failed_write_leaves_no_file(tmp_path, tiny_model, monkeypatch):
     assert list((tmp_path / "ck").iterdir()) == []
 
 
-def test_official_style_checkpoints_with_args_load(tmp_path, tiny_model):
+@pytest.mark.parametrize("wrapper", ["model", "state_dict", "model_state_dict"])
+def test_official_style_checkpoints_with_args_load(tmp_path, tiny_model, wrapper):
     import argparse
 
     path = tmp_path / "model_best.pth.tar"
-    torch.save({"model": tiny_model.state_dict(), "args": argparse.Namespace(lr=0.1), "epoch": 3}, path)
+    torch.save({wrapper: tiny_model.state_dict(), "args": argparse.Namespace(lr=0.1), "epoch": 3}, path)
     fresh = vitlab.create_model("vl_test_vit", num_classes=10)
     load_weights(fresh, path, allow_pickle=True)
     for key, value in tiny_model.state_dict().items():

@@ -340,7 +340,7 @@ def _read_state_dict(path: Path, allow_pickle: bool, model: nn.Module | None = N
                 f"{path}: vitlab read this pickle with torch.load(weights_only=True), tensors and plain data only, "
                 f"and it holds something else ({_unpickler_reason(e)}); vitlab will not unpickle it: get the "
                 "weights as .safetensors or a plain state_dict from its source") from None
-        for key in ("state_dict", "model", "module"):  # common wrappers
+        for key in ("state_dict", "model_state_dict", "model", "module"):  # common wrappers
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
         if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
@@ -433,7 +433,7 @@ def create_model(name_or_checkpoint: str | Path, *, pretrained: bool = False, re
         hint = f"; similar: {', '.join(close)}" if close else "; `vitlab models PATTERN` lists names"
         raise UserError(f"unknown model {name!r} (not a timm/vitlab model name nor a checkpoint folder){hint}")
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = _timm_create(name, pretrained, kwargs)
     except TypeError as e:
         # a keyword the constructor does not take, or a value of the wrong type (--model-kwargs, config.json)
         if not kwargs:
@@ -441,6 +441,65 @@ def create_model(name_or_checkpoint: str | Path, *, pretrained: bool = False, re
         raise UserError(f"{name} cannot be built with kwargs {json.dumps(_jsonable_or_repr(kwargs))}: {e}") from None
     setattr(model, SPEC_ATTR, {"name": name, "kwargs": dict(kwargs)})
     return model
+
+
+def _timm_create(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    """timm.create_model(name, **kwargs), where `kwargs` may also override the architecture kwargs the registry
+    function fixes itself (timm's volo_d1_224 passes layers=, embed_dims=, num_heads= to the class, so passing them
+    again is a TypeError "got multiple values"): those are merged over the function's own, at the
+    `build_model_with_cfg` call every timm family makes. The model records all of `kwargs`, so it rebuilds the same."""
+    import re
+
+    import timm
+
+    rest, fixed = dict(kwargs), {}
+    while True:
+        try:
+            with _arch_overrides(name, fixed):
+                return timm.create_model(name, pretrained=pretrained, **rest)
+        except (TypeError, KeyError) as e:
+            # `dict(layers=..., **kwargs)` with "layers" in kwargs: a TypeError, or (CPython 3.11, while another
+            # exception is being handled) the bare KeyError('layers')
+            found = re.search(r"got multiple values for keyword argument '(\w+)'", str(e)) \
+                if isinstance(e, TypeError) else None
+            key = found.group(1) if found else (e.args[0] if isinstance(e, KeyError) and e.args else None)
+            if not isinstance(key, str) or key not in rest:
+                raise
+            fixed[key] = rest.pop(key)
+
+
+class _arch_overrides:
+    """Within the block, the registry function of `name` builds its model with `overrides` merged over the kwargs it
+    passes to timm's `build_model_with_cfg` (patched in the function's module only, restored on exit)."""
+
+    def __init__(self, name: str, overrides: dict):
+        self.name, self.overrides, self.used = name, overrides, False
+
+    def __enter__(self):
+        if not self.overrides:
+            return self
+        import timm
+
+        self.module = timm.models.model_entrypoint(self.name).__globals__
+        self.original = self.module.get("build_model_with_cfg")
+        if self.original is None:
+            raise TypeError(f"{self.name} fixes {', '.join(self.overrides)} itself and does not build through "
+                            "timm's build_model_with_cfg, so they cannot be overridden")
+
+        def build(model_cls, variant, pretrained=False, **kw):
+            self.used = True
+            return self.original(model_cls, variant, pretrained, **{**kw, **self.overrides})
+
+        self.module["build_model_with_cfg"] = build
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if self.overrides:
+            self.module["build_model_with_cfg"] = self.original
+            if kind is None and not self.used:
+                raise TypeError(f"{self.name} fixes {', '.join(self.overrides)} itself and did not build through "
+                                "timm's build_model_with_cfg, so they cannot be overridden")
+        return False
 
 
 def _jsonable_or_repr(value: Any) -> Any:

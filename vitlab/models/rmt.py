@@ -53,6 +53,7 @@ stages, layer scale, a non-square input), committed as a fixture in the official
 decomposed attention against the full one on a single row / column (where the two must agree); exact parameter
 counts of the four official constructors; MACs of RMT-T at 224 (both figures above).
 """
+import contextlib
 from functools import partial
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -109,10 +110,25 @@ def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
+_PLAIN = False
+
+
+@contextlib.contextmanager
+def plain_formulas():
+    """Within the block, RMT runs the plain formulas (what exporters see): the dependency-graph pruner traces under it,
+    since the fast residual depthwise conv (a computed kernel through F.conv2d) hides the conv module from a trace."""
+    global _PLAIN
+    before, _PLAIN = _PLAIN, True
+    try:
+        yield
+    finally:
+        _PLAIN = before
+
+
 def _exporting() -> bool:
     """True under ONNX export, torch.export or torch.jit.trace (OpenVINO's converter traces): the fast paths below use
     complex tensors and a computed conv kernel, which ONNX cannot take, so exporters see the plain formulas."""
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+    return _PLAIN or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
@@ -161,6 +177,7 @@ class ManhattanSelfAttention(nn.Module):
             raise ValueError(f"dim {dim} must split into {num_heads} heads of even size (rotary pairs)")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.head_index = tuple(range(num_heads))  # which of the stage's heads (decay rates) these are (pruning)
         self.decomposed = decomposed
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.lepe = nn.Conv2d(dim, dim, lepe_kernel, padding=lepe_kernel // 2, groups=dim)
@@ -170,9 +187,13 @@ class ManhattanSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rel_pos: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         """x (B, H, W, C); rel_pos = (sin, cos, masks): masks (n, HW, HW) if full, (mask_h, mask_w) if decomposed."""
-        B, H, W, C = x.shape
+        B, H, W, _ = x.shape
         n, d = self.num_heads, self.head_dim
+        C = n * d  # the attention width: the input width unless heads were pruned
         sin, cos, masks = rel_pos
+        if (masks[0] if self.decomposed else masks).shape[0] != n:
+            keep = torch.tensor(self.head_index, device=x.device)  # a pruned block keeps some of the stage's heads
+            masks = tuple(m.index_select(0, keep) for m in masks) if self.decomposed else masks.index_select(0, keep)
         qkv = self.qkv(x).view(B, H, W, 3, n, d)
         v = qkv[:, :, :, 2]  # (B, H, W, n, d)
         lepe = _nchw_conv(self.lepe, v.reshape(B, H, W, C)).view(B, H, W, n, d)

@@ -12,7 +12,8 @@ together. Units, ranked in one global list by importance per MAC saved (NViT's r
   cannot see (Swin's relative-position bias table). A mixer keeps at least one head.
 * `channels`: `mlp_group` channels of a channel group that lives inside one block and outside its attention
   (MLP hidden channels, the expanded channels of an MBConv, a conv MLP with its norm and depthwise conv). A group
-  keeps at least one unit.
+  keeps at least one unit. Where a grouped (not depthwise) conv is in the group (Next-ViT's 3x3 group convs), a unit
+  is the same positions of every group, so that each group keeps the same width.
 * `block`: a whole block where the contract says `residual` (`blocks=true`), replaced by `DroppedBlock`.
 
 Nothing that touches the stem or the head is a unit, nor are the residual widths (those span whole stages).
@@ -21,6 +22,11 @@ layouts that reshape with the head count, such as TinyViT's and EfficientFormer'
 positional attention) is not a unit: those mixers keep their heads. After pruning, the result is checked against
 the unpruned model with the removed units masked (projection inputs zeroed, blocks skipped), which must give the
 same logits: a forward that reshapes with a width the graph cannot see fails that check and the model is refused.
+
+Heads of `EXPLICIT_HEAD_KINDS` mixers (RMT's retention) are cut from the contract's layout (fused qkv rows, proj
+columns, depthwise LePE channels) instead of a graph group, which torch-pruning cannot compute through RMT's rotary +
+decay-masked attention in reasonable time; the masked check below still applies. Mixers in `_opaque_mixers`
+(EfficientViT-M's cascaded group attention) are traced as one 1x1 conv: their internals keep every channel.
 
 The pruned model rebuilds from config.json alone: `resized_description` records the tensors whose shape differs
 from the base model (`model.name` + `model.kwargs`), the changed integer attributes (`num_heads`, `attn_dim`,
@@ -50,17 +56,35 @@ SUPPORTS = ("models that vitlab.contract.describe(model) describes (heads of att
 HEAD_TENSORS = {"relative_position_bias_table": -1}
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)   # normalise across channels: a unit would change the kept ones
 _CONV_OK = ("conv", "pool")                       # mixers whose inner channels may be pruned like an MLP's
-# Attention kinds whose heads are units. Left out: graphs torch-pruning cannot follow in reasonable time (DiNAT's
-# gathered neighbourhoods, RMT's retention decay: get_pruning_group runs for minutes) and per-head position terms it
-# cannot see (positional / outlook attention).
+# Attention kinds whose heads are graph units. Left out: graphs torch-pruning cannot follow in reasonable time (DiNAT's
+# gathered neighbourhoods; RMT's retention: get_pruning_group runs for minutes, see EXPLICIT_HEAD_KINDS) and per-head
+# position terms it cannot see (positional / outlook attention).
 HEAD_KINDS = ("attention", "window_attention", "sra_attention", "conv_attention", "group_attention",
               "class_attention")
+# Attention kinds whose heads are cut from the contract's layout instead of the graph (get_pruning_group from the
+# projection runs for minutes through RMT's rotary + decay-masked SDPA): one fused `qkv` Linear with rows
+# (3, heads, head_dim), a `proj` Linear with columns (heads, head_dim), and depthwise convs of the attention width
+# (RMT's LePE on v); the mixer's `head_index` (which of its stage's per-head decay rates it keeps) follows the heads.
+# The masked-model check after pruning still has the last word.
+EXPLICIT_HEAD_KINDS = ("retention",)
 
 
-# Families whose traced graph torch-pruning 1.6 cannot group in reasonable time (minutes per group on a tiny
-# instance): refused up front rather than left to hang.
-SLOW_GRAPH_FAMILIES = {"efficientvit_msra": "torch-pruning's dependency graph does not resolve EfficientViT's "
-                       "cascaded group attention (per-head conv chains feeding each other) in reasonable time"}
+# Families whose traced graph torch-pruning 1.6 cannot group in reasonable time: refused up front rather than left
+# to hang (none at present; EfficientViT-M's cascaded attention is an opaque mixer below).
+SLOW_GRAPH_FAMILIES: dict[str, str] = {}
+
+
+def _opaque_mixers() -> dict[type, object]:
+    """Mixer classes the graph sees as one 1x1 conv (`in` channels to `out`) instead of tracing through them:
+    class -> fn(module) -> (in, out). EfficientViT-M's cascaded group attention chunks its input per head and feeds
+    each head's output into the next head's input; torch-pruning follows that chain of chunk / add / cat index maps
+    for ~45 s per residual-width group on a tiny instance (minutes at full size). Its heads are not units either way
+    (the input is chunked by the head count and every head feeds the next, so no head can go exactly): as a 1x1 conv on
+    the residual stream it couples nothing, and its block's FFNs prune as usual."""
+    from timm.models import efficientvit_msra
+
+    return {efficientvit_msra.CascadedGroupAttention:
+            lambda m: (m.qkvs[0].conv.in_channels * len(m.qkvs), m.proj[-1].conv.out_channels)}
 
 
 class DroppedBlock(nn.Module):
@@ -68,6 +92,33 @@ class DroppedBlock(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         return x
+
+
+class _StandIn(nn.Conv2d):
+    """What the dependency graph traces in place of an opaque mixer (never part of a pruned model)."""
+
+
+def _opaque_swap(model: nn.Module, back: list | None = None) -> list:
+    """Swap opaque mixers for stand-in 1x1 convs (returns what to swap back), or swap `back` in again."""
+    if back is not None:
+        for name, module in back:
+            _replace(model, name, module)
+        return []
+    kinds = tuple(_opaque_mixers().items())
+    swapped = []
+    for name, module in list(model.named_modules()):
+        fn = next((f for cls, f in kinds if isinstance(module, cls)), None)
+        if fn is not None and name:
+            inner, outer = fn(module)
+            swapped.append((name, module))
+            p = next(module.parameters(), None)
+            stand_in = _StandIn(inner, outer, 1, bias=False, device=p.device if p is not None else None,
+                                dtype=p.dtype if p is not None else None)
+            for key, value in vars(module).items():   # what callers read off it (the window `resolution`)
+                if not key.startswith("_") and _plain(value) and not hasattr(stand_in, key):
+                    setattr(stand_in, key, value)
+            _replace(model, name, stand_in)
+    return swapped
 
 
 @dataclass
@@ -82,6 +133,7 @@ class GraphUnit:
     mixer: str = ""
     cost: float = 0.0
     slices: list = field(default_factory=list, repr=False)   # (parameter, dim, indices) that make up the unit
+    explicit: bool = False   # a head cut from the contract's layout (EXPLICIT_HEAD_KINDS), not through the graph
 
 
 # ------------------------------------------------------------------------------------------------ the graph
@@ -95,16 +147,29 @@ def _example(model: nn.Module) -> torch.Tensor:
 def _graph(model: nn.Module, x: torch.Tensor):
     import torch_pruning as tp
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # "unwrapped parameters detected": pos embeddings etc., never pruned here
-        return tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    swapped = _opaque_swap(model)
+    try:
+        with warnings.catch_warnings(), _plain_formulas():
+            warnings.simplefilter("ignore")   # "unwrapped parameters detected": pos embeddings etc., never pruned
+            return tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    finally:
+        _opaque_swap(model, swapped)
+
+
+def _plain_formulas():
+    """Fast paths that hide a layer from a trace run their plain formulas while the graph and the per-module MACs are
+    taken: RMT folds its residual depthwise convs into F.conv2d on a computed kernel (the module is never called)."""
+    from ..models import rmt
+
+    return rmt.plain_formulas()
 
 
 def _module_macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     """MACs per image of every module (a parent's count includes its children's), attention and SDPA counted."""
     from ..profiling.flops import per_module_macs
 
-    return per_module_macs(model, x[:1])[1]
+    with _plain_formulas():
+        return per_module_macs(model, x[:1])[1]
 
 
 def _side(dg, dep) -> bool:
@@ -124,11 +189,43 @@ def _dep_slices(module, out: bool, idxs: list[int]) -> list[tuple]:
     if isinstance(module, nn.Parameter):
         return []
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        depthwise = isinstance(module, nn.Conv2d) and module.groups > 1
-        if out or depthwise:
+        if out or _depthwise(module):
             return [(p, 0, idxs) for p in (module.weight, module.bias) if p is not None]
+        if _grouped(module):   # the same positions of every group go (units span the groups): those columns
+            per_group = module.in_channels // module.groups
+            return [(module.weight, 1, sorted({i % per_group for i in idxs}))]
         return [(module.weight, 1, idxs)]
     return [(p, 0, idxs) for p in module.parameters(recurse=False) if p.ndim >= 1]
+
+
+def _depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels == module.out_channels
+
+
+def _grouped(module: nn.Module) -> bool:
+    """A grouped conv that is not depthwise (Next-ViT's 3x3 group convs): its channels prune in whole positions
+    (position k of every group at once), so that every group keeps the same width."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and not _depthwise(module)
+
+
+def _atoms(named: list, dg, total: int) -> list[list[int]] | None:
+    """Root channels that must go together: one each, or where the group holds grouped convs, position k of every
+    group of each (the same root channels for all of them, else None: no exact unit)."""
+    atoms = None
+    for _, dep, idxs, roots in named:
+        module = dep.target.module
+        if not _grouped(module):
+            continue
+        width = module.out_channels if _side(dg, dep) else module.in_channels
+        per_group = width // module.groups
+        by_pos: dict[int, list[int]] = {}
+        for i, r in zip(idxs, roots):
+            by_pos.setdefault(int(i) % per_group, []).append(int(r))
+        mine = sorted(sorted(v) for v in by_pos.values())
+        if len(set(map(len, mine))) != 1 or sum(map(len, mine)) != total or (atoms is not None and atoms != mine):
+            return None
+        atoms = mine
+    return atoms if atoms is not None else [[r] for r in range(total)]
 
 
 def _cost(module: nn.Module, name: str, macs: dict, out: bool, count: int) -> float:
@@ -226,6 +323,78 @@ def _head_units(g: _Model, block, mixer) -> list[GraphUnit]:
     return units
 
 
+def _explicit_layers(mixer: nn.Module, h: int):
+    """(qkv, proj, [depthwise convs of the attention width]) of a mixer laid out as EXPLICIT_HEAD_KINDS says, else
+    None (any other weight layer in it, or widths that do not split into `h` heads)."""
+    qkv, proj = getattr(mixer, "qkv", None), getattr(mixer, "proj", None)
+    if not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear) or not isinstance(
+            getattr(mixer, "head_index", None), tuple) or len(mixer.head_index) != h:
+        return None
+    width = proj.in_features
+    if width % h or qkv.out_features != 3 * width:
+        return None
+    convs = [m for m in mixer.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not qkv and m is not proj]
+    if any(not (_depthwise(m) and m.out_channels == width) for m in convs):
+        return None
+    return qkv, proj, convs
+
+
+def _explicit_cols(h: int, d: int, heads: list[int]) -> tuple[list[int], list[int]]:
+    """qkv rows and attention-width channels of `heads` (rows laid out (3, h, d), channels (h, d))."""
+    chans = [j * d + i for j in heads for i in range(d)]
+    return [s * h * d + c for s in range(3) for c in chans], chans
+
+
+def _explicit_head_units(g: "_Model", block, mixer) -> list[GraphUnit]:
+    h = mixer.num_heads or 0
+    if mixer.kind not in EXPLICIT_HEAD_KINDS or h < 2 or mixer.qkv != ("qkv",) or mixer.proj != "proj":
+        return []
+    layers = _explicit_layers(mixer.module, h)
+    if layers is None:
+        return []
+    qkv, proj, convs = layers
+    base = g.spec.qualified(block, mixer.name)
+    d = proj.in_features // h
+    named = {m: n for n, m in mixer.module.named_modules()}
+    inner = g.macs.get(base, 0) - sum(g.macs.get(f"{base}.{named[m]}", 0) for m in (qkv, proj, *convs))
+    units = []
+    for j in range(h):
+        rows, chans = _explicit_cols(h, d, [j])
+        slices = _dep_slices(qkv, True, rows) + _dep_slices(proj, False, chans)
+        cost = _cost(qkv, f"{base}.qkv", g.macs, True, len(rows)) + _cost(proj, f"{base}.proj", g.macs, False, d)
+        for conv in convs:
+            slices += _dep_slices(conv, True, chans)
+            cost += _cost(conv, f"{base}.{named[conv]}", g.macs, True, d)
+        units.append(GraphUnit("head", block.name, f"{base}.proj", False, tuple(chans), base,
+                               cost + max(inner, 0) / h, slices, explicit=True))
+    return units
+
+
+def _cut_explicit_heads(mixer: nn.Module, gone: set[int]) -> None:
+    """Remove heads `gone` from a mixer laid out as EXPLICIT_HEAD_KINDS says (weights, widths, head_index)."""
+    h = len(mixer.head_index)
+    qkv, proj, convs = _explicit_layers(mixer, h)
+    kept = [j for j in range(h) if j not in gone]
+    rows, chans = _explicit_cols(h, proj.in_features // h, kept)
+
+    def keep(p: nn.Parameter, dim: int, idxs: list[int]) -> nn.Parameter:
+        return nn.Parameter(p.detach().index_select(dim, torch.as_tensor(idxs)).contiguous(),
+                            requires_grad=p.requires_grad)
+
+    qkv.weight = keep(qkv.weight, 0, rows)
+    if qkv.bias is not None:
+        qkv.bias = keep(qkv.bias, 0, rows)
+    qkv.out_features = len(rows)
+    proj.weight = keep(proj.weight, 1, chans)
+    proj.in_features = len(chans)
+    for conv in convs:
+        conv.weight = keep(conv.weight, 0, chans)
+        if conv.bias is not None:
+            conv.bias = keep(conv.bias, 0, chans)
+        conv.in_channels = conv.out_channels = conv.groups = len(chans)
+    mixer.head_index = tuple(mixer.head_index[j] for j in kept)
+
+
 def _channels_of_norm(norm: nn.Module) -> int:
     """Channels of a q/k norm over head_dim (shared by every head: never pruned with a head)."""
     shape = getattr(norm, "normalized_shape", None)
@@ -260,8 +429,12 @@ def _channel_units(g: _Model, group_size: int) -> list[GraphUnit]:
         total = _channels(g.model.get_submodule(root), True)
         if total < 2:
             continue
-        for start in range(0, total, group_size):
-            chosen = set(range(start, min(start + group_size, total)))
+        atoms = _atoms(named, g.dg, total)
+        if atoms is None or len(atoms) < 2:
+            continue
+        step = max(1, group_size // len(atoms[0]))
+        for start in range(0, len(atoms), step):
+            chosen = {r for atom in atoms[start:start + step] for r in atom}
             slices, cost, seen = [], 0.0, {}
             for name, dep, idxs, roots in named:
                 mine = [int(i) for i, r in zip(idxs, roots) if int(r) in chosen]
@@ -270,8 +443,8 @@ def _channel_units(g: _Model, group_size: int) -> list[GraphUnit]:
                 slices += _dep_slices(module, out, mine)
                 if isinstance(module, (nn.Linear, nn.Conv2d)):
                     share = _cost(module, name, g.macs, out, len(mine))
-                    depthwise = isinstance(module, nn.Conv2d) and module.groups > 1
-                    seen[name] = max(seen.get(name, 0.0), share) if depthwise else seen.get(name, 0.0) + share
+                    seen[name] = max(seen.get(name, 0.0), share) if _depthwise(module) else \
+                        seen.get(name, 0.0) + share
             cost = sum(seen.values())
             units.append(GraphUnit("channels", owner, root, True, tuple(sorted(chosen)), "", cost, slices))
     return units
@@ -413,7 +586,10 @@ def _apply(g: _Model, removed: list[GraphUnit]) -> None:
             dv = len(us[0].idxs)
             old_heads = old_width // dv
             gone = {i // dv for i in idxs}
-            _prune_root(g, root, out, idxs, keep_norms_of=mixer_name)
+            if us[0].explicit:
+                _cut_explicit_heads(mixer, gone)
+            else:
+                _prune_root(g, root, out, idxs, keep_norms_of=mixer_name)
             _slice_head_tensors(mixer, [j for j in range(old_heads) if j not in gone], old_heads)
             _set_head_attrs(mixer, old_heads, old_heads - len(gone), old_width, old_width - len(idxs))
         else:
@@ -444,8 +620,9 @@ def _masked(model: nn.Module, g: _Model, removed: list[GraphUnit]) -> nn.Module:
             name = g.names.get(dep.target.module)
             module = dep.target.module
             if name is not None and not _side(g.dg, dep) and isinstance(module, (nn.Linear, nn.Conv2d)) \
-                    and not (isinstance(module, nn.Conv2d) and module.groups > 1):
-                masked.get_submodule(name).weight.data[:, [int(i) for i in idxs]] = 0
+                    and not _depthwise(module):
+                for p, dim, cols in _dep_slices(module, False, [int(i) for i in idxs]):
+                    masked.get_submodule(name).weight.data[:, cols] = 0
     return masked
 
 
@@ -514,7 +691,8 @@ def graph_prune_(model: nn.Module, cfg, technique: str, calib=None) -> nn.Module
     g = _Model(model, technique)
     units = []
     if cfg.heads:
-        heads = [u for b in g.spec.blocks for m in b.mixers for u in _head_units(g, b, m)]
+        heads = [u for b in g.spec.blocks for m in b.mixers
+                 for u in _head_units(g, b, m) + _explicit_head_units(g, b, m)]
         safe = _safe_head_classes(g, heads)
         units += [u for u in heads if type(model.get_submodule(u.mixer)) in safe]
         summary["heads_kept_by"] = sorted({type(model.get_submodule(u.mixer)).__name__ for u in heads} -
@@ -531,9 +709,11 @@ def graph_prune_(model: nn.Module, cfg, technique: str, calib=None) -> nn.Module
     target = cfg.target_flops * total
     removed, estimate = graph_plan(g, units, ranking, target, total)
     if estimate > target * 1.0001:
+        outside = 1 - sum(g.macs.get(b.name, 0) for b in g.spec.blocks) / total
         _refuse(model, technique, f"its prunable units reach only {estimate / total:.3f} of the MACs, not "
                 f"target_flops={cfg.target_flops} (every mixer keeps one head, every channel group one unit; "
-                f"blocks={cfg.blocks}): raise the target or allow blocks=true")
+                f"blocks={cfg.blocks}; {outside:.0%} of the MACs are outside its blocks, in the stem / patch "
+                "embedding, downsampling and head, which are never cut): raise the target or allow blocks=true")
     masked = _masked(model, g, removed)
     _apply(g, removed)
     _check_same(model, masked, g.x, technique)
