@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition
 
 import vitlab
+from seed_models import SEED_MODELS, build, input_shape
+from test_applicability import WORKS
 from vitlab.cli import main
 from vitlab.profiling import count_flops
 from vitlab.techniques import TechniqueError, applied_techniques, format_technique, parse_technique
@@ -109,6 +111,52 @@ def test_a_grid_equal_to_the_stage_grid_equals_the_model(name):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+# the seed models whose blocks expedit can give a smaller grid (tests/test_applicability.py says which work)
+GRID_MODELS = [n for n, works in WORKS.items() if "expedit" in works and n in SEED_MODELS]
+
+
+@pytest.mark.parametrize("name", GRID_MODELS)
+def test_every_grid_seed_model_is_unchanged_by_a_no_op_grid(name):
+    torch.manual_seed(0)
+    model = build(name)
+    x = torch.randn(2, *input_shape(name, model), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+        got = vitlab.apply_(model, Expedit(alpha=0, ratio=1.0))(x)
+    # the run is in place (windowed Swin models skip it: a window-sized cluster grid changes no block)
+    assert name.startswith("swin") or any(isinstance(m, ExpeditBlockMixin) for m in model.modules())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_map_run_clusters_its_nchw_input_and_hands_back_the_full_map():
+    torch.manual_seed(0)
+    model = build("convnext_atto")
+    vitlab.apply_(model, Expedit(alpha=2, ratio=0.5))   # stage 1 (8 x 8 at 64 px): both its blocks
+    seen = []
+    for block in model.stages[1].blocks:
+        block.conv_dw.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    model.stages[2].register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    assert seen == [(2, 32, 4, 4), (2, 32, 4, 4), (2, 32, 8, 8)]
+
+
+def test_rmt_blocks_get_decay_masks_for_the_clustered_grid():
+    torch.manual_seed(0)
+    model = build("vl_test_rmt")
+    stage = next(i for i, s in enumerate(model.stages) if len(s.blocks))
+    vitlab.apply_(model, Expedit(alpha=0, ratio=0.5))
+    masks = []
+    model.stages[stage].blocks[0].attn.register_forward_pre_hook(lambda m, a: masks.append((a[0].shape, a[1][2])))
+    with torch.no_grad():
+        out = model(torch.randn(1, *input_shape("vl_test_rmt", model)))
+    (shape, mask), = masks
+    h, w = shape[1:3]
+    want = model.stages[stage].rel_pos(h, w, out.device, out.dtype)[2]
+    for got, exp in zip(mask if isinstance(mask, tuple) else (mask,), want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(got, exp)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_fewer_macs_and_the_right_output_shape(name):
     model, x = _model(name)
@@ -172,9 +220,16 @@ def test_beta_ends_the_run_inside_its_stage():
 
 
 def test_refusals_name_what_it_supports():
-    for name, kwargs in [("vl_test_vit", {}), ("convnext_atto", {})]:
-        with pytest.raises(vitlab.TechniqueNotApplicable, match="supports"):
-            vitlab.apply_(vitlab.create_model(name, **kwargs), Expedit())
+    for name in ("vl_test_t2t_vit", "tnt_s_patch16_224", "vl_test_sret"):   # sequences that are not told their grid
+        with pytest.raises(vitlab.TechniqueNotApplicable, match="supports") as e:
+            vitlab.apply_(build(name), Expedit(alpha=0))
+        assert "without its H x W grid" in str(e.value)
+    with pytest.raises(vitlab.TechniqueNotApplicable, match="spectral filter sized to the stage grid"):
+        vitlab.apply_(build("vl_test_svt"), Expedit(alpha=0))   # its scattering stage; later stages work
+    assert any(isinstance(m, ExpeditBlockMixin) for m in vitlab.apply_(build("vl_test_svt"), Expedit(alpha=1)).modules())
+    dynamic = vitlab.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, dynamic_img_size=True)
+    with pytest.raises(vitlab.TechniqueNotApplicable, match="supports"):
+        vitlab.apply_(dynamic, Expedit(alpha=0))
     model, _ = _model("vl_test_cvt")
     vitlab.apply_(model, Expedit(alpha=0))
     with pytest.raises(TechniqueError, match="already"):

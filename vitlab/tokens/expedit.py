@@ -23,9 +23,18 @@ Where it sits, with the official Swin code (Expedit-Mask2Former `hourglass_swin.
   on the new window. Reconstruction comes at the end of that stage (the official place), before patch merging, so
   later stages see their full grid. One deliberate difference: the official clustered blocks compute the shifted-
   window mask with the old shift (ws//2) while rolling by h//2; here the mask follows the roll.
-- CvT, DiNAT, HorNet (vitlab) and timm PVT v2: their blocks take any grid, so the whole stage grid is one window, as
-  the official ViT code clusters the whole image; class tokens stay aside, unclustered.
-- `beta` may end the clustered run earlier than its stage's end, never later (downsampling needs the full grid).
+- Every other described family clusters the whole stage grid, as the official ViT code clusters the whole image;
+  class tokens stay aside, unclustered. The blocks learn the smaller grid from their input (NHWC / NCHW maps:
+  ConvNeXt, MetaFormer, TinyViT, EfficientFormer's 4-D blocks, Next-ViT, EfficientViT-M, VOLO, DiNAT, HorNet,
+  CrossFormer, UniFormer, RMT), as an argument (CvT, PVT v2) or, in a plain ViT, from its fixed patch grid. RMT's
+  stage-level decay masks and rotary angles are recomputed for the clustered grid. Sequence blocks that are not told
+  their grid (T2T, TNT, SReT, ConViT, ...) and spectral blocks whose learned filters are sized to the stage grid
+  (SpectFormer, SVT's scattering stage) refuse by name. Blocks whose windows are fixed in size
+  (TinyViT, EfficientViT-M) pad the smaller grid to their window, as they do for any small input.
+- `beta` may end the clustered run earlier than its stage's end, never later (downsampling needs the full grid);
+  the run also ends where the blocks change layout (EfficientFormer's last stage flattens its map to a sequence).
+- Clustering costs MACs (iters x tokens x clusters x channels): in narrow, shallow runs it can cost more than the
+  blocks it spares; it pays on real widths and runs of several blocks.
 
 Stages, blocks, their layouts and prefix tokens come from the model contract (`vitlab.contract.describe`); the
 blocks of the clustered run get their class swapped for a subclass (`ExpeditBlockMixin`) that clusters / rebuilds
@@ -37,7 +46,7 @@ last block. Clustering and reconstruction run in float32, as the official code d
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -51,8 +60,9 @@ from ..techniques import Kind, TechniqueError, TechniqueNotApplicable, format_te
 
 __all__ = ["Expedit", "token_clustering", "token_reconstruction", "cluster_windows", "reconstruct_windows"]
 
-_SUPPORTS = ("it supports models whose blocks work on an H x W grid: timm SwinTransformer and SwinTransformerV2, "
-             "vitlab CvT, DiNAT and HorNet, and timm PyramidVisionTransformerV2")
+_SUPPORTS = ("it supports models the contract describes whose blocks work on an H x W map (NHWC or NCHW: Swin, "
+             "Swin V2, ConvNeXt, MetaFormer, TinyViT, Next-ViT, VOLO, DiNAT, HorNet, RMT, ...), token sequences "
+             "told their grid (CvT, PVT v2) and plain ViTs with a fixed patch grid")
 
 
 @register_technique("expedit", Kind.TOKENS)
@@ -182,28 +192,57 @@ def reconstruct_windows(y: torch.Tensor, saved: Clustered, k: int = 10, temperat
 
 class _Run:
     """One clustered run of blocks: clusters on the way in, reconstructs on the way out. Between the two it holds
-    the saved tokens and the clustered grid (per-forward state, overwritten by every forward). `layout` is the
-    contract's: "nhwc" blocks take (B, H, W, C); "sequence" blocks (CvT, PVT v2) take (B, prefix + H*W, C), (H, W)."""
+    the saved tokens and the clustered grid (per-forward state, overwritten by every forward).
 
-    def __init__(self, cfg: Expedit, layout: str, num_prefix: int, window: Optional[tuple[int, int]]):
+    `layout` is the contract's: "nhwc" / "nchw" blocks carry the grid in their input's shape; "sequence" blocks take
+    (B, prefix + H*W, C) and learn the grid from their first argument after x (`hw_argument`: CvT, PVT v2) or have
+    one fixed at build time (`fixed_hw`: a plain ViT's patch grid). `grid_args(hw, x)`, where given, computes the
+    rest of the blocks' arguments for a grid (RMT's stage-level decay masks and rotary angles)."""
+
+    def __init__(self, cfg: Expedit, layout: str, num_prefix: int, window: Optional[tuple[int, int]], *,
+                 hw_argument: bool = False, fixed_hw: Optional[tuple[int, int]] = None,
+                 grid_args: Optional[Callable[[tuple[int, int], torch.Tensor], tuple]] = None):
         self.cfg, self.layout, self.num_prefix, self.window = cfg, layout, num_prefix, window
+        self.hw_argument, self.fixed_hw, self.grid_args = hw_argument, fixed_hw, grid_args
         self.saved: Optional[Clustered] = None
         self.hw: Optional[tuple[int, int]] = None
+        self.args: Optional[tuple] = None   # grid_args for the clustered grid, computed once per forward
+
+    def input_grid(self, x: torch.Tensor, args: tuple) -> tuple[int, int]:
+        """The (H, W) of the tokens a block is given."""
+        if self.layout == "nhwc":
+            return tuple(x.shape[1:3])
+        if self.layout == "nchw":
+            return tuple(x.shape[2:4])
+        return tuple(args[0]) if self.hw_argument else self.fixed_hw
+
+    def block_args(self, args: tuple) -> tuple:
+        """A run block's positional arguments after x, for the grid it works on."""
+        if self.hw_argument:
+            return (self.hw, *args[1:])
+        return args if self.args is None else self.args
 
     def _split(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """A block's tokens as (prefix tokens or None, the (B, H, W, C) grid)."""
-        if self.layout != "sequence":
+        if self.layout == "nhwc":
             return None, x
+        if self.layout == "nchw":
+            return None, x.permute(0, 2, 3, 1)
         p = self.num_prefix
         return x[:, :p], x[:, p:].reshape(x.shape[0], *hw, x.shape[-1])
 
     def _join(self, prefix: Optional[torch.Tensor], grid: torch.Tensor) -> torch.Tensor:
-        return grid if prefix is None else torch.cat([prefix, grid.flatten(1, 2)], dim=1)
+        if self.layout == "nhwc":
+            return grid
+        if self.layout == "nchw":
+            return grid.permute(0, 3, 1, 2)
+        return torch.cat([prefix, grid.flatten(1, 2)], dim=1)
 
     def cluster(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         cfg = self.cfg
         window = self.window or tuple(hw)
         grid = cfg.grid(window)
+        self.args = None
         if grid == window:  # nothing to cluster
             self.saved, self.hw = None, tuple(hw)
             return x
@@ -212,10 +251,12 @@ class _Run:
             y, self.saved = cluster_windows(tokens.float(), window, grid, cfg.iters, cfg.temperature,
                                             cfg.neighborhood)
         self.hw = tuple(y.shape[1:3])
+        if self.grid_args is not None:
+            self.args = self.grid_args(self.hw, x)
         return self._join(prefix, y.to(x.dtype))
 
     def reconstruct(self, y: torch.Tensor) -> torch.Tensor:
-        saved, self.saved = self.saved, None
+        saved, self.saved, self.args = self.saved, None, None
         if saved is None:
             return y
         prefix, clusters = self._split(y, self.hw)
@@ -236,10 +277,8 @@ class ExpeditBlockMixin:
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         run = self.expedit_run
         if self.expedit_first:
-            x = run.cluster(x, args[0] if run.layout == "sequence" else x.shape[1:3])
-        if run.layout == "sequence":  # (x, (H, W), ...): the blocks of the run work on the clustered grid
-            args = (run.hw, *args[1:])
-        x = super().forward(x, *args, **kwargs)
+            x = run.cluster(x, run.input_grid(x, args))
+        x = super().forward(x, *run.block_args(args), **kwargs)
         return run.reconstruct(x) if self.expedit_last else x
 
 
@@ -268,22 +307,69 @@ class ClusteredWindowAttention(WindowAttention):
         return bias.permute(2, 0, 1).unsqueeze(0)  # (1, nH, N, N)
 
 
-# contract families (vitlab.contract): clustered within each attention window, or over the whole stage grid
+# contract families (vitlab.contract) clustered within each attention window; every other family's run clusters
+# the whole stage grid. Sequence blocks must be told the grid (`_takes_hw`: their first argument after x); the
+# blocks of `_GRID_ARGS` families take arguments their stage computes for its grid: stage -> fn(hw, x) -> args.
 _WINDOWED = frozenset({"swin", "swinv2"})
-_WHOLE_GRID = frozenset({"vl_cvt", "vl_dinat", "vl_hornet", "pvt_v2"})
+
+
+def _hw_argument_blocks() -> tuple[type, ...]:
+    from timm.models import pvt_v2
+
+    from ..models import cvt, favit, soft, svt
+    return cvt.Block, pvt_v2.Block, favit.FaViTBlock, soft.SoftBlock, svt.SVTBlock
+
+
+def _takes_hw(block: nn.Module) -> bool:
+    """Whether a sequence block's forward is (x, (H, W), ...)."""
+    return isinstance(block, _hw_argument_blocks())
+
+
+_GRID_ARGS: dict[str, Callable[[nn.Module], Callable[[tuple[int, int], torch.Tensor], tuple]]] = {
+    "vl_rmt": lambda stage: lambda hw, x: (stage.rel_pos(*hw, x.device, x.dtype),),
+}
 
 
 def _describe(model: nn.Module):
-    """The model's contract spec, for the families Expedit supports; TechniqueNotApplicable for the rest."""
+    """The model's contract spec; TechniqueNotApplicable when no adapter describes it."""
     from ..contract import NoAdapter, describe
 
     try:
-        spec = describe(model, "expedit")
+        return describe(model, "expedit")
     except NoAdapter:
-        spec = None
-    if spec is None or spec.family not in _WINDOWED | _WHOLE_GRID:
-        raise TechniqueNotApplicable("expedit", model, _SUPPORTS)
-    return spec
+        raise TechniqueNotApplicable("expedit", model, _SUPPORTS) from None
+
+
+def _fixed_patch_grid(model: nn.Module) -> Optional[tuple[int, int]]:
+    """A plain ViT's patch grid when it is fixed at build time (not `dynamic_img_size`), else None."""
+    embed = getattr(model, "patch_embed", None)
+    grid = getattr(embed, "grid_size", None)
+    if grid is None or getattr(model, "dynamic_img_size", False) or embed.num_patches != grid[0] * grid[1]:
+        return None   # no grid, one that varies, or tokens that are not one H x W grid (ChannelViT: C grids)
+    return tuple(grid)
+
+
+def _make_run(model: nn.Module, spec, stage: int, blocks: list, cfg: Expedit,
+              window: Optional[tuple[int, int]]) -> _Run:
+    """The run for `blocks` (BlockSpecs of one stage, one layout), or TechniqueNotApplicable naming the first block
+    when blocks of that kind cannot be given a smaller grid."""
+    first = blocks[0]
+    fixed = next((b for b in blocks if any(m.kind == "spectral" for m in b.mixers)), None)
+    if fixed is not None:   # SpectFormer's and SVT's learned frequency filters are sized to the stage grid
+        raise TechniqueNotApplicable("expedit", model, f"block {fixed.name} ({type(fixed.module).__name__}) filters "
+                                     f"its tokens with a spectral filter sized to the stage grid; {_SUPPORTS}")
+    kwargs: dict[str, Any] = {}
+    if first.layout == "sequence":
+        if _takes_hw(first.module):
+            kwargs["hw_argument"] = True
+        elif spec.family == "vit" and _fixed_patch_grid(model) and all(b.token_reducible for b in blocks):
+            kwargs["fixed_hw"] = _fixed_patch_grid(model)
+        else:
+            raise TechniqueNotApplicable("expedit", model, f"block {first.name} ({type(first.module).__name__}) takes "
+                                         f"a token sequence without its H x W grid; {_SUPPORTS}")
+    if spec.family in _GRID_ARGS:
+        kwargs["grid_args"] = _GRID_ARGS[spec.family](model.get_submodule(spec.stages[stage].name))
+    return _Run(cfg, first.layout, first.num_prefix_tokens, window, **kwargs)
 
 
 def _block_index(value: float, depth: int) -> int:
@@ -324,6 +410,10 @@ def _apply_expedit(model: nn.Module, cfg: Expedit) -> nn.Module:
         return model
     stage, first, stop = span
     specs = spec.stages[stage].blocks[first:stop]
+    # the run ends where the blocks change layout (EfficientFormer's last stage flattens its map to a sequence)
+    # (or the way they learn the grid: SOFT's last stage turns from SoftBlocks told the grid to plain ViT blocks)
+    kind = [(b.layout, _takes_hw(b.module)) for b in specs]
+    specs = specs[:next((i for i, k in enumerate(kind) if k != kind[0]), len(specs))]
     blocks = [b.module for b in specs]
     window = None
     if spec.family in _WINDOWED:
@@ -335,7 +425,7 @@ def _apply_expedit(model: nn.Module, cfg: Expedit) -> nn.Module:
         resolution = (math.ceil(H / window[0]) * grid[0], math.ceil(W / window[1]) * grid[1])
         for block in blocks:
             _shrink_windows(block, spec.family, resolution, grid)
-    run = _Run(cfg, specs[0].layout, specs[0].num_prefix_tokens, window)
+    run = _make_run(model, spec, stage, specs, cfg, window)
     for i, block in enumerate(blocks):
         block.__class__ = _expedit_class(type(block))
         block.expedit_run, block.expedit_first, block.expedit_last = run, i == 0, i == len(blocks) - 1
