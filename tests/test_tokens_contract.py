@@ -16,7 +16,8 @@ from vitlab.tokens.families import reducible_blocks
 
 # models the token techniques apply to (every other seed model must refuse all four by name)
 SUPPORTED = {"vit_tiny_patch16_224", "vitamin_small_224", "convit_tiny", "crossvit_tiny_240", "vl_test_vit",
-             "vl_test_t2t_vit", "vl_test_spectformer", "vl_test_pvt"}
+             "vl_test_t2t_vit", "vl_test_spectformer", "vl_test_pvt", "volo_d1_224", "vl_test_channelvit",
+             "vl_test_ggem", "vl_test_hyena_nd"}
 REDUCING = {"tome": ToMe(r=2), "evit": EViT(keep_rate=0.5), "ats": ATS(keep_rate=0.5), "mctf": MCTF(r=2)}
 NO_OP = {"tome": ToMe(r=0), "evit": EViT(keep_rate=1.0), "ats": ATS(start=1.0), "mctf": MCTF(r=0)}
 # MCTF keeps at least 10 tokens and skips the model's first block: these tiny sequences leave it nothing to fuse

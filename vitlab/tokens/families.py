@@ -16,6 +16,12 @@ no later block needs the grid or the full count) and needs reducing classes for 
 * vitlab PVT v1: the last stage, whose attention is global (sr_ratio 1) and whose tokens go only to the head;
   earlier stages end on a grid (the next stage's patch embedding).
 * vitlab SpectFormer: the attention blocks after the spectral (FFT over the grid) blocks.
+* timm VOLO: the Transformer blocks of the stages after the last Downsample (and after the position embedding,
+  added before network[2]). They run on a (B, H, W, C) map but neither their attention (over the flattened map) nor
+  their MLP uses the grid, so the contract calls them grid-free map blocks with global attention, and their reducing
+  class flattens the map (`patch.ReducingVOLOBlock`). VOLO flattens the network's output; the post network's class
+  attention reads the reduced tokens with their size bias and ATS padding mask, and the head's aux max skips padding
+  (`patch.TokenReducingVOLO`).
 
 Heads that average tokens ("avg") weight them by the patches each stands for (`patch.TokenReducingModel`).
 """
@@ -23,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch.nn as nn
-from timm.models import convit, crossvit, vision_transformer
+from timm.models import convit, crossvit, tnt, vision_transformer, volo
 
 from ..contract import BlockSpec, describe
-from ..models import pvt, spectformer
+from ..models import hyena_nd, pvt, spectformer
 from ..techniques import TechniqueNotApplicable
 from .patch import REDUCING_ATTENTION, REDUCING_BLOCKS, TokenReducingModel
 
@@ -34,7 +40,8 @@ __all__ = ["TokenSequence", "token_sequences", "reducible_blocks", "SUPPORTS", "
 
 SUPPORTS = ("it supports models whose blocks attend globally over a token sequence without its grid (token-reducible "
             "in vitlab.contract): timm VisionTransformer (ViT, DeiT, ViTamin, T2T-ViT, registers), ConViT's MHSA "
-            "blocks, CrossViT's branches, PVT v1's last stage (sr_ratio 1) and SpectFormer's attention blocks")
+            "blocks, CrossViT's branches, PVT v1's last stage (sr_ratio 1), SpectFormer's attention blocks and VOLO's "
+            "transformer stages")
 
 
 @dataclass
@@ -50,8 +57,15 @@ class TokenSequence:
     ranks: list[int] = field(default_factory=list)    # each block's position in the model's execution order
 
 
+def _token_set(spec: BlockSpec) -> bool:
+    """Token-reducible in the contract, or a map block ("nhwc") that does not use the grid and whose mixers all
+    attend globally: it treats its map as a set of tokens (its reducing class flattens the map; VOLO)."""
+    return spec.token_reducible or (spec.layout == "nhwc" and not spec.needs_grid and bool(spec.mixers)
+                                    and all(m.global_tokens for m in spec.mixers))
+
+
 def _reducible(spec: BlockSpec) -> bool:
-    return (spec.token_reducible and type(spec.module) in REDUCING_BLOCKS
+    return (_token_set(spec) and type(spec.module) in REDUCING_BLOCKS
             and type(getattr(spec.module, "attn", None)) in REDUCING_ATTENTION)
 
 
@@ -84,7 +98,7 @@ def _check_pool(model, allowed: tuple[str, ...]) -> None:
 
 
 def _vit(model, by_name) -> list[TokenSequence]:
-    _check_pool(model, ("token", "avg", "", "map"))
+    _check_pool(model, ("token", "avg", "", "map", "ggem"))   # ggem: vl_*_ggem, size-weighted
     names = [f"blocks.{i}" for i in range(len(model.blocks))]
     return _sequence("blocks", by_name, names, model.patch_embed.num_patches, _grid(model.patch_embed))
 
@@ -137,12 +151,61 @@ def _spectformer(model, by_name) -> list[TokenSequence]:
     return _sequence("blocks", by_name, names, model.patch_embed.num_patches, _grid(model.patch_embed))
 
 
+def _volo(model, by_name) -> list[TokenSequence]:
+    _check_pool(model, ("token", "avg", ""))
+    if model.pos_embed is None:
+        raise TechniqueNotApplicable("token reduction", model, "it has no position embedding to tell the grid its "
+                                     f"transformer stages start from; {SUPPORTS}")
+    # forward_tokens adds the (1, H, W, C) position embedding before network[2]: reduction runs after it. A
+    # Downsample (not a block) breaks the run of reducible blocks; the grid at the run's first block is the
+    # position embedding's, divided by each Downsample's stride in between.
+    grid = tuple(model.pos_embed.shape[1:3])
+    names, grids = [], {}
+    for i, stage in enumerate(model.network):
+        if i < 2:
+            continue
+        if isinstance(stage, nn.Sequential):
+            for j in range(len(stage)):
+                names.append(f"network.{i}.{j}")
+                grids[names[-1]] = grid
+        else:
+            names.append(f"network.{i}")
+            stride = getattr(getattr(stage, "proj", None), "stride", None)
+            if stride is None:
+                raise TechniqueNotApplicable("token reduction", model, f"network.{i} ({type(stage).__name__}) is "
+                                             f"neither a stage nor a Downsample; {SUPPORTS}")
+            grid = (grid[0] // stride[0], grid[1] // stride[1])
+    tail = _tail(by_name, names)
+    if not tail:
+        return []
+    grid = grids[tail[0].name]
+    seq = TokenSequence("network", tail, grid[0] * grid[1], 0, grid)
+    if model.post_network is not None:
+        seq.readers.extend(b.attn for b in model.post_network if type(b.attn) is volo.ClassAttention)
+        if len(seq.readers) != len(model.post_network):
+            raise TechniqueNotApplicable("token reduction", model, "its post network has blocks other than VOLO's "
+                                         f"class attention blocks; {SUPPORTS}")
+    return [seq]
+
+
 FAMILIES: dict[type, Callable] = {
     vision_transformer.VisionTransformer: _vit,
     convit.ConVit: _convit,
     crossvit.CrossVit: _crossvit,
     pvt.PyramidVisionTransformer: _pvt,
     spectformer.SpectFormer: _spectformer,
+    hyena_nd.HyenaViT: _spectformer,          # Hyena blocks first, timm attention blocks last: the same layout
+    volo.VOLO: _volo,
+}
+
+
+# block classes whose reason to refuse is not in the contract's terms
+_REFUSED = {
+    # a merged or fused outer token would need one set of pixel embeddings, and each block adds
+    # proj(LayerNorm(pixels)) of that set to the token: no averaging of the pixels is exact (ToMe, MCTF, EViT's fused
+    # token); selection alone (ATS, EViT without fusing) would be exact by gathering the kept tokens' pixels
+    tnt.Block: "its inner pixel embeddings follow each outer token and feed it through LayerNorm and a projection in "
+               "every block, so merging outer tokens has no exact rule for them",
 }
 
 
@@ -151,7 +214,9 @@ def _why_not(spec) -> str:
     reasons = {}
     for b in spec.blocks:
         kinds = "+".join(m.kind for m in b.mixers) or "no mixer"
-        if b.token_reducible:
+        if type(b.module) in _REFUSED:
+            why = _REFUSED[type(b.module)]
+        elif _token_set(b):
             why = "no reducing adapter for its classes"
         elif b.layout != "sequence":
             why = f"{b.layout} layout"

@@ -9,8 +9,10 @@ adds ToMe's proportional-attention bias (log token size) to SDPA's `attn_mask` a
 against the keys, not the full attention map). Which blocks of which models: `vitlab.tokens.families`.
 
 Reducing classes exist for timm's `Block` + `Attention` (ViT, DeiT, ViTamin, CrossViT branches, T2T-ViT,
-SpectFormer's attention blocks), ConViT's `Block` + `MHSA` and vitlab PVT v1's `Block` + `SpatialReductionAttention`
-(sr_ratio 1); a class is matched exactly, so a subclass with its own forward is never swapped.
+SpectFormer's attention blocks), ConViT's `Block` + `MHSA`, vitlab PVT v1's `Block` + `SpatialReductionAttention`
+(sr_ratio 1) and VOLO's `Transformer` + `Attention` (its map flattened to a sequence: after a reduction the block
+returns a (B, 1, N', C) map, which VOLO flattens back after its network); a class is matched exactly, so a
+subclass with its own forward is never swapped.
 
 Token sources: `model.token_state.source` (B, N, N0) when tracing is on; row i marks the input tokens (prefix tokens
 first, then patches in raster order) of the first reducible block that the surviving token i stands for.
@@ -18,12 +20,14 @@ first, then patches in raster order) of the first reducible block that the survi
 each reducible block. A model with several token sequences (CrossViT's branches) has one state per sequence in
 `model.token_states`; `model.token_state` is the first.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
+from timm.models import volo
 from timm.models.convit import MHSA
 from timm.models.convit import Block as ConViTBlock
 from timm.models.crossvit import CrossAttention
@@ -31,10 +35,12 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..models.pvt import Block as PvtBlock
 from ..models.pvt import SpatialReductionAttention
+from ..techniques import TechniqueError
 from .merge import bipartite_soft_matching, merge_source, merge_wavg
 from .select import evit_select, num_kept
 
-__all__ = ["TokenState", "TokenReducingModel", "TokenReducingViT", "ReducingBlock", "ReducingAttention",
+__all__ = ["TokenState", "TokenReducingModel", "TokenReducingViT", "TokenReducingVOLO", "ReducingBlock",
+           "ReducingAttention",
            "REDUCING_BLOCKS", "REDUCING_ATTENTION", "patch_model"]
 
 
@@ -196,6 +202,32 @@ class ReducingSRA(ReducingAttentionMixin, SpatialReductionAttention):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, H * d)))
 
 
+class ReducingVOLOAttention(ReducingAttentionMixin, volo.Attention):
+    """VOLO's Attention (fused qkv, global over the flattened map, no q/k norm) on a (B, N, C) sequence; a
+    (B, H, W, C) map is flattened and restored."""
+
+    def forward(self, x: torch.Tensor):
+        if x.dim() == 4:
+            B, H, W, C = x.shape
+            return self.attend(x.reshape(B, H * W, C)).reshape(B, H, W, C)
+        return self.attend(x)
+
+    def qkv_heads(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)                                     # each (B, H, N, d)
+
+    def qk(self, x):
+        return fused_qk(self.qkv, x, self.num_heads, x.shape[-1] // self.num_heads)
+
+    def v(self, x):
+        return fused_v(self.qkv, x, self.num_heads, x.shape[-1] // self.num_heads)
+
+    def out(self, out, x):
+        B, H, N, d = out.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, H * d)))
+
+
 # ----------------------------------------------------------------------------------------------- blocks
 
 class ReducingBlockMixin:
@@ -244,10 +276,24 @@ class ReducingPvtBlock(ReducingBlockMixin, PvtBlock):
                         lambda x: self.drop_path2(self._mlp(self.norm2(x))))
 
 
+class ReducingVOLOBlock(ReducingBlockMixin, volo.Transformer):
+    """VOLO's Transformer block (no LayerScale). It takes VOLO's (B, H, W, C) map, or the (B, 1, N, C) map an
+    earlier reducing block returned, runs on the flattened tokens (neither its attention nor its MLP uses the grid)
+    and returns the input's shape while the token count is unchanged, else a (B, 1, N', C) map: VOLO reshapes the
+    network's output to (B, -1, C), so the post network reads the reduced tokens."""
+
+    def forward(self, x: torch.Tensor):
+        shape = x.shape
+        x = self.run(x.reshape(shape[0], -1, shape[-1]), self.attn, self.drop_path1,
+                     lambda x: self.drop_path2(self.mlp(self.norm2(x))))
+        return x.reshape(shape) if x.shape[1] == math.prod(shape[1:-1]) else x[:, None]
+
+
 # original class -> its reducing class (matched exactly: a subclass may have its own forward)
-REDUCING_BLOCKS: dict[type, type] = {Block: ReducingBlock, ConViTBlock: ReducingConViTBlock, PvtBlock: ReducingPvtBlock}
+REDUCING_BLOCKS: dict[type, type] = {Block: ReducingBlock, ConViTBlock: ReducingConViTBlock, PvtBlock: ReducingPvtBlock,
+                                     volo.Transformer: ReducingVOLOBlock}
 REDUCING_ATTENTION: dict[type, type] = {Attention: ReducingAttention, MHSA: ReducingMHSA,
-                                        SpatialReductionAttention: ReducingSRA}
+                                        SpatialReductionAttention: ReducingSRA, volo.Attention: ReducingVOLOAttention}
 
 
 class SizedCrossAttention(CrossAttention):
@@ -271,8 +317,30 @@ class SizedCrossAttention(CrossAttention):
         return self.proj_drop(self.proj(x))
 
 
+class SizedClassAttention(volo.ClassAttention):
+    """VOLO's class attention (post network: the class token queries; keys are the class token, then the reduced
+    tokens) with the tokens' size bias on the keys: log(size), -inf for ATS padding; the class token has size 1."""
+
+    token_state: Optional[TokenState] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        kv = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        q = self.q(x[:, :1, :]).reshape(B, self.num_heads, 1, self.head_dim) * self.scale
+        attn = q @ k.transpose(-2, -1)                                           # (B, H, 1, N)
+        state = self.token_state
+        if state is not None and state.size is not None and state.size.shape[1] == N - 1:
+            bias = state.key_bias(None)                                          # (B, 1, 1, N - 1) or None
+            if bias is not None:
+                attn = attn + F.pad(bias, (1, 0))                                # log 1 = 0 for the class token
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        cls_embed = (attn @ v).transpose(1, 2).reshape(B, 1, self.head_dim * self.num_heads)
+        return self.proj_drop(self.proj(cls_embed))
+
+
 # modules outside the reducible blocks that read a sequence's tokens -> the class that weights them by size
-READERS: dict[type, type] = {CrossAttention: SizedCrossAttention}
+READERS: dict[type, type] = {CrossAttention: SizedCrossAttention, volo.ClassAttention: SizedClassAttention}
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -332,6 +400,36 @@ class TokenReducingViT(TokenReducingModel, VisionTransformer):
         return super().forward_head(x, pre_logits=pre_logits)
 
 
+class TokenReducingVOLO(TokenReducingModel, volo.VOLO):
+    """timm VOLO: the head reads the class token (or the mean of all tokens, "avg") plus, with `aux_head`, half the
+    max over tokens of the aux classifier. With sizes (ToMe, MCTF, ATS) the mean weights each token by the patches
+    it stands for (the class token by 1) and the max skips ATS padding (size 0); a merged token enters the max as
+    the one token it is."""
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        size = self.token_states[-1].size
+        if size is None or not self.global_pool or not 0 <= x.shape[1] - size.shape[1] <= 1:
+            return volo.VOLO.forward_head(self, x, pre_logits=pre_logits)
+        B, p = x.shape[0], x.shape[1] - size.shape[1]          # p = 1: the post network's class token
+        weight = torch.cat([size.new_ones(B, p, 1), size], dim=1)   # (B, N, 1)
+        out = (x * weight).sum(1) / weight.sum(1) if self.global_pool == "avg" else x[:, 0]
+        out = self.head_drop(out)
+        if pre_logits:
+            return out
+        out = self.head(out)
+        if self.aux_head is not None:
+            aux = self.aux_head(self.head_drop(x)[:, 1:])       # VOLO's aux head skips the first token
+            aux = aux.masked_fill(weight[:, 1:] == 0, float("-inf"))
+            out = out + 0.5 * aux.max(1)[0]
+        return out
+
+    def forward_train(self, x: torch.Tensor):
+        if self.training:
+            raise TechniqueError("VOLO's forward_train (token labeling, mix token) needs one output per patch; with "
+                                 "token reduction applied, train through forward (class-token logits)")
+        return self.forward(x)
+
+
 def init_state(x: torch.Tensor, state: TokenState, with_size: bool = True) -> None:
     """Sizes of one and identity sources for a fresh token sequence x (B, N, C)."""
     B, N, _ = x.shape
@@ -349,7 +447,8 @@ def _reducing_class(cls: type) -> type:
     if issubclass(cls, TokenReducingModel):
         return cls
     if cls not in _CLASSES:
-        mixin = TokenReducingViT if issubclass(cls, VisionTransformer) else TokenReducingModel
+        mixin = (TokenReducingViT if issubclass(cls, VisionTransformer) else
+                 TokenReducingVOLO if issubclass(cls, volo.VOLO) else TokenReducingModel)
         _CLASSES[cls] = type(f"TokenReducing{cls.__name__}", (mixin, cls), {"__module__": __name__})
     return _CLASSES[cls]
 
