@@ -101,21 +101,7 @@ def test_pool_types_and_reset_classifier():
         assert model.global_pool == "ggem" and model(x).shape == (2, 5)
 
 
-@pytest.fixture
-def ggem_token_reduction(monkeypatch):
-    """vitlab.tokens refuses pools it does not know ('ggem'); GGeMViT weights by token size itself: allow it."""
-    check = vitlab.tokens.families._check_pool
-    monkeypatch.setattr(vitlab.tokens.families, "_check_pool",
-                        lambda model, allowed: check(model, tuple(allowed) + ("ggem",)))
-
-
-def test_token_reduction_is_refused_by_name_until_tokens_know_ggem():
-    model = vitlab.create_model("vl_test_ggem")
-    with pytest.raises(vitlab.TechniqueNotApplicable, match="global_pool='ggem'"):
-        vitlab.apply_(model, vitlab.parse_apply(["tome:r=2"]))
-
-
-def test_merged_tokens_count_once_per_patch(ggem_token_reduction):
+def test_merged_tokens_count_once_per_patch():
     x = torch.randn(2, 3, 32, 32)
     model = vitlab.create_model("vl_test_ggem").eval()
     with torch.no_grad():
