@@ -2,11 +2,11 @@
 
 `SEED_MODELS[name]()` builds a random-init model with 10 classes, small enough for CPU tests; `input_shape(name,
 model)` is the (C, H, W) it takes. Models are built with `vitlab.create_model`, which records name and kwargs so a
-pruned model rebuilds from its config; VOLO, whose registry functions fix the widths, is built from its class (so
-techniques that must rebuild the model refuse it here) and PoolFormer keeps poolformer_s12's widths.
+pruned model rebuilds from its config (VOLO too: create_model merges widths over those its registry functions fix;
+its stem is scaled with its widths, stem_hidden_dim 64 -> 8, or the stem would be 96 % of the MACs) and PoolFormer
+keeps poolformer_s12's widths.
 """
 import torch.nn as nn
-from timm.models import volo
 
 import vitlab
 
@@ -23,7 +23,7 @@ _TIMM_KWARGS = {
     "vitamin_small_224": dict(img_size=64, depth=2),
     "efficientvit_m0": dict(img_size=64),
     "convnext_atto": dict(dims=(16, 32, 48, 64)),
-    "efficientformer_l1": dict(depths=(1, 1, 1, 2), embed_dims=(16, 32, 48, 64), num_vit=1),
+    "efficientformer_l1": dict(depths=(1, 1, 4, 2), embed_dims=(16, 32, 128, 128), num_vit=1),
     "nextvit_small": dict(depths=(1, 1, 5, 1)),
     "crossvit_tiny_240": dict(img_size=48, img_scale=(1.0, 1.0), patch_size=(8, 16), embed_dim=(24, 48),
                               num_heads=(2, 2), depth=((1, 1, 0),), mlp_ratio=(2.0, 2.0, 4.0)),
@@ -41,10 +41,15 @@ def _timm(name):
 
 
 SEED_MODELS = {name: _timm(name) for name in _TIMM_KWARGS}
-SEED_MODELS["volo_d1_224"] = lambda: volo.VOLO(layers=(1, 1, 1, 1), img_size=64, embed_dims=(24, 48, 48, 48),
-                                                num_heads=(1, 2, 2, 2), num_classes=10)
-for _name in ("vl_test_vit", "vl_test_t2t_vit", "vl_test_spectformer", "vl_test_cvt", "vl_test_pvt", "vl_test_dinat",
-              "vl_test_hornet", "vl_test_crossformer", "vl_test_rmt", "vl_test_sret", "vl_test_uniformer"):
+SEED_MODELS["volo_d1_224"] = lambda: vitlab.create_model(   # create_model overrides the widths volo_d1_224 fixes
+    "volo_d1_224", layers=(1, 1, 1, 1), img_size=64, embed_dims=(24, 48, 48, 48), num_heads=(1, 2, 2, 2),
+    stem_hidden_dim=8, num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))
+_ZOO = ("vl_test_vit", "vl_test_t2t_vit", "vl_test_spectformer", "vl_test_cvt", "vl_test_pvt", "vl_test_dinat",
+        "vl_test_hornet", "vl_test_crossformer", "vl_test_rmt", "vl_test_sret", "vl_test_uniformer",
+        # zoo wave 2
+        "vl_test_channelvit", "vl_test_gmm_vit", "vl_test_ggem", "vl_test_fcaformer", "vl_test_favit", "vl_test_vir",
+        "vl_test_soft", "vl_test_activator", "vl_test_hyena_nd", "vl_test_svt", "vl_test_sgformer", "vl_test_msvmamba")
+for _name in _ZOO:
     SEED_MODELS[_name] = (lambda n: lambda: vitlab.create_model(n, num_classes=10))(_name)
 
 

@@ -17,36 +17,49 @@ REDUCING = {"tome", "evit", "ats", "mctf", "expedit", "prune"}
 ALL = {t.split(":")[0] for t in TECHNIQUES}
 TOKENS = {"tome", "evit", "ats", "mctf"}
 QUANT = {"ptq", "w8a8", "w8"}
+FAMILIES = {"token reduction": TOKENS | {"expedit"}, "pruning": {"prune", "lpvit"}, "quantization": QUANT}
 
 # model -> techniques that work on it (every other cell refuses by name)
 WORKS = {
-    "vit_tiny_patch16_224": ALL - {"expedit"},
+    "vit_tiny_patch16_224": ALL,
     "swin_tiny_patch4_window7_224": {"expedit", "prune", "ptq", "w8a8", "w8"},
     "swinv2_tiny_window8_256": {"expedit", "prune", "ptq", "w8a8", "w8"},
     "pvt_v2_b0": {"expedit", "prune", "ptq", "w8a8", "w8"},
-    "tiny_vit_5m_224": {"prune", "ptq", "w8a8", "w8"},
+    "tiny_vit_5m_224": {"expedit", "prune", "ptq", "w8a8", "w8"},
     "convit_tiny": ALL - {"expedit"},
     "tnt_s_patch16_224": {"prune", "lpvit", "ptq", "w8a8", "w8"},
-    "vitamin_small_224": ALL - {"expedit"},
-    "efficientvit_m0": {"ptq", "w8a8", "w8"},
-    "convnext_atto": {"prune", "ptq", "w8a8", "w8"},
-    "efficientformer_l1": {"prune", "ptq", "w8a8", "w8"},
-    "nextvit_small": {"ptq", "w8a8", "w8"},
-    "poolformer_s12": {"prune", "ptq", "w8a8", "w8"},
-    "vl_test_vit": ALL - {"expedit"},
+    "vitamin_small_224": ALL,
+    "efficientvit_m0": {"expedit", "prune", "ptq", "w8a8", "w8"},
+    "convnext_atto": {"expedit", "prune", "ptq", "w8a8", "w8"},
+    "efficientformer_l1": {"expedit", "prune", "ptq", "w8a8", "w8"},
+    "nextvit_small": {"expedit", "prune", "ptq", "w8a8", "w8"},
+    "poolformer_s12": {"expedit", "prune", "ptq", "w8a8", "w8"},
+    "vl_test_vit": ALL,
     "vl_test_t2t_vit": {"tome", "evit", "ats", "mctf", "lpvit", "ptq", "w8a8", "w8"},
     "vl_test_cvt": {"expedit", "prune", "ptq", "w8a8", "w8"},
     "vl_test_dinat": {"expedit", "prune", "ptq", "w8a8", "w8"},
     "vl_test_hornet": {"expedit", "prune", "ptq", "w8a8", "w8"},
-    "vl_test_crossformer": {"prune", "ptq", "w8a8", "w8"},
-    "vl_test_rmt": {"ptq", "w8a8", "w8"},
+    "vl_test_crossformer": {"expedit", "prune", "ptq", "w8a8", "w8"},
+    "vl_test_rmt": {"expedit", "prune", "ptq", "w8a8", "w8"},
     "vl_test_sret": {"prune", "ptq", "w8a8", "w8"},
-    "vl_test_uniformer": {"prune", "ptq", "w8a8", "w8"},
+    "vl_test_uniformer": {"expedit", "prune", "ptq", "w8a8", "w8"},
     "crossvit_tiny_240": {"tome", "evit", "ats", "mctf", "prune", "ptq", "w8a8", "w8"},
-    "volo_d1_224": {"ptq"},
+    "volo_d1_224": TOKENS | {"expedit", "prune", "ptq", "w8a8", "w8"},
     "vl_test_spectformer": ALL - {"expedit"},
     "vl_test_pvt": {"tome", "evit", "ats", "mctf", "prune", "ptq", "w8a8", "w8"},
-    "vit_tiny_patch16_224:map": ALL - {"expedit"},
+    "vl_test_channelvit": ALL - {"expedit"},
+    "vl_test_gmm_vit": {"prune", "lpvit", "ptq", "w8a8", "w8"},
+    "vl_test_ggem": ALL,
+    "vl_test_fcaformer": {"prune", "ptq", "w8a8", "w8"},
+    "vl_test_favit": {"expedit", "prune", "ptq", "w8a8", "w8"},
+    "vl_test_vir": {"prune", "lpvit", "ptq", "w8a8", "w8"},
+    "vl_test_soft": {"expedit", "prune", "ptq", "w8a8", "w8"},
+    "vl_test_sgformer": {"ptq", "w8a8", "w8"},
+    "vl_test_activator": {"lpvit", "ptq", "w8a8", "w8"},
+    "vl_test_hyena_nd": ALL - {"expedit"},
+    "vl_test_msvmamba": {"expedit", "prune", "ptq", "w8a8", "w8"},
+    "vl_test_svt": {"expedit", "ptq", "w8a8", "w8"},
+    "vit_tiny_patch16_224:map": ALL,
 }
 
 
@@ -91,13 +104,20 @@ def test_every_technique_works_or_refuses_by_name(name):
     assert got == WORKS[name], f"{name}: works with {sorted(got)}, the table says {sorted(WORKS[name])}"
 
 
+def test_every_seed_backbone_is_in_the_matrix():
+    assert set(SEED_MODELS) == {name.split(":")[0] for name in WORKS}
+
+
 def test_works_in_most_cells():
     cells = len(WORKS) * len(ALL)
-    assert sum(map(len, WORKS.values())) / cells >= 0.55   # a floor under the table: 151 of 270 work today
+    assert sum(map(len, WORKS.values())) / cells >= 0.60   # a floor under the table (the docs give today's count)
+    # the target: >= 90 % of (backbone x technique family) cells work with at least one of the family
+    by_family = [bool(works & family) for works in WORKS.values() for family in FAMILIES.values()]
+    assert sum(by_family) / len(by_family) >= 0.90
 
 
 @pytest.mark.parametrize("model,technique", [("vl_test_hornet", "tome:r=2"), ("convnext_atto", "evit"),
-                                             ("vit_tiny_patch16_224", "expedit")])
+                                             ("vl_test_t2t_vit", "expedit")])
 def test_cli_refusal_is_one_line(model, technique, capsys):
     from vitlab.cli import main
 
