@@ -11,7 +11,7 @@ import torch.nn as nn
 from timm.layers import ClassifierHead
 from timm.models._features import feature_take_indices
 
-__all__ = ["StagedTokenModel", "tokens_to_map"]
+__all__ = ["GridSequenceMixin", "StagedTokenModel", "tokens_to_map"]
 
 
 def tokens_to_map(x: torch.Tensor, hw: tuple[int, int], num_prefix: int) -> torch.Tensor:
@@ -45,6 +45,66 @@ class LinearHeadMixin:
         self.head = (nn.Linear(self.head_hidden_size, num_classes, device=like.device, dtype=like.dtype)
                      if num_classes > 0 else nn.Identity())
 
+
+
+class GridSequenceMixin(LinearHeadMixin):
+    """timm's model API for isotropic models whose blocks run on one token grid (SpectFormer, Hyena N-D): the model
+    gives `_tokens(x) -> (tokens (B, N, C), (H, W))` and `_run_block(block, x, grid)`, and has `blocks`, `norm`,
+    `head_drop`, `head` and `global_pool` ("avg" or "")."""
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        return block(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Block outputs at `indices` (last n if int, all if None), as (B, C, H, W) or tokens (B, N, C) for NLC."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, grid = self._tokens(x)
+        intermediates = []
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        for i, block in enumerate(blocks):
+            x = self._run_block(block, x, grid)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, grid = self._tokens(x)
+        for block in self.blocks:
+            x = self._run_block(block, x, grid)
+        return self.norm(x)  # (B, N, C)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 class StagedTokenModel(LinearHeadMixin, nn.Module):
     """Methods timm expects of a classifier / backbone, shared by the staged token models (CvT, PVT)."""

@@ -52,18 +52,17 @@ MACs with vitlab.profiling.count_flops at 224, FFTs counted at 2.5 n log2 n, the
 """
 import math
 from functools import partial
-from typing import List, Optional, Tuple, Union
+from typing import Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
 from ._builder import build_vitlab_model, imagenet_cfg
-from ._staged import LinearHeadMixin
+from ._staged import GridSequenceMixin
 
 __all__ = ["HyenaViT", "HyenaND", "HyenaBlock", "ImplicitFilter2d", "fft_conv2d", "direct_conv2d",
            "checkpoint_filter_fn"]
@@ -193,7 +192,7 @@ class HyenaBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
-class HyenaViT(LinearHeadMixin, nn.Module):
+class HyenaViT(GridSequenceMixin, nn.Module):
     """ViT with Hyena N-D blocks first and timm attention blocks after; no class token, average-pooled head.
 
     Args:
@@ -257,57 +256,6 @@ class HyenaViT(LinearHeadMixin, nn.Module):
     @staticmethod
     def _run_block(block: nn.Module, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         return block(x, grid) if isinstance(block, HyenaBlock) else block(x)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Block outputs at `indices` (last n if int, all if None), as (B, C, H, W) or tokens (B, N, C) for NLC."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, grid = self._tokens(x)
-        intermediates = []
-        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
-        for i, block in enumerate(blocks):
-            x = self._run_block(block, x, grid)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-        if output_fmt == "NCHW":
-            intermediates = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, grid = self._tokens(x)
-        for block in self.blocks:
-            x = self._run_block(block, x, grid)
-        return self.norm(x)  # (B, N, C)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: dict, model: HyenaViT) -> dict:
