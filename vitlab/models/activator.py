@@ -41,16 +41,15 @@ counted here (MACs with vitlab.profiling.count_flops at 224):
 | vl_activator_base  | 768 | 12 | 87,011,032 | 18.18 G |
 """
 from functools import partial
-from typing import List, Optional, Tuple, Union
+from typing import Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from ._builder import build_vitlab_model, imagenet_cfg
-from ._staged import LinearHeadMixin
+from ._staged import GridSequenceMixin
 
 __all__ = ["Activator", "ActivatorBlock", "TokenGatedMLP", "checkpoint_filter_fn", "activator_params_per_block"]
 
@@ -96,7 +95,7 @@ class ActivatorBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm(x)))
 
 
-class Activator(LinearHeadMixin, nn.Module):
+class Activator(GridSequenceMixin, nn.Module):
     """Activator: patch embedding + position embedding, `depth` ActivatorBlocks, LayerNorm, average pool, linear head.
 
     Args:
@@ -145,57 +144,8 @@ class Activator(LinearHeadMixin, nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pos_drop(self.patch_embed(x) + self.pos_embed)  # (B, N, C)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Block outputs at `indices` (last n if int, all if None), as (B, C, H, W) or tokens (B, N, C) for NLC."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x = self._tokens(x)
-        intermediates = []
-        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
-        for i, block in enumerate(blocks):
-            x = block(x)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-        if output_fmt == "NCHW":
-            grid = self.patch_embed.grid_size
-            intermediates = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.blocks(self._tokens(x)))  # (B, N, C)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        return self.pos_drop(self.patch_embed(x) + self.pos_embed), tuple(self.patch_embed.grid_size)  # (B, N, C)
 
 
 def checkpoint_filter_fn(state_dict: dict, model: Activator) -> dict:
