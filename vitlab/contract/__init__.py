@@ -16,8 +16,6 @@ match what a forward pass feeds each block, heads and dims match the weights).
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -26,32 +24,13 @@ import torch.nn as nn
 from ..techniques import TechniqueNotApplicable
 
 __all__ = ["Mixer", "BlockSpec", "StageSpec", "ModelSpec", "NoAdapter", "describe", "register_adapter",
-           "has_adapter", "adapter_families", "MIXER_KINDS", "LAYOUTS", "ATTENTION_KINDS", "float_region", "in_float_region"]
+           "has_adapter", "adapter_families", "MIXER_KINDS", "LAYOUTS", "ATTENTION_KINDS"]
 
 MIXER_KINDS = ("attention", "window_attention", "neighborhood_attention", "sra_attention", "conv_attention",
                "group_attention", "positional_attention", "retention", "class_attention", "outlook_attention",
                "conv", "pool", "spectral", "gnconv")
 ATTENTION_KINDS = frozenset(MIXER_KINDS[:10])   # mixers computing softmax(q k^T) v over some neighbourhood
 LAYOUTS = ("sequence", "nhwc", "nchw")
-
-_float = threading.local()
-
-
-@contextlib.contextmanager
-def float_region() -> Iterator[None]:
-    """Marks the ops run inside as a numerical method whose intermediates are not activations (SOFT's
-    Newton-Raphson inverse: each iterate feeds the next, so int8 rounding compounds instead of averaging out).
-    Techniques that change arithmetic leave them in float: quantization does not fake-quantize the matmuls made
-    here, and does not count them as quantized MACs."""
-    _float.depth = getattr(_float, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _float.depth -= 1
-
-
-def in_float_region() -> bool:
-    return getattr(_float, "depth", 0) > 0
 
 
 @dataclass

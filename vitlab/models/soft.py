@@ -66,7 +66,6 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block
 
-from ..contract import float_region
 from ._builder import build_vitlab_model, imagenet_cfg
 from ._staged import StagedTokenModel
 
@@ -93,9 +92,8 @@ def newton_inverse(mat: torch.Tensor, iters: int = 20, ridge: float = 0.01) -> t
     p = mat + ridge * torch.eye(mat.shape[-1], dtype=mat.dtype, device=mat.device)
     alpha = 1.8 / mat.sum(-1).amax(-1) ** 2  # (...,)
     v = alpha[..., None, None] * p
-    with float_region():  # a solver: int8 rounding of each iterate would compound through the next
-        for _ in range(iters):
-            v = 2 * v - v @ p @ v
+    for _ in range(iters):
+        v = 2 * v - v @ p @ v
     return v
 
 

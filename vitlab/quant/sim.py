@@ -41,7 +41,6 @@ from torch.overrides import TorchFunctionMode
 from timm.models.swin_transformer import WindowAttention as SwinWindowAttention
 from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAttention
 
-from ..contract import in_float_region
 from ..techniques import TechniqueNotApplicable
 from .base import Quantizer, QuantizerError, make_quantizer
 
@@ -283,7 +282,7 @@ class _Intercept(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(_busy, "depth", 0) or in_float_region():
+        if getattr(_busy, "depth", 0):
             return func(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
             self.sdpa_calls += 1
