@@ -71,6 +71,14 @@ ZOO_WAVE2 = (
     ("vl_msvmamba_nano", "MSVMamba-Nano"),
     ("vl_activator_tiny", "Activator-T (abstract only)"),
     ("vl_hyena_nd_tiny", "Hyena N-D-T (abstract only)"),
+    ("vl_stvit_small", "STViT-S"),
+    ("vl_uniformer_xxs", "UniFormer-XXS (light)"),
+    ("vl_crossformer_pp_s", "CrossFormer++-S"),
+    ("vl_tic_tiny", "TiC-T (layer official, network ours)"),
+    ("vl_maformer_small", "MAFormer-S (abstract only)"),
+    ("vl_dualtoken_vit_small", "DualToken-ViT-S (abstract only)"),
+    ("vl_fmvit_tiny", "FMViT-T (abstract only)"),
+    ("vl_turbovit_proxy", "TurboViT proxy (Hiera-style; spec unpublished)"),
 )
 BASELINES = (
     ("deit_tiny_patch16_224", "DeiT-Ti (timm)"),

@@ -48,7 +48,14 @@ _ZOO = ("vl_test_vit", "vl_test_t2t_vit", "vl_test_spectformer", "vl_test_cvt", 
         "vl_test_hornet", "vl_test_crossformer", "vl_test_rmt", "vl_test_sret", "vl_test_uniformer",
         # zoo wave 2
         "vl_test_channelvit", "vl_test_gmm_vit", "vl_test_ggem", "vl_test_fcaformer", "vl_test_favit", "vl_test_vir",
-        "vl_test_soft", "vl_test_activator", "vl_test_hyena_nd", "vl_test_svt", "vl_test_sgformer", "vl_test_msvmamba")
+        "vl_test_soft", "vl_test_activator", "vl_test_hyena_nd", "vl_test_svt", "vl_test_sgformer", "vl_test_msvmamba",
+        "vl_test_maformer", "vl_test_fmvit",
+        "vl_test_dualtoken_vit",
+        "vl_test_turbovit",
+        "vl_test_tic",
+        "vl_test_uniformer_light",
+        "vl_test_crossformer_pp",
+        "vl_test_stvit")
 for _name in _ZOO:
     SEED_MODELS[_name] = (lambda n: lambda: vitlab.create_model(n, num_classes=10))(_name)
 

@@ -37,9 +37,18 @@ FAMILIES = {
     "svt": ("vl_test_svt", (96, 64)),
     "sgformer": ("vl_test_sgformer", (112, 56)),
     "msvmamba": ("vl_test_msvmamba", (88, 56)),
+    "maformer": ("vl_test_maformer", (72, 56)),
+    "fmvit": ("vl_test_fmvit", (96, 64)),
+    "dualtoken_vit": ("vl_test_dualtoken_vit", (96, 64)),
+    "turbovit": ("vl_test_turbovit", (96, 64)),
+    "tic": ("vl_test_tic", (96, 64)),
+    "uniformer_light": ("vl_test_uniformer_light", (96, 64)),
+    "crossformer_pp": ("vl_test_crossformer_pp", (96, 64)),
+    "stvit": ("vl_test_stvit", (84, 60)),
 }
 HIERARCHICAL = {"cvt", "pvt", "dinat", "hornet", "uniformer", "crossformer", "rmt", "sret", "fcaformer", "favit",
-                "soft", "svt", "sgformer", "msvmamba"}
+                "soft", "svt", "sgformer", "msvmamba", "maformer", "fmvit",
+                "dualtoken_vit", "turbovit", "tic", "uniformer_light", "crossformer_pp", "stvit"}
 
 
 def _model(family, **kwargs):

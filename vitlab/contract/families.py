@@ -448,3 +448,135 @@ BLOCKS[_msvmamba.VSSBlock] = BlockRule(["token_mixer"], ["mlp"], "nhwc", True)
 def _msvmamba_spec(model) -> ModelSpec:
     return staged_spec(model, "vl_msvmamba")
 # --- end msvmamba ---
+
+# --- maformer (zoo wave 2) ---
+from ..models import maformer as _maformer  # noqa: E402
+
+# MAF: window attention (local stream) + attention over an r x r down-sampled map (GLD, global stream), fused by
+# cross attention from every position to the down-sampled tokens: a spatial-reduction kind bound to the grid.
+MIXERS[_maformer.MultiScaleAttentionFusion] = ("sra_attention", False)
+BLOCKS[_maformer.MAFBlock] = BlockRule(["attn"], ["mlp"], "nhwc", True)
+
+
+@register_adapter(_maformer.MAFormer)
+def _maformer_spec(model) -> ModelSpec:
+    return staged_spec(model, "vl_maformer")
+# --- end maformer ---
+
+# --- fmvit (zoo wave 2) ---
+from ..models import fmvit as _fmvit  # noqa: E402
+
+# RLMHSA: queries at every position, keys / values from the average-pooled map: spatial-reduction attention, bound to
+# the grid (the pooling). The local path (depthwise conv -> BN -> ReLU -> 1x1) is a conv mixer. Both blocks run on
+# NCHW maps and are x + f(x) twice (the FMB fuses its two mixers' outputs with a 1x1 conv before the residual add).
+MIXERS[_fmvit.LightweightAttention] = ("sra_attention", False)
+MIXERS[_fmvit.LocalMixer] = ("conv", False)
+BLOCKS[_fmvit.ConvFusionBlock] = BlockRule(["mixer"], ["mlp"], "nchw", True)
+BLOCKS[_fmvit.FrequencyMixingBlock] = BlockRule(["attn", "local"], ["mlp"], "nchw", True)
+
+
+@register_adapter(_fmvit.FMViT)
+def _fmvit_spec(model) -> ModelSpec:
+    return staged_spec(model, "vl_fmvit")
+# --- end fmvit ---
+
+# --- turbovit (zoo wave 2) ---
+from timm.models import hiera as _hiera  # noqa: E402
+from ..models import turbovit as _turbovit  # noqa: E402
+
+# timm's Hiera MaskUnitAttention: softmax attention within mask units (windows of the stage grid) or, where
+# use_mask_unit_attn is off, over the whole map (one unit); Q-pooling max-pools its queries by q_stride. Only the
+# global, unpooled form attends over every token of its input with nothing tied to positions or count.
+MIXERS[_hiera.MaskUnitAttention] = ("window_attention", lambda m: not m.use_mask_unit_attn and m.q_stride == 1)
+# NHWC blocks: mask units and pooling need the grid; a global block only reshapes it. A stage's opening block (it
+# widens and pools the map) is the stage's `downsample`, so the stage's blocks keep its grid.
+BLOCKS[_turbovit.MaskUnitBlock] = BlockRule(["attn"], ["mlp"], "nhwc",
+                                            lambda b: b.attn.use_mask_unit_attn or b.attn.q_stride > 1)
+
+
+@register_adapter(_turbovit.TurboViT)
+def _turbovit_spec(model) -> ModelSpec:
+    return staged_spec(model, "vl_turbovit")
+# --- end turbovit ---
+
+# --- dualtoken_vit (zoo wave 2) ---
+from ..models import dualtoken_vit as _dualtoken_vit  # noqa: E402
+
+# Each block: a conv encoder (depthwise conv + pointwise MLP) for the local tokens; self-attention among the s x s
+# position-aware global tokens (timm Attention, but over those tokens, not the block's map); every local token
+# attending to the global tokens (keys and values from a step-wise down-sampled grid: the spatial-reduction kind).
+# The blocks run on NHWC maps and carry the global tokens in a per-forward `GlobalTokens` (a dropped block leaves
+# them as they were): nothing here may drop or merge tokens of the map.
+MIXERS[_dualtoken_vit.ConvEncoder] = ("conv", False)
+MIXERS[_dualtoken_vit.GlobalTokenAttention] = ("attention", False)
+MIXERS[_dualtoken_vit.TokenBroadcastAttention] = ("sra_attention", False)
+BLOCKS[_dualtoken_vit.DualTokenBlock] = BlockRule(["local", "token_attn", "attn"], ["mlp"], "nhwc", True)
+
+
+@register_adapter(_dualtoken_vit.DualTokenViT)
+def _dualtoken_vit_spec(model) -> ModelSpec:
+    return staged_spec(model, "vl_dualtoken_vit")
+# --- end dualtoken_vit ---
+
+# --- tic (zoo wave 2) ---
+from ..models import tic as _tic  # noqa: E402
+
+# MSA-Conv: softmax attention of each token over the k x k (dilated) conv window around it (keys outside the image
+# zero; MDCS rolls some heads' keys around the map), then a k x k conv: neighbourhood attention, bound to the grid.
+MIXERS[_tic.MSAConv2d] = ("neighborhood_attention", False)
+BLOCKS[_tic.TiCBlock] = BlockRule(["attn"], ["mlp"], "nhwc", True)
+
+
+@register_adapter(_tic.TiC)
+def _tic_spec(model) -> ModelSpec:
+    return staged_spec(model, "vl_tic")
+# --- end tic ---
+
+# --- uniformer_light (zoo wave 2) ---
+from ..models import uniformer_light as _uniformer_light  # noqa: E402
+
+# Stages 1-2 are uniformer.py's CBlocks (described above). Stages 3-4 prune tokens themselves (Evo-ViT): a block takes
+# (class token + H*W patch tokens, (H, W), scores), and runs global softmax attention over the class token, the
+# best-scoring patch tokens and one representative of the others, picked by running class-attention scores sized to
+# the grid and threaded from block to block; a 3x3 depthwise position conv needs the grid. Token techniques must not
+# drop, merge or cluster more: not global_tokens, needs the grid, and its blocks must not be told a clustered grid
+# (the scores would not follow). A block returns (tokens, scores): it cannot be dropped as x + f(x).
+MIXERS[_uniformer_light.ScoringAttention] = ("attention", False)
+BLOCKS[_uniformer_light.TokenPruningBlock] = BlockRule(["attn"], ["mlp"], "sequence", True, residual=False)
+
+
+@register_adapter(_uniformer_light.UniFormerLight)
+def _uniformer_light_spec(model) -> ModelSpec:
+    return staged_spec(model, "vl_uniformer_light", prefix=lambda i, s: int(i >= 2),
+                       notes="stages 3-4 already prune tokens (Evo-ViT scores from a class token made at stage 3)")
+# --- end uniformer_light ---
+
+# --- crossformer_pp (zoo wave 2) ---
+from ..models import crossformer_pp as _crossformer_pp  # noqa: E402
+
+# CrossFormer++ reuses CrossFormer's blocks and mixer (GroupAttention: "group_attention", bound to the grid). A block
+# that ends with an amplitude cooling layer (depthwise conv + LayerNorm whose output replaces the residual stream) is
+# not an x + f(x) that can be dropped.
+BLOCKS[_crossformer_pp.CooledCrossFormerBlock] = BlockRule(["attn"], ["mlp"], "nhwc", True, residual=False)
+
+
+@register_adapter(_crossformer_pp.CrossFormerPP)
+def _crossformer_pp_spec(model) -> ModelSpec:
+    return staged_spec(model, "vl_crossformer_pp")
+# --- end crossformer_pp ---
+
+# --- stvit (zoo wave 2) ---
+from ..models import stvit as _stvit  # noqa: E402
+
+# Super token attention: softmax MHSA (fused qkv, proj) among super tokens sampled from the grid by a sparse 3 x 3
+# association, mapped back through it: attention over a reduced set of tokens, like PVT v2's spatial reduction.
+# With 1 x 1 cells (stages 3-4) it is plain global MHSA over the tokens.
+MIXERS[_stvit.SuperTokenAttention] = ("sra_attention", lambda m: m.stoken_size == (1, 1))
+# grid use: the block's depthwise position conv, the association's cells, the depthwise conv in the MLP
+BLOCKS[_stvit.SuperTokenBlock] = BlockRule(["attn"], ["mlp"], "nhwc", True)
+
+
+@register_adapter(_stvit.STViT)
+def _stvit_spec(model) -> ModelSpec:
+    return staged_spec(model, "vl_stvit")
+# --- end stvit ---

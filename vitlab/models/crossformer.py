@@ -31,7 +31,7 @@ where SDA and LDA pad and mask), committed as a fixture loaded through `checkpoi
 counts of the official constructors with the tiny / small yaml configs; MACs against the README.
 """
 from functools import lru_cache
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -250,6 +250,7 @@ class CrossFormer(NHWCStageModel):
             pad_type: int = 0,
             act_layer: type[nn.Module] = nn.GELU,
             norm_layer: type[nn.Module] = nn.LayerNorm,
+            stage_fn: Callable[..., nn.Module] = CrossFormerStage,  # CrossFormer++ passes its stage (with ACL)
     ):
         super().__init__()
         num_stages = len(depths)
@@ -266,7 +267,7 @@ class CrossFormer(NHWCStageModel):
         dims = [embed_dim * 2 ** i for i in range(num_stages)]
         stages, self.feature_info = [], []
         for i in range(num_stages):
-            stages.append(CrossFormerStage(
+            stages.append(stage_fn(
                 dims[max(i - 1, 0)], dims[i], depths[i], merge_size[i - 1] if i > 0 else None, dpr[i], norm_layer,
                 num_heads=num_heads[i], group_size=group_size[i], interval=crs_interval[i], mlp_ratio=mlp_ratio[i],
                 qkv_bias=qkv_bias, qk_scale=qk_scale, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
