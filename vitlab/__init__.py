@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from .checkpoint import CheckpointError, create_model, load_config, save_checkpoint  # noqa: E402
 from . import models  # noqa: E402,F401  (registers the vl_* models into timm: timm.create_model works)
 from .runner import Runner, TorchRunner, as_runner  # noqa: E402
+from . import explain  # noqa: E402,F401  (callable: vitlab.explain(model, images, method=...))
 from .techniques import (Kind, TechniqueError, TechniqueNotApplicable, apply_, format_technique, parse_apply,  # noqa: E402
                          register_technique)
 
@@ -52,5 +53,5 @@ def from_transformers(model_or_dir):
 __all__ = [
     "__version__", "create_model", "save_checkpoint", "load_config", "CheckpointError", "Runner", "TorchRunner",
     "as_runner", "apply_", "parse_apply", "format_technique", "register_technique", "Kind", "TechniqueError", "TechniqueNotApplicable",
-    "measure", "from_transformers", "prune_", "quantize_", "calibrate",
+    "measure", "from_transformers", "prune_", "quantize_", "calibrate", "explain",
 ]

@@ -199,11 +199,60 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_apply(p)
 
-    p = verbs.add_parser("explain", help="explanations: token-source maps of token-reduced models")
+    p = verbs.add_parser("explain", help="explanations: attention rollout, attention maps, CAMs, token sources")
     p.add_argument("checkpoint", help="checkpoint folder or model name")
-    p.add_argument("--image", required=True, help="image file")
-    p.add_argument("--tokens", action="store_true", help="draw which input patches each surviving token stands for")
+    p.add_argument("--image", required=True, action="append", help="image file (repeatable: one row each)")
+    p.add_argument("--method", default=None, help="rollout (default), attention, sources, or any other of "
+                   "vitlab.explain.method_names() (gradcam, tame, ...)")
+    p.add_argument("--tokens", action="store_true", help="same as --method sources: draw which input patches each "
+                   "surviving token of a token-reduced model stands for")
+    p.add_argument("--layer", type=non_negative_int, default=None, help="--method attention: attention layer; grad-CAM family "
+                   "(gradcam, gradcam++, layercam, eigencam): block index (default: the last)")
+    p.add_argument("--head", type=non_negative_int, default=None, help="--method attention: head (default: mean over heads)")
+    p.add_argument("--tame", default=None, metavar="DIR", help="--method tame: the explainer `vitlab train-tame` wrote")
     p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--data", default=None, metavar="SPEC", help="images that --apply techniques calibrate on "
+                   "(ptq, prune, ...), e.g. fashion-mnist")
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files (default: Debian's)")
+    p.add_argument("--calib-images", type=positive_int, default=256, metavar="N",
+                   help="calibration images when --apply calibrates, a seeded subset of --data (default: %(default)s)")
+    p.add_argument("--calib-split", default="train", choices=("train", "val"),
+                   help="split the calibration images come from (never test; default: %(default)s)")
+    _add_apply(p)
+
+    p = verbs.add_parser("robustness", help="accuracy and calibration (ECE, temperature scaling) under patch "
+                         "drop, shuffle and occlusion")
+    p.add_argument("model", help="checkpoint folder or model name")
+    p.add_argument("--data", default="fashion-mnist", metavar="SPEC",
+                   help="fashion-mnist | imagefolder:PATH | synthetic[:n=N,classes=K] (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files (default: Debian's)")
+    p.add_argument("--limit", type=positive_int, default=1000, help="first N test images (default: %(default)s)")
+    p.add_argument("--val-limit", type=positive_int, default=1000,
+                   help="first N val images the temperature is fitted on (default: %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the perturbations (default: %(default)s)")
+    p.add_argument("--perturbations", nargs="+", default=None, metavar="NAME",
+                   help="drop_zero drop_mean shuffle occlusion adversarial (default: all, at the severities of "
+                        "vitlab.explain.robustness.DEFAULT_SEVERITIES)")
+    p.add_argument("--batch-size", type=positive_int, default=250)
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--calib-images", type=positive_int, default=256, metavar="N",
+                   help="calibration images when --apply calibrates, a seeded subset of --data (default: %(default)s)")
+    p.add_argument("--calib-split", default="train", choices=("train", "val"),
+                   help="split the calibration images come from (never test; default: %(default)s)")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="write the table's rows here")
+    _add_apply(p)
+
+    p = verbs.add_parser("heads", help="attention-head analytics (ablation and gradient importance, attention "
+                         "distance and entropy) as one HTML page")
+    p.add_argument("model", help="checkpoint folder or model name")
+    _add_data(p, split="val")
+    p.add_argument("--images", type=positive_int, default=500, help="first N images of --split (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=100)
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--calib-images", type=positive_int, default=256, metavar="N",
+                   help="calibration images when --apply calibrates, a seeded subset of --data (default: %(default)s)")
+    p.add_argument("--calib-split", default="train", choices=("train", "val"))
+    p.add_argument("--out", required=True, metavar="FILE.html")
     _add_apply(p)
 
     p = verbs.add_parser("convert", help="wrap a weights file (safetensors, or pickle with --allow-pickle) as a checkpoint")
@@ -267,6 +316,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_data(p, default=None, split="train")
     p.add_argument("--calib-images", type=positive_int, default=256, metavar="N",
                    help="calibration images when --apply quantizes (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=None)
+
+    p = verbs.add_parser("train-tame", help="train a T-TAME explainer (attention mechanism on the frozen model)")
+    p.add_argument("checkpoint", help="checkpoint folder or model name")
+    p.add_argument("--data", required=True, help="dataset spec, e.g. fashion-mnist")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/explainer.safetensors and metrics.json")
+    p.add_argument("--epochs", type=positive_float, default=1.0)
+    p.add_argument("--steps", type=positive_int, default=None, help="stop after N steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="one-cycle peak of SGD (default: %(default)s)")
+    p.add_argument("--eval-images", type=non_negative_int, default=1000, help="AD/IC on the first N test images")
+    p.add_argument("--mask", choices=("pixels", "input"), default="pixels", help="training masks the raw pixels "
+                   "(as AD/IC do; the official 'renormalize' policy) or the preprocessed image (official 'new')")
     p.add_argument("--threads", type=positive_int, default=None)
 
     p = verbs.add_parser("models", help="list model names with parameter counts")
@@ -380,7 +443,7 @@ def _load_runner(source: str, apply: list[str], calib_args=None):
     if needs_calibration(configs):
         if calib_args is None:
             raise ValueError(f"{' + '.join(map(format_technique, configs))} calibrates on images: apply it with "
-                             "`vitlab eval ... --data SPEC` or save it first (`vitlab quantize` / `vitlab prune`)")
+                             "`--data SPEC` (eval, explain, ...) or save it first (`vitlab quantize` / `vitlab prune`)")
         calib = calibration_batches(model, calib_args.data, calib_args.calib_split, calib_args.calib_images,
                                     data_dir=calib_args.data_dir)
     return apply_(model, configs, calib=calib)
@@ -526,23 +589,106 @@ def cmd_predict(args) -> int:
 def cmd_explain(args) -> int:
     import torch
 
-    from .data.transforms import load_image_tensor, resolve_preprocessing
-    from .explain import image_format, plot_token_sources, token_source_map
+    from .data.transforms import display_name, resolve_preprocessing
+    from .explain import explain, image_format, method_names, plot_token_sources, token_source_map
+    from .explain.gradcam import CAM_METHODS
+    from .explain.plot import plot_explanations
+    from .predict import load_image
 
-    if not args.tokens:
-        raise ValueError("choose what to explain: --tokens (token-source map); attention maps and CAMs come later")
+    if args.tokens and args.method not in (None, "sources"):
+        raise ValueError(f"--tokens is --method sources; it cannot be combined with --method {args.method}")
+    method = "sources" if args.tokens else args.method or "rollout"
+    names = sorted({*method_names(), "sources"})
+    if method not in names:
+        raise ValueError(f"--method {method!r} is not an explanation method; choose one of {', '.join(names)}")
+    cams = tuple(CAM_METHODS)
+    if args.head is not None and method != "attention":
+        raise ValueError("--head chooses the map of --method attention")
+    if args.layer is not None and method not in ("attention", *cams):
+        raise ValueError(f"--layer chooses the layer of --method attention or {', '.join(cams)}")
+    if (args.tame is None) != (method != "tame"):
+        raise ValueError("--method tame needs --tame DIR (an explainer from `vitlab train-tame`), and --tame only "
+                         "goes with --method tame")
+    if method == "sources" and len(args.image) != 1:
+        raise ValueError("--method sources draws one image: pass one --image")
     image_format(args.out)  # an --out suffix that names no image format is refused before any work
-    model = _load_runner(args.checkpoint, args.apply)
+    model = _load_runner(args.checkpoint, args.apply, calib_args=args if args.data else None)
     pre = resolve_preprocessing(model)  # the preprocessing eval and predict use
-    x = load_image_tensor(args.image, pre)
-    labels = token_source_map(model, x)
+    x = torch.stack([load_image(path, pre) for path in args.image])          # (B, C, H, W) normalized
     mean = torch.tensor(pre.mean)[:, None, None]
     std = torch.tensor(pre.std)[:, None, None]
-    picture = (x * std + mean).clamp(0, 1)
+    pictures = (x * std + mean).clamp(0, 1)                                   # (B, C, H, W) in [0, 1]
     stack = " + ".join(args.apply) or "no technique"
+    if method != "sources":
+        options = {k: v for k, v in (("layer", args.layer), ("head", args.head), ("tame", args.tame))
+                   if v is not None}
+        explanation = explain(model, x, method=method, **options)
+        out = plot_explanations(pictures, [explanation], args.out, class_names=pre.class_names,
+                                titles=[f"{display_name(str(p))} ({stack})" for p in args.image])
+        print(f"wrote {out}")
+        return 0
+    x, picture = x[0], pictures[0]
+    labels = token_source_map(model, x)
     kept = int((labels >= 0).sum())
     out = plot_token_sources(picture, labels, args.out,
                              title=f"{stack}: {len(labels.unique()[labels.unique() >= 0])} tokens, {kept} patches kept")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_robustness(args) -> int:
+    from .data.transforms import check_source_classes, dataset_for_model
+    from .explain.robustness import DEFAULT_SEVERITIES, format_rows, robustness
+    from .utils.io import atomic_write_json
+
+    severities = None  # all of DEFAULT_SEVERITIES
+    if args.perturbations:
+        unknown = sorted(set(args.perturbations) - set(DEFAULT_SEVERITIES))
+        if unknown:
+            raise ValueError(f"--perturbations {' '.join(unknown)}: choose from {' '.join(DEFAULT_SEVERITIES)}")
+        severities = {p: DEFAULT_SEVERITIES[p] for p in args.perturbations}
+    _threads(args.threads)
+    check_source_classes(args.model, args.data, data_dir=args.data_dir)  # before loading or calibrating
+    runner = _load_runner(args.model, args.apply, calib_args=args)
+    test = dataset_for_model(runner, args.data, "test", data_dir=args.data_dir)
+    val = dataset_for_model(runner, args.data, "val", data_dir=args.data_dir)
+    name = " + ".join([args.model, *args.apply])
+    rows = robustness(runner, test, val, severities=severities, limit=args.limit, val_limit=args.val_limit,
+                      batch_size=args.batch_size, seed=args.seed, name=name)
+    print(f"{name} on {args.data} [test, {rows[0].n} images], patch grid {rows[0].grid[0]}x{rows[0].grid[1]}, "
+          f"T = {rows[0].temperature:.3f} (fitted on {args.val_limit} val images)")
+    print(format_rows(rows))
+    if args.out:
+        atomic_write_json(Path(args.out), {"rows": [r.to_dict() for r in rows]})
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_heads(args) -> int:
+    import dataclasses
+    import shlex
+
+    import torch
+
+    from .data.transforms import check_source_classes, dataset_for_model
+    from .explain.heads import analyze_heads, write_heads_html
+
+    _threads(args.threads)
+    if not args.out.endswith((".html", ".htm")) or Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: give an .html file name, e.g. heads.html")
+    check_source_classes(args.model, args.data, data_dir=args.data_dir)  # before loading or calibrating
+    runner = _load_runner(args.model, args.apply, calib_args=args)
+    dataset = dataset_for_model(runner, args.data, args.split, data_dir=args.data_dir, strict=args.strict)
+    n = min(args.images, len(dataset))
+    images, labels = map(torch.stack, zip(*((dataset[i][0], torch.tensor(dataset[i][1])) for i in range(n))))
+    name = " + ".join([args.model, *args.apply])
+    report = analyze_heads(runner, images, labels, batch_size=args.batch_size, name=name, progress=print)
+    report = dataclasses.replace(report, command="vitlab " + shlex.join(args._argv))
+    out = write_heads_html(report, args.out)
+    top = max(((layer.ablation_loss[h], layer.name, h) for layer in report.layers for h in range(layer.num_heads)))
+    print(f"{sum(layer.num_heads for layer in report.layers)} heads in {len(report.layers)} layers, {n} images "
+          f"[{args.split}], {report.seconds:.1f} s; most important by ablation: {top[1]} head {top[2]} "
+          f"(loss {top[0]:+.4f}); Spearman rho gradient vs ablation {report.spearman_loss:+.3f}")
     print(f"wrote {out}")
     return 0
 
@@ -658,9 +804,25 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_train_tame(args) -> int:
+    from .explain.tame import train_tame_checkpoint
+
+    _threads(args.threads)
+    _check_out(args.out)
+    m = train_tame_checkpoint(args.checkpoint, args.data, args.out, data_dir=args.data_dir,
+                              eval_images=args.eval_images, mask=args.mask, epochs=args.epochs,
+                              max_steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    scores = f"; AD {m['AD']:.2f} %, IC {m['IC']:.1f} % on {m['images']} test images" if "AD" in m else ""
+    print(f"trained T-TAME in {m['train_s']:.0f} s{scores}; wrote {m['explainer']}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "measure": cmd_measure,
             "predict": cmd_predict, "convert": cmd_convert, "explain": cmd_explain, "models": cmd_models,
-            "pareto": cmd_pareto, "quantize": cmd_quantize, "export": cmd_export}
+            "pareto": cmd_pareto, "quantize": cmd_quantize, "export": cmd_export,
+            "robustness": cmd_robustness}
+COMMANDS["train-tame"] = cmd_train_tame
+COMMANDS["heads"] = cmd_heads
 
 
 def main(argv: list[str] | None = None) -> int:
