@@ -77,6 +77,10 @@ def test_sweep_writes_report_and_resumes(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert len(data["rows"]) == 4 and any(r["on_front"] for r in data["rows"])
     assert sum(r["recommended"] for r in data["rows"]) <= 1
+    # the report links a picture of the exported recommendation explaining validation images
+    assert data["explanation"]["method"] in ("rollout", "gradcam"), data.get("notes")
+    assert (out / "recommended-explanation.png").read_bytes()[:4] == b"\x89PNG"
+    assert 'href="recommended-explanation.png"' in (out / "report.html").read_text()
     base = next(r for r in data["rows"] if r["techniques"] == "none")
     assert base["test_top1"] is not None and base["on_front"] in (True, False)
     # MACs fall as ToMe's r grows

@@ -48,3 +48,35 @@ def _export_into(cfg, row: dict, directory: str | Path) -> Path:
     calib = calibration_batches(model, cfg.data, "train", cfg.calib_images, data_dir=cfg.data_dir)
     result = apply_(model, configs, calib=calib)
     return save_quantized(result, directory, metrics=metrics)
+
+
+EXPLAIN_METHODS = ("rollout", "gradcam")   # tried in order: rollout where the model attends globally, else grad-CAM
+
+
+def explain_point(directory: str | Path, data: str, out: str | Path, *, data_dir: str | None = None,
+                  images: int = 4) -> tuple[Path, str]:
+    """Draw the exported model at `directory` explaining its top-1 class on the first `images` validation images of
+    `data`, with the first of EXPLAIN_METHODS that applies to it; returns (the picture, the method)."""
+    import torch
+
+    from ..checkpoint import create_model
+    from ..data.transforms import dataset_for_model, resolve_preprocessing
+    from ..explain import ExplainError, explain
+    from ..explain.plot import plot_explanations
+
+    model = create_model(str(directory))
+    val = dataset_for_model(model, data, "val", data_dir=data_dir)
+    x = torch.stack([val[i][0] for i in range(min(images, len(val)))])         # (B, C, H, W) normalized
+    pre = resolve_preprocessing(model)
+    mean, std = torch.tensor(pre.mean)[:, None, None], torch.tensor(pre.std)[:, None, None]
+    refusals = []
+    for method in EXPLAIN_METHODS:
+        try:
+            explanation = explain(model, x, method=method)
+        except ExplainError as err:
+            refusals.append(f"{method}: {err}")
+            continue
+        path = plot_explanations((x * std + mean).clamp(0, 1), [explanation], out, class_names=pre.class_names,
+                                 titles=[f"val image {i}" for i in range(len(x))])
+        return Path(path), method
+    raise ExplainError("no explanation method applies to the recommended model: " + "; ".join(refusals))

@@ -217,6 +217,10 @@ def write_report(cfg, rows: list[dict], result: dict) -> Path:
         summary.append(("recommended", f"none within {result.get('max_drop_pt')} pt"))
     if result.get("exported"):
         summary.append(("exported", html.escape(result["exported"])))
+    if result.get("explanation"):
+        e = result["explanation"]
+        summary.append(("explanation", f'<a href="{html.escape(e["file"])}">{html.escape(e["method"])} maps of the '
+                        f'recommended model</a> on validation images · <code>{html.escape(e["command"])}</code>'))
     summary.append(("selection", f"fastest point within {result.get('max_drop_pt')} pt of the base's top-1 on the "
                     "validation split; test accuracy evaluated afterwards for the base and the recommendation only"))
     summary.append(("limits", html.escape(_limits(rows, result))))

@@ -346,6 +346,17 @@ def _run_sweep(cfg: SweepConfig, *, progress: bool, log, _stop_after: int | None
             result["exported"] = str(export_point(cfg, by_key[summary["recommended"]], out / "recommended"))
         except Exception as err:  # the report still gets written; the note says why there is no export
             notes.append(f"export of the recommended point failed: {type(err).__name__}: {err}")
+    if result.get("exported"):
+        from .export import explain_point
+
+        try:
+            picture, method = explain_point(result["exported"], cfg.data, out / "recommended-explanation.png",
+                                            data_dir=cfg.data_dir)
+            result["explanation"] = {"file": picture.name, "method": method,
+                                     "command": f"vitlab explain {result['exported']} --image IMAGE --method {method}"
+                                                " --out explanation.png"}
+        except Exception as err:  # the report still gets written; the note says why there is no picture
+            notes.append(f"explanation of the recommended point failed: {type(err).__name__}: {err}")
     _write(cfg, rows, result)
     _write_csv(out / "results.csv", rows)
     from .report import write_report
