@@ -3,15 +3,19 @@
     PYTHONPATH=/tmp/zoo-extra python benchmarks/zoo_vs_reference.py [--threads 2] [--official-root /tmp] [--rounds N]
         [--only rmt spectformer]
 
-Each family script builds vitlab's smallest variant and the reference it was checked against with the same weights,
-checks they agree, and times them in alternating rounds at 224 px, batch 8 (see each script). The references:
-HF transformers for CvT and PVT (always run) and the official code exported to `<official-root>/official-<family>`
-(see each script's docstring for the `git archive` line; the official code is not part of vitlab). A family whose
-export is missing is listed as skipped, with the folder it looked for. A ratio above 1 means vitlab is faster.
+Runs FAMILIES (the ten families of the first zoo table), then FAMILIES_WAVE2 (the zoo's second wave: the families
+with official code). Each family script builds vitlab's smallest variant and the reference it was checked against
+with the same weights, checks they agree, and times them in alternating rounds at 224 px, batch 8 (see each
+script; GMM-ViT: 32 px, batch 64; TiC: one MSA-Conv layer). The references: HF transformers for CvT and PVT
+(always run) and the official code exported to `<official-root>/official-<family>` (see each script's docstring for
+the `git archive` line; the official code is not part of vitlab). A family whose export is missing is listed as
+skipped, with the folder it looked for. A ratio above 1 means vitlab is faster.
 `--rounds` overrides every script's own default number of rounds (fewer rounds: quicker, noisier); what a round is
-differs: RMT and SpectFormer time A-B-B-A rounds of one forward pass per slot and report the median per-round ratio
-(benchmarks/zoo/_interleaved.py), the others keep each model's best median over rounds of >= 3 s per model.
-`--only` (or `--families`) runs some families, named by label (RMT-T) or script name (rmt).
+differs: RMT, SpectFormer and the wave-2 scripts time A-B-B-A rounds of one forward pass per slot and report the
+median per-round ratio (benchmarks/zoo/_interleaved.py), the others keep each model's best median over rounds of
+>= 3 s per model.
+`--only` (or `--families`) runs some families, named by label (RMT-T) or script name (rmt); `wave1` / `wave2` name
+all of FAMILIES / FAMILIES_WAVE2.
 """
 import argparse
 import os
@@ -45,6 +49,26 @@ FAMILIES = (
     Family("SpectFormer-T", "spectformer_vs_reference.py", "official-spectformer"),
     Family("SReT-T", "sret_vs_reference.py", "official-sret"),
 )
+# zoo wave 2 (benchmarks/zoo_table.py's ZOO_WAVE2): the families with official code, run after FAMILIES by default.
+# GMM-ViT is a 32-px CIFAR model (timed at 32 px, batch 64); TiC's repository has the MSA-Conv layer only (one layer
+# is timed); TurboViT has no code (its Hiera-style proxy is timed against the official Hiera). ViR, GGeM and the
+# abstract-only families have no script.
+FAMILIES_WAVE2 = (
+    Family("ChannelViT-T/16", "channelvit_vs_reference.py", "official-channelvit"),
+    Family("FcaFormer-L1", "fcaformer_vs_reference.py", "official-fcaformer"),
+    Family("FaViT-B0", "favit_vs_reference.py", "official-favit"),
+    Family("SOFT-Tiny", "soft_vs_reference.py", "official-soft"),
+    Family("SVT-S", "svt_vs_reference.py", "official-svt"),
+    Family("SG-Former-S", "sgformer_vs_reference.py", "official-sgformer"),
+    Family("MSVMamba-Nano", "msvmamba_vs_reference.py", "official-msvmamba"),
+    Family("GMM-ViT", "gmm_vit_vs_reference.py", "official-gmm_vit"),
+    Family("STViT-S", "stvit_vs_reference.py", "official-stvit"),
+    Family("UniFormer-XXS", "uniformer_light_vs_reference.py", "official-uniformer_light"),
+    Family("CrossFormer++-S", "crossformer_pp_vs_reference.py", "official-crossformer_pp"),
+    Family("TiC-T", "tic_vs_reference.py", "official-tic"),
+    Family("TurboViT-proxy", "turbovit_vs_reference.py", "official-turbovit"),
+)
+ALL_FAMILIES = FAMILIES + FAMILIES_WAVE2
 
 _RATIO = re.compile(r"^ratio vitlab / (\S+?)(?: \(img/s\))?: ([0-9.]+)", re.MULTILINE)
 _DIFF = re.compile(r"max \|logits? diff\|[^0-9]*([0-9.]+e[-+][0-9]+)")
@@ -66,7 +90,9 @@ def family_key(family: Family) -> str:
 
 
 def _selected(family: Family, names) -> bool:
-    return any(name.lower() in (family.label.lower(), family_key(family)) for name in names)
+    waves = {"wave1": FAMILIES, "wave2": FAMILIES_WAVE2}
+    return any(name.lower() in (family.label.lower(), family_key(family)) or family in waves.get(name.lower(), ())
+               for name in names)
 
 
 def command(family: Family, args) -> list[str] | None:
@@ -90,11 +116,11 @@ def main(argv=None) -> None:
     parser.add_argument("--families", "--only", nargs="+", default=None,
                         help="families to run, by label or script name, e.g. RMT-T SpectFormer-T or rmt spectformer")
     args = parser.parse_args(argv)
-    families = FAMILIES if args.families is None else [f for f in FAMILIES if _selected(f, args.families)]
-    unknown = [name for name in args.families or () if not any(_selected(f, [name]) for f in FAMILIES)]
+    families = ALL_FAMILIES if args.families is None else [f for f in ALL_FAMILIES if _selected(f, args.families)]
+    unknown = [name for name in args.families or () if not any(_selected(f, [name]) for f in ALL_FAMILIES)]
     if unknown:
-        parser.error(f"unknown family {unknown}: choose from {[f.label for f in FAMILIES]} "
-                     f"or {[family_key(f) for f in FAMILIES]}")
+        parser.error(f"unknown family {unknown}: choose from {[f.label for f in ALL_FAMILIES]} "
+                     f"or {[family_key(f) for f in ALL_FAMILIES]}")
 
     rows = []
     for family in families:

@@ -1,0 +1,79 @@
+"""vitlab CrossFormer++-S vs the official implementation: img/s at batch 8, 224 px, 2 threads, same weights.
+
+    mkdir -p /tmp/official-crossformer_pp
+    git --git-dir=<mirror of cheerss/CrossFormer> show HEAD:models/crossformer.py \
+        > /tmp/official-crossformer_pp/crossformer_official.py
+    python benchmarks/zoo/crossformer_pp_vs_reference.py --official /tmp/official-crossformer_pp
+
+The official models/crossformer.py (commit 7952010) runs unmodified on CPU (it prints its group sizes; the
+script swallows that). The official model is configs/crossformer_pp/small.yaml's: embed 64, depths 2-2-18-2, heads
+2-4-8-16, group sizes 4-4-14-7, intervals 4-2-1-1, patch sizes 4-8-16-32, merge sizes [2, 4], constant groups,
+ACL on.
+
+The official model gets seeded random weights (its own init, then trainable parameters + 0.02 * randn so that the
+logits are of order 1), which vitlab's `checkpoint_filter_fn` converts; the logits are compared, then the two are
+timed in `--rounds` A-B-B-A rounds of one forward pass per slot (benchmarks/zoo/_interleaved.py); the ratio is the
+median of the per-round ratios, so a neighbour's load on a shared CPU hits both alike.
+"""
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+import vitlab
+from vitlab.models.crossformer_pp import checkpoint_filter_fn
+from vitlab.profiling import num_threads, tune_allocator
+
+from _interleaved import interleaved_ratio, report
+
+
+def build_official(tree: Path, img_size: int):
+    import contextlib
+    import io
+    sys.path.insert(0, str(tree))
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its group sizes
+        from crossformer_official import CrossFormer
+
+        model = CrossFormer(img_size=img_size, patch_size=[4, 8, 16, 32], embed_dim=64, depths=[2, 2, 18, 2],
+                            num_heads=[2, 4, 8, 16], group_size=[4, 4, 14, 7], crs_interval=[4, 2, 1, 1],
+                            mlp_ratio=[4.0] * 4, merge_size=[[2, 4]] * 3, group_type="constant", use_acl=True)
+    return model, model
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--official", required=True,
+                        help="folder holding crossformer_official.py (official models/crossformer.py)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10, help="A-B-B-A rounds (see _interleaved.py)")
+    args = parser.parse_args(argv)
+    print(f"allocator: {tune_allocator()}")   # vitlab.profiling.allocator; VITLAB_ALLOCATOR=default to compare
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm's deprecated import paths, re-registered model names
+        torch.manual_seed(0)
+        official, run_official = build_official(Path(args.official), args.img_size)
+    official.eval()
+    with torch.no_grad():  # away from the init (zero biases, unit norms, tiny classifier): logits of order 1
+        generator = torch.Generator().manual_seed(1)
+        for p in (p for p in official.parameters() if p.requires_grad):  # not frozen tables / identity kernels
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    ours = vitlab.create_model("vl_crossformer_pp_s").eval()
+    ours.load_state_dict(checkpoint_filter_fn(official.state_dict(), ours))
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    with torch.inference_mode(), num_threads(args.threads), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = run_official(x)
+        diff = (ours(x) - reference).abs().max().item()
+        print(f"max |official logit| {reference.abs().max().item():.3g}")
+        result = interleaved_ratio(lambda: run_official(x), lambda: ours(x), rounds=args.rounds)
+    print(report(result, args.batch))
+    print(f"ratio vitlab / official: {result.ratio:.2f}  (max |logit diff| {diff:.2e})")
+
+
+if __name__ == "__main__":
+    main()
