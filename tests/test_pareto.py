@@ -77,6 +77,12 @@ def test_sweep_writes_report_and_resumes(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert len(data["rows"]) == 4 and any(r["on_front"] for r in data["rows"])
     assert sum(r["recommended"] for r in data["rows"]) <= 1
+    # the front's points (only they) carry the patch-drop robustness column, in the report too
+    for r in data["rows"]:
+        assert (r.get("robust_top1") is not None) == bool(r["on_front"]), r["key"]
+        if r["on_front"]:
+            assert 0 <= r["robust_top1"] <= 1 and 0 <= r["robust_ece"] <= 1
+    assert "of patches dropped" in (out / "report.html").read_text()
     # the report links a picture of the exported recommendation explaining validation images
     assert data["explanation"]["method"] in ("rollout", "gradcam"), data.get("notes")
     assert (out / "recommended-explanation.png").read_bytes()[:4] == b"\x89PNG"

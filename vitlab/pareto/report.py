@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..utils.io import atomic_path, atomic_write_text
 from .claims import component, ledger
+from .sweep import ROBUSTNESS_DROP
 
 __all__ = ["write_report", "plot"]
 
@@ -98,6 +99,7 @@ COLUMNS = [
     ("img/s", "img_per_s", ".0f", True), ("speed-up", "speedup", ".2f", True),
     ("latency ms", "latency_ms", ".2f", True), ("MMACs", "macs", ".1f", True), ("params M", "params", ".3f", True),
     ("peak MB", "peak_mem_mb", ".0f", True), ("front", "on_front", "", False),
+    (f"top-1 % with {ROBUSTNESS_DROP:.0%} of patches dropped", "robust_top1", ".1f", True), ("its ECE %", "robust_ece", ".1f", True),
 ]
 
 
@@ -108,7 +110,7 @@ def _cell(r: dict, key: str | None, spec: str) -> tuple[str, str]:
     v = r.get(key)
     if v is None or r.get("status") != "ok" and key not in ("source", "techniques"):
         return ("error" if key == "engine" and r.get("status") != "ok" else ""), ""
-    if key in ("val_top1", "test_top1", "quant_mac_fraction"):
+    if key in ("val_top1", "test_top1", "quant_mac_fraction", "robust_top1", "robust_ece"):
         return _fmt(100 * v, spec), f"{v:.6f}"
     if key == "drop_pt":
         return _fmt(0.0 - v + 0.0, spec).replace("-0.00", "+0.00"), f"{-v:.6f}"

@@ -29,11 +29,15 @@ RESULTS = "results.json"
 # Fields that vary from run to run on the same machine: timings, and what is derived from them (the front, the
 # recommendation, and the test accuracy, which is evaluated for the recommendation only). The rest is deterministic.
 TIMING_FIELDS = ("img_per_s", "img_per_s_first", "latency_ms", "peak_mem_mb", "measure_s", "speedup", "on_front",
-                 "recommended", "test_top1", "test_top5", "n_test")
+                 "recommended", "test_top1", "test_top5", "n_test", "robust_top1", "robust_ece")
+# The robustness column: val top-1 and ECE with this share of the model's patches dropped (black), for the front's
+# points only (`vitlab.explain.robustness`; the same dropped patches for every point)
+ROBUSTNESS_DROP = 0.25
+ROBUSTNESS_IMAGES = 500
 # Columns of results.csv, in order.
 CSV_FIELDS = ("key", "role", "source", "techniques", "engine", "quant_mac_fraction", "simulated", "status",
               "val_top1", "test_top1", "drop_pt", "img_per_s", "speedup", "latency_ms", "macs", "params",
-              "peak_mem_mb", "on_front", "recommended", "command", "error")
+              "peak_mem_mb", "on_front", "recommended", "robust_top1", "robust_ece", "command", "error")
 
 
 class SweepError(UserError):
@@ -176,6 +180,22 @@ def _test_accuracy(cfg: SweepConfig, row: dict) -> dict:
                               calib_images=cfg.calib_images, data_dir=cfg.data_dir)
         result = evaluate(runner, dataset_for(runner, cfg.data, "test", data_dir=cfg.data_dir), progress=False)
     return {"test_top1": result["top1"], "test_top5": result["top5"], "n_test": result["n"]}
+
+
+def _robustness(cfg: SweepConfig, row: dict) -> dict:
+    """Val top-1 and ECE of the point with ROBUSTNESS_DROP of its patches dropped, on ROBUSTNESS_IMAGES images."""
+    from ..bench.measure import build_runner, dataset_for
+    from ..explain.robustness import robustness
+    from ..profiling import num_threads
+
+    with num_threads(cfg.threads):
+        torch.manual_seed(0)
+        runner = build_runner(row["source"], row["apply"], calib_data=cfg.data, calib_split="train",
+                              calib_images=cfg.calib_images, data_dir=cfg.data_dir)
+        val = dataset_for(runner, cfg.data, "val", data_dir=cfg.data_dir)
+        dropped = robustness(runner, val, val, severities={"drop_zero": (ROBUSTNESS_DROP,)},
+                             limit=ROBUSTNESS_IMAGES, val_limit=ROBUSTNESS_IMAGES)[-1]
+    return {"robust_top1": dropped.accuracy, "robust_ece": dropped.ece}
 
 
 def _retime(cfg: SweepConfig, row: dict) -> float:
@@ -332,6 +352,14 @@ def _run_sweep(cfg: SweepConfig, *, progress: bool, log, _stop_after: int | None
             summary = _summarise(rows, cfg.max_drop_pt)   # front and recommendation from the round-robin timings
     for key in dict.fromkeys(k for k in (summary["base"], summary["recommended"]) if k):
         by_key[key].update(_test_accuracy(cfg, by_key[key]))
+    for row in rows:
+        for field in ("robust_top1", "robust_ece"):   # a resumed run's front may have moved
+            row.pop(field, None)
+        if row.get("on_front"):
+            try:
+                row.update(_robustness(cfg, row))
+            except Exception as err:  # the report still gets written; the note says which point has no column
+                notes.append(f"robustness of {row['key']} failed: {type(err).__name__}: {err}")
     if new and cfg.confirm_rounds <= 0:
         drift = _retime(cfg, by_key[summary["base"]])
         notes.append(f"noise check: the base model timed again after the sweep ran at {drift:.2f}x its first "
