@@ -113,3 +113,17 @@ def test_checkpoint_round_trip(family, tmp_path):
     assert type(again) is type(model)
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x))
+
+
+@pytest.mark.parametrize("name", ["vl_test_crossformer", "vl_test_dinat"])
+def test_size_caches_survive_a_forward_on_the_meta_device(name):
+    # the cached index / mask tensors are built on the CPU even under torch.device("meta") (parameter counting
+    # builds models there): a meta tensor in the cache broke every later real forward of that size
+    from vitlab.models.crossformer import _relative_index
+    from vitlab.models.dinat import _axis_tiles, _tiles_2d
+
+    for cached in (_relative_index, _axis_tiles, _tiles_2d):
+        cached.cache_clear()
+    with torch.device("meta"):
+        timm.create_model(name, num_classes=7)(torch.randn(1, 3, 64, 64))
+    assert timm.create_model(name, num_classes=7).eval()(torch.randn(1, 3, 64, 64)).isfinite().all()

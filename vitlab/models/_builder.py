@@ -1,5 +1,8 @@
 """Shared registry plumbing for vitlab's model families: pretrained configs, the timm builder call, and what each
 family records so a checkpoint rebuilds the model (its constructor kwargs, minus timm's plumbing)."""
+import functools
+
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg
 
@@ -44,3 +47,17 @@ def build_vitlab_model(model_cls, variant: str, pretrained: bool, *, filter_fn=N
                                  feature_cfg=feature_cfg, **kwargs)
     model.vitlab_arch = arch
     return model
+
+
+def cpu_cached(maxsize: int):
+    """`functools.lru_cache` for functions of sizes that build index / mask tensors: the body runs on the CPU
+    whatever the default device is (under `torch.device("meta")`, as when parameters are counted on the meta device,
+    a cached meta tensor would break every later real forward); callers move the results to their input's device."""
+    def wrap(fn):
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(fn)
+        def cached(*args):
+            with torch.device("cpu"):
+                return fn(*args)
+        return cached
+    return wrap

@@ -30,7 +30,7 @@ Checked against (tests/test_zoo_crossformer.py): the official code run locally o
 where SDA and LDA pad and mask), committed as a fixture loaded through `checkpoint_filter_fn`; exact parameter
 counts of the official constructors with the tiny / small yaml configs; MACs against the README.
 """
-from functools import lru_cache
+
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import build_vitlab_model, imagenet_cfg
+from ._builder import build_vitlab_model, cpu_cached, imagenet_cfg
 from ._staged import NHWCStageModel
 
 __all__ = ["CrossFormer", "checkpoint_filter_fn", "vl_crossformer_tiny", "vl_crossformer_small",
@@ -48,7 +48,7 @@ __all__ = ["CrossFormer", "checkpoint_filter_fn", "vl_crossformer_tiny", "vl_cro
 PAD_MASK_VALUE = -1e6  # the official NEG_INF: padded keys get exp(-1e6) = 0, and an all-padding group stays finite
 
 
-@lru_cache(maxsize=32)
+@cpu_cached(maxsize=32)
 def _relative_index(group_h: int, group_w: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(offsets ((2Gh-1)*(2Gw-1), 2) fed to the DPB MLP, index (Gh*Gw, Gh*Gw) of each query-key pair's offset)."""
     offsets = torch.stack(torch.meshgrid(torch.arange(1 - group_h, group_h), torch.arange(1 - group_w, group_w),

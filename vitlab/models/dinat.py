@@ -43,7 +43,7 @@ its two natten ops replaced by the test's reference ops. transformers 5.x hands 
 it does not compute DiNAT; the test's ops undo that transpose, which is what 4.x computed. Exact parameter counts of
 the official constructors.
 """
-from functools import lru_cache, partial
+from functools import partial
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
-from ._builder import build_vitlab_model, imagenet_cfg
+from ._builder import build_vitlab_model, cpu_cached, imagenet_cfg
 from ._staged import NHWCStageModel
 from ._convert import register_hf_converter
 
@@ -110,7 +110,7 @@ def neighborhood_attention_2d_gather(
     return x.transpose(1, 2).reshape(B, H, W, num_heads, d)
 
 
-@lru_cache(maxsize=128)
+@cpu_cached(maxsize=128)
 def _axis_tiles(length: int, kernel_size: int, dilation: int, tile: int) -> Tuple[torch.Tensor, ...]:
     """Tiles of queries along one axis that share a short run of keys (pure function of the sizes, cached).
 
@@ -143,7 +143,7 @@ def _axis_tiles(length: int, kernel_size: int, dilation: int, tile: int) -> Tupl
     return queries, key_pos, allowed, bias, tile_of, slot_of
 
 
-@lru_cache(maxsize=32)
+@cpu_cached(maxsize=32)
 def _tiles_2d(H: int, W: int, kernel_size: int, dilation: int, tile: int) -> Tuple[torch.Tensor, ...]:
     """2-D tiles as products of the axis tiles: query/key positions, rpb index, 0/-inf mask, output read-back."""
     q_h, k_h, allowed_h, bias_h, tile_h, slot_h = _axis_tiles(H, kernel_size, dilation, tile)
