@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="student confidence an image needs to enter the consistency term (default: %(default)s)")
     p.add_argument("--token-consistency-teacher-r", type=non_negative_int, default=None, metavar="R_MAX",
                    help="the teacher merges r ~ U{0..R_MAX-1} tokens per block (default: r // 2, as MCTF's 16/8)")
+    p.add_argument("--recipe", default=None, metavar="NAME[:key=value,...]",
+                   help="a training recipe that changes each step's loss (vitlab.engine.recipes; `vitlab models "
+                        "--recipes` lists them)")
     p.add_argument("--label-smoothing", type=below_one, default=0.1)
     p.add_argument("--mixup", type=non_negative_float, default=0.0, help="mixup alpha (0: off)")
     p.add_argument("--cutmix", type=non_negative_float, default=0.0, help="cutmix alpha (0: off)")
@@ -335,6 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("models", help="list model names with parameter counts")
     p.add_argument("pattern", nargs="?", default="vl_*", help="glob, e.g. 'deit*' or '*' (default: %(default)s)")
     p.add_argument("--no-params", action="store_true", help="names only")
+    p.add_argument("--recipes", action="store_true", help="list the training recipes (vitlab train --recipe) instead")
     for p in verbs.choices.values():  # `vitlab --debug VERB ...` and `vitlab VERB ... --debug` both work
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -408,7 +412,8 @@ def cmd_train(args) -> int:
         progress=not args.no_progress, teacher=args.teacher, distill=args.distill,
         distill_alpha=args.distill_alpha, distill_tau=args.distill_tau, sam_rho=args.sam_rho, l1=args.l1,
         token_consistency=args.token_consistency, token_consistency_threshold=args.token_consistency_threshold,
-        token_consistency_teacher_r=args.token_consistency_teacher_r, keep_zeros=args.keep_zeros)
+        token_consistency_teacher_r=args.token_consistency_teacher_r, keep_zeros=args.keep_zeros,
+        recipe=args.recipe)
     if args.resume:
         # every flag given with --resume is either applied (epochs, threads, ...) or refused by name: never ignored
         given = _given_flags(args, "train")
@@ -794,6 +799,13 @@ def cmd_export(args) -> int:
 def cmd_models(args) -> int:
     from .models.listing import list_models
 
+    if args.recipes:
+        from .engine.recipes import recipe_class, recipe_names
+
+        for name in recipe_names():
+            doc = (recipe_class(name).__doc__ or "").strip().splitlines()
+            print(f"{name:<16} {doc[0] if doc else ''}")
+        return 0
     rows = list_models(args.pattern, params=not args.no_params)
     if not rows:
         print(f"no model matches {args.pattern!r}")

@@ -38,6 +38,7 @@ from ..errors import UserError
 from ..techniques import apply_, parse_apply
 from ..utils.io import atomic_path, atomic_write_text
 from ..utils.lock import kill_point, lock_folder
+from .recipes import Step
 from .runtime import Runtime, rng_state, seed_everything, set_rng_state, setup_runtime
 
 __all__ = ["TrainConfig", "fit", "TrainInterrupted", "RunExists", "RESUME_CHANGEABLE"]
@@ -94,6 +95,7 @@ class TrainConfig:
     token_consistency_threshold: float = 0.4  # student confidence an image needs to enter the consistency term
     token_consistency_teacher_r: int | None = None  # teacher r ~ U{0..this-1}; None: r // 2 (tokens/consistency.py)
     keep_zeros: bool | None = None          # hold the blocks' zero Linear weights at zero; None: on for LPViT --init
+    recipe: str | None = None               # NAME:key=value,... (engine/recipes.py): changes each step's loss
 
     def validate(self) -> None:
         if not self.model and not self.init:
@@ -109,6 +111,12 @@ class TrainConfig:
             raise ValueError(f"--token-consistency {self.token_consistency} must be >= 0 (0: off; official 3.0)")
         if self.token_consistency > 0 and (self.teacher or self.opt == "sam" or self.l1 > 0):
             raise ValueError("--token-consistency cannot be combined with --teacher, --opt sam or --l1; drop one")
+        if self.recipe:
+            from .recipes import parse_recipe
+
+            parse_recipe(self.recipe)   # names the bad recipe or option before anything runs
+            if self.token_consistency > 0:
+                raise ValueError("--recipe cannot be combined with --token-consistency; drop one")
 
 
 class TrainInterrupted(RuntimeError):
@@ -227,6 +235,12 @@ class _EpochBatches(torch.utils.data.Sampler):
             batch = self.perm[step * self.batch_size:(step + 1) * self.batch_size].tolist()
             first = self.rt.rank * local
             yield [(batch[i], _item_seed(self.seed, self.epoch, step, i)) for i in range(first, first + local)]
+
+    def indices(self, step: int) -> list[int]:
+        """The dataset indices of this rank's images at `step` (what __iter__ yields, without the seeds)."""
+        local = self.batch_size // self.rt.world_size
+        first = step * self.batch_size + self.rt.rank * local
+        return self.perm[first:first + local].tolist()
 
 
 def _save_state(path: Path, **state) -> None:
@@ -496,6 +510,12 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
         teacher = create_model(cfg.teacher).to(rt.device).eval().requires_grad_(False)
         if cfg.distill == "token":
             model = add_distill_token(model).to(rt.device)
+    recipe = None
+    if cfg.recipe:
+        from .recipes import parse_recipe
+
+        recipe = parse_recipe(cfg.recipe)
+        recipe.setup(model, train_set, cfg, rt)
     if cfg.opt == "sam":
         from .sam import SAM
 
@@ -503,6 +523,13 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
         optimizer = SAM(model.parameters(), base_opt, rho=cfg.sam_rho)
     else:
         optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    clipped = list(model.parameters())
+    if recipe is not None and (extra := recipe.parameters()):
+        if cfg.opt == "sam":
+            raise ValueError(f"--recipe {cfg.recipe} trains parameters of its own, which --opt sam does not; use adamw")
+        clipped += list(extra)
+        optimizer.add_param_group({**{k: v for k, v in optimizer.param_groups[0].items() if k != "params"},
+                                   "params": list(extra)})
     l1_weights = [m.weight for _, m in _block_linears(model)]
     zero_masks = _zero_masks(cfg, model)
     if zero_masks and rt.is_main:
@@ -600,7 +627,7 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
 
                 teacher_r = draw_teacher_r(model, consistency) if consistency is not None else 0
 
-                def compute_loss() -> torch.Tensor:
+                def default_loss() -> torch.Tensor:
                     if consistency is not None:  # student + teacher CE + consistency (vitlab/tokens/consistency.py)
                         def criterion(logits: torch.Tensor) -> torch.Tensor:
                             if soft is not None:
@@ -622,11 +649,18 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
                         loss = loss + cfg.l1 * sum(w.abs().sum() for w in l1_weights)
                     return loss
 
+                def compute_loss() -> torch.Tensor:
+                    if recipe is None:
+                        return default_loss()
+                    return recipe.loss(Step(model=model, train_model=train_model, images=images, targets=targets,
+                                            soft=soft, indices=sampler.indices(step_in_epoch), epoch=epoch,
+                                            step=step_in_epoch, global_step=global_step, default_loss=default_loss))
+
                 def backward() -> torch.Tensor:
                     loss = compute_loss()
                     loss.backward()
                     if cfg.clip_grad:
-                        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                        nn.utils.clip_grad_norm_(clipped, cfg.clip_grad)
                     return loss
 
                 optimizer.zero_grad(set_to_none=True)
