@@ -49,7 +49,7 @@ def test_distance_matches_loops_on_random_attention():
     torch.manual_seed(1)
     probs = torch.randn(2, 2, 7, 7).softmax(-1)                        # 1 prefix + a 2x3 grid
     assert mean_attention_distance(probs, (2, 3), 1).tolist() == pytest.approx(_brute_distance(probs, (2, 3), 1))
-    with pytest.raises(ValueError, match="2x2 grid"):
+    with pytest.raises(ValueError, match="2x2 query grid"):
         mean_attention_distance(probs, (2, 2), 1)
 
 
@@ -188,3 +188,27 @@ def test_cli_on_the_reference_checkpoint(tmp_path, capsys):
                  "--out", str(out)]) == 0
     assert "12 heads in 4 layers, 100 images [val]" in capsys.readouterr().out
     assert out.read_text().count("<tr><td") == 12
+
+
+def test_distance_to_a_pooled_key_grid_matches_loops():
+    """Spatial-reduction attention (PVT): 4x4 queries, keys pooled 2x2 -> a 2x2 key grid whose cells sit at the
+    centres of their patches ((0.5, 0.5), (0.5, 2.5), ...)."""
+    torch.manual_seed(3)
+    probs = torch.randn(2, 2, 16, 4).softmax(-1)
+    keys = [(0.5, 0.5), (0.5, 2.5), (2.5, 0.5), (2.5, 2.5)]
+    expected = []
+    for head in range(2):
+        rows = [sum(float(probs[b, head, q, k]) * math.dist((q // 4, q % 4), keys[k]) for k in range(4))
+                for b in range(2) for q in range(16)]
+        expected.append(sum(rows) / len(rows))
+    assert mean_attention_distance(probs, (4, 4), 0, (2, 2)).tolist() == pytest.approx(expected)
+
+
+def test_pvt_layers_get_a_distance():
+    """PVT v2's spatial-reduction layers used to report NaN (keys on a coarser grid than the queries)."""
+    torch.manual_seed(0)
+    name = "pvt_v2_b0"
+    model = SEED_MODELS[name]().eval()
+    x = torch.randn(2, *input_shape(name, model))
+    report = analyze_heads(model, x, torch.tensor([0, 1]))
+    assert report.layers and all(not math.isnan(v) and v > 0 for layer in report.layers for v in layer.distance)

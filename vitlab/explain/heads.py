@@ -13,7 +13,9 @@ Per head of every attention mixer the model contract names with heads (`vitlab.c
 * mean attention distance (as in the ViT paper's Fig. 7, here in patches): for each query patch, the attention-
   weighted mean Euclidean distance to the key patches (prefix tokens left out, the row renormalized over patches),
   averaged over query patches and images; defined where the mixer's tokens form a known grid (a ViT's patch grid,
-  merged tokens spread back over it, a window of a windowed attention), NaN elsewhere;
+  merged tokens spread back over it, a window of a windowed attention, a hierarchical stage's grid with keys
+  pooled onto a coarser grid as in PVT), NaN elsewhere; a patch is the layer's own token (a stage-3 token of a
+  hierarchical model covers more pixels than a stage-1 token);
 * attention entropy: -sum_k p_qk log p_qk over the keys of each query row (prefix tokens included; log N for a
   uniform row over N keys), averaged over queries and images.
 
@@ -50,7 +52,9 @@ __all__ = ["HeadMixer", "LayerHeads", "HeadReport", "head_mixers", "head_mask",
 @dataclass(frozen=True)
 class HeadMixer:
     """One attention mixer with heads: `name` its qualified module name, `proj` its output projection (whose input
-    is the heads' outputs side by side, head-major), `grid` the (h, w) its non-prefix tokens form when known."""
+    is the heads' outputs side by side, head-major), `grid` the (h, w) its non-prefix tokens form when known
+    statically; `image_grid`: its tokens are a grid over the whole image whose size depends on the input (a stage of
+    a hierarchical model), read from the token count and the image's aspect ratio at run time."""
 
     name: str
     kind: str
@@ -60,6 +64,7 @@ class HeadMixer:
     head_dim: int
     num_prefix: int
     grid: tuple[int, int] | None
+    image_grid: bool = False
 
 
 def _model_grid(model: nn.Module) -> tuple[int, int] | None:
@@ -92,8 +97,9 @@ def head_mixers(model: nn.Module) -> list[HeadMixer]:
         elif mixer.kind == "window_attention" and getattr(mixer.module, "window_size", None) is not None:
             ws = mixer.module.window_size
             grid = (int(ws[0]), int(ws[1])) if isinstance(ws, (tuple, list)) else (int(ws), int(ws))
+        image_grid = grid is None and (block.layout in ("nhwc", "nchw") or mixer.kind == "sra_attention")
         out.append(HeadMixer(spec.qualified(block, mixer.name), mixer.kind, mixer.module, proj, mixer.num_heads,
-                             width // mixer.num_heads, block.num_prefix_tokens, grid))
+                             width // mixer.num_heads, block.num_prefix_tokens, grid, image_grid))
     if not out:
         kinds = sorted({m.kind for _, m in spec.mixers()})
         raise ExplainError(f"head analytics needs attention mixers with heads and an output projection; {name} "
@@ -131,24 +137,53 @@ def head_mask(mixers: list[HeadMixer], masks: list[torch.Tensor]) -> Iterator[No
 
 # ----------------------------------------------------------------------------------------------- attention
 
-def _patch_distances(grid: tuple[int, int]) -> torch.Tensor:
-    """(P, P) Euclidean distance, in patches, between the patches of a row-major (h, w) grid, P = h * w."""
+def _patch_distances(grid: tuple[int, int], key_grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """(P, K) Euclidean distance, in patches, from the patches of a row-major (h, w) query grid to the cells of a
+    (kh, kw) key grid covering the same image (default: the query grid); a key cell sits at its centre, so a
+    spatial-reduction attention's pooled key (PVT: sr x sr patches) is as far as the middle of its patches."""
+    def centres(g: tuple[int, int]) -> torch.Tensor:
+        (gh, gw), (h, w) = g, grid
+        ys = (torch.arange(gh, dtype=torch.float64) + 0.5) * (h / gh) - 0.5
+        xs = (torch.arange(gw, dtype=torch.float64) + 0.5) * (w / gw) - 0.5
+        ys, xs = torch.meshgrid(ys, xs, indexing="ij")
+        return torch.stack([ys.flatten(), xs.flatten()], -1)          # (gh * gw, 2)
+
+    return torch.cdist(centres(grid), centres(key_grid or grid))
+
+
+def _image_grid(patches: int, image: tuple[int, int]) -> tuple[int, int] | None:
+    """The (h, w) grid `patches` tokens form over an image of this (H, W) when it is evenly divided, else None."""
+    for h in range(1, patches + 1):
+        if patches % h == 0 and image[0] % h == 0 and image[1] % (w := patches // h) == 0 \
+                and image[0] // h == image[1] // w:
+            return h, w
+    return None
+
+
+def _key_grid(keys: int, grid: tuple[int, int]) -> tuple[int, int] | None:
+    """The (kh, kw) grid `keys` key tokens form over the same image as the (h, w) query grid: the same aspect
+    ratio (spatial-reduction attention pools the grid by one factor in both directions), else None."""
     h, w = grid
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    pos = torch.stack([ys.flatten(), xs.flatten()], -1)               # (P, 2)
-    return torch.cdist(pos, pos)
+    for kh in range(1, h + 1):
+        if keys % kh == 0 and (kw := keys // kh) * h == kh * w:
+            return kh, kw
+    return None
 
 
-def mean_attention_distance(probs: torch.Tensor, grid: tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
-    """probs (..., heads, N, N) with N = num_prefix + h * w -> (heads,) mean attention distance in patches: per query
-    patch sum_k a_qk d(q, k) / sum_k a_qk over key patches, averaged over query patches and leading dims."""
-    patches = grid[0] * grid[1]
-    if probs.shape[-1] != num_prefix + patches or probs.shape[-2] != num_prefix + patches:
+def mean_attention_distance(probs: torch.Tensor, grid: tuple[int, int], num_prefix: int = 0,
+                            key_grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """probs (..., heads, N, M) with N = num_prefix + h * w (and M = num_prefix + kh * kw for keys on a coarser
+    `key_grid`, e.g. PVT's spatial-reduction attention; default the query grid) -> (heads,) mean attention
+    distance in patches: per query patch sum_k a_qk d(q, k) / sum_k a_qk over key patches, averaged over query
+    patches and leading dims."""
+    key_grid = key_grid or grid
+    patches, keys = grid[0] * grid[1], key_grid[0] * key_grid[1]
+    if probs.shape[-2] != num_prefix + patches or probs.shape[-1] != num_prefix + keys:
         raise ValueError(f"attention over {tuple(probs.shape[-2:])} tokens is not {num_prefix} prefix tokens + a "
-                         f"{grid[0]}x{grid[1]} grid")
-    a = probs[..., num_prefix:, num_prefix:].double()                # (..., heads, P, P)
+                         f"{grid[0]}x{grid[1]} query grid and a {key_grid[0]}x{key_grid[1]} key grid")
+    a = probs[..., num_prefix:, num_prefix:].double()                # (..., heads, P, K)
     a = a / a.sum(-1, keepdim=True).clamp(min=1e-30)
-    per_query = (a * _patch_distances(grid).to(a.device)).sum(-1)   # (..., heads, P)
+    per_query = (a * _patch_distances(grid, key_grid).to(a.device)).sum(-1)   # (..., heads, P)
     return per_query.movedim(-2, 0).flatten(1).mean(1)              # (heads,)
 
 
@@ -259,12 +294,16 @@ def _attention_stats(module: nn.Module, images: torch.Tensor, batch_size: int,
             counts["ent"][i] += rows
             spatial = layer.patch_space(len(x))
             spatial = probs if spatial is None else spatial            # window attention: within each window
-            n = spatial.shape[-1]
-            if m.grid is None or spatial.shape[-2] != n or n != m.num_prefix + m.grid[0] * m.grid[1]:
+            n, keys = spatial.shape[-2], spatial.shape[-1] - m.num_prefix
+            grid = m.grid
+            if grid is None and m.image_grid:
+                grid = _image_grid(n - m.num_prefix, tuple(x.shape[-2:]))
+            key_grid = _key_grid(keys, grid) if grid is not None and keys > 0 else None
+            if key_grid is None or n != m.num_prefix + grid[0] * grid[1]:
                 no_grid[i] = True
                 continue
             patch_rows = spatial[..., 0, 0].numel() * (n - m.num_prefix) // m.num_heads
-            sums["dist"][i] += mean_attention_distance(spatial, m.grid, m.num_prefix) * patch_rows
+            sums["dist"][i] += mean_attention_distance(spatial, grid, m.num_prefix, key_grid) * patch_rows
             counts["dist"][i] += patch_rows
     dist = [s / c if c and not bad else torch.full_like(s, float("nan"))
             for s, c, bad in zip(sums["dist"], counts["dist"], no_grid)]
