@@ -418,13 +418,19 @@ def create_model(name_or_checkpoint: str | Path, *, pretrained: bool = False, re
 
             return load_quantized(directory, **kwargs)
         model = _build_from_config(directory, config, kwargs)
-        load_weights(model, checkpoint_file(directory, WEIGHTS))
-        model.eval()
         stack = techniques_from_config(directory, config)
+        # a technique that adds modules (slim's TSMs, iared's interpreters) must be applied before its weights load
+        early = reapply and any(getattr(t, "adds_parameters", False) for t in stack)
+        if not early:
+            load_weights(model, checkpoint_file(directory, WEIGHTS))
+        model.eval()
         if stack:
             object.__setattr__(model, "vitlab_techniques", tuple(t for t in stack if not reapply_on_load(t)))
             if reapply:
                 model = apply_(model, [t for t in stack if reapply_on_load(t)])
+        if early:
+            load_weights(model, checkpoint_file(directory, WEIGHTS))
+            model.eval()
         model.vitlab_checkpoint = {"path": str(directory), "config": config}
         return model
     name = str(name_or_checkpoint)

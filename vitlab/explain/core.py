@@ -62,6 +62,7 @@ def _load_builtin_methods() -> None:
         except ModuleNotFoundError as e:
             if e.name != f"{__package__}.{module}":
                 raise
+    importlib.import_module("..tokens.iared", __package__)   # registers "iared" (IA-RED²'s interpreter scores)
 
 
 def explained_module(model_or_runner: Any) -> nn.Module:

@@ -6,6 +6,8 @@ model with token-reducible blocks.
     vitlab.apply_(model, EViT(keep_rate=0.7))  # or: --apply evit:keep_rate=0.7
     vitlab.apply_(model, ATS(keep_rate=0.5))   # or: --apply ats:keep_rate=0.5   (per-image token counts, padded)
     vitlab.apply_(model, MCTF(r=16))           # or: --apply mctf:r=16           (needs the full attention map)
+    vitlab.apply_(model, Sparsifiner())        # or: --apply sparsifiner         (top-k sparse attention)
+    vitlab.apply_(model, LookupViT(tokens=49)) # or: --apply lookupvit:tokens=49 (compressed tokens; ViTs only)
 
 Supported: every model whose blocks `vitlab.contract.describe` calls token-reducible (a token sequence, attention
 over all of it, no use of the grid) in a family `vitlab.tokens.families` has checked: timm `VisionTransformer`
@@ -30,6 +32,7 @@ outputs within 1e-5; ATS's sampler against a transcription of the official funct
 """
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..techniques import Kind, TechniqueError, format_technique, register_handler, register_technique
 from .ats import ATSReduction
@@ -38,8 +41,13 @@ from .expedit import Expedit
 from .families import reducible_blocks, token_sequences
 from .mctf import MCTFReduction
 from .patch import EViTReduction, TokenReducingModel, TokenState, ToMeReduction, patch_model
+from .iared import apply_iared
+from .slim import apply_slim
+from .lookupvit import compressed_grid, lookup_blocks
+from .sparsifiner import sparsify_model
 
-__all__ = ["ToMe", "EViT", "ATS", "MCTF", "Expedit", "TokenConsistency", "TokenState", "token_schedule"]
+__all__ = ["ToMe", "EViT", "ATS", "MCTF", "Slim", "IARED", "Sparsifiner", "LookupViT", "Expedit", "TokenConsistency",
+           "TokenState", "token_schedule"]
 
 
 @register_technique("tome", Kind.TOKENS)
@@ -143,6 +151,93 @@ class MCTF:
             raise ValueError(f"r must be >= 0 (tokens fused per block), got {self.r}")
         if not 0 <= self.start <= 1:
             raise ValueError(f"start is a fraction of the depth in [0, 1], got {self.start}")
+
+
+@register_technique("slim", Kind.TOKENS)
+@dataclass(frozen=True)
+class Slim:
+    """Self-slimmed ViT (Zong et al., ECCV 2022): learned Token Slimming Modules softly aggregate the patch tokens
+    into int(N0 * keep_rate ** s) tokens at stage boundary s (the class token kept); train with `--recipe frd`.
+    `locations` are fractions of the reducible blocks (default: SiT-S's stages [9, 3, 2, 2] of 16 blocks); see
+    vitlab.tokens.slim. keep_rate=1 inserts nothing."""
+
+    keep_rate: float = 0.5
+    locations: tuple[float, ...] = (9 / 16, 12 / 16, 14 / 16)
+    hidden_ratio: float = 0.5    # TSM MLP width / embedding width (official 0.5)
+    trace_source: bool = False
+    adds_parameters: ClassVar[bool] = True   # its modules are in the checkpoint: applied before weights load
+
+    def __post_init__(self):
+        if not 0 < self.keep_rate <= 1:
+            raise ValueError(f"keep_rate must be in (0, 1], got {self.keep_rate}")
+        if not self.locations or any(not 0 <= f < 1 for f in self.locations):
+            raise ValueError(f"locations are fractions of the depth in [0, 1), got {self.locations}")
+        if self.hidden_ratio <= 0:
+            raise ValueError(f"hidden_ratio must be > 0, got {self.hidden_ratio}")
+
+
+@register_technique("iared", Kind.TOKENS)
+@dataclass(frozen=True)
+class IARED:
+    """IA-RED² (Pan et al., NeurIPS 2021): a multi-head interpreter before each group of blocks drops the patch tokens
+    it scores below `threshold` (hierarchically); train it with `--recipe iared` (REINFORCE), see it with
+    `vitlab explain --method iared`. `locations`: group starts as fractions of the reducible blocks (default: DeiT's
+    12 blocks in 4 groups of 3); see vitlab.tokens.iared."""
+
+    locations: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    threshold: float = 0.5
+    head_dim: int = 0            # interpreter width per head; 0: the attention's
+    trace_source: bool = False
+    adds_parameters: ClassVar[bool] = True   # its modules are in the checkpoint: applied before weights load
+
+    def __post_init__(self):
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold is a keep probability in (0, 1), got {self.threshold}")
+        if not self.locations or any(not 0 <= f < 1 for f in self.locations):
+            raise ValueError(f"locations are fractions of the depth in [0, 1), got {self.locations}")
+        if self.head_dim < 0:
+            raise ValueError(f"head_dim must be >= 0 (0: the attention's), got {self.head_dim}")
+
+
+@register_technique("sparsifiner", Kind.TOKENS)
+@dataclass(frozen=True)
+class Sparsifiner:
+    """Sparsifiner (Wei et al., CVPR 2023): a low-rank connectivity predictor per attention keeps each query's top
+    ceil(keep_rate x N) keys (instance-dependent sparse attention, class-token row dense), in every token-reducible
+    block; train its predictor with `--recipe sparsifiner`. Defaults: the official default config (25 % of the
+    connections, REDUCE_N_FACTOR 6, REDUCE_C_FACTOR 2). keep_rate=1 is dense attention. See
+    vitlab.tokens.sparsifiner."""
+
+    keep_rate: float = 0.25
+    reduce_n: int = 6            # the predictor compresses the N keys to N // reduce_n basis tokens
+    reduce_c: int = 2            # ... and the head width to head_dim // reduce_c
+    adds_parameters: ClassVar[bool] = True   # its predictors are in the checkpoint: applied before weights load
+
+    def __post_init__(self):
+        if not 0 < self.keep_rate <= 1:
+            raise ValueError(f"keep_rate must be in (0, 1] (kept connections per query / tokens), got {self.keep_rate}")
+        if self.reduce_n < 1 or self.reduce_c < 1:
+            raise ValueError(f"reduce_n and reduce_c must be >= 1, got {self.reduce_n} and {self.reduce_c}")
+
+
+@register_technique("lookupvit", Kind.TOKENS)
+@dataclass(frozen=True)
+class LookupViT:
+    """LookupViT (Koner et al., ECCV 2024) on a trained ViT: `tokens` compressed tokens (the patch grid average-pooled
+    to h x w) get each block's full MHSA + MLP; the full-resolution tokens get bidirectional cross-attention and an MLP
+    `lookup_mlp_ratio` as wide as the block's. New modules start from the block's weights; see
+    vitlab.tokens.lookupvit."""
+
+    tokens: int = 49
+    lookup_mlp_ratio: float = 0.25
+    adds_parameters: ClassVar[bool] = True   # its cross-attentions and MLPs are in the checkpoint
+
+    def __post_init__(self):
+        if self.tokens < 1:
+            raise ValueError(f"tokens must be >= 1 compressed tokens, got {self.tokens}")
+        if not 0 < self.lookup_mlp_ratio <= 1:
+            raise ValueError(f"lookup_mlp_ratio must be in (0, 1] (of the block MLP's width), "
+                             f"got {self.lookup_mlp_ratio}")
 
 
 def _block_settings(cfg, sequences) -> list:
@@ -249,3 +344,79 @@ def _apply_ats(model, cfg: ATS):
 def _apply_mctf(model, cfg: MCTF):
     return _apply(model, cfg, lambda active: MCTFReduction(cfg.r, cfg.tau_sim, cfg.tau_info, cfg.tau_size,
                                                            cfg.bidirection) if active else None)
+
+
+@register_handler(Slim)
+def _apply_slim(model, cfg: Slim):
+    return apply_slim(model, cfg)
+
+
+@register_handler(IARED)
+def _apply_iared(model, cfg: IARED):
+    return apply_iared(model, cfg)
+
+
+def _one_token_technique(model, cfg) -> None:
+    """Sparsifiner and LookupViT rewrite attention: refuse a model that already has a token-reduction technique."""
+    from ..techniques import applied_techniques, technique_kind
+
+    if isinstance(model, TokenReducingModel) or any(technique_kind(t) == Kind.TOKENS
+                                                    for t in applied_techniques(model)):
+        raise TechniqueError(f"{format_technique(cfg)}: the model already has a token-reduction technique; apply one "
+                             "per model")
+
+
+def _mark_token_reduced(model, sequences):
+    """Swap in the token-reducing model class (token states without sizes: its forward and head are the model's),
+    so that a later token technique is refused as the second one."""
+    from .patch import _reducing_class
+
+    model.__class__ = _reducing_class(type(model))
+    model.token_states = tuple(TokenState(num_prefix=s.num_prefix) for s in sequences)
+    model.token_state = model.token_states[0]
+    return model
+
+
+@register_handler(Sparsifiner)
+def _apply_sparsifiner(model, cfg: Sparsifiner):
+    _one_token_technique(model, cfg)
+    sequences = token_sequences(model, format_technique(cfg))
+    sparsify_model(model, sequences, cfg.keep_rate, cfg.reduce_n, cfg.reduce_c)
+    return _mark_token_reduced(model, sequences)
+
+
+LOOKUP_SUPPORTS = ("it supports timm VisionTransformer models (ViT, DeiT, vitlab's hybrid ViTs) whose blocks are timm "
+                   "Blocks with timm Attention and Mlp over one patch grid, with a class-token or average-pooling head")
+
+
+@register_handler(LookupViT)
+def _apply_lookupvit(model, cfg: LookupViT):
+    import torch.nn as nn
+    from timm.layers import Attention, Mlp
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    from ..techniques import TechniqueNotApplicable
+
+    _one_token_technique(model, cfg)
+    text = format_technique(cfg)
+    sequences = token_sequences(model, text)
+    blocks = getattr(model, "blocks", None)
+    why = None
+    if not isinstance(model, VisionTransformer) or type(blocks) is not nn.Sequential:
+        why = "it is not a timm VisionTransformer with a plain sequence of blocks"
+    elif len(sequences) != 1 or [b.module for b in sequences[0].blocks] != list(blocks) or sequences[0].grid is None:
+        why = "its blocks are not one token sequence over a patch grid"
+    elif any(type(b) is not Block or type(b.attn) is not Attention or type(b.mlp) is not Mlp
+             or getattr(b.attn, "gate", None) is not None for b in blocks):
+        why = "a block is not a timm Block with timm Attention (no gate) and Mlp"
+    elif model.global_pool not in ("token", "avg"):
+        why = f"its head pools with global_pool={model.global_pool!r}"
+    if why:
+        raise TechniqueNotApplicable(text, model, f"{why}; {LOOKUP_SUPPORTS}")
+    grid = sequences[0].grid
+    compressed = compressed_grid(grid, cfg.tokens) if cfg.tokens < grid[0] * grid[1] else None
+    if compressed is None:
+        raise TechniqueError(f"{text}: {cfg.tokens} compressed tokens must be fewer than the {grid[0]}x{grid[1]} patch "
+                             f"grid's {grid[0] * grid[1]} and form an h x w grid within it (e.g. tokens=16 or 49)")
+    lookup_blocks(model, sequences[0].num_prefix, grid, compressed, cfg.lookup_mlp_ratio)
+    return _mark_token_reduced(model, sequences)
