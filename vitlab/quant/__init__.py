@@ -355,3 +355,6 @@ def _apply_bf16(model: nn.Module, cfg: BF16):
     from .deploy import deploy_bf16
 
     return deploy_bf16(model, cfg)
+
+
+from . import qhyvit as _qhyvit  # noqa: E402,F401  (registers the `qhyvit` technique: Q-HyViT for hybrid ViTs)
