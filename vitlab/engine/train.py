@@ -40,6 +40,7 @@ from ..utils.io import atomic_path, atomic_write_text
 from ..utils.lock import kill_point, lock_folder
 from .recipes import Step
 from .runtime import Runtime, rng_state, seed_everything, set_rng_state, setup_runtime
+from .speed import PRECISIONS, autocast, choose_precision, compile_forward
 
 __all__ = ["TrainConfig", "fit", "TrainInterrupted", "RunExists", "RESUME_CHANGEABLE"]
 
@@ -49,7 +50,8 @@ RUN_FILES = (STATE_FILE, METRICS_FILE, WEIGHTS, CONFIG, "checkpoint")   # what a
 REPLACED_PREFIX = ".vitlab-replaced-"   # an old run moved aside by overwrite=True until the new one finishes
 DATA_ORDER = "per-image-seed-v1"        # how batches and augmentation seeds derive from (seed, epoch, step)
 # settings a resumed run may change: they do not change its result (and `epochs`, which extends the schedule)
-RESUME_CHANGEABLE = ("epochs", "threads", "workers", "progress", "save_every", "log_every", "max_steps")
+RESUME_CHANGEABLE = ("epochs", "threads", "workers", "progress", "save_every", "log_every", "max_steps", "compile",
+                     "channels_last")
 
 
 @dataclass
@@ -96,6 +98,9 @@ class TrainConfig:
     token_consistency_teacher_r: int | None = None  # teacher r ~ U{0..this-1}; None: r // 2 (tokens/consistency.py)
     keep_zeros: bool | None = None          # hold the blocks' zero Linear weights at zero; None: on for LPViT --init
     recipe: str | None = None               # NAME:key=value,... (engine/recipes.py): changes each step's loss
+    precision: str = "fp32"                 # fp32 | bf16 | auto (bf16 autocast where measured faster; engine/speed.py)
+    compile: bool = False                   # torch.compile the training forward (eager fallback on failure)
+    channels_last: bool = False             # channels-last memory format for the model and the images
 
     def validate(self) -> None:
         if not self.model and not self.init:
@@ -111,6 +116,8 @@ class TrainConfig:
             raise ValueError(f"--token-consistency {self.token_consistency} must be >= 0 (0: off; official 3.0)")
         if self.token_consistency > 0 and (self.teacher or self.opt == "sam" or self.l1 > 0):
             raise ValueError("--token-consistency cannot be combined with --teacher, --opt sam or --l1; drop one")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.recipe:
             from .recipes import parse_recipe
 
@@ -557,7 +564,10 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
         mixup = timm.data.Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                                 num_classes=num_classes)
     ema = timm.utils.ModelEmaV3(model, decay=cfg.ema) if cfg.ema > 0 else None
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     train_model = nn.parallel.DistributedDataParallel(model) if rt.distributed else model
+    forward, precision, speed_info = train_model, None, {}
 
     global_step, epoch, step_in_epoch, history = 0, 0, 0, []
     if state is not None:
@@ -617,6 +627,10 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
             ips_seen, epoch_start = 0, time.perf_counter()   # images/s counts the images of this process's run
             for images, targets in loader:
                 images, targets = images.to(rt.device), targets.to(rt.device)
+                if cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                if precision is None:   # the first step: engine flags decided on the run's own first batch
+                    forward, precision, speed_info = _speed_setup(cfg, model, train_model, images, targets, rt)
                 soft = None
                 if mixup is not None:
                     images, soft = mixup(images, targets)
@@ -636,7 +650,9 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
 
                         return consistency_loss_step(model, images, targets, criterion, consistency, teacher_r,
                                                      mixed=soft is not None)
-                    out = train_model(images)
+                    with autocast(precision, rt.device):
+                        out = forward(images)
+                    out = tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
                     logits, dist_logits = out if isinstance(out, tuple) else (out, None)
                     if soft is not None:
                         loss = torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
@@ -719,7 +735,7 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
                 metrics = {k: v for k, v in record.items() if k.startswith("val_")}
                 save_checkpoint(eval_model, out, preprocessing=pre,
                                 data={"spec": str(cfg.data), "split": "train"}, metrics=metrics,
-                                training={**dataclasses.asdict(cfg), "global_step": global_step,
+                                training={**dataclasses.asdict(cfg), "global_step": global_step, **speed_info,
                                           "weights": "ema" if ema is not None else "model"})
                 _save_state(out / STATE_FILE, **_checkpoint_state)
             rt.barrier()
@@ -727,6 +743,33 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
         progress.close()
         rt.close()
     return out
+
+
+def _speed_setup(cfg: TrainConfig, model: nn.Module, train_model: nn.Module, images: torch.Tensor,
+                 targets: torch.Tensor, rt: Runtime) -> tuple:
+    """(forward, precision, info): --precision decided by measurement on this batch (rank 0's choice for every rank)
+    and --compile applied with its eager fallback (engine/speed.py); `info` goes into the checkpoint."""
+    def plain_loss(fn) -> torch.Tensor:
+        out = fn(images)
+        return F.cross_entropy((out[0] if isinstance(out, tuple) else out).float(), targets)
+
+    precision, how = choose_precision(cfg.precision, model, lambda: plain_loss(model), rt.device)
+    if rt.distributed:
+        chosen = [precision]
+        torch.distributed.broadcast_object_list(chosen, src=0)
+        precision = chosen[0]
+    forward, failed = train_model, None
+    if cfg.compile:
+        with autocast(precision, rt.device):
+            forward, failed = compile_forward(train_model, plain_loss)
+    info = {"precision_used": precision, "precision_choice": how,
+            "compiled": cfg.compile and failed is None, **({"compile_error": failed} if failed else {})}
+    if rt.is_main and (cfg.precision == "auto" or cfg.compile):
+        trial = (f" (float32 {how['fp32_ms']} ms, bf16 {how['bf16_ms']} ms per step on the first batch)"
+                 if how.get("how") == "trial" else f" ({how['how']})")
+        print(f"vitlab train: precision {precision}{trial}" + (", compiled" if info["compiled"] else ""),
+              file=sys.stderr)
+    return forward, precision, info
 
 
 class _Progress:
