@@ -17,12 +17,13 @@ from .fashion_mnist import FMNIST_CLASSES, FMNIST_DIR, FMNIST_MEAN, FMNIST_STD, 
 from .imagefolder import ImageFolderDataset, find_classes, resolve_root
 from .spec import KINDS, SPLITS, DataError, DatasetNotFoundError, DataSpec, check_aug, check_split, to_stats
 from .synthetic import SyntheticDataset
+from .video import CLS_CLASSES, CANVAS, MovingFashionMNIST
 from .transforms import (Preprocessing, check_classes, dataset_for_model, display_name, image_transform,
                          load_image_tensor, resolve_preprocessing)
 
 __all__ = [
     "SPLITS", "KINDS", "DataSpec", "DataError", "DatasetNotFoundError", "build_dataset", "dataset_info",
-    "FashionMNIST", "ImageFolderDataset", "SyntheticDataset", "FMNIST_DIR", "FMNIST_MEAN", "FMNIST_STD",
+    "FashionMNIST", "ImageFolderDataset", "SyntheticDataset", "MovingFashionMNIST", "FMNIST_DIR", "FMNIST_MEAN", "FMNIST_STD",
     "Preprocessing", "resolve_preprocessing", "image_transform", "load_image_tensor", "check_classes",
     "dataset_for_model",
 ]
@@ -50,6 +51,7 @@ def build_dataset(
 
     Args:
         spec: 'fashion-mnist', 'imagefolder:PATH' or 'synthetic[:n=N,classes=K]' (or a DataSpec).
+            'moving-fashion-mnist[-cls][:clips=N,frames=T]' gives clips (1, T, H, W) instead of images.
         split: one of SPLITS.
         img_size: output H = W, or (H, W); images of another size are resized (Fashion-MNIST: bilinear, antialias).
         in_chans: channels of the output; Fashion-MNIST needs 1, imagefolder converts to 1 (L) or 3 (RGB).
@@ -77,7 +79,13 @@ def build_dataset(
             raise DataError(f"{spec} has classes {own}, which cannot be relabelled as {list(classes)}")
     if spec.kind == "fashion-mnist":
         return FashionMNIST(split, img_size=img_size, in_chans=in_chans, mean=mean, std=std, train_aug=train_aug,
-                            aug=aug, data_dir=data_dir, seed=seed)
+                            aug=aug, data_dir=data_dir, seed=seed, imbalance=spec.option("imbalance"),
+                            percent=spec.option("percent"))
+    if spec.kind.startswith("moving-fashion-mnist"):  # clips (1, T, H, W): see video.py
+        task = "classify" if spec.kind.endswith("-cls") else "predict"
+        return MovingFashionMNIST(task, split, img_size=img_size, in_chans=in_chans, mean=mean, std=std,
+                                  train_aug=train_aug, aug=aug, data_dir=data_dir, seed=seed,
+                                  clips=spec.option("clips"), frames=spec.option("frames"))
     if spec.kind == "imagefolder":
         return ImageFolderDataset(spec, split, img_size=img_size, in_chans=in_chans, mean=mean, std=std,
                                   train_aug=train_aug, aug=aug, strict=strict, seed=seed, interpolation=interpolation,
@@ -98,6 +106,8 @@ def dataset_info(spec: str | DataSpec, data_dir: str | os.PathLike | None = None
     spec = DataSpec.parse(spec)
     if spec.kind == "fashion-mnist":
         classes, shape = list(FMNIST_CLASSES), NATIVE_SHAPE
+    elif spec.kind.startswith("moving-fashion-mnist"):  # the prediction set has no classes; shape is per frame
+        classes, shape = (list(CLS_CLASSES) if spec.kind.endswith("-cls") else []), (1, CANVAS, CANVAS)
     elif spec.kind == "imagefolder":
         root = resolve_root(spec)
         found = find_classes(root / "train" if (root / "train").is_dir() else root)

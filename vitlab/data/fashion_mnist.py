@@ -1,7 +1,9 @@
 """Fashion-MNIST from its four idx files, kept in memory as uint8 and transformed per item with tensor ops.
 
 Splits: `train` = the 60,000 training images minus a fixed 5,000-image hold-out (`val`), chosen by a
-`torch.Generator().manual_seed(seed)` permutation; `test` = the 10,000 t10k images.
+`torch.Generator().manual_seed(seed)` permutation; `test` = the 10,000 t10k images. `fashion-mnist:imbalance=R`
+keeps a long-tailed subset of `train` (CIFAR-LT's exponential profile, `long_tail_counts`); val and test stay balanced.
+`fashion-mnist:percent=P` keeps a seeded stratified P % of `train` (few-label fine-tuning, `stratified_subset`).
 """
 import functools
 import gzip
@@ -16,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from .spec import DataError, DataSpec, DatasetNotFoundError, VisionDataset, check_aug, holdout, to_size, to_stats
 
-__all__ = ["FashionMNIST", "FMNIST_DIR", "FMNIST_CLASSES", "FMNIST_MEAN", "FMNIST_STD", "read_idx", "load_split"]
+__all__ = ["FashionMNIST", "FMNIST_DIR", "FMNIST_CLASSES", "FMNIST_MEAN", "FMNIST_STD", "read_idx", "load_split",
+           "long_tail_counts", "long_tail_subset", "stratified_subset"]
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -87,6 +90,37 @@ def load_split(data_dir: str | os.PathLike, source: str) -> tuple[torch.Tensor, 
     return images.unsqueeze(1), labels.long()
 
 
+def long_tail_counts(n_max: int, num_classes: int, imbalance: float) -> list[int]:
+    """Images kept per class: n_i = int(n_max * (1 / imbalance) ** (i / (C - 1))), class 0 the most frequent.
+
+    The "exp" profile of CIFAR-10/100-LT (Cao et al., LDAM-DRW, 2019), as DeiT-LT builds it
+    (val-iisc/DeiT-LT@bc36970 datasets.py `get_img_num_per_cls`, with imb_factor = 1 / imbalance).
+    """
+    return [int(n_max * (1.0 / imbalance) ** (i / (num_classes - 1.0))) for i in range(num_classes)]
+
+
+def long_tail_subset(indices: torch.Tensor, labels: torch.Tensor, imbalance: float, seed: int) -> torch.Tensor:
+    """The sorted subset of `indices` (with `labels`, both (N,)) that keeps `long_tail_counts` images per class,
+    n_max being the smallest class's count; each class's images are a seeded random choice."""
+    num_classes = int(labels.max()) + 1
+    per_class = [indices[labels == c] for c in range(num_classes)]
+    counts = long_tail_counts(min(len(rows) for rows in per_class), num_classes, imbalance)
+    gen = torch.Generator().manual_seed(seed)
+    kept = [rows[torch.randperm(len(rows), generator=gen)[:n]] for rows, n in zip(per_class, counts)]
+    return torch.cat(kept).sort().values
+
+
+def stratified_subset(indices: torch.Tensor, labels: torch.Tensor, percent: int, seed: int) -> torch.Tensor:
+    """The sorted subset of `indices` (with `labels`, both (N,)) keeping round(n_c * percent / 100) (at least 1) of
+    each class's n_c images, a seeded random choice per class: the label share of every class stays as it was."""
+    gen = torch.Generator().manual_seed(seed)
+    kept = []
+    for c in labels.unique().tolist():
+        rows = indices[labels == c]
+        kept.append(rows[torch.randperm(len(rows), generator=gen)[:max(1, round(len(rows) * percent / 100))]])
+    return torch.cat(kept).sort().values
+
+
 class FashionMNIST(VisionDataset):
     """Fashion-MNIST as normalized float tensors (1, H, W); resized (bilinear, antialias) when img_size != 28.
 
@@ -113,14 +147,22 @@ class FashionMNIST(VisionDataset):
             aug: dict | None = None,
             data_dir: str | os.PathLike | None = None,
             seed: int = 0,
+            imbalance: int = 1,
+            percent: int = 100,
     ):
         size = to_size(img_size)
+        if isinstance(imbalance, bool) or not isinstance(imbalance, int) or imbalance < 1:
+            raise DataError(f"imbalance={imbalance!r} must be an int >= 1 (most / fewest images per class), e.g. 100")
+        if isinstance(percent, bool) or not isinstance(percent, int) or not 1 <= percent <= 100:
+            raise DataError(f"percent={percent!r} must be an int in 1..100 (the share of train images kept), e.g. 10")
         if in_chans != 1:
             raise DataError(f"fashion-mnist images are 1x28x28 but the model expects {in_chans}x{size[0]}x{size[1]}: "
                             f"create the model with in_chans=1")
         (mean,), (std,) = to_stats(mean, std, 1)
         cfg = check_aug(aug, self.AUG_DEFAULTS, "fashion-mnist")
-        self.spec, self.split, self.classes = DataSpec("fashion-mnist"), split, list(FMNIST_CLASSES)
+        options = (("imbalance", str(imbalance)),) if imbalance != 1 else ()
+        options += (("percent", str(percent)),) if percent != 100 else ()
+        self.spec, self.split, self.classes = DataSpec("fashion-mnist", options=options), split, list(FMNIST_CLASSES)
         self.input_size, self.train_aug = (1, *size), train_aug
         self.data_dir = str(data_dir or FMNIST_DIR)
 
@@ -130,6 +172,10 @@ class FashionMNIST(VisionDataset):
         else:
             train_idx, val_idx = holdout(len(self.images), VAL_SIZE, seed)
             self.indices = train_idx if split == "train" else val_idx
+            if split == "train" and imbalance != 1:
+                self.indices = long_tail_subset(train_idx, labels[train_idx], imbalance, seed)
+            if split == "train" and percent != 100:
+                self.indices = stratified_subset(self.indices, labels[self.indices], percent, seed)
         self._rows = self.indices.tolist()
         self._labels = labels[self.indices].tolist()
 

@@ -12,10 +12,17 @@ import torch
 __all__ = ["SPLITS", "KINDS", "DataSpec", "DataError", "DatasetNotFoundError"]
 
 SPLITS = ("train", "val", "test")
-KINDS = ("fashion-mnist", "imagefolder", "synthetic")
+KINDS = ("fashion-mnist", "imagefolder", "synthetic", "moving-fashion-mnist", "moving-fashion-mnist-cls")
 _ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "image-folder": "imagefolder"}
 SYNTHETIC_DEFAULTS = {"n": 256, "classes": 10}
-SPEC_HELP = "use 'fashion-mnist', 'imagefolder:PATH' or 'synthetic[:n=N,classes=K]'"
+# fashion-mnist:imbalance=R: a long-tailed train split, n_i = n_max * (1/R)^(i/(C-1)) (fashion_mnist.long_tail_counts)
+# fashion-mnist:percent=P: a seeded stratified P % of the train split's images (fashion_mnist.stratified_subset)
+FMNIST_DEFAULTS = {"imbalance": 1, "percent": 100}
+# moving-fashion-mnist[-cls]:clips=N,frames=T: N train clips (val N // 10, test N // 5) of T frames (video.py)
+VIDEO_DEFAULTS = {"clips": 10000, "frames": 10}
+VIDEO_KINDS = ("moving-fashion-mnist", "moving-fashion-mnist-cls")
+SPEC_HELP = ("use 'fashion-mnist[:imbalance=R,percent=P]', 'imagefolder:PATH', 'synthetic[:n=N,classes=K]' or "
+             "'moving-fashion-mnist[-cls][:clips=N,frames=T]'")
 
 
 class DataError(UserError):
@@ -48,15 +55,18 @@ class DataSpec:
             if self.kind == "fashion-mnist":
                 fix = "pass the folder of idx files as data_dir (--data-dir DIR)"
             raise DataError(f"dataset {text!r}: {self.kind} takes no path: {fix}")
-        if self.options and self.kind != "synthetic":
-            raise DataError(f"dataset {text!r}: only synthetic takes options: {SPEC_HELP}")
+        known = {"synthetic": SYNTHETIC_DEFAULTS, "fashion-mnist": FMNIST_DEFAULTS,
+                 **dict.fromkeys(VIDEO_KINDS, VIDEO_DEFAULTS)}.get(self.kind, {})
+        if self.options and not known:
+            raise DataError(f"dataset {text!r}: only synthetic, fashion-mnist and the moving sets take options: "
+                            f"{SPEC_HELP}")
         keys = [key for key, _ in self.options]
         if len(set(keys)) != len(keys):
             raise DataError(f"dataset {text!r} repeats an option: give each of {', '.join(keys)} once")
         for key, value in self.options:
-            if key not in SYNTHETIC_DEFAULTS:
+            if key not in known:
                 raise DataError(f"dataset {text!r}: unknown option {key!r}: "
-                                f"synthetic knows {', '.join(SYNTHETIC_DEFAULTS)}")
+                                f"{self.kind} knows {', '.join(known)}")
             if not (value.isdigit() and int(value) > 0):
                 raise DataError(f"dataset {text!r}: option {key}={value!r} must be a positive integer, e.g. {key}=64")
 
@@ -73,7 +83,7 @@ class DataSpec:
             raise DataError(f"unknown dataset {text!r}: {SPEC_HELP}")
         if kind == "imagefolder":
             return cls(kind, path=rest or None)
-        if kind == "synthetic" and rest:
+        if rest and (kind == "synthetic" or (kind in ("fashion-mnist", *VIDEO_KINDS) and "=" in rest)):
             options = []
             for item in rest.split(","):
                 key, eq, value = item.partition("=")
@@ -85,8 +95,8 @@ class DataSpec:
         return cls(kind, path=rest or None)
 
     def option(self, key: str) -> int:
-        """A synthetic option as an int, or its default."""
-        return int(dict(self.options).get(key, SYNTHETIC_DEFAULTS[key]))
+        """A synthetic, fashion-mnist or moving-set option as an int, or its default."""
+        return int(dict(self.options).get(key, {**SYNTHETIC_DEFAULTS, **FMNIST_DEFAULTS, **VIDEO_DEFAULTS}[key]))
 
     def __str__(self) -> str:
         return _spec_text(self.kind, self.path, self.options)

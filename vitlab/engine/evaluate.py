@@ -13,6 +13,9 @@ def check_input_shape(images: torch.Tensor, runner) -> None:
     """A batch whose (C, H, W) differs from what the runner expects is an error naming both shapes."""
     expected = tuple(getattr(runner, "input_size", ()) or ())
     got = tuple(images.shape[1:])
+    frames = getattr(getattr(runner, "module", runner), "num_frames", None)  # a video model takes (C, T, H, W) clips
+    if expected and frames is not None:
+        expected = (expected[0], int(frames), *expected[1:])
     if expected and got != expected:
         from ..data import DataError
 
