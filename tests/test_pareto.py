@@ -156,3 +156,15 @@ def test_export_of_an_int8_point_reloads(tmp_path):
     runner = vitlab.create_model(str(out))
     assert runner.engine in ("onnxruntime-int8", "openvino-int8")   # engine=auto: whichever was faster here
     assert runner(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_component_names_simulated_bf16_and_int8_rows():
+    from vitlab.pareto.claims import component
+
+    def label(*apply, role="technique"):
+        return component({"role": role, "apply": list(apply)})
+
+    assert label() == "base"
+    assert label("ptq") == label("qhyvit:bits=6") == "simulated"    # fake-quantized: no int8 kernels
+    assert label("bf16") == "bf16" and label("w8a8") == "int8"
+    assert label("tome:r=2", "w8a8", role="candidate") == "pruned + tokens + int8"

@@ -109,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="student confidence an image needs to enter the consistency term (default: %(default)s)")
     p.add_argument("--token-consistency-teacher-r", type=non_negative_int, default=None, metavar="R_MAX",
                    help="the teacher merges r ~ U{0..R_MAX-1} tokens per block (default: r // 2, as MCTF's 16/8)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                   help="bf16 autocast; auto: bf16 only where a trial on the first batch measures it faster on this "
+                        "machine (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (falls back to eager, with a warning, where it fails)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format (convolutions)")
     p.add_argument("--recipe", default=None, metavar="NAME[:key=value,...]",
                    help="a training recipe that changes each step's loss (vitlab.engine.recipes; `vitlab models "
                         "--recipes` lists them)")
@@ -131,6 +137,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (smoke runs)")
     p.add_argument("--no-progress", action="store_true")
     _add_apply(p)
+
+    p = verbs.add_parser("distill-logits", help="run a teacher once over a training run's augmented images and store "
+                         "its top-k probabilities for vitlab train --recipe fastkd:store=STORE (TinyViT)")
+    p.add_argument("teacher", metavar="TEACHER", help="teacher checkpoint folder (or model name)")
+    p.add_argument("--out", required=True, metavar="STORE", help="store folder (logits.safetensors + manifest.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace the store already in --out")
+    p.add_argument("--topk", type=positive_int, default=10, help="probabilities kept per image (default: %(default)s)")
+    p.add_argument("--data", default="fashion-mnist", metavar="SPEC")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--epochs", type=positive_float, default=10, help="the student run's --epochs")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="the student run's global --batch-size")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="the student run's --seed")
+    p.add_argument("--hflip", type=probability, default=0.5)
+    p.add_argument("--crop-padding", type=non_negative_int, default=None)
+    p.add_argument("--re-prob", type=probability, default=0.0, help="random erasing probability")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--workers", type=non_negative_int, default=0, help="data-loading processes")
+    p.add_argument("--no-progress", action="store_true")
 
     p = verbs.add_parser("prune", help="structured pruning (heads, MLP channels, blocks, stem/embedding channels) to "
                          "a FLOPs/params target")
@@ -321,6 +345,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="calibration images when --apply quantizes (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, default=None)
 
+    p = verbs.add_parser("pretrain", help="self-supervised pretraining of a backbone without labels (SiT, "
+                         "TOV-VICReg); fine-tune the result with `vitlab train --init RUN`")
+    p.add_argument("model", metavar="MODEL", help="model name or checkpoint folder (the backbone)")
+    p.add_argument("--method", required=True, choices=("sit", "tov-vicreg"),
+                   help="sit: rotation + contrastive + corrupted-image reconstruction; tov-vicreg: VICReg + "
+                        "temporal-order verification on generated frame sequences")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for the backbone checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    p.add_argument("--data", default="fashion-mnist", metavar="SPEC", help="images of its train split (labels unused)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--model-kwargs", default="{}", metavar="JSON", help='constructor kwargs, e.g. \'{"depth": 4}\'')
+    p.add_argument("--epochs", type=positive_float, default=1.0)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=5e-4)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
+    p.add_argument("--warmup-epochs", type=non_negative_float, default=0.1)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (smoke runs)")
+    p.add_argument("--no-progress", action="store_true")
+
     p = verbs.add_parser("train-tame", help="train a T-TAME explainer (attention mechanism on the frozen model)")
     p.add_argument("checkpoint", help="checkpoint folder or model name")
     p.add_argument("--data", required=True, help="dataset spec, e.g. fashion-mnist")
@@ -333,6 +378,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-images", type=non_negative_int, default=1000, help="AD/IC on the first N test images")
     p.add_argument("--mask", choices=("pixels", "input"), default="pixels", help="training masks the raw pixels "
                    "(as AD/IC do; the official 'renormalize' policy) or the preprocessed image (official 'new')")
+    p.add_argument("--threads", type=positive_int, default=None)
+
+    p = verbs.add_parser("split", help="ED-ViT: split a ViT into class-subset sub-models, prune each for its "
+                         "classes, fine-tune, fuse with an MLP")
+    p.add_argument("checkpoint", help="checkpoint folder (or model name)")
+    p.add_argument("--parts", type=positive_int, default=2, help="sub-models (devices) (default: %(default)s)")
+    p.add_argument("--data", required=True, metavar="SPEC", help="training data (calibration, fine-tuning, fusion)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/split.json and DIR/split.safetensors")
+    p.add_argument("--target-flops", type=fraction, default=0.5,
+                   help="fraction of the MACs each sub-model keeps (default: %(default)s)")
+    p.add_argument("--importance", default="hessian", choices=("l1", "l2", "taylor", "hessian", "ablation"))
+    p.add_argument("--calib-images", type=positive_int, default=256, metavar="N")
+    p.add_argument("--steps", type=non_negative_int, default=200, help="fine-tuning steps per sub-model")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=3e-4)
+    p.add_argument("--fusion-images", type=positive_int, default=8192, metavar="N")
+    p.add_argument("--fusion-steps", type=positive_int, default=600)
+    p.add_argument("--eval-split", default="val", choices=("val", "test"))
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--threads", type=positive_int, default=None)
 
     p = verbs.add_parser("models", help="list model names with parameter counts")
@@ -413,7 +478,7 @@ def cmd_train(args) -> int:
         distill_alpha=args.distill_alpha, distill_tau=args.distill_tau, sam_rho=args.sam_rho, l1=args.l1,
         token_consistency=args.token_consistency, token_consistency_threshold=args.token_consistency_threshold,
         token_consistency_teacher_r=args.token_consistency_teacher_r, keep_zeros=args.keep_zeros,
-        recipe=args.recipe)
+        recipe=args.recipe, precision=args.precision, compile=args.compile, channels_last=args.channels_last)
     if args.resume:
         # every flag given with --resume is either applied (epochs, threads, ...) or refused by name: never ignored
         given = _given_flags(args, "train")
@@ -432,6 +497,20 @@ def cmd_train(args) -> int:
         out = fit(TrainConfig(**settings), overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(f"checkpoint: {out}")
+    return 0
+
+
+def cmd_distill_logits(args) -> int:
+    from .engine.fastkd import save_teacher_logits
+
+    _threads(args.threads)
+    m = save_teacher_logits(args.teacher, args.out, data=args.data, data_dir=args.data_dir, epochs=args.epochs,
+                            batch_size=args.batch_size, seed=args.seed, topk=args.topk, hflip=args.hflip,
+                            crop_padding=args.crop_padding, re_prob=args.re_prob, workers=args.workers,
+                            overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"stored top-{m['topk']} teacher probabilities for {m['steps']} steps x {m['settings']['batch_size']} "
+          f"images in {m['teacher_seconds']:.0f} s (teacher top-1 on them {100 * m['teacher_top1_augmented']:.1f} %); "
+          f"train with --recipe fastkd:store={args.out}")
     return 0
 
 
@@ -835,7 +914,43 @@ COMMANDS = {"train": cmd_train, "prune": cmd_prune, "eval": cmd_eval, "bench": c
             "robustness": cmd_robustness}
 COMMANDS["train-tame"] = cmd_train_tame
 COMMANDS["heads"] = cmd_heads
+COMMANDS["distill-logits"] = cmd_distill_logits
 
+
+def cmd_split(args) -> int:
+    from .engine.edvit import Split, split_checkpoint
+
+    _threads(args.threads)
+    cfg = Split(parts=args.parts, target_flops=args.target_flops, importance=args.importance,
+                calib_images=args.calib_images, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                fusion_images=args.fusion_images, fusion_steps=args.fusion_steps, seed=args.seed)
+    _, s = split_checkpoint(args.checkpoint, args.out, cfg, data=args.data, data_dir=args.data_dir,
+                            eval_split=args.eval_split)
+    for row in s["parts"]:
+        print(f"  part {row['part']}: classes {row['classes']}  {row['macs']:,} MACs "
+              f"({row['macs'] / s['original_macs']:.2f})  {row['params']:,} params  {row['seconds']:.0f} s")
+    print(f"{args.checkpoint} -> {args.out}: fused top-1 {100 * s['fused_top1']:.2f} % vs original "
+          f"{100 * s['original_top1']:.2f} % ({s['eval_split']})")
+    return 0
+
+
+COMMANDS["split"] = cmd_split
+
+
+def cmd_pretrain(args) -> int:
+    from .engine.ssl import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(out=args.out, model=args.model, method=args.method,
+                         model_kwargs=_json_arg(args.model_kwargs, "--model-kwargs"), data=args.data,
+                         data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
+                         threads=args.threads, max_steps=args.max_steps, progress=not args.no_progress)
+    out = pretrain(cfg, overwrite=args.overwrite)
+    print(f"backbone checkpoint: {out} (fine-tune it with `vitlab train --init {out} ...`)")
+    return 0
+
+
+COMMANDS["pretrain"] = cmd_pretrain
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 2 a user error (one line on stderr: `vitlab VERB: error: MESSAGE`); 1 a bug in vitlab

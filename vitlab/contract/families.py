@@ -14,6 +14,7 @@ from timm.models import (convit, convnext, crossvit, efficientformer, efficientv
                          swin_transformer, swin_transformer_v2, tiny_vit, tnt, vision_transformer, volo)
 
 from ..models import crossformer, cvt, dinat, hornet, pvt, rmt, sret, spectformer, t2t_vit, uniformer
+from ..models._glpe import GLPEAttention
 from . import BlockSpec, Mixer, ModelSpec, StageSpec, register_adapter
 
 _QKV_FORMS = (("qkv",), ("q", "kv"), ("q", "k", "v"), ("qk", "v"), ("kv", "q"), ("proj_q", "proj_k", "proj_v"),
@@ -62,7 +63,8 @@ class BlockRule:
 
 
 BLOCKS: dict[type, BlockRule] = {
-    vision_transformer.Block: BlockRule(["attn"], ["mlp"], "sequence"),
+    vision_transformer.Block: BlockRule(["attn"], ["mlp"], "sequence",
+                                        lambda b: isinstance(b.attn, GLPEAttention)),  # conv of the value map
     swin_transformer.SwinTransformerBlock: BlockRule(["attn"], ["mlp"], "nhwc", True),
     swin_transformer_v2.SwinTransformerV2Block: BlockRule(["attn"], ["mlp"], "nhwc", True),
     pvt_v2.Block: BlockRule(["attn"], ["mlp"], "sequence", True),             # depthwise conv in the MLP

@@ -91,7 +91,14 @@ def _load_builtin_recipes() -> None:
         importlib.import_module(module, __package__)
 
 
-_BUILTIN_MODULES: list[str] = []   # e.g. ".fastkd": modules under vitlab.engine that call register_recipe
+_BUILTIN_MODULES: list[str] = [   # modules under vitlab.engine that call register_recipe
+    ".fastkd",
+    "..tokens.sparsifiner",
+    "..tokens.slim",       # frd (Self-slimmed ViT)
+    "..tokens.iared",      # iared (IA-RED² REINFORCE)
+    ".deit_lt",
+    ".resformer",
+]
 
 
 def recipe_names() -> list[str]:

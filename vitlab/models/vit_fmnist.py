@@ -19,6 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _timm_vit_filter
 
 from ._builder import arch_kwargs
+from ._glpe import GLPEVisionTransformer
 
 __all__ = ["ConvStem", "vl_vit_fmnist", "vl_test_vit"]
 
@@ -103,8 +104,10 @@ def _create_hybrid_vit(
     kwargs.setdefault("num_classes", 10)
     arch = dict(arch_kwargs(kwargs, exclude=("patch_size",)),  # patch_size is fixed at 1 here, not a choice
                 stem_widths=list(stem_widths), stem_strides=list(stem_strides), stem_groups=stem_groups)
+    # pos_embed="glpe": ResFormer's global-local positional embedding (models/_glpe.py), takes any input size
+    model_cls = GLPEVisionTransformer if kwargs.get("pos_embed") == "glpe" else VisionTransformer
     model = build_model_with_cfg(
-        VisionTransformer,
+        model_cls,
         variant,
         pretrained,
         pretrained_filter_fn=_timm_vit_filter,
