@@ -10,8 +10,11 @@ TEST_MODELS = timm.list_models("vl_test_*")
 
 
 def _input(model, batch=2):
+    """An image batch, or a clip batch (B, C, T, H, W) for a video model (it has `num_frames`; its pretrained_cfg
+    input_size is one frame's, as the engine reads it)."""
     c, h, w = model.pretrained_cfg["input_size"]
-    return torch.randn(batch, c, h, w)
+    frames = getattr(model, "num_frames", None)
+    return torch.randn(batch, c, frames, h, w) if frames else torch.randn(batch, c, h, w)
 
 
 @pytest.mark.parametrize("name", TEST_MODELS)
