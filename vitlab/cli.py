@@ -400,6 +400,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--threads", type=positive_int, default=None)
 
+    p = verbs.add_parser("toy", help="the seeds' agents, multimodal models and generators at toy scale (AlphaViT, "
+                         "CALVIN, Seer, ...): run one, or list them")
+    p.add_argument("name", nargs="?", default=None, metavar="NAME", help="the toy to run (omit to list them)")
+    p.add_argument("--out", default=None, metavar="DIR", help="folder for metrics.json and artefacts "
+                   "(default: toy-out/NAME)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds instead of the full toy")
+    p.add_argument("--threads", type=positive_int, default=None)
+
     p = verbs.add_parser("models", help="list model names with parameter counts")
     p.add_argument("pattern", nargs="?", default="vl_*", help="glob, e.g. 'deit*' or '*' (default: %(default)s)")
     p.add_argument("--no-params", action="store_true", help="names only")
@@ -951,6 +960,29 @@ def cmd_pretrain(args) -> int:
 
 
 COMMANDS["pretrain"] = cmd_pretrain
+
+def cmd_toy(args) -> int:
+    from .agents import get_toy, missing_packages, run_toy, toy_names
+
+    if args.name is None:
+        for name in toy_names():
+            toy = get_toy(name)
+            missing = missing_packages(toy)
+            note = f"  (needs {', '.join(missing)}: pip install -e '.[agents]')" if missing else ""
+            print(f"{name:<12} {toy.summary}{note}")
+        return 0
+    _threads(args.threads)
+    out = args.out or os.path.join("toy-out", args.name)
+    result = run_toy(args.name, out, seed=args.seed, quick=args.quick)
+    width = max((len(k) for k in result["metrics"]), default=0)
+    for key, value in result["metrics"].items():
+        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    print(f"({result['wall_s']:.1f} s, {result['threads']} threads; {out}/metrics.json)")
+    return 0
+
+
+COMMANDS["toy"] = cmd_toy
+
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 2 a user error (one line on stderr: `vitlab VERB: error: MESSAGE`); 1 a bug in vitlab
