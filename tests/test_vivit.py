@@ -1,5 +1,8 @@
 """ViViT: model 1 against HF transformers' VivitModel (weights copied), model 2 (factorised encoder) against the
 same HF modules composed as scenic's SpaceTimeViViT composes its encoders, and the model contract."""
+import copy
+import json
+
 import pytest
 import torch
 
@@ -126,3 +129,40 @@ def test_factorised_base_has_the_papers_shape():
     assert len(model.blocks) == 12 and len(model.temporal_blocks) == 4
     assert model.patch_embed.grid_size == (16, 14, 14) and model.pos_embed.shape == (1, 1 + 196, 768)
     assert model.temporal_pos_embed.shape == (1, 17, 768)
+
+
+def test_example_shapes_are_clips():
+    from vitlab.runner import example_shape, item_shape
+
+    model = vitlab.create_model("vl_test_vivit")
+    assert example_shape(model) == item_shape(TorchRunner(model)) == (1, 10, 32, 32)
+    assert example_shape(vitlab.create_model("vl_test_vit", img_size=32)) == (1, 32, 32)   # gray images: no frames
+
+
+@pytest.mark.parametrize("name,text", [("vl_test_vivit", "tome:r=1"), ("vl_test_vivit_joint", "tome:r=8"),
+                                       ("vl_test_vivit_joint", "evit:keep_rate=0.9")])
+def test_token_reduction_over_tubelets_stays_close(name, text):
+    """Merging or pruning a few of the tubelet tokens changes the logits a little, not wholesale; r=0 not at all."""
+    torch.manual_seed(0)
+    model = vitlab.create_model(name).eval()
+    x = torch.randn(4, 1, 10, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        exact = vitlab.apply_(copy.deepcopy(model), vitlab.parse_apply(["tome:r=0"]))(x)
+        out = vitlab.apply_(copy.deepcopy(model), vitlab.parse_apply([text]))(x)
+    assert torch.equal(exact, ref)
+    rel = float((out - ref).norm() / ref.norm())
+    assert 0 < rel < 0.05, rel
+
+
+def test_bench_runs_a_video_model_on_synthetic_clips(capsys):
+    from vitlab.cli import main
+
+    args = ["bench", "vl_test_vivit", "--data", "synthetic:n=8,frames=10,classes=6", "--no-memory", "--min-time",
+            "0.01", "--batch", "2", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(args + ["--apply", "tome:r=1"]) == 0
+    tome = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    plain, tome = (r[0] if isinstance(r, list) else r for r in (plain, tome))
+    assert 0 < tome["macs"] < plain["macs"]

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
-__all__ = ["Runner", "TorchRunner", "as_runner", "model_input_size"]
+__all__ = ["Runner", "TorchRunner", "as_runner", "example_shape", "item_shape", "model_input_size"]
 
 
 @runtime_checkable
@@ -40,6 +40,22 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
         c, h, w = cfg["input_size"]
         return int(in_chans or c), int(h), int(w)
     raise ValueError(f"cannot tell the input size of {type(model).__name__}; pass img_size and in_chans explicitly")
+
+
+def item_shape(runner) -> tuple[int, ...]:
+    """Shape of one input item of a runner (or model): its (C, H, W), with the clip length inserted, (C, T, H, W),
+    when the module is a video model (it has `num_frames`)."""
+    c, h, w = runner.input_size if hasattr(runner, "input_size") else model_input_size(runner)
+    frames = getattr(getattr(runner, "module", runner), "num_frames", None)
+    return (c, int(frames), h, w) if frames else (c, h, w)
+
+
+def example_shape(model: nn.Module) -> tuple[int, ...]:
+    """Shape of one input item: (C, H, W), or (C, T, H, W) for a video model (one with `num_frames`, e.g. ViViT),
+    for building example inputs (tracing, FLOP counts, calibration stand-ins)."""
+    c, h, w = model_input_size(model)
+    frames = getattr(model, "num_frames", None)
+    return (c, int(frames), h, w) if frames else (c, h, w)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 
 from ..checkpoint import create_model
 from ..profiling import count_flops, environment, num_threads, peak_memory_mb, time_callable
-from ..runner import as_runner
+from ..runner import as_runner, item_shape
 from ..techniques import apply_, format_technique, parse_apply
 
 __all__ = ["MeasureRow", "measure", "print_rows", "build_runner", "dataset_for", "calibration_batches",
@@ -177,20 +177,21 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
                               compile=compile, **calib)
         module = getattr(runner, "module", None)
         c, h, w = runner.input_size
+        shape = item_shape(runner)   # (C, H, W), or (C, T, H, W) for a video model
         accuracy = {"top1": None, "top5": None, "loss": None, "n": None}
         if data is not None:
             result = evaluate(runner, dataset_for(runner, data, split, data_dir=data_dir), limit=eval_limit,
                               progress=False)
             accuracy = {k: result[k] for k in accuracy}
         flops_model = module if module is not None else getattr(runner, "float_module", None)
-        counted = count_flops(flops_model, torch.randn(1, c, h, w)) if flops_model is not None else None
+        counted = count_flops(flops_model, torch.randn(1, *shape)) if flops_model is not None else None
         params = sum(p.numel() for p in flops_model.parameters()) if flops_model is not None else 0
-        one = torch.randn(1, c, h, w)
+        one = torch.randn(1, *shape)
         latency = time_callable(lambda: runner(one), min_time_s=min_time_s)
         env = environment()
         quant_fraction = quant_mac_fraction_of(runner)
         for b in batches:
-            images = torch.randn(b, c, h, w)
+            images = torch.randn(b, *shape)
             timing = time_callable(lambda: runner(images), min_time_s=min_time_s)
             peak = None
             if memory:
@@ -198,7 +199,7 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
                     "vitlab.bench.measure:build_runner",
                     dict(source=str(source), apply=apply, img_size=img_size, dtype=dtype, channels_last=channels_last,
                          **calib),
-                    (b, c, h, w), threads=torch.get_num_threads(), dtype=dtype)["peak_rss_mb"]
+                    (b, *shape), threads=torch.get_num_threads(), dtype=dtype)["peak_rss_mb"]
             stack = [format_technique(t) for t in runner.techniques]
             rows.append(MeasureRow(
                 model=_model_name(runner, str(source)), source=str(source), techniques=" + ".join(stack) or "none",

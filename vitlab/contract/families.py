@@ -582,3 +582,18 @@ BLOCKS[_stvit.SuperTokenBlock] = BlockRule(["attn"], ["mlp"], "nhwc", True)
 def _stvit_spec(model) -> ModelSpec:
     return staged_spec(model, "vl_stvit")
 # --- end stvit ---
+
+# --- vivit (video) ---
+from ..models import vivit as _vivit  # noqa: E402
+
+
+@register_adapter(_vivit.ViViT)
+def _vivit_spec(model) -> ModelSpec:
+    """ViViT's blocks are timm `Block`s over (class token + tubelet tokens): model 1 one joint space-time stage;
+    model 2 a spatial stage (run on each tubelet-frame's tokens, frames folded into the batch) and a temporal stage
+    over the frames' class tokens, each sequence with its own class token first."""
+    stages = [StageSpec("blocks", _blocks(model.blocks, "blocks", 1))]
+    if model.factorised:
+        stages.append(StageSpec("temporal_blocks", _blocks(model.temporal_blocks, "temporal_blocks", 1)))
+    return _spec(model, "vivit", stages, prefix=1)
+# --- end vivit ---

@@ -14,7 +14,7 @@ __all__ = ["SPLITS", "KINDS", "DataSpec", "DataError", "DatasetNotFoundError"]
 SPLITS = ("train", "val", "test")
 KINDS = ("fashion-mnist", "imagefolder", "synthetic", "moving-fashion-mnist", "moving-fashion-mnist-cls")
 _ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "image-folder": "imagefolder"}
-SYNTHETIC_DEFAULTS = {"n": 256, "classes": 10}
+SYNTHETIC_DEFAULTS = {"n": 256, "classes": 10, "frames": 0}   # frames=T: clips (C, T, H, W)
 # fashion-mnist:imbalance=R: a long-tailed train split, n_i = n_max * (1/R)^(i/(C-1)) (fashion_mnist.long_tail_counts)
 # fashion-mnist:percent=P: a seeded stratified P % of the train split's images (fashion_mnist.stratified_subset)
 FMNIST_DEFAULTS = {"imbalance": 1, "percent": 100}

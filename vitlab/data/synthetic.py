@@ -29,7 +29,9 @@ class SyntheticDataset(VisionDataset):
         self.spec, self.split = DataSpec.parse(spec), split
         n, num_classes = self.spec.option("n"), self.spec.option("classes")
         self.classes = [f"class_{i}" for i in range(num_classes)]
+        frames = self.spec.option("frames")   # > 0: clips (C, T, H, W) for a video model
         self.input_size = (in_chans, *to_size(img_size))
+        self.item_shape = (in_chans, frames, *to_size(img_size)) if frames else self.input_size
         self._base = seed * 1_000_003 + _SPLIT_OFFSET[split]
         labels = torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(self._base - 1))
         self._labels = labels.tolist()
@@ -41,4 +43,4 @@ class SyntheticDataset(VisionDataset):
         label = self._labels[index]  # raises IndexError past the end, as a Dataset must
         index %= len(self._labels)
         g = torch.Generator().manual_seed(self._base + index)
-        return torch.randn(self.input_size, generator=g), label
+        return torch.randn(self.item_shape, generator=g), label

@@ -48,7 +48,7 @@ class TubeletEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expected = (self.in_chans, self.num_frames, *self.img_size)
-        if x.dim() != 5 or tuple(x.shape[1:]) != expected:
+        if not torch.jit.is_tracing() and (x.dim() != 5 or tuple(x.shape[1:]) != expected):  # traced: shapes fixed
             raise ValueError(f"ViViT expects clips (B, C, T, H, W) with (C, T, H, W) = {expected}, got "
                              f"{tuple(x.shape)}: build the model with num_frames/img_size/in_chans of the data")
         x = self.proj(x)  # (B, D, T', H', W')

@@ -85,12 +85,12 @@ class Prune:
 def model_macs(model: nn.Module) -> int:
     """MACs per image of `model` (counted by vitlab.profiling on one input of the model's size)."""
     from ..profiling import count_flops
-    from ..runner import model_input_size
+    from ..runner import example_shape
 
     was_training = model.training
     model.eval()
     try:
-        return count_flops(model, torch.zeros(1, *model_input_size(model))).macs
+        return count_flops(model, torch.zeros(1, *example_shape(model))).macs
     finally:
         model.train(was_training)
 
@@ -120,13 +120,13 @@ def stem_time_weights(model: nn.Module, batch: int = 32, rounds: int = 5) -> tup
     import statistics
     import time
 
-    from ..runner import model_input_size
+    from ..runner import example_shape
 
     layers = stem_layers(model)
     if not layers:
         raise PruneError("stem_time_weights: this model has no conv stem (vitlab's ConvStem)")
     backbone = list(model.patch_embed.backbone)
-    x = torch.randn(batch, *model_input_size(model))
+    x = torch.randn(batch, *example_shape(model))
     starts = [backbone.index(conv) for conv, _ in layers] + [len(backbone)]
     w = model_widths(model)
 

@@ -139,9 +139,9 @@ class GraphUnit:
 # ------------------------------------------------------------------------------------------------ the graph
 
 def _example(model: nn.Module) -> torch.Tensor:
-    from ..runner import model_input_size
+    from ..runner import example_shape
 
-    return torch.randn(2, *model_input_size(model), generator=torch.Generator().manual_seed(0))
+    return torch.randn(2, *example_shape(model), generator=torch.Generator().manual_seed(0))
 
 
 def _graph(model: nn.Module, x: torch.Tensor):

@@ -70,14 +70,14 @@ def settle_(model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
     Without an example, a model whose input size is unknown, or whose forward refuses the size its config names (a model
     built for another img_size that does not say so), keeps its layers, gets no attention call sites and a
     quant_mac_fraction of None."""
-    from ..runner import model_input_size
+    from ..runner import example_shape
     from .sim import QuantAttentionOps, quant_layers, unwrap_uncalled_
 
     guessed = example is None
     try:
         if guessed:
             param = next(model.parameters())
-            example = torch.zeros(1, *model_input_size(model), device=param.device)
+            example = torch.zeros(1, *example_shape(model), device=param.device)
         for m in model.modules():
             if isinstance(m, QuantAttentionOps):
                 m.quantized_macs = 0

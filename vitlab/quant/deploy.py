@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..runner import model_input_size
+from ..runner import example_shape, model_input_size
 from ..techniques import TechniqueError, applied_techniques
 
 __all__ = ["OpenVINORunner", "OnnxRuntimeRunner", "to_onnx", "deploy_w8a8", "deploy_w8", "deploy_bf16", "to_openvino", "compile_openvino", "fake_quant_ranges",
@@ -284,7 +284,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
 def _example(model: nn.Module, calib: list[torch.Tensor] | None) -> torch.Tensor:
     if calib:
         return calib[0][:1]
-    return torch.zeros(1, *model_input_size(model))
+    return torch.zeros(1, *example_shape(model))
 
 
 def _ort_runner(sim: nn.Module, float_module: nn.Module, techniques: tuple, threads: int | None,
@@ -453,7 +453,7 @@ def deploy_w8(model: nn.Module, cfg) -> OpenVINORunner:
         m.weight_quant.set_mode("quant")
     ov_model = to_openvino(model, _example(model, None))
     runner = OpenVINORunner(ov_model, float_module, stack + (cfg,), "openvino-w8", cfg.threads, model)
-    _check_conversion(runner, model, torch.randn(8, *model_input_size(model), generator=torch.Generator().manual_seed(0)),
+    _check_conversion(runner, model, torch.randn(8, *example_shape(model), generator=torch.Generator().manual_seed(0)),
                       "w8", twin=True)
     return runner
 
@@ -483,12 +483,12 @@ def deploy_bf16(model: nn.Module, cfg):
         module.vitlab_techniques = techniques
         return TorchRunner(module, dtype="bf16", engine="torch-bf16")
 
-    check = torch.randn(8, *model_input_size(float_module), generator=torch.Generator().manual_seed(0))
+    check = torch.randn(8, *example_shape(float_module), generator=torch.Generator().manual_seed(0))
     builders = {
         "torch": _checked(torch_runner, float_module, check, "bf16"),
         "openvino": _checked(lambda: OpenVINORunner(to_openvino(float_module, check), float_module, techniques,
                                                     "openvino-bf16", cfg.threads, None, precision="bf16"),
                              float_module, check, "bf16"),
     }
-    return _run_builders(builders, cfg, float_module, model_input_size(float_module), 32,
+    return _run_builders(builders, cfg, float_module, example_shape(float_module), 32,
                          " + ".join(format_technique(t) for t in techniques), ("torch", "openvino"), kind="bf16")

@@ -217,7 +217,7 @@ def export_model(model_or_runner: Any, directory: str | Path, fmt: str, example:
     uniform fake quantizers become Q/DQ pairs in ONNX and FakeQuantize nodes in OpenVINO) is traced on `example`
     (default: zeros of the model's input size) with a dynamic batch dimension.
     """
-    from ..runner import model_input_size
+    from ..runner import example_shape
     from .deploy import OnnxRuntimeRunner, OpenVINORunner, save_ir, to_onnx, to_openvino
 
     directory = Path(directory)
@@ -235,7 +235,7 @@ def export_model(model_or_runner: Any, directory: str | Path, fmt: str, example:
                              "(ptq) or the float model to ONNX")
         return model_or_runner.save(directory, "model")
     model = model_or_runner.eval()
-    example = torch.zeros(1, *model_input_size(model)) if example is None else example[:1]
+    example = torch.zeros(1, *example_shape(model)) if example is None else example[:1]
     if fmt == "openvino":
         return save_ir(to_openvino(model, example), directory, "model")
     return to_onnx(model, example, directory / "model.onnx")

@@ -16,6 +16,9 @@ no later block needs the grid or the full count) and needs reducing classes for 
 * vitlab PVT v1: the last stage, whose attention is global (sr_ratio 1) and whose tokens go only to the head;
   earlier stages end on a grid (the next stage's patch embedding).
 * vitlab SpectFormer: the attention blocks after the spectral (FFT over the grid) blocks.
+* vitlab ViViT (video): model 1's joint space-time blocks over all tubelet tokens; model 2's spatial blocks (each
+  tubelet-frame's tokens, frames folded into the batch, of which only the class token goes on) and its temporal
+  blocks over the frames' class tokens, two sequences. The head reads the class token (global_pool="token").
 * timm VOLO: the Transformer blocks of the stages after the last Downsample (and after the position embedding,
   added before network[2]). They run on a (B, H, W, C) map but neither their attention (over the flattened map) nor
   their MLP uses the grid, so the contract calls them grid-free map blocks with global attention, and their reducing
@@ -32,7 +35,7 @@ import torch.nn as nn
 from timm.models import convit, crossvit, tnt, vision_transformer, volo
 
 from ..contract import BlockSpec, describe
-from ..models import hyena_nd, pvt, spectformer
+from ..models import hyena_nd, pvt, spectformer, vivit
 from ..techniques import TechniqueNotApplicable
 from .patch import REDUCING_ATTENTION, REDUCING_BLOCKS, TokenReducingModel
 
@@ -40,8 +43,8 @@ __all__ = ["TokenSequence", "token_sequences", "reducible_blocks", "SUPPORTS", "
 
 SUPPORTS = ("it supports models whose blocks attend globally over a token sequence without its grid (token-reducible "
             "in vitlab.contract): timm VisionTransformer (ViT, DeiT, ViTamin, T2T-ViT, registers), ConViT's MHSA "
-            "blocks, CrossViT's branches, PVT v1's last stage (sr_ratio 1), SpectFormer's attention blocks and VOLO's "
-            "transformer stages")
+            "blocks, CrossViT's branches, PVT v1's last stage (sr_ratio 1), SpectFormer's attention blocks, VOLO's "
+            "transformer stages and ViViT's space-time, spatial and temporal blocks (class-token head)")
 
 
 @dataclass
@@ -151,6 +154,17 @@ def _spectformer(model, by_name) -> list[TokenSequence]:
     return _sequence("blocks", by_name, names, model.patch_embed.num_patches, _grid(model.patch_embed))
 
 
+def _vivit(model, by_name) -> list[TokenSequence]:
+    _check_pool(model, ("token",))
+    t, h, w = model.patch_embed.grid_size
+    spatial = [f"blocks.{i}" for i in range(len(model.blocks))]
+    if not model.factorised:
+        return _sequence("blocks", by_name, spatial, t * h * w)
+    temporal = [f"temporal_blocks.{i}" for i in range(len(model.temporal_blocks))]
+    return (_sequence("blocks", by_name, spatial, h * w, (h, w))
+            + _sequence("temporal_blocks", by_name, temporal, t))
+
+
 def _volo(model, by_name) -> list[TokenSequence]:
     _check_pool(model, ("token", "avg", ""))
     if model.pos_embed is None:
@@ -196,6 +210,7 @@ FAMILIES: dict[type, Callable] = {
     spectformer.SpectFormer: _spectformer,
     hyena_nd.HyenaViT: _spectformer,          # Hyena blocks first, timm attention blocks last: the same layout
     volo.VOLO: _volo,
+    vivit.ViViT: _vivit,
 }
 
 
