@@ -77,11 +77,12 @@ WORKS = {
     # video (issue 19): clips (B, C, T, H, W)
     "vl_test_vivit": ALL - {"expedit"},
     "vl_test_vivit_joint": ALL - {"expedit"},
+    "vl_test_videomae": ALL - {"expedit"},
 }
-VIDEO_MODELS = ("vl_test_vivit", "vl_test_vivit_joint")
+VIDEO_MODELS = ("vl_test_vivit", "vl_test_vivit_joint", "vl_test_videomae")
 # a cell's technique text where the column's is too mild to save MACs on that model (ToMe's and MCTF's matching
 # costs more than merging 1 of 80 space-time tokens saves in a 2-block model)
-TEXT = {("vl_test_vivit_joint", "tome"): "tome:r=8", ("vl_test_vivit_joint", "mctf"): "mctf:r=8"}
+TEXT = {(name, t): f"{t}:r=8" for name in ("vl_test_vivit_joint", "vl_test_videomae") for t in ("tome", "mctf")}
 
 # where the wave-2 techniques work (every other cell refuses by name)
 _GLOBAL_TOKENS = VIDEO_MODELS + ("convit_tiny", "vitamin_small_224", "crossvit_tiny_240", "volo_d1_224", "vl_test_pvt",

@@ -195,3 +195,22 @@ def test_pretrain_bad_input(tmp_path, capsys):
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
+
+
+def test_videomae_pretrains_a_video_backbone_that_fine_tunes(tmp_path, capsys):
+    run = tmp_path / "vmae"
+    data = "moving-fashion-mnist-cls:clips=32"
+    assert main(["pretrain", "vl_test_videomae", "--method", "videomae", "--data", data, "--batch-size", "8",
+                 "--max-steps", "3", "--out", str(run), "--no-progress", "--threads", "1"]) == 0
+    record = json.loads((run / "pretrain.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 3 and record["reconstruction"] > 0
+    backbone = create_model(str(run))
+    torch.manual_seed(0)
+    init = create_model("vl_test_videomae", num_classes=6)
+    assert backbone.state_dict().keys() == init.state_dict().keys()   # the decoder is not kept
+    assert not torch.equal(backbone.blocks[0].attn.qkv.weight, init.blocks[0].attn.qkv.weight)
+    assert main(["train", "--init", str(run), "--data", data, "--epochs", "1", "--batch-size", "8",
+                 "--out", str(tmp_path / "ft"), "--no-progress", "--threads", "1", "--no-val"]) == 0
+    assert main(["pretrain", "vl_test_videomae", "--method", "videomae", "--data", "synthetic:n=32",
+                 "--batch-size", "8", "--out", str(tmp_path / "img"), "--no-progress"]) == 2
+    assert "clips" in capsys.readouterr().err

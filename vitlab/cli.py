@@ -348,9 +348,10 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("pretrain", help="self-supervised pretraining of a backbone without labels (SiT, "
                          "TOV-VICReg); fine-tune the result with `vitlab train --init RUN`")
     p.add_argument("model", metavar="MODEL", help="model name or checkpoint folder (the backbone)")
-    p.add_argument("--method", required=True, choices=("sit", "tov-vicreg"),
+    p.add_argument("--method", required=True, choices=("sit", "tov-vicreg", "videomae"),
                    help="sit: rotation + contrastive + corrupted-image reconstruction; tov-vicreg: VICReg + "
-                        "temporal-order verification on generated frame sequences")
+                        "temporal-order verification on generated frame sequences; videomae: masked tubelet "
+                        "reconstruction on clips (vl_videomae_* backbones, video data)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for the backbone checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     p.add_argument("--data", default="fashion-mnist", metavar="SPEC", help="images of its train split (labels unused)")

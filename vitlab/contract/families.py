@@ -596,4 +596,13 @@ def _vivit_spec(model) -> ModelSpec:
     if model.factorised:
         stages.append(StageSpec("temporal_blocks", _blocks(model.temporal_blocks, "temporal_blocks", 1)))
     return _spec(model, "vivit", stages, prefix=1)
+
+
+from ..models import videomae as _videomae  # noqa: E402
+
+
+@register_adapter(_videomae.VideoMAE)
+def _videomae_spec(model) -> ModelSpec:
+    """VideoMAE: timm `Block`s over the tubelet tokens, no class token (the head averages them)."""
+    return _spec(model, "videomae", [StageSpec("blocks", _blocks(model.blocks, "blocks", 0))])
 # --- end vivit ---

@@ -17,11 +17,16 @@
   in one of the 6 orders and a linear layer says whether the order is the true one (BCE; 1 in 6 is). Our frame
   sequences come from Fashion-MNIST images moved smoothly (`motion_sequences`: a seeded shift and rotation per
   frame), standing in for the paper's Atari frames.
+* **VideoMAE** (Tong et al., NeurIPS 2022; `vitlab.models.videomae`): tube masking at ratio 0.9, the encoder on the
+  visible tubelets, a decoder half the encoder's width (4 layers, half its heads, as the official ViT-S/B configs)
+  reconstructing the masked tubelets' normalised pixels (MSE). Backbones: `vl_videomae_*` on video data
+  (`moving-fashion-mnist-cls`, whose labels are unused).
 
 The heads are dropped at the end: the run folder holds a vitlab checkpoint of the backbone alone, which
 `vitlab train --init RUN` fine-tunes (its classifier starts from the backbone's random init).
 
     vitlab pretrain vl_vit_fmnist --method sit --data fashion-mnist --epochs 1 --out runs/sit
+    vitlab pretrain vl_videomae_mfmnist --method videomae --data moving-fashion-mnist-cls:clips=2000 --out runs/vmae
     vitlab train --init runs/sit --data fashion-mnist:fraction=0.1 --epochs 10 --out runs/sit-ft
 """
 import dataclasses
@@ -44,9 +49,9 @@ from ..utils.lock import lock_folder
 
 __all__ = ["METHODS", "PretrainConfig", "PretrainError", "pretrain", "vicreg_terms", "vicreg_loss", "off_diagonal",
            "nt_xent", "uncertainty_weighted", "rotate", "corrupt", "motion_sequences", "order_verification_batch",
-           "SiT", "TOVVICReg"]
+           "SiT", "TOVVICReg", "VideoMAEMethod"]
 
-METHODS = ("sit", "tov-vicreg")
+METHODS = ("sit", "tov-vicreg", "videomae")
 METRICS_FILE = "pretrain.jsonl"
 
 
@@ -356,6 +361,32 @@ class PretrainConfig:
                                 "batch; use at least 4 (e.g. 128)")
 
 
+class VideoMAEMethod(nn.Module):
+    """VideoMAE pre-training of a `vl_videomae_*` backbone (see the module docstring)."""
+
+    def __init__(self, backbone: nn.Module, mask_ratio: float = 0.9, decoder_depth: int = 4):
+        super().__init__()
+        from ..models.videomae import VideoMAE, VideoMAEPretrainer
+
+        if not isinstance(backbone, VideoMAE):
+            raise PretrainError(f"--method videomae supports VideoMAE backbones (vl_videomae_*), not "
+                                f"{type(backbone).__name__}: e.g. vitlab pretrain vl_videomae_mfmnist --data "
+                                "moving-fashion-mnist-cls ...")
+        heads = max(1, backbone.blocks[0].attn.num_heads // 2) if len(backbone.blocks) else 1
+        self.trainer = VideoMAEPretrainer(backbone, decoder_dim=backbone.embed_dim // 2, decoder_depth=decoder_depth,
+                                          decoder_heads=heads, mask_ratio=mask_ratio)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"trainer.mask_token"}
+
+    def loss(self, images: torch.Tensor, gen: torch.Generator, fill: float) -> tuple[torch.Tensor, dict]:
+        if images.dim() != 5:
+            raise PretrainError(f"--method videomae pretrains on clips (B, C, T, H, W); the data gives "
+                                f"{tuple(images.shape)}: use a video set, e.g. --data moving-fashion-mnist-cls")
+        loss = self.trainer.loss(images, generator=gen)
+        return loss, {"reconstruction": loss.detach()}
+
+
 def _build(cfg: PretrainConfig) -> tuple[nn.Module, nn.Module, torch.utils.data.Dataset, dict]:
     """(backbone, method module, unlabelled train split, preprocessing)."""
     from ..data import build_dataset, dataset_info
@@ -369,7 +400,7 @@ def _build(cfg: PretrainConfig) -> tuple[nn.Module, nn.Module, torch.utils.data.
     c, h, w = pre["input_size"]
     data = build_dataset(cfg.data, "train", img_size=(h, w), in_chans=c, mean=pre["mean"], std=pre["std"],
                          data_dir=cfg.data_dir)
-    method = SiT(backbone) if cfg.method == "sit" else TOVVICReg(backbone)
+    method = {"sit": SiT, "tov-vicreg": TOVVICReg, "videomae": VideoMAEMethod}[cfg.method](backbone)
     return backbone, method, data, pre
 
 

@@ -19,6 +19,8 @@ no later block needs the grid or the full count) and needs reducing classes for 
 * vitlab ViViT (video): model 1's joint space-time blocks over all tubelet tokens; model 2's spatial blocks (each
   tubelet-frame's tokens, frames folded into the batch, of which only the class token goes on) and its temporal
   blocks over the frames' class tokens, two sequences. The head reads the class token (global_pool="token").
+* vitlab VideoMAE (video): every block, over the tubelet tokens (no class token; the mean-pooling head weights
+  merged tokens by size).
 * timm VOLO: the Transformer blocks of the stages after the last Downsample (and after the position embedding,
   added before network[2]). They run on a (B, H, W, C) map but neither their attention (over the flattened map) nor
   their MLP uses the grid, so the contract calls them grid-free map blocks with global attention, and their reducing
@@ -35,7 +37,7 @@ import torch.nn as nn
 from timm.models import convit, crossvit, tnt, vision_transformer, volo
 
 from ..contract import BlockSpec, describe
-from ..models import hyena_nd, pvt, spectformer, vivit
+from ..models import hyena_nd, pvt, spectformer, videomae, vivit
 from ..techniques import TechniqueNotApplicable
 from .patch import REDUCING_ATTENTION, REDUCING_BLOCKS, TokenReducingModel
 
@@ -44,7 +46,7 @@ __all__ = ["TokenSequence", "token_sequences", "reducible_blocks", "SUPPORTS", "
 SUPPORTS = ("it supports models whose blocks attend globally over a token sequence without its grid (token-reducible "
             "in vitlab.contract): timm VisionTransformer (ViT, DeiT, ViTamin, T2T-ViT, registers), ConViT's MHSA "
             "blocks, CrossViT's branches, PVT v1's last stage (sr_ratio 1), SpectFormer's attention blocks, VOLO's "
-            "transformer stages and ViViT's space-time, spatial and temporal blocks (class-token head)")
+            "transformer stages, ViViT's space-time, spatial and temporal blocks (class-token head) and VideoMAE")
 
 
 @dataclass
@@ -165,6 +167,11 @@ def _vivit(model, by_name) -> list[TokenSequence]:
             + _sequence("temporal_blocks", by_name, temporal, t))
 
 
+def _videomae(model, by_name) -> list[TokenSequence]:
+    names = [f"blocks.{i}" for i in range(len(model.blocks))]
+    return _sequence("blocks", by_name, names, model.patch_embed.num_patches)
+
+
 def _volo(model, by_name) -> list[TokenSequence]:
     _check_pool(model, ("token", "avg", ""))
     if model.pos_embed is None:
@@ -211,6 +218,7 @@ FAMILIES: dict[type, Callable] = {
     hyena_nd.HyenaViT: _spectformer,          # Hyena blocks first, timm attention blocks last: the same layout
     volo.VOLO: _volo,
     vivit.ViViT: _vivit,
+    videomae.VideoMAE: _videomae,
 }
 
 
