@@ -137,6 +137,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (smoke runs)")
     p.add_argument("--no-progress", action="store_true")
     _add_apply(p)
+    p.add_argument("--task", default="classify", choices=("classify", "panoptic", "semantic", "detection"),
+                   help="classify (default), or a dense task on --data fmnist-scenes / coco:PATH with --head; --model "
+                        "is then the backbone, --init a classification checkpoint to start it from (docs/dense.md)")
+    p.add_argument("--head", default=None, metavar="NAME[:key=value,...]",
+                   help="dense head (vitlab.dense; docs/dense.md lists them and the tasks each does)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="dense tasks: optimizer steps (default: 2000)")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=None,
+                   help="dense tasks: linear warm-up steps (default: steps // 20)")
+    p.add_argument("--eval-every", type=non_negative_int, default=0, metavar="STEPS",
+                   help="dense tasks: evaluate on val and save every STEPS (0, the default: at the end)")
 
     p = verbs.add_parser("distill-logits", help="run a teacher once over a training run's augmented images and store "
                          "its top-k probabilities for vitlab train --recipe fastkd:store=STORE (TinyViT)")
@@ -225,6 +236,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=positive_int, default=5)
     p.add_argument("--json", action="store_true")
     _add_apply(p)
+    p.add_argument("--out", default=None, metavar="FILE.png|DIR",
+                   help="dense checkpoints: the PNG with masks and boxes drawn (a folder for several images)")
+    p.add_argument("--threshold", type=probability, default=0.5,
+                   help="dense detection: draw boxes scoring at least this (default: %(default)s)")
 
     p = verbs.add_parser("explain", help="explanations: attention rollout, attention maps, CAMs, token sources")
     p.add_argument("checkpoint", help="checkpoint folder or model name")
@@ -410,6 +425,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds instead of the full toy")
     p.add_argument("--threads", type=positive_int, default=None)
 
+    p = verbs.add_parser("search", help="ViT-ResNAS architecture search: supernet, then evolution / random / NSGA-II "
+                         "under a MAC or CPU-latency budget (docs/search.md)")
+    p.add_argument("--space", default="resnas", choices=["resnas", "tiny"], help="search space (default: %(default)s)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-macs", type=positive_float, default=None, metavar="M", help="MAC budget per image")
+    budget.add_argument("--latency-ms", type=positive_float, default=None, metavar="L",
+                        help="batch-1 latency budget on this CPU at --threads threads")
+    p.add_argument("--evaluations", type=positive_int, default=30, help="nets scored per method (default: %(default)s)")
+    p.add_argument("--methods", default="evolution,random,nsga2", help="comma-separated (default: %(default)s)")
+    p.add_argument("--supernet", default=None, metavar="DIR", help="reuse the supernet of an earlier search's --out")
+    p.add_argument("--steps", type=positive_int, default=300, help="supernet training steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--nets-per-batch", type=positive_int, default=4, help="sampled nets per batch (default: %(default)s)")
+    p.add_argument("--val-images", type=positive_int, default=1000, help="val images that score a net (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="DIR", help="search.json, supernet/ and the best net's checkpoint best/")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--threads", type=positive_int, default=1)
+
     p = verbs.add_parser("models", help="list model names with parameter counts")
     p.add_argument("pattern", nargs="?", default="vl_*", help="glob, e.g. 'deit*' or '*' (default: %(default)s)")
     p.add_argument("--no-params", action="store_true", help="names only")
@@ -471,6 +504,8 @@ def cmd_train(args) -> int:
     from .engine.train import TrainConfig, fit
     from .errors import UserError
 
+    if args.task != "classify" or (args.resume and _is_dense(args.resume)):
+        return _train_dense(args)
     if args.resume and args.overwrite:
         raise UserError("--resume continues a run and --overwrite replaces one: give one of them")
     if not args.resume and not args.out:
@@ -507,6 +542,49 @@ def cmd_train(args) -> int:
         out = fit(TrainConfig(**settings), overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(f"checkpoint: {out}")
+    return 0
+
+
+# flags of `vitlab train` a dense task reads (dest -> DenseTrainConfig field); any other given is refused by name
+_DENSE_TRAIN_FIELDS = {"head": "head", "model": "backbone", "init": "init", "model_kwargs": "backbone_kwargs",
+                       "data": "data", "data_dir": "data_dir", "steps": "steps", "batch_size": "batch_size",
+                       "lr": "lr", "min_lr": "min_lr", "weight_decay": "weight_decay", "warmup_steps": "warmup",
+                       "clip_grad": "clip_grad", "seed": "seed", "threads": "threads", "eval_every": "eval_every",
+                       "no_progress": "progress"}
+
+
+def _train_dense(args) -> int:
+    """`vitlab train --task panoptic|semantic|detection --head NAME`: vitlab.dense.engine.fit_dense."""
+    from .dense.engine import DenseTrainConfig, fit_dense
+    from .dense.heads import head_names
+    from .errors import UserError
+
+    given = _given_flags(args, "train")
+    if given is None:   # called without main(): flags that differ from their defaults count as given
+        defaults = vars(_parser().parse_args(["train"]))
+        given = {k for k, v in vars(args).items() if k in defaults and defaults[k] != v}
+    given -= {"task"}
+    if args.resume:
+        extra = sorted(given - {"resume"})
+        if extra:
+            raise UserError(f"--resume {args.resume}: a dense run continues with its own settings; drop "
+                            f"{', '.join('--' + d.replace('_', '-') for d in extra)}")
+        print(f"checkpoint: {fit_dense(resume=args.resume)}")
+        return 0
+    other = sorted(given - set(_DENSE_TRAIN_FIELDS) - {"out", "overwrite"})
+    if other:
+        raise UserError(f"--task {args.task}: {', '.join('--' + d.replace('_', '-') for d in other)}: for "
+                        "classification only (--task classify); drop them")
+    if not args.head:
+        raise UserError(f"--task {args.task} needs --head NAME; heads for it: {', '.join(head_names(args.task))}")
+    if not args.out:
+        raise UserError("give --out RUN_DIR (or --resume RUN_DIR)")
+    values = {"model_kwargs": _json_arg(args.model_kwargs, "--model-kwargs"), "no_progress": not args.no_progress,
+              "clip_grad": args.clip_grad or None}
+    settings = {field: values.get(dest, getattr(args, dest)) for dest, field in _DENSE_TRAIN_FIELDS.items()
+                if dest in given or dest == "head"}
+    out = fit_dense(DenseTrainConfig(out=args.out, task=args.task, **settings), overwrite=args.overwrite)
+    print(f"checkpoint: {out}")
     return 0
 
 
@@ -601,6 +679,8 @@ def cmd_eval(args) -> int:
     from .engine.evaluate import evaluate, plot_confusion
     from .utils.io import atomic_write_json
 
+    if _is_dense(args.checkpoint):
+        return _eval_dense(args)
     _threads(args.threads)
     if args.out:
         _check_out(args.out)
@@ -624,6 +704,54 @@ def cmd_eval(args) -> int:
         summary = {k: result[k] for k in ("top1", "top5", "loss", "n", "skipped", "skipped_files")}
         summary.update(per_class=result["per_class"], data=args.data, split=args.split, checkpoint=args.checkpoint)
         print(json.dumps(summary))
+    return 0
+
+
+def _is_dense(checkpoint: str) -> bool:
+    """Whether `checkpoint` is a dense-prediction checkpoint (vitlab train --task panoptic|semantic|detection)."""
+    from .dense.engine import is_dense_checkpoint
+
+    return is_dense_checkpoint(checkpoint)
+
+
+def _eval_dense(args) -> int:
+    """`vitlab eval` of a dense checkpoint: PQ / mIoU / AP on --data (default: the scenes it was trained on)."""
+    from .data import build_dense_dataset
+    from .dense.engine import evaluate_dense, load_dense
+    from .errors import UserError
+    from .utils.io import atomic_write_json
+
+    _threads(args.threads)
+    if args.out:
+        _check_out(args.out)
+    model = load_dense(args.checkpoint)
+    info, config = model.vitlab_dense, model.vitlab_checkpoint["config"]
+    given = _given_flags(args, "eval")
+    data = args.data if given is None or "data" in given else config["data"].get("spec", args.data)
+    dataset = build_dense_dataset(data, args.split, data_dir=args.data_dir, in_chans=info["in_chans"])
+    classes = config["preprocessing"]["class_names"]
+    if list(dataset.classes) != list(classes) or dataset.input_size[-1] != info["img_size"]:
+        raise UserError(f"--data {data} has classes {list(dataset.classes)} at {dataset.input_size[-1]} px, the "
+                        f"checkpoint {classes} at {info['img_size']} px: evaluate on the data it was trained on")
+    if args.apply:   # techniques on the dense model (vitlab.dense.apply); calibration: --calib-split scenes of data
+        from .bench.measure import calibration_batches, needs_calibration
+        from .techniques import apply_, parse_apply
+
+        configs = parse_apply(args.apply)
+        calib = calibration_batches(model, data, args.calib_split, args.calib_images, data_dir=args.data_dir) \
+            if needs_calibration(configs) else None
+        model = apply_(model, configs, calib=calib)
+    result = evaluate_dense(model, dataset, info["task"], batch_size=min(args.batch_size, 64), limit=args.limit,
+                            progress=not args.json)
+    print(f"{args.checkpoint} ({info['task']}, head {info['head']}, backbone {info['backbone']}) on {data} "
+          f"[{args.split}], {result['n']} scenes")
+    print("  " + "   ".join(f"{k} {100 * v:.2f}" for k, v in result.items() if k != "n"))
+    if args.out:
+        atomic_write_json(Path(args.out) / "metrics.json", {**result, "data": data, "split": args.split})
+        print(f"  wrote {Path(args.out) / 'metrics.json'}")
+    if args.json:
+        print(json.dumps({**result, "task": info["task"], "data": data, "split": args.split,
+                          "checkpoint": args.checkpoint}))
     return 0
 
 
@@ -670,6 +798,18 @@ def cmd_predict(args) -> int:
     from .data.transforms import display_name
     from .predict import predict
 
+    if _is_dense(args.checkpoint):
+        from .dense.predict import predict_files
+        from .errors import UserError
+
+        if args.apply:
+            raise UserError(f"--apply is not supported by vitlab predict for the dense checkpoint {args.checkpoint}")
+        if not args.out:
+            raise UserError(f"{args.checkpoint} is a dense checkpoint: give --out FILE.png (a folder for several "
+                            "images) for the drawn prediction")
+        for path in predict_files(args.checkpoint, args.images, args.out, threshold=args.threshold):
+            print(f"wrote {path}")
+        return 0
     results = predict(args.checkpoint, args.images, top=args.top, apply=args.apply)
     for path, top in results.items():
         print(display_name(path))  # a non-UTF-8 file name prints with \xNN escapes
@@ -983,6 +1123,26 @@ def cmd_toy(args) -> int:
 
 
 COMMANDS["toy"] = cmd_toy
+
+
+def cmd_search(args) -> int:
+    from .search.run import search
+
+    _threads(args.threads)
+    _check_out(args.out)
+    record = search(args.out, space=args.space, budget_macs=args.budget_macs, latency_ms=args.latency_ms,
+                    evaluations=args.evaluations, methods=tuple(m for m in args.methods.split(",") if m),
+                    supernet=args.supernet, steps=args.steps, batch_size=args.batch_size,
+                    nets_per_batch=args.nets_per_batch, val_images=args.val_images, threads=args.threads,
+                    seed=args.seed)
+    best = record["best"]
+    latency = f", {best['cost']:.3f} ms" if record["budget"]["unit"] == "ms" else ""
+    print(f"best ({best['method']}): {best['accuracy']:.2f}% on {record['val']}, {best['macs']:,} MACs{latency}")
+    print(f"{args.out}/search.json; checkpoint {args.out}/best (retrain: vitlab train --init {args.out}/best ...)")
+    return 0
+
+
+COMMANDS["search"] = cmd_search
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,7 +90,11 @@ class TorchRunner:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
-            return self._forward(images).float()
+            out = self._forward(images)
+        if isinstance(out, torch.Tensor):
+            return out.float()
+        # a dense model (vitlab.dense) returns a dict of tensors (and lists of dicts): each float, as logits are
+        return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.float(), out)
 
     def close(self) -> None:
         pass

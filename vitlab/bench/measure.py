@@ -49,6 +49,8 @@ class MeasureRow:
     cpu_flags: str = ""             # ISA flags that change engine kernels (vitlab.profiling.cpu), e.g. "avx2 avx512_vnni"
     engine_choice: dict | None = None   # engine=auto: how the engine was chosen (trial timings, cache, or ISA rule)
     quant_mac_fraction: float | None = None   # quantized: MACs run by quantized ops / all MACs, stem and head excluded
+    task_metric: str | None = None  # a dense model (vitlab.dense): "pq", "miou" or "ap", measured in place of top-1
+    task_score: float | None = None
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -81,7 +83,8 @@ def calibration_batches(model, data: str, split: str = "train", num_images: int 
                          "use --calib-split train (default) or val")
     if num_images < 1:
         raise ValueError(f"--calib-images must be >= 1, got {num_images}")
-    dataset = dataset_for_model(model, data, split, data_dir=data_dir, check=False)
+    dataset = _dense_calibration_set(model, data, split, data_dir) or dataset_for_model(model, data, split,
+                                                                                          data_dir=data_dir, check=False)
     get = getattr(dataset, "get_or_skip", dataset.__getitem__)
     images = []
     for i in torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist():
@@ -93,6 +96,17 @@ def calibration_batches(model, data: str, split: str = "train", num_images: int 
     if not images:
         raise ValueError(f"none of the images of {data} [{split}] can be decoded: check the files")
     return list(torch.stack(images).split(batch_size))
+
+
+def _dense_calibration_set(model, data: str, split: str, data_dir: str | None):
+    """The scenes of a dense data spec (fmnist-scenes, coco:PATH) for calibrating a dense model (vitlab.dense),
+    items (image, target dict); None otherwise (a classifier given scenes gets the data module's own refusal)."""
+    from ..data import DENSE_KINDS, DataSpec, build_dense_dataset
+    from ..runner import model_input_size
+
+    if getattr(model, "vitlab_dense", None) is None or DataSpec.parse(data).kind not in DENSE_KINDS:
+        return None
+    return build_dense_dataset(data, split, data_dir=data_dir, in_chans=model_input_size(model)[0])
 
 
 def build_runner(source: str, apply=(), img_size: int | None = None, dtype: str = "fp32",
@@ -179,7 +193,16 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
         c, h, w = runner.input_size
         shape = item_shape(runner)   # (C, H, W), or (C, T, H, W) for a video model
         accuracy = {"top1": None, "top5": None, "loss": None, "n": None}
-        if data is not None:
+        dense = getattr(module, "vitlab_dense", None)
+        if data is not None and dense is not None:   # the task metric (PQ / mIoU / AP) in place of top-1
+            from ..data import build_dense_dataset
+            from ..dense.engine import TASK_METRIC, evaluate_dense
+
+            scenes = build_dense_dataset(data, split, data_dir=data_dir, in_chans=dense["in_chans"])
+            result = evaluate_dense(runner, scenes, dense["task"], limit=eval_limit)
+            accuracy.update(n=result["n"], task_metric=TASK_METRIC[dense["task"]],
+                            task_score=result[TASK_METRIC[dense["task"]]])
+        elif data is not None:
             result = evaluate(runner, dataset_for(runner, data, split, data_dir=data_dir), limit=eval_limit,
                               progress=False)
             accuracy = {k: result[k] for k in accuracy}
@@ -221,6 +244,7 @@ def print_rows(rows: list[MeasureRow]) -> None:
     if not rows:
         return
     has_acc = any(r.top1 is not None for r in rows)
+    task_metrics = sorted({r.task_metric for r in rows if r.task_metric})
     has_quant = any(r.quant_mac_fraction is not None for r in rows)
     table = Table(title=f"vitlab measure  ({rows[0].cpu}; {rows[0].cpu_flags or 'no AVX2'}; {rows[0].threads} threads; "
                         f"torch {rows[0].torch})",
@@ -229,7 +253,7 @@ def print_rows(rows: list[MeasureRow]) -> None:
                           + ("; quant MACs: share of the MACs (stem and head excluded) run by quantized ops"
                              if has_quant else ""))
     for col in ["model", "techniques", "engine"] + (["quant MACs %"] if has_quant else []) + (
-            ["top-1 %", "top-5 %"] if has_acc else []) + [
+            ["top-1 %", "top-5 %"] if has_acc else []) + [f"{m} %" for m in task_metrics] + [
             "params M", "MMACs", "MFLOPs", "batch", "img/s", "latency ms", "peak MB"]:
         table.add_column(col, justify="left" if col in ("model", "techniques", "engine") else "right")
     for r in rows:
@@ -237,7 +261,8 @@ def print_rows(rows: list[MeasureRow]) -> None:
                f"{100 * r.top5:.2f}" if r.top5 is not None else "-"] if has_acc else []
         quant = ([f"{100 * r.quant_mac_fraction:.1f}" if r.quant_mac_fraction is not None else "-"]
                  if has_quant else [])
-        table.add_row(r.model, r.techniques, f"{r.engine} {r.dtype}", *quant, *acc, f"{r.params / 1e6:.3f}",
+        task = [f"{100 * r.task_score:.2f}" if r.task_metric == m else "-" for m in task_metrics]
+        table.add_row(r.model, r.techniques, f"{r.engine} {r.dtype}", *quant, *acc, *task, f"{r.params / 1e6:.3f}",
                       f"{r.macs / 1e6:.1f}", f"{r.flops / 1e6:.1f}", str(r.batch), f"{r.img_per_s:.0f}",
                       f"{r.latency_ms:.2f}", f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "-")
     console = Console(width=max(160, Console().width))

@@ -606,3 +606,26 @@ def _videomae_spec(model) -> ModelSpec:
     """VideoMAE: timm `Block`s over the tubelet tokens, no class token (the head averages them)."""
     return _spec(model, "videomae", [StageSpec("blocks", _blocks(model.blocks, "blocks", 0))])
 # --- end vivit ---
+
+# --- resnas (architecture search, issue 24) ---
+from ..models import resnas as _resnas  # noqa: E402
+
+
+@register_adapter(_resnas.ResNAS)
+def _resnas_spec(model) -> ModelSpec:
+    """ViT-Res: timm `Block`s over (class token + patch tokens) in one `blocks` sequence; a residual spatial reduction
+    (a strided conv on the grid) between stages is each later stage's downsample. The blocks do not use the grid."""
+    stages, current, down = [], [], None
+    for i, layer in enumerate(model.blocks):
+        if isinstance(layer, _resnas.ResidualSpatialReduction):
+            stages.append(StageSpec("blocks", current, down))
+            current, down = [], f"blocks.{i}"
+        elif _rule(layer) is not None:
+            current.append(block_of(layer, f"blocks.{i}", 1))
+    stages.append(StageSpec("blocks", current, down))
+    return _spec(model, "vl_resnas", [s for s in stages if s.blocks], prefix=1)
+# --- end resnas ---
+
+# --- dense (techniques on dense models, issue 24) ---
+from ..dense import apply as _dense_apply  # noqa: E402,F401  (registers the DenseModel adapter)
+# --- end dense ---

@@ -15,7 +15,9 @@ import torch
 
 from .fashion_mnist import FMNIST_CLASSES, FMNIST_DIR, FMNIST_MEAN, FMNIST_STD, NATIVE_SHAPE, FashionMNIST
 from .imagefolder import ImageFolderDataset, find_classes, resolve_root
-from .spec import KINDS, SPLITS, DataError, DatasetNotFoundError, DataSpec, check_aug, check_split, to_stats
+from .spec import (DENSE_KINDS, KINDS, SPLITS, DataError, DatasetNotFoundError, DataSpec, check_aug, check_split,
+                   to_stats)
+from .scenes import CLASS_NAMES, CocoScenes, FmnistScenes, collate_scenes
 from .synthetic import SyntheticDataset
 from .video import CLS_CLASSES, CANVAS, MovingFashionMNIST
 from .transforms import (Preprocessing, check_classes, dataset_for_model, display_name, image_transform,
@@ -25,7 +27,7 @@ __all__ = [
     "SPLITS", "KINDS", "DataSpec", "DataError", "DatasetNotFoundError", "build_dataset", "dataset_info",
     "FashionMNIST", "ImageFolderDataset", "SyntheticDataset", "MovingFashionMNIST", "FMNIST_DIR", "FMNIST_MEAN", "FMNIST_STD",
     "Preprocessing", "resolve_preprocessing", "image_transform", "load_image_tensor", "check_classes",
-    "dataset_for_model",
+    "dataset_for_model", "FmnistScenes", "CocoScenes", "collate_scenes", "build_dense_dataset",
 ]
 
 
@@ -73,6 +75,10 @@ def build_dataset(
     check_split(split)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise DataError(f"seed={seed!r} must be an int")
+    if spec.kind in DENSE_KINDS:
+        raise DataError(f"--data {spec} holds scenes for dense prediction, not labelled images: pass "
+                        f"--task panoptic, semantic or detection (with --head NAME), or classify with "
+                        f"--data fashion-mnist")
     if classes is not None and spec.kind != "imagefolder":
         own = dataset_info(spec)["classes"]
         if list(classes) != own:
@@ -104,7 +110,12 @@ def dataset_info(spec: str | DataSpec, data_dir: str | os.PathLike | None = None
     with build_dataset and is not read.
     """
     spec = DataSpec.parse(spec)
-    if spec.kind == "fashion-mnist":
+    if spec.kind in DENSE_KINDS:  # classes: things, then the background stuff class
+        if spec.kind == "coco":
+            classes, shape = CocoScenes.read_classes(spec.path), None
+        else:
+            classes, shape = list(CLASS_NAMES), (1, spec.option("size"), spec.option("size"))
+    elif spec.kind == "fashion-mnist":
         classes, shape = list(FMNIST_CLASSES), NATIVE_SHAPE
     elif spec.kind.startswith("moving-fashion-mnist"):  # the prediction set has no classes; shape is per frame
         classes, shape = (list(CLS_CLASSES) if spec.kind.endswith("-cls") else []), (1, CANVAS, CANVAS)
@@ -115,3 +126,35 @@ def dataset_info(spec: str | DataSpec, data_dir: str | os.PathLike | None = None
     else:
         classes, shape = [f"class_{i}" for i in range(spec.option("classes"))], None
     return {"kind": spec.kind, "num_classes": len(classes), "classes": classes, "native_shape": shape}
+
+
+def build_dense_dataset(
+        spec: str | DataSpec,
+        split: str = "test",
+        *,
+        data_dir: str | os.PathLike | None = None,
+        seed: int = 0,
+        in_chans: int = 1,
+        mean=None,
+        std=None,
+) -> "FmnistScenes | CocoScenes":
+    """One split of a dense-prediction set: items (image (C, S, S), target dict); see `scenes`.
+
+    'fmnist-scenes[:n=N,size=S,items=K]': N train canvases (default 20000), val N // 20, test N // 10 (at least 1).
+    'coco:PATH': a COCO-format set (PATH/annotations.json, PATH/images/), resized to 64 px.
+    mean/std default to Fashion-MNIST's for 1 channel and ImageNet's for 3.
+    """
+    spec = DataSpec.parse(spec)
+    check_split(split)
+    if spec.kind not in DENSE_KINDS:
+        raise DataError(f"--data {spec} has no dense labels: use 'fmnist-scenes[:n=N,size=S,items=K]' or "
+                        f"'coco:PATH' with --task, or drop --task to classify")
+    if spec.kind == "coco":
+        return CocoScenes(spec.path, split, in_chans=in_chans, seed=seed, mean=mean, std=std)
+    if in_chans != 1:
+        raise DataError(f"fmnist-scenes canvases are grayscale (1 channel) but the model expects {in_chans}: "
+                        f"create the model with in_chans=1")
+    n = spec.option("n")
+    n = {"train": n, "val": max(1, n // 20), "test": max(1, n // 10)}[split]
+    return FmnistScenes(split, n=n, size=spec.option("size"), max_items=spec.option("items"), data_dir=data_dir,
+                        seed=seed, mean=FMNIST_MEAN if mean is None else mean, std=FMNIST_STD if std is None else std)

@@ -12,7 +12,9 @@ import torch
 __all__ = ["SPLITS", "KINDS", "DataSpec", "DataError", "DatasetNotFoundError"]
 
 SPLITS = ("train", "val", "test")
-KINDS = ("fashion-mnist", "imagefolder", "synthetic", "moving-fashion-mnist", "moving-fashion-mnist-cls")
+KINDS = ("fashion-mnist", "imagefolder", "synthetic", "moving-fashion-mnist", "moving-fashion-mnist-cls",
+         "fmnist-scenes", "coco")
+DENSE_KINDS = ("fmnist-scenes", "coco")  # items (image, target dict) for --task panoptic|semantic|detection
 _ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "image-folder": "imagefolder"}
 SYNTHETIC_DEFAULTS = {"n": 256, "classes": 10, "frames": 0}   # frames=T: clips (C, T, H, W)
 # fashion-mnist:imbalance=R: a long-tailed train split, n_i = n_max * (1/R)^(i/(C-1)) (fashion_mnist.long_tail_counts)
@@ -21,8 +23,13 @@ FMNIST_DEFAULTS = {"imbalance": 1, "percent": 100}
 # moving-fashion-mnist[-cls]:clips=N,frames=T: N train clips (val N // 10, test N // 5) of T frames (video.py)
 VIDEO_DEFAULTS = {"clips": 10000, "frames": 10}
 VIDEO_KINDS = ("moving-fashion-mnist", "moving-fashion-mnist-cls")
+# fmnist-scenes:n=N,size=S,items=K: N train canvases (val N // 20, test N // 10) of S x S px, 1..K items (scenes.py)
+SCENES_DEFAULTS = {"n": 20000, "size": 64, "items": 6}
+_OPTION_DEFAULTS = {"synthetic": SYNTHETIC_DEFAULTS, "fashion-mnist": FMNIST_DEFAULTS,
+                    **dict.fromkeys(VIDEO_KINDS, VIDEO_DEFAULTS), "fmnist-scenes": SCENES_DEFAULTS}
 SPEC_HELP = ("use 'fashion-mnist[:imbalance=R,percent=P]', 'imagefolder:PATH', 'synthetic[:n=N,classes=K]' or "
-             "'moving-fashion-mnist[-cls][:clips=N,frames=T]'")
+             "'moving-fashion-mnist[-cls][:clips=N,frames=T]'; dense tasks: 'fmnist-scenes[:n=N,size=S,items=K]' or "
+             "'coco:PATH'")
 
 
 class DataError(UserError):
@@ -47,16 +54,15 @@ class DataSpec:
         text = _spec_text(self.kind, self.path, self.options)
         if self.kind not in KINDS:
             raise DataError(f"unknown dataset {text!r}: {SPEC_HELP}")
-        if self.kind == "imagefolder":
+        if self.kind in ("imagefolder", "coco"):
             if not self.path:
-                raise DataError(f"dataset {text!r} needs a path: use 'imagefolder:/path/to/root'")
+                raise DataError(f"dataset {text!r} needs a path: use '{self.kind}:/path/to/root'")
         elif self.path:
             fix = SPEC_HELP
             if self.kind == "fashion-mnist":
                 fix = "pass the folder of idx files as data_dir (--data-dir DIR)"
             raise DataError(f"dataset {text!r}: {self.kind} takes no path: {fix}")
-        known = {"synthetic": SYNTHETIC_DEFAULTS, "fashion-mnist": FMNIST_DEFAULTS,
-                 **dict.fromkeys(VIDEO_KINDS, VIDEO_DEFAULTS)}.get(self.kind, {})
+        known = _OPTION_DEFAULTS.get(self.kind, {})
         if self.options and not known:
             raise DataError(f"dataset {text!r}: only synthetic, fashion-mnist and the moving sets take options: "
                             f"{SPEC_HELP}")
@@ -81,9 +87,9 @@ class DataSpec:
         kind = _ALIASES.get(kind.lower(), kind.lower())
         if kind not in KINDS:
             raise DataError(f"unknown dataset {text!r}: {SPEC_HELP}")
-        if kind == "imagefolder":
+        if kind in ("imagefolder", "coco"):
             return cls(kind, path=rest or None)
-        if rest and (kind == "synthetic" or (kind in ("fashion-mnist", *VIDEO_KINDS) and "=" in rest)):
+        if rest and (kind == "synthetic" or (kind in ("fashion-mnist", "fmnist-scenes", *VIDEO_KINDS) and "=" in rest)):
             options = []
             for item in rest.split(","):
                 key, eq, value = item.partition("=")
@@ -95,8 +101,8 @@ class DataSpec:
         return cls(kind, path=rest or None)
 
     def option(self, key: str) -> int:
-        """A synthetic, fashion-mnist or moving-set option as an int, or its default."""
-        return int(dict(self.options).get(key, {**SYNTHETIC_DEFAULTS, **FMNIST_DEFAULTS, **VIDEO_DEFAULTS}[key]))
+        """An option of this kind (synthetic, fashion-mnist, a moving set, fmnist-scenes) as an int, or its default."""
+        return int(dict(self.options).get(key, _OPTION_DEFAULTS[self.kind][key]))
 
     def __str__(self) -> str:
         return _spec_text(self.kind, self.path, self.options)

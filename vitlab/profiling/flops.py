@@ -9,7 +9,9 @@ for several ops a ViT hits on CPU:
   backends, and `aten._scaled_dot_product_attention_math_for_mps`,
 * `aten._native_multi_head_attention` and `aten._transformer_encoder_layer_fwd`: the fused fast paths that
   `nn.MultiheadAttention` / `nn.TransformerEncoderLayer` take in eval mode under `no_grad`,
-* `aten._fft_r2c`, `aten._fft_c2r`, `aten._fft_c2c`: every `torch.fft` transform (spectral token mixers).
+* `aten._fft_r2c`, `aten._fft_c2r`, `aten._fft_c2c`: every `torch.fft` transform (spectral token mixers),
+* `aten.grid_sampler_2d` (+ `_backward`): `F.grid_sample`, the sampling of multi-scale deformable attention
+  (vitlab.dense.msda).
 
 `count_flops` registers formulas for them through `FlopCounterMode(custom_mapping=...)`, reusing torch's own
 `sdpa_flop_count` / `sdpa_backward_flop_count`, so fused and math attention give the same count.
@@ -29,8 +31,9 @@ aten = torch.ops.aten
 
 # Ops whose whole count is attention (torch's own registrations and ours); matched on the op name.
 _SDPA_NAME_PARTS = ("scaled_dot_product", "flash_attention", "efficient_attention", "flex_attention")
-# Batched matmuls that make up attention when it runs unfused (math SDPA backend, hand-written q @ k.T).
-_ATTN_MATMUL_OPS = ("aten.bmm", "aten.baddbmm")
+# Batched matmuls that make up attention when it runs unfused (math SDPA backend, hand-written q @ k.T), and the
+# value sampling of deformable attention (grid_sample inside MSDeformAttn).
+_ATTN_MATMUL_OPS = ("aten.bmm", "aten.baddbmm", "aten.grid_sampler_2d", "aten.grid_sampler_2d_backward")
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,23 @@ def _fft_c2c_flop(self_shape, dim, *args, out_shape=None, **kwargs) -> int:
     return _fft_flop(self_shape, dim)
 
 
+# grid_sample's interpolation_mode: 0 bilinear (4 corners), 1 nearest (a copy), 2 bicubic (4 x 4 taps)
+_GRID_SAMPLE_TAPS = {0: 4, 1: 0, 2: 16}
+
+
+def _grid_sampler_flop(input_shape, grid_shape, interpolation_mode, *args, out_shape=None, **kwargs) -> int:
+    """One MAC per interpolation tap of every output value: N * C * H_out * W_out * taps."""
+    return 2 * math.prod(out_shape) * _GRID_SAMPLE_TAPS.get(interpolation_mode, 4)
+
+
+def _grid_sampler_backward_flop(grad_out_shape, input_shape, grid_shape, interpolation_mode, padding_mode,
+                                align_corners, output_mask, *args, out_shape=None, **kwargs) -> int:
+    """The gradient to the input scatters each output gradient to the taps (taps MACs per value); the gradient to
+    the grid differentiates the taps along x and y (2 x taps MACs per value)."""
+    per_value = _GRID_SAMPLE_TAPS.get(interpolation_mode, 4) * (int(output_mask[0]) + 2 * int(output_mask[1]))
+    return 2 * math.prod(grad_out_shape) * per_value
+
+
 def _mha_macs(batch: int, len_q: int, len_kv: int, embed_dim: int) -> tuple[int, int]:
     """(projection MACs, attention MACs) of multi-head attention with packed in/out projections."""
     proj = batch * len_q * embed_dim * embed_dim * 2 + batch * len_kv * embed_dim * embed_dim * 2  # q, out; k, v
@@ -134,6 +154,8 @@ def _custom_mapping(attention_flops: list[int]) -> dict:
         aten._fft_r2c: _fft_r2c_flop,
         aten._fft_c2r: _fft_c2r_flop,
         aten._fft_c2c: _fft_c2c_flop,
+        aten.grid_sampler_2d: _grid_sampler_flop,
+        aten.grid_sampler_2d_backward: _grid_sampler_backward_flop,
     }
     mapping.update(_fused_mha_mapping(attention_flops))
     return mapping
@@ -254,9 +276,11 @@ def count_flops(model: nn.Module, inputs: torch.Tensor | tuple, *, backward: boo
     softmax are not counted, as in papers and fvcore). SDPA with q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv) is
     B*H*N*M*(d + dv) MACs whatever the backend, masks and causality ignored. An FFT over n = prod(transformed sizes)
     points is 2.5 * n * log2(n) MACs per transformed vector (5 n log2 n FLOPs), for r2c, c2r and c2c alike, n being
-    the real signal length for r2c/c2r. `attention_macs` is the SDPA-style ops, plus the attention part of the
-    fused nn.MultiheadAttention / nn.TransformerEncoderLayer ops, plus bmm/baddbmm executed inside modules whose
-    class name contains "Attention" or "Attn" (how attention shows up on the math backend or in hand-written code).
+    the real signal length for r2c/c2r. Bilinear `grid_sample` is 4 MACs per output value (bicubic 16, nearest 0).
+    `attention_macs` is the SDPA-style ops, plus the attention part of the fused nn.MultiheadAttention /
+    nn.TransformerEncoderLayer ops, plus bmm/baddbmm/grid_sample executed inside modules whose class name contains
+    "Attention" or "Attn" (how attention shows up on the math backend, in hand-written code, and in deformable
+    attention).
     """
     args = _as_args(inputs)
     fused_attention_flops = [0]  # tally the fused-MHA formulas add their attention part to

@@ -248,6 +248,11 @@ def prune_(model: nn.Module, cfg: Prune | None = None, *, calib=None, **kwargs) 
 @register_handler(Prune)
 def _apply_prune(model, cfg: Prune, calib=None):
     from ..techniques import format_technique
+
+    if getattr(model, "vitlab_dense", None) is not None:   # a dense model: its backbone (vitlab.dense.apply)
+        from ..dense.apply import prune_dense_
+
+        return prune_dense_(model, cfg, lambda backbone: _apply_prune(backbone, cfg, calib=calib))
     from .applicable import check_prunable
 
     technique = format_technique(cfg)

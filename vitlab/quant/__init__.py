@@ -319,8 +319,25 @@ def _named(cfg):
     return ctx()
 
 
+def _refuse_dynamic(model: Any, cfg) -> None:
+    """A model whose graph changes per input (`dynamic_graph`: why) is refused by name: calibration and tracing see
+    one graph."""
+    why = getattr(model, "dynamic_graph", None)
+    if why:
+        from ..techniques import TechniqueNotApplicable, format_technique
+
+        raise TechniqueNotApplicable(format_technique(cfg), model, f"{why}; quantization supports models with one "
+                                     "static graph")
+
+
+def _dense(model: Any) -> bool:
+    """Whether `model` is a dense-prediction model (its forward returns a dict: vitlab.dense)."""
+    return isinstance(model, nn.Module) and getattr(model, "vitlab_dense", None) is not None
+
+
 @register_handler(PTQ)
 def _apply_ptq(model: nn.Module, cfg: PTQ, calib=None) -> nn.Module:
+    _refuse_dynamic(model, cfg)
     _require_calib(cfg, calib)
     calib = list(calib)
     with _named(cfg):
@@ -338,7 +355,12 @@ def _apply_w8a8(model: nn.Module, cfg: W8A8, calib=None):
     _require_calib(cfg, calib)
     from .deploy import deploy_w8a8
 
+    _refuse_dynamic(model, cfg)
     with _named(cfg):
+        if _dense(model):   # dict outputs: exported flat, the dict rebuilt (vitlab.dense.apply)
+            from ..dense.apply import deploy_dense
+
+            return deploy_dense(model, lambda flat: deploy_w8a8(flat, cfg, list(calib)), list(calib)[0])
         return deploy_w8a8(model, cfg, list(calib))
 
 
@@ -346,7 +368,13 @@ def _apply_w8a8(model: nn.Module, cfg: W8A8, calib=None):
 def _apply_w8(model: nn.Module, cfg: W8, calib=None):
     from .deploy import deploy_w8
 
+    _refuse_dynamic(model, cfg)
     with _named(cfg):
+        if _dense(model):   # dict outputs: exported flat, the dict rebuilt (vitlab.dense.apply)
+            from ..dense.apply import deploy_dense
+            from ..runner import example_shape
+
+            return deploy_dense(model, lambda flat: deploy_w8(flat, cfg), torch.zeros(1, *example_shape(model)))
         return deploy_w8(model, cfg)
 
 
@@ -354,6 +382,12 @@ def _apply_w8(model: nn.Module, cfg: W8, calib=None):
 def _apply_bf16(model: nn.Module, cfg: BF16):
     from .deploy import deploy_bf16
 
+    _refuse_dynamic(model, cfg)
+    if _dense(model):   # dict outputs: exported flat, the dict rebuilt (vitlab.dense.apply)
+        from ..dense.apply import deploy_dense
+        from ..runner import example_shape
+
+        return deploy_dense(model, lambda flat: deploy_bf16(flat, cfg), torch.zeros(1, *example_shape(model)))
     return deploy_bf16(model, cfg)
 
 
