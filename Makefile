@@ -29,5 +29,9 @@ demo: setup
 	$(BIN)/vitlab pareto checkpoints/fashion-mnist-reference --data fashion-mnist \
 	  --candidates checkpoints/fashion-mnist-pruned50 --out pareto-out --budget-minutes 8
 
+# Two processes: the dense, search and toy-agent tests load native libraries (OpenSpiel, HF Mask2Former, ...) after
+# which a later OpenVINO int8 compile in the same process segfaulted (root cause open); each group passes alone.
+HEAVY := tests/test_agents_*.py tests/test_dense_*.py tests/test_search.py
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(HEAVY)
+	$(BIN)/python -m pytest -q $(foreach f,$(HEAVY),--ignore-glob='$(f)')

@@ -6,7 +6,8 @@ import torch
 
 import vitlab.models  # noqa: F401  (registers vl_* models)
 
-torch.set_num_threads(int(os.environ.get("VITLAB_TEST_THREADS", "2")))
+THREADS = int(os.environ.get("VITLAB_TEST_THREADS", "2"))
+torch.set_num_threads(THREADS)
 # vitlab's caches (engine=auto's choices, model parameter counts) go to a folder of this test session, not the
 # user's ~/.cache: a test sees no choice that an earlier run or another machine made
 if "VITLAB_CACHE" not in os.environ:
@@ -23,6 +24,15 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"skipped under CI=true, which counts as a failure: {reason}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """A test that changes torch's thread count (`--threads 1`, `torch.set_num_threads`) leaves the next one at the
+    session's count."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
 
 
 @pytest.fixture
