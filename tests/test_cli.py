@@ -91,6 +91,27 @@ def test_predict_top5(checkpoint, tmp_path, capsys):
     torch.testing.assert_close(torch.tensor([r["prob"] for r in result]), top.values, atol=2e-3, rtol=0)
 
 
+def test_predict_with_a_calibrating_technique(checkpoint, tmp_path, capsys):
+    """`--apply ptq` calibrates on --data (seeded train images): refused without it, and with it the printed
+    probabilities are the quantized model's (the library route, vitlab.apply_ with the same calibration batches)."""
+    from vitlab.bench.measure import calibration_batches
+    from vitlab.predict import load_image
+    from vitlab.techniques import apply_, parse_apply
+
+    img = tmp_path / "shirt.png"
+    Image.fromarray((torch.rand(40, 30, 3) * 255).to(torch.uint8).numpy()).save(img)
+    assert main(["predict", str(checkpoint), str(img), "--apply", "ptq"]) == 2
+    assert "--data SPEC" in capsys.readouterr().err
+    assert main(["predict", str(checkpoint), str(img), "--apply", "ptq", "--data", "synthetic:n=64",
+                 "--calib-images", "16", "--json"]) == 0
+    got = torch.tensor([r["prob"] for r in _last_json(capsys.readouterr().out)[str(img)]])
+    model = vitlab.create_model(checkpoint)
+    quant = apply_(model, parse_apply(["ptq"]), calib=calibration_batches(model, "synthetic:n=64", "train", 16))
+    with torch.no_grad():
+        want = quant(load_image(img, model)[None]).softmax(-1)[0].topk(5).values
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
 def test_models_lists_counts(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("VITLAB_CACHE", str(tmp_path))
     assert main(["models", "vl_test_*"]) == 0   # a pattern (all of vl_* is 100+ models: 20 s to count)

@@ -263,6 +263,22 @@ def test_cli_semantic_and_detection_train_eval_predict(tmp_path, capsys):
                  "--threshold", "0"]) == 0
     assert (tmp_path / "d.png").stat().st_size > 0
 
+    # an --apply stack: pruning needs no images; quantization calibrates on --data scenes and is refused without
+    assert main(["predict", str(tmp_path / "sem"), str(tmp_path / "scene.png"), "--out", str(out), "--apply",
+                 "ptq"]) == 2
+    assert "--data SPEC" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "sem"), str(tmp_path / "scene.png"), "--out", str(tmp_path / "q.png"),
+                 "--apply", "ptq", "--data", "fmnist-scenes:n=16", "--calib-images", "8"]) == 0
+    from vitlab.bench.measure import calibration_batches
+    from vitlab.dense.predict import draw_prediction
+    from vitlab.techniques import apply_, parse_apply
+
+    quant = apply_(sem, parse_apply(["ptq"]), calib=calibration_batches(sem, "fmnist-scenes:n=16", "train", 8))
+    with Image.open(tmp_path / "scene.png") as original:
+        want = draw_prediction(original, predict_dense(quant, x[None, None], "semantic")[0], "semantic",
+                               list(sem.vitlab_checkpoint["config"]["preprocessing"]["class_names"]), model_size=64)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "q.png").convert("RGB")), np.asarray(want.convert("RGB")))
+
 
 @needs_data
 def test_cli_refuses_bad_dense_input(tmp_path, capsys):

@@ -49,6 +49,22 @@ def _add_data(p: argparse.ArgumentParser, default: str | None = "fashion-mnist",
     p.add_argument("--strict", action="store_true", help="a bad image file is an error instead of a skipped warning")
 
 
+def _add_calib(p: argparse.ArgumentParser) -> None:
+    """How `--apply` techniques that calibrate (ptq, w8a8, prune, ...) draw their images from --data."""
+    p.add_argument("--calib-images", type=positive_int, default=256, metavar="N",
+                   help="calibration images when --apply calibrates, a seeded subset of --data (default: %(default)s)")
+    p.add_argument("--calib-split", default="train", choices=("train", "val"),
+                   help="split the calibration images come from (never test; default: %(default)s)")
+
+
+def _add_calib_data(p: argparse.ArgumentParser) -> None:
+    """--data only for calibration (verbs that read their images from files: explain, predict)."""
+    p.add_argument("--data", default=None, metavar="SPEC", help="images that --apply techniques calibrate on "
+                   "(ptq, prune, ...), e.g. fashion-mnist")
+    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files (default: Debian's)")
+    _add_calib(p)
+
+
 def _add_speed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int, default=32, help="batch size for throughput (default: %(default)s)")
     p.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the model's)")
@@ -206,10 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
     p.add_argument("--out", default=None, metavar="DIR", help="write metrics.json and confusion.png here")
-    p.add_argument("--calib-images", type=positive_int, default=256, metavar="N",
-                   help="calibration images when --apply calibrates, a seeded subset of --data (default: %(default)s)")
-    p.add_argument("--calib-split", default="train", choices=("train", "val"),
-                   help="split the calibration images come from (never test; default: %(default)s)")
+    _add_calib(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
     p = verbs.add_parser("bench", help="parameters, MACs/FLOPs, throughput, latency and peak memory")
@@ -236,6 +249,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=positive_int, default=5)
     p.add_argument("--json", action="store_true")
     _add_apply(p)
+    _add_calib_data(p)
     p.add_argument("--out", default=None, metavar="FILE.png|DIR",
                    help="dense checkpoints: the PNG with masks and boxes drawn (a folder for several images)")
     p.add_argument("--threshold", type=probability, default=0.5,
@@ -253,13 +267,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--head", type=non_negative_int, default=None, help="--method attention: head (default: mean over heads)")
     p.add_argument("--tame", default=None, metavar="DIR", help="--method tame: the explainer `vitlab train-tame` wrote")
     p.add_argument("--out", required=True, metavar="FILE.png")
-    p.add_argument("--data", default=None, metavar="SPEC", help="images that --apply techniques calibrate on "
-                   "(ptq, prune, ...), e.g. fashion-mnist")
-    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files (default: Debian's)")
-    p.add_argument("--calib-images", type=positive_int, default=256, metavar="N",
-                   help="calibration images when --apply calibrates, a seeded subset of --data (default: %(default)s)")
-    p.add_argument("--calib-split", default="train", choices=("train", "val"),
-                   help="split the calibration images come from (never test; default: %(default)s)")
+    _add_calib_data(p)
     _add_apply(p)
 
     p = verbs.add_parser("robustness", help="accuracy and calibration (ECE, temperature scaling) under patch "
@@ -277,10 +285,7 @@ def _parser() -> argparse.ArgumentParser:
                         "vitlab.explain.robustness.DEFAULT_SEVERITIES)")
     p.add_argument("--batch-size", type=positive_int, default=250)
     p.add_argument("--threads", type=positive_int, default=None)
-    p.add_argument("--calib-images", type=positive_int, default=256, metavar="N",
-                   help="calibration images when --apply calibrates, a seeded subset of --data (default: %(default)s)")
-    p.add_argument("--calib-split", default="train", choices=("train", "val"),
-                   help="split the calibration images come from (never test; default: %(default)s)")
+    _add_calib(p)
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the table's rows here")
     _add_apply(p)
 
@@ -602,14 +607,17 @@ def cmd_distill_logits(args) -> int:
     return 0
 
 
-def _load_runner(source: str, apply: list[str], calib_args=None):
-    """`source` with the `--apply` stack; techniques that calibrate take seeded images of `calib_args.data` from
-    `calib_args.calib_split` (train or val, never test: eval's own --split says what is measured)."""
+def _load_runner(source, apply: list[str], calib_args=None):
+    """`source` (a name, a checkpoint folder or a model already loaded) with the `--apply` stack; techniques that
+    calibrate take seeded images of `calib_args.data` from `calib_args.calib_split` (train or val, never test:
+    eval's own --split says what is measured)."""
+    from torch import nn
+
     from .bench.measure import calibration_batches, needs_calibration
     from .checkpoint import create_model
     from .techniques import apply_, format_technique, parse_apply
 
-    model = create_model(source)
+    model = source if isinstance(source, nn.Module) else create_model(source)
     configs = parse_apply(apply)
     calib = None
     if needs_calibration(configs):
@@ -798,19 +806,24 @@ def cmd_predict(args) -> int:
     from .data.transforms import display_name
     from .predict import predict
 
+    calib_args = args if args.data else None
     if _is_dense(args.checkpoint):
+        from .dense.engine import load_dense
         from .dense.predict import predict_files
         from .errors import UserError
 
-        if args.apply:
-            raise UserError(f"--apply is not supported by vitlab predict for the dense checkpoint {args.checkpoint}")
         if not args.out:
             raise UserError(f"{args.checkpoint} is a dense checkpoint: give --out FILE.png (a folder for several "
                             "images) for the drawn prediction")
-        for path in predict_files(args.checkpoint, args.images, args.out, threshold=args.threshold):
+        model = load_dense(args.checkpoint)
+        runner = _load_runner(model, args.apply, calib_args=calib_args)
+        for path in predict_files(model, args.images, args.out, threshold=args.threshold, runner=runner):
             print(f"wrote {path}")
         return 0
-    results = predict(args.checkpoint, args.images, top=args.top, apply=args.apply)
+    from .checkpoint import create_model
+
+    model = create_model(args.checkpoint)
+    results = predict(model, args.images, top=args.top, runner=_load_runner(model, args.apply, calib_args))
     for path, top in results.items():
         print(display_name(path))  # a non-UTF-8 file name prints with \xNN escapes
         for name, prob in top:

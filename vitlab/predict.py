@@ -14,16 +14,25 @@ def load_image(path: str | Path, preprocessing) -> torch.Tensor:
     return load_image_tensor(path, preprocessing)
 
 
-def predict(checkpoint: str | Path, images: list[str | Path], *, top: int = 5, apply=()) -> dict[str, list[tuple[str, float]]]:
-    """{image path: [(class name, probability)] * top}, best first."""
+def predict(checkpoint, images: list[str | Path], *, top: int = 5, apply=(),
+            runner=None) -> dict[str, list[tuple[str, float]]]:
+    """{image path: [(class name, probability)] * top}, best first.
+
+    `checkpoint`: a model name, a checkpoint folder or a model `vitlab.create_model` loaded; `apply`: an `--apply`
+    stack of techniques that need no calibration images; `runner`: the model with a stack already applied (the
+    CLI's route for techniques that calibrate), used instead of `apply`."""
+    from torch import nn
+
     from .checkpoint import create_model, default_preprocessing
     from .runner import as_runner
     from .techniques import apply_, parse_apply
 
-    model = create_model(checkpoint)
+    if runner is not None and apply:
+        raise ValueError("give the --apply stack either as `apply` or already applied as `runner`, not both")
+    model = checkpoint if isinstance(checkpoint, nn.Module) else create_model(checkpoint)
     config = getattr(model, "vitlab_checkpoint", {}).get("config", {})
     pre = config.get("preprocessing") or default_preprocessing(model)
-    runner = as_runner(apply_(model, parse_apply(apply)))
+    runner = as_runner(runner if runner is not None else apply_(model, parse_apply(apply)))
     names = pre.get("class_names") or [str(i) for i in range(runner.num_classes)]
     from .data.transforms import resolve_preprocessing
 

@@ -92,17 +92,19 @@ def draw_prediction(image, prediction: Any, task: str, class_names: list[str], *
     return image
 
 
-def predict_files(checkpoint: str | Path, images: list[str | Path], out: str | Path, *,
-                  threshold: float = 0.5) -> list[Path]:
-    """Predict every image file with the dense checkpoint and write the drawn PNGs: to `out` itself for one image,
-    else into folder `out` as `<image stem>.png`. Returns the written paths."""
+def predict_files(checkpoint, images: list[str | Path], out: str | Path, *, threshold: float = 0.5,
+                  runner: Any = None) -> list[Path]:
+    """Predict every image file with the dense checkpoint (a folder, or the model `load_dense` returned) and write
+    the drawn PNGs: to `out` itself for one image, else into folder `out` as `<image stem>.png`. `runner`: what to
+    run instead of the checkpoint's own model, e.g. it with an `--apply` stack (`vitlab.apply_`). Returns the
+    written paths."""
     from PIL import Image
 
     from ..data.transforms import load_image_tensor, to_channels
     from ..utils.io import atomic_path
     from .engine import load_dense, predict_dense
 
-    model = load_dense(checkpoint)
+    model = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_dense(checkpoint)
     info, config = model.vitlab_dense, model.vitlab_checkpoint["config"]
     pre = config["preprocessing"]
     names = list(pre["class_names"])
@@ -123,7 +125,7 @@ def predict_files(checkpoint: str | Path, images: list[str | Path], out: str | P
     written = []
     for path, target in zip(images, targets):
         tensor = load_image_tensor(path, None, transform=transform)
-        prediction = predict_dense(model, tensor[None], info["task"])[0]
+        prediction = predict_dense(model if runner is None else runner, tensor[None], info["task"])[0]
         with Image.open(path) as original:
             drawn = draw_prediction(original, prediction, info["task"], names, model_size=size, threshold=threshold)
         target.parent.mkdir(parents=True, exist_ok=True)
