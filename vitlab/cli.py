@@ -987,24 +987,27 @@ def _print_pareto(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .pareto.sweep import metric_label, score
+
     rows = summary["rows"]
-    table = Table(title="vitlab pareto (validation top-1; * on the front; >> recommended)")
-    for col in ("", "point", "val top-1 %", "img/s", "speed-up", "latency ms", "MMACs"):
+    metric = metric_label(rows)
+    table = Table(title=f"vitlab pareto (validation {metric}; * on the front; >> recommended)")
+    for col in ("", "point", f"val {metric} %", "img/s", "speed-up", "latency ms", "MMACs"):
         table.add_column(col, justify="left" if col in ("", "point") else "right")
     for r in rows:
         mark = (">>" if r.get("recommended") else "") + ("*" if r.get("on_front") else "")
         if r.get("status") != "ok":
             table.add_row(mark, r["key"], "error", "", "", "", "")
             continue
-        table.add_row(mark, r["key"], f"{100 * r['val_top1']:.2f}", f"{r['img_per_s']:.0f}",
+        table.add_row(mark, r["key"], f"{100 * score(r):.2f}", f"{r['img_per_s']:.0f}",
                       f"{r.get('speedup', 0):.2f}x", f"{r['latency_ms']:.2f}", f"{r['macs'] / 1e6:.1f}")
     Console(width=max(140, Console().width)).print(table)
     by_key = {r["key"]: r for r in rows}
     base, rec = by_key.get(summary.get("base")), by_key.get(summary.get("recommended"))
     if rec:
         print(f"recommended: {rec['key']}  {rec['speedup']:.2f}x the base's throughput; "
-              f"val {100 * rec['val_top1']:.2f} % (base {100 * base['val_top1']:.2f} %), "
-              f"test {100 * rec['test_top1']:.2f} % (base {100 * base['test_top1']:.2f} %)")
+              f"val {metric} {100 * score(rec):.2f} % (base {100 * score(base):.2f} %), "
+              f"test {100 * score(rec, 'test'):.2f} % (base {100 * score(base, 'test'):.2f} %)")
     else:
         print(f"no point within --max-drop-pt {summary.get('max_drop_pt')} of the base")
     for note in summary.get("notes", []):

@@ -12,7 +12,7 @@ from ..runner import as_runner, item_shape
 from ..techniques import apply_, format_technique, parse_apply
 
 __all__ = ["MeasureRow", "measure", "print_rows", "build_runner", "dataset_for", "calibration_batches",
-           "needs_calibration"]
+           "needs_calibration", "task_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,27 @@ def _dense_calibration_set(model, data: str, split: str, data_dir: str | None):
     return build_dense_dataset(data, split, data_dir=data_dir, in_chans=model_input_size(model)[0])
 
 
+def task_accuracy(runner, data: str, split: str, *, data_dir: str | None = None, limit: int | None = None) -> dict:
+    """The accuracy of a model or runner on `split` of `data` in its task's metric: {"metric", "score", "n", ...}.
+
+    A classifier scores top-1 (and gives top5 and loss); a dense model (vitlab.dense) its task metric, "pq", "miou"
+    or "ap", on the scenes of `data`, with that metric's other fields (sq, rq, ap50, ...) beside it."""
+    module = runner if isinstance(runner, torch.nn.Module) else getattr(runner, "module", None)
+    dense = getattr(module, "vitlab_dense", None)
+    if dense is not None:
+        from ..data import build_dense_dataset
+        from ..dense.engine import TASK_METRIC, evaluate_dense
+
+        scenes = build_dense_dataset(data, split, data_dir=data_dir, in_chans=dense["in_chans"])
+        result = evaluate_dense(runner, scenes, dense["task"], limit=limit)
+        metric = TASK_METRIC[dense["task"]]
+        return {**result, "metric": metric, "score": result[metric]}
+    from ..engine.evaluate import evaluate
+
+    result = evaluate(runner, dataset_for(runner, data, split, data_dir=data_dir), limit=limit, progress=False)
+    return {**result, "metric": "top1", "score": result["top1"]}
+
+
 def build_runner(source: str, apply=(), img_size: int | None = None, dtype: str = "fp32",
                  channels_last: bool = False, compile: bool = False, calib_data: str | None = None,
                  calib_split: str = "train", calib_images: int = 256, data_dir: str | None = None,
@@ -172,7 +193,6 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
     A stack with quantization calibrates on `calib_images` images of `calib_data` (default: `data`) from
     `calib_split` (train or val; never test).
     """
-    from ..engine.evaluate import evaluate
     from ..quant import quant_mac_fraction_of
 
     apply = list(apply or [])
@@ -193,19 +213,11 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
         c, h, w = runner.input_size
         shape = item_shape(runner)   # (C, H, W), or (C, T, H, W) for a video model
         accuracy = {"top1": None, "top5": None, "loss": None, "n": None}
-        dense = getattr(module, "vitlab_dense", None)
-        if data is not None and dense is not None:   # the task metric (PQ / mIoU / AP) in place of top-1
-            from ..data import build_dense_dataset
-            from ..dense.engine import TASK_METRIC, evaluate_dense
-
-            scenes = build_dense_dataset(data, split, data_dir=data_dir, in_chans=dense["in_chans"])
-            result = evaluate_dense(runner, scenes, dense["task"], limit=eval_limit)
-            accuracy.update(n=result["n"], task_metric=TASK_METRIC[dense["task"]],
-                            task_score=result[TASK_METRIC[dense["task"]]])
-        elif data is not None:
-            result = evaluate(runner, dataset_for(runner, data, split, data_dir=data_dir), limit=eval_limit,
-                              progress=False)
-            accuracy = {k: result[k] for k in accuracy}
+        if data is not None:
+            result = task_accuracy(runner, data, split, data_dir=data_dir, limit=eval_limit)
+            accuracy.update({k: result[k] for k in accuracy if k in result})
+            if result["metric"] != "top1":   # a dense model: its task metric (PQ / mIoU / AP) in place of top-1
+                accuracy.update(task_metric=result["metric"], task_score=result["score"])
         flops_model = module if module is not None else getattr(runner, "float_module", None)
         counted = count_flops(flops_model, torch.randn(1, *shape)) if flops_model is not None else None
         params = sum(p.numel() for p in flops_model.parameters()) if flops_model is not None else 0

@@ -35,7 +35,8 @@ def _export_into(cfg, row: dict, directory: str | Path) -> Path:
     torch.manual_seed(0)        # as in the sweep, for a model given by name
     model = create_model(row["source"])
     source_config = load_config(row["source"]) if Path(row["source"]).is_dir() else {}
-    metrics = {k: row.get(k) for k in ("val_top1", "test_top1", "img_per_s", "latency_ms", "macs") if row.get(k)}
+    metrics = {k: row.get(k) for k in ("metric", "val_score", "test_score", "val_top1", "test_top1", "img_per_s",
+                                       "latency_ms", "macs") if row.get(k)}
     metrics["measured_by"] = "vitlab pareto"
     quant = [c for c in configs if technique_kind(c) == Kind.QUANTIZATION]
     if not quant:

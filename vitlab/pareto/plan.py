@@ -109,7 +109,10 @@ def default_stacks(model) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]],
         tokens = _token_stacks(model)
     except ImportError:
         notes.append("token reduction unavailable (vitlab.tokens did not import)")
-    if not tokens:
+    if getattr(model, "vitlab_dense", None) is not None:
+        notes.append("token reduction: no dense head has been checked with reduced tokens (refused by name), no token "
+                     "points")
+    elif not tokens:
         notes.append(f"token reduction: {type(model).__name__} is not a supported ViT, no token points")
     int8 = "w8a8" in names
     if not int8:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..utils.io import atomic_path, atomic_write_text
 from .claims import component, ledger
-from .sweep import ROBUSTNESS_DROP
+from .sweep import ROBUSTNESS_DROP, metric_label, score
 
 __all__ = ["write_report", "plot"]
 
@@ -21,8 +21,8 @@ def _color(comp: str) -> str:
 
 
 def plot(rows: list[dict], result: dict, x: str = "img_per_s", fmt: str = "png"):
-    """Accuracy (val top-1 %) against `x` (img_per_s or latency_ms); the front joined, the recommendation starred.
-    Returns a matplotlib figure."""
+    """Accuracy (the sweep's val metric, %: top-1, or a dense model's PQ / mIoU / AP) against `x` (img_per_s or
+    latency_ms); the front joined, the recommendation starred. Returns a matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,27 +35,27 @@ def plot(rows: list[dict], result: dict, x: str = "img_per_s", fmt: str = "png")
         comp = component(r)
         label = comp if comp not in seen else None
         seen.add(comp)
-        ax.scatter(r[x], 100 * r["val_top1"], s=42, color=_color(comp), label=label, zorder=3,
+        ax.scatter(r[x], 100 * score(r), s=42, color=_color(comp), label=label, zorder=3,
                    marker="s" if r.get("simulated") else "o", edgecolors="white", linewidths=0.6)
         ax.annotate(r["techniques"] if r["role"] == "base" else f"[pruned] {r['techniques']}",
-                    (r[x], 100 * r["val_top1"]), textcoords="offset points", xytext=(5, 4), fontsize=7, alpha=0.8)
+                    (r[x], 100 * score(r)), textcoords="offset points", xytext=(5, 4), fontsize=7, alpha=0.8)
     front = sorted((r for r in ok if r.get("on_front")), key=lambda r: r["img_per_s"])
     if x == "img_per_s" and len(front) > 1:
-        ax.plot([r[x] for r in front], [100 * r["val_top1"] for r in front], "-", color="#444", lw=1.2, zorder=2,
+        ax.plot([r[x] for r in front], [100 * score(r) for r in front], "-", color="#444", lw=1.2, zorder=2,
                 label="Pareto front")
     for r in front:
-        ax.scatter(r[x], 100 * r["val_top1"], s=120, facecolors="none", edgecolors="#444", zorder=4)
+        ax.scatter(r[x], 100 * score(r), s=120, facecolors="none", edgecolors="#444", zorder=4)
     base = next((r for r in ok if r["key"] == result.get("base")), None)
     if base is not None:
-        floor = 100 * base["val_top1"] - result.get("max_drop_pt", 0.5)
+        floor = 100 * score(base) - result.get("max_drop_pt", 0.5)
         ax.axhline(floor, color="#999", ls="--", lw=1, label=f"base - {result.get('max_drop_pt', 0.5):g} pt")
     rec = next((r for r in ok if r.get("recommended")), None)
     if rec is not None:
-        ax.scatter(rec[x], 100 * rec["val_top1"], s=260, marker="*", color="#ffbf00", edgecolors="black", zorder=5,
+        ax.scatter(rec[x], 100 * score(rec), s=260, marker="*", color="#ffbf00", edgecolors="black", zorder=5,
                    label="recommended")
     ax.set_xlabel("throughput, images/s (batch %d)" % ok[0]["batch"] if x == "img_per_s" and ok else
                   "latency, ms (batch 1)")
-    ax.set_ylabel("top-1 %, validation split")
+    ax.set_ylabel(f"{metric_label(rows)} %, validation split")
     if x == "img_per_s":
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
@@ -90,27 +90,28 @@ def _fmt(value, spec: str = "") -> str:
     return str(value)
 
 
-COLUMNS = [
-    # (header, row key, format, numeric)
-    ("source", "source", "", False), ("techniques", "techniques", "", False), ("component", None, "", False),
-    ("engine", "engine", "", False), ("quantized MACs %", "quant_mac_fraction", ".1f", True),
-    ("val top-1 %", "val_top1", ".2f", True),
-    ("test top-1 %", "test_top1", ".2f", True), ("Δ pt (val)", "drop_pt", "+.2f", True),
-    ("img/s", "img_per_s", ".0f", True), ("speed-up", "speedup", ".2f", True),
-    ("latency ms", "latency_ms", ".2f", True), ("MMACs", "macs", ".1f", True), ("params M", "params", ".3f", True),
-    ("peak MB", "peak_mem_mb", ".0f", True), ("front", "on_front", "", False),
-    (f"top-1 % with {ROBUSTNESS_DROP:.0%} of patches dropped", "robust_top1", ".1f", True), ("its ECE %", "robust_ece", ".1f", True),
-]
+def columns(metric: str = "top-1") -> list[tuple[str, str | None, str, bool]]:
+    """The table's columns, (header, row key, format, numeric), for a sweep whose accuracy is `metric`."""
+    return [
+        ("source", "source", "", False), ("techniques", "techniques", "", False), ("component", None, "", False),
+        ("engine", "engine", "", False), ("quantized MACs %", "quant_mac_fraction", ".1f", True),
+        (f"val {metric} %", "val_score", ".2f", True),
+        (f"test {metric} %", "test_score", ".2f", True), ("Δ pt (val)", "drop_pt", "+.2f", True),
+        ("img/s", "img_per_s", ".0f", True), ("speed-up", "speedup", ".2f", True),
+        ("latency ms", "latency_ms", ".2f", True), ("MMACs", "macs", ".1f", True), ("params M", "params", ".3f", True),
+        ("peak MB", "peak_mem_mb", ".0f", True), ("front", "on_front", "", False),
+    ] + ([(f"top-1 % with {ROBUSTNESS_DROP:.0%} of patches dropped", "robust_top1", ".1f", True),
+          ("its ECE %", "robust_ece", ".1f", True)] if metric == "top-1" else [])
 
 
 def _cell(r: dict, key: str | None, spec: str) -> tuple[str, str]:
     """(display text, sort value) of one cell."""
     if key is None:
         return component(r), component(r)
-    v = r.get(key)
+    v = score(r, key.split("_")[0]) if key in ("val_score", "test_score") else r.get(key)
     if v is None or r.get("status") != "ok" and key not in ("source", "techniques"):
         return ("error" if key == "engine" and r.get("status") != "ok" else ""), ""
-    if key in ("val_top1", "test_top1", "quant_mac_fraction", "robust_top1", "robust_ece"):
+    if key in ("val_score", "test_score", "quant_mac_fraction", "robust_top1", "robust_ece"):
         return _fmt(100 * v, spec), f"{v:.6f}"
     if key == "drop_pt":
         return _fmt(0.0 - v + 0.0, spec).replace("-0.00", "+0.00"), f"{-v:.6f}"
@@ -126,14 +127,15 @@ def _cell(r: dict, key: str | None, spec: str) -> tuple[str, str]:
 
 
 def _table(rows: list[dict]) -> str:
+    cols = columns(metric_label(rows))
     head = "".join(f'<th data-col="{i}" data-num="{int(num)}">{html.escape(h)}</th>'
-                   for i, (h, _, _, num) in enumerate(COLUMNS))
+                   for i, (h, _, _, num) in enumerate(cols))
     body = []
     for r in rows:
         cls = " ".join(c for c, on in (("front", r.get("on_front")), ("rec", r.get("recommended")),
                                        ("err", r.get("status") != "ok")) if on)
         cells = []
-        for _, key, spec, _ in COLUMNS:
+        for _, key, spec, _ in cols:
             text, sort = _cell(r, key, spec)
             cells.append(f'<td data-sort="{html.escape(sort)}">{html.escape(text)}</td>')
         detail = html.escape(r.get("command", ""))
@@ -207,13 +209,15 @@ def write_report(cfg, rows: list[dict], result: dict) -> Path:
     by_key = {r["key"]: r for r in rows}
     base, rec = by_key.get(result.get("base")), by_key.get(result.get("recommended"))
     summary = []
+    metric = metric_label(rows)
+    nan = float("nan")
     if base:
-        summary.append(("base", f"{html.escape(base['key'])}: val {100 * base['val_top1']:.2f} %, test "
-                        f"{100 * base.get('test_top1', float('nan')):.2f} %, {base['img_per_s']:.0f} img/s, "
+        summary.append(("base", f"{html.escape(base['key'])}: val {metric} {100 * score(base):.2f} %, test "
+                        f"{100 * (score(base, 'test') or nan):.2f} %, {base['img_per_s']:.0f} img/s, "
                         f"{base['latency_ms']:.2f} ms"))
     if rec:
-        summary.append(("recommended", f"<b>{html.escape(rec['key'])}</b>: val {100 * rec['val_top1']:.2f} % "
-                        f"({-rec['drop_pt']:+.2f} pt), test {100 * rec.get('test_top1', float('nan')):.2f} %, "
+        summary.append(("recommended", f"<b>{html.escape(rec['key'])}</b>: val {metric} {100 * score(rec):.2f} % "
+                        f"({-rec['drop_pt']:+.2f} pt), test {100 * (score(rec, 'test') or nan):.2f} %, "
                         f"{rec['img_per_s']:.0f} img/s = <b>{rec['speedup']:.2f}x</b> the base"))
     else:
         summary.append(("recommended", f"none within {result.get('max_drop_pt')} pt"))
@@ -223,7 +227,7 @@ def write_report(cfg, rows: list[dict], result: dict) -> Path:
         e = result["explanation"]
         summary.append(("explanation", f'<a href="{html.escape(e["file"])}">{html.escape(e["method"])} maps of the '
                         f'recommended model</a> on validation images · <code>{html.escape(e["command"])}</code>'))
-    summary.append(("selection", f"fastest point within {result.get('max_drop_pt')} pt of the base's top-1 on the "
+    summary.append(("selection", f"fastest point within {result.get('max_drop_pt')} pt of the base's {metric} on the "
                     "validation split; test accuracy evaluated afterwards for the base and the recommendation only"))
     summary.append(("limits", html.escape(_limits(rows, result))))
     summary.append(("sweep", f"{len(ok)} points measured, {len(rows) - len(ok)} failed"

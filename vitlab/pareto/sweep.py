@@ -1,7 +1,8 @@
 """`vitlab pareto`: measure a model and a sweep of technique stacks, find the accuracy/speed front, recommend one.
 
 The sweep measures points (plan.py) in a fixed order. Each point is one `vitlab.measure` on the validation split:
-top-1, throughput at `batch`, latency at batch 1, MACs, params and peak memory. Rows are written to
+its score (top-1 for a classifier; PQ, mIoU or AP for a dense model of vitlab.dense: `row["metric"]` names it,
+`row["val_score"]` holds it), throughput at `batch`, latency at batch 1, MACs, params and peak memory. Rows are written to
 `DIR/results.json` after every point, atomically, so a killed run resumes from the rows it has. Selection is honest:
 the front and the recommendation use validation accuracy only; the test split is evaluated afterwards, for the base
 model and the recommended point only, and reported beside them.
@@ -23,21 +24,37 @@ from ..utils.lock import kill_point, lock_folder
 from .front import pareto_front, recommend
 from .plan import Point, default_stacks, is_simulated, parse_stacks, plan_points, stack_text
 
-__all__ = ["SweepConfig", "run_sweep", "load_results", "TIMING_FIELDS", "SweepError"]
+__all__ = ["SweepConfig", "run_sweep", "load_results", "TIMING_FIELDS", "SweepError", "score", "metric_label"]
 
 RESULTS = "results.json"
 # Fields that vary from run to run on the same machine: timings, and what is derived from them (the front, the
 # recommendation, and the test accuracy, which is evaluated for the recommendation only). The rest is deterministic.
 TIMING_FIELDS = ("img_per_s", "img_per_s_first", "latency_ms", "peak_mem_mb", "measure_s", "speedup", "on_front",
-                 "recommended", "test_top1", "test_top5", "n_test", "robust_top1", "robust_ece")
+                 "recommended", "test_top1", "test_top5", "test_score", "n_test", "robust_top1", "robust_ece")
 # The robustness column: val top-1 and ECE with this share of the model's patches dropped (black), for the front's
 # points only (`vitlab.explain.robustness`; the same dropped patches for every point)
 ROBUSTNESS_DROP = 0.25
 ROBUSTNESS_IMAGES = 500
 # Columns of results.csv, in order.
 CSV_FIELDS = ("key", "role", "source", "techniques", "engine", "quant_mac_fraction", "simulated", "status",
-              "val_top1", "test_top1", "drop_pt", "img_per_s", "speedup", "latency_ms", "macs", "params",
+              "metric", "val_score", "test_score", "val_top1", "test_top1", "drop_pt", "img_per_s", "speedup", "latency_ms", "macs", "params",
               "peak_mem_mb", "on_front", "recommended", "robust_top1", "robust_ece", "command", "error")
+
+
+# The selection metric of a row, as the report names it: top-1 for classifiers, the task metric for dense models.
+METRIC_LABELS = {"top1": "top-1", "pq": "PQ", "miou": "mIoU", "ap": "AP"}
+
+
+def score(row: dict, split: str = "val") -> float | None:
+    """The row's selection metric on `split` (val or test), a fraction; rows written before dense models had a
+    metric of their own hold only top-1."""
+    return row.get(f"{split}_score", row.get(f"{split}_top1"))
+
+
+def metric_label(rows: list[dict]) -> str:
+    """What the sweep's accuracy column measures: "top-1", "PQ", "mIoU" or "AP"."""
+    metric = next((r.get("metric") for r in rows if r.get("status") == "ok"), None) or "top1"
+    return METRIC_LABELS.get(metric, metric)
 
 
 class SweepError(UserError):
@@ -113,6 +130,8 @@ def _measure_point(cfg: SweepConfig, point: Point) -> dict:
         row.update(status="error", error=f"{type(err).__name__}: {err}", measure_s=time.perf_counter() - start)
         return row
     d = m.to_dict()
+    metric = d.get("task_metric") or "top1"
+    row.update(metric=metric, val_score=d["top1"] if metric == "top1" else d["task_score"])
     row.update(status="ok", error="", engine=d["engine"], model=d["model"], val_top1=d["top1"], val_top5=d["top5"],
                val_loss=d["loss"], n_val=d["n"], params=d["params"], macs=d["macs"], flops=d["flops"],
                attention_macs=d["attention_macs"], batch=d["batch"], input_size=d["input_size"], dtype=d["dtype"],
@@ -131,12 +150,12 @@ def _summarise(rows: list[dict], max_drop_pt: float) -> dict:
         r["recommended"] = False
     if base is None:
         return {"base": None, "recommended": None}
-    flags = pareto_front([(r["val_top1"], r["img_per_s"]) for r in ok])
+    flags = pareto_front([(score(r), r["img_per_s"]) for r in ok])
     for r, f in zip(ok, flags):
         r["on_front"] = f
         r["speedup"] = r["img_per_s"] / base["img_per_s"]
-        r["drop_pt"] = 100 * (base["val_top1"] - r["val_top1"])
-    idx = recommend([(r["val_top1"], r["img_per_s"]) for r in ok], base["val_top1"], max_drop_pt / 100)
+        r["drop_pt"] = 100 * (score(base) - score(r))
+    idx = recommend([(score(r), r["img_per_s"]) for r in ok], score(base), max_drop_pt / 100)
     if idx is not None:
         ok[idx]["recommended"] = True
     return {"base": base["key"], "recommended": ok[idx]["key"] if idx is not None else None}
@@ -170,16 +189,18 @@ def _progress(enabled: bool, total: int, done: int):
 
 
 def _test_accuracy(cfg: SweepConfig, row: dict) -> dict:
-    from ..bench.measure import build_runner, dataset_for
-    from ..engine.evaluate import evaluate
+    from ..bench.measure import build_runner, task_accuracy
     from ..profiling import num_threads
 
     with num_threads(cfg.threads):
         torch.manual_seed(0)
         runner = build_runner(row["source"], row["apply"], calib_data=cfg.data, calib_split="train",
                               calib_images=cfg.calib_images, data_dir=cfg.data_dir)
-        result = evaluate(runner, dataset_for(runner, cfg.data, "test", data_dir=cfg.data_dir), progress=False)
-    return {"test_top1": result["top1"], "test_top5": result["top5"], "n_test": result["n"]}
+        result = task_accuracy(runner, cfg.data, "test", data_dir=cfg.data_dir)
+    out = {"test_score": result["score"], "n_test": result["n"]}
+    if result["metric"] == "top1":
+        out.update(test_top1=result["top1"], test_top5=result["top5"])
+    return out
 
 
 def _robustness(cfg: SweepConfig, row: dict) -> dict:
@@ -268,6 +289,7 @@ def _run_sweep(cfg: SweepConfig, *, progress: bool, log, _stop_after: int | None
     for cand in cfg.candidates:
         if not Path(cand).is_dir():
             raise SweepError(f"--candidates {cand}: not a checkpoint folder")
+    _check_task_data(cfg)
     out = Path(cfg.out)
     notes: list[str] = []
     if cfg.techniques:
@@ -326,7 +348,7 @@ def _run_sweep(cfg: SweepConfig, *, progress: bool, log, _stop_after: int | None
             if bar:
                 bar[0].advance(bar[1])
             else:
-                status = (f"val top-1 {100 * row['val_top1']:.2f} %, {row['img_per_s']:.0f} img/s"
+                status = (f"val {metric_label([row])} {100 * score(row):.2f} %, {row['img_per_s']:.0f} img/s"
                           if row["status"] == "ok" else row["error"])
                 log(f"[{len(rows)}/{len(points)}] {point.key}: {status}")
     finally:
@@ -352,10 +374,14 @@ def _run_sweep(cfg: SweepConfig, *, progress: bool, log, _stop_after: int | None
             summary = _summarise(rows, cfg.max_drop_pt)   # front and recommendation from the round-robin timings
     for key in dict.fromkeys(k for k in (summary["base"], summary["recommended"]) if k):
         by_key[key].update(_test_accuracy(cfg, by_key[key]))
+    dense = metric_label(rows) != "top-1"
+    if dense:
+        notes.append(f"robustness column: patch-drop robustness measures classifiers; not measured for this "
+                     f"{metric_label(rows)} model")
     for row in rows:
         for field in ("robust_top1", "robust_ece"):   # a resumed run's front may have moved
             row.pop(field, None)
-        if row.get("on_front"):
+        if row.get("on_front") and not dense:
             try:
                 row.update(_robustness(cfg, row))
             except Exception as err:  # the report still gets written; the note says which point has no column
@@ -374,7 +400,10 @@ def _run_sweep(cfg: SweepConfig, *, progress: bool, log, _stop_after: int | None
             result["exported"] = str(export_point(cfg, by_key[summary["recommended"]], out / "recommended"))
         except Exception as err:  # the report still gets written; the note says why there is no export
             notes.append(f"export of the recommended point failed: {type(err).__name__}: {err}")
-    if result.get("exported"):
+    if result.get("exported") and dense:
+        notes.append("explanation of the recommended point: the report's maps explain a classifier's top-1 class; "
+                     "`vitlab predict` draws the dense model's masks and boxes instead")
+    elif result.get("exported"):
         from .export import explain_point
 
         try:
@@ -392,6 +421,23 @@ def _run_sweep(cfg: SweepConfig, *, progress: bool, log, _stop_after: int | None
     result["report"] = str(write_report(cfg, rows, result))
     _write(cfg, rows, result)
     return {**result, "rows": rows}
+
+
+def _check_task_data(cfg: SweepConfig) -> None:
+    """A dense checkpoint is measured on scenes (its task metric), a classifier on images: refuse a mismatch before
+    any point is measured."""
+    from ..data import DENSE_KINDS, DataSpec
+    from ..dense.engine import is_dense_checkpoint
+
+    dense_data = DataSpec.parse(cfg.data).kind in DENSE_KINDS
+    for source in (cfg.source, *cfg.candidates):
+        dense = Path(source).is_dir() and is_dense_checkpoint(source)
+        if dense and not dense_data:
+            raise SweepError(f"{source} is a dense checkpoint: give --data with scenes (fmnist-scenes[:...] or "
+                             f"coco:PATH), not {cfg.data!r}")
+        if dense_data and not dense:
+            raise SweepError(f"--data {cfg.data} holds scenes for dense models, but {source} is a classifier: give "
+                             "an image dataset (fashion-mnist, imagefolder:PATH, ...)")
 
 
 def _environment(cfg: SweepConfig) -> dict:
