@@ -98,6 +98,7 @@ _BUILTIN_MODULES: list[str] = [   # modules under vitlab.engine that call regist
     "..tokens.iared",      # iared (IA-RED² REINFORCE)
     ".deit_lt",
     ".resformer",
+    "..quant.shiftadd",    # shiftadd (ShiftAddViT's latency-aware load balance)
 ]
 
 

@@ -150,8 +150,10 @@ def plan_points(source: str, candidates, base_stacks, candidate_stacks) -> list[
 
 def is_simulated(apply) -> bool:
     """Whether a stack ends in simulated (fake-quant) quantization, whose speed is not a deployment speed."""
+    from .claims import SIMULATED
+
     for text in apply:
         cfgs = parse_apply([text])
-        if technique_kind(cfgs[0]) == Kind.QUANTIZATION and text.split(":")[0] == "ptq":
+        if technique_kind(cfgs[0]) == Kind.QUANTIZATION and text.split(":")[0] in SIMULATED:
             return True
     return False

@@ -392,3 +392,4 @@ def _apply_bf16(model: nn.Module, cfg: BF16):
 
 
 from . import qhyvit as _qhyvit  # noqa: E402,F401  (registers the `qhyvit` technique: Q-HyViT for hybrid ViTs)
+from . import shiftadd as _shiftadd  # noqa: E402,F401  (registers `shiftadd`: ShiftAddViT's shift / add reparameterization)
