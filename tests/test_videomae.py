@@ -1,5 +1,7 @@
 """VideoMAE against transformers' implementation (weights copied): classification logits, the pre-training loss
-and predictions under the same tube mask; the tube mask's and the target's stated properties; the contract."""
+and predictions under the same tube mask; the tube mask's and the target's stated properties; the contract;
+VideoMAE V2's dual masking (the running-cell pattern against the official generator's, its stated properties, the
+loss over the decoder's tokens only)."""
 import copy
 
 import pytest
@@ -7,8 +9,8 @@ import torch
 
 import vitlab
 from vitlab.models import from_transformers
-from vitlab.models.videomae import (VideoMAE, VideoMAEPretrainer, normalized_patches, patchify, sinusoid_table,
-                                    tube_mask)
+from vitlab.models.videomae import (VideoMAE, VideoMAEPretrainer, normalized_patches, patchify, running_cell_mask,
+                                    sinusoid_table, tube_mask)
 
 transformers = pytest.importorskip("transformers")
 
@@ -112,6 +114,20 @@ def test_pretrainer_learns_and_keeps_the_encoder():
         VideoMAEPretrainer(vitlab.create_model("vl_test_vivit"))
 
 
+def test_pretrainer_normalises_the_encoder_output():
+    """Official PretrainVisionTransformerEncoder ends in a LayerNorm before encoder_to_decoder (transformers' model
+    with mean pooling has none: its converter leaves it out, as test_pretraining_matches_transformers checks)."""
+    trainer = _dual(0.0)
+    seen = {}
+    trainer.encoder_to_decoder.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    with torch.no_grad():
+        trainer.encoder_norm.weight.fill_(3.0)
+        trainer.loss(torch.randn(2, 1, 10, 32, 32), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(seen["x"].std(-1, unbiased=False), torch.full(seen["x"].shape[:2], 3.0), atol=1e-3)
+    assert isinstance(from_transformers(transformers.VideoMAEForPreTraining(_config())).encoder_norm,
+                      torch.nn.Identity)
+
+
 def test_published_parameter_count():
     """VideoMAE ViT-B/16 with a 400-class head: 87 M parameters (the model zoo's 87M; timm-style count)."""
     with torch.device("meta"):
@@ -134,3 +150,89 @@ def test_contract_and_token_reduction_over_tubelets():
         merged = vitlab.apply_(copy.deepcopy(model), vitlab.parse_apply(["tome:r=8"]))(clips)
     assert torch.allclose(exact, ref, atol=1e-6)     # the size-weighted mean of unmerged tokens is the plain mean
     assert 0 < float((merged - ref).norm() / ref.norm()) < 0.05
+
+
+# VideoMAE V2 dual masking. The official RunningCellMaskingGenerator((4, 2, 2), ratio).all_mask_maps, one map per
+# starting pointer, flattened (t, h, w) (github.com/OpenGVLab/VideoMAEv2 at 29eab1e, dataset/masking_generator.py)
+OFFICIAL_RUNNING_CELLS = {
+    0.5: [[1, 0, 0, 1, 0, 0, 1, 1, 0, 1, 1, 0, 1, 1, 0, 0], [0, 0, 1, 1, 0, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1],
+          [0, 1, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 1], [1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 1, 0, 1, 1, 0]],
+    0.25: [[0, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0], [0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1],
+           [0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0], [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0]],
+}
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+def test_running_cell_mask_is_the_official_pattern(ratio):
+    mask = running_cell_mask(64, (4, 2, 2), ratio, torch.Generator().manual_seed(0))
+    rows = {tuple(r) for r in mask.int().tolist()}
+    assert rows == {tuple(r) for r in OFFICIAL_RUNNING_CELLS[ratio]}   # each clip one of the 4 starts, all drawn
+
+
+def test_running_cell_mask_properties():
+    """VideoMAE V2 Sec. 3.2: the same 2x2 cell tiled over space; in every cell and frame exactly int(4 * ratio)
+    positions dropped; the cell runs one step per frame, so over 4 consecutive frames every position is kept
+    4 - int(4 * ratio) times (the kept tokens cover the clip evenly in space and time)."""
+    mask = running_cell_mask(3, (6, 4, 6), 0.5, torch.Generator().manual_seed(1))
+    assert mask.shape == (3, 6 * 4 * 6) and mask.dtype == torch.bool
+    grid = mask.reshape(3, 6, 2, 2, 3, 2).permute(0, 1, 2, 4, 3, 5).reshape(3, 6, 6, 4)  # (B, T, cell, 2x2 pos)
+    assert (grid == grid[:, :, :1]).all()                      # one cell, tiled
+    assert (grid.sum(-1) == 2).all()                           # half of every cell dropped, every frame
+    cell = grid[:, :, 0]                                       # (B, T, 4) in 2x2 reading order
+    assert torch.equal(cell[:, 1:], cell[:, :-1].roll(-1, dims=-1))   # runs one step per frame
+    assert ((cell[:, :4] == 0).sum(1) == 2).all() and ((cell[:, 2:] == 0).sum(1) == 2).all()
+    with pytest.raises(ValueError, match="0.25, 0.5 or 0.75"):
+        running_cell_mask(1, (2, 2, 2), 0.1)
+    with pytest.raises(ValueError, match="not even"):
+        running_cell_mask(1, (2, 3, 2), 0.5)
+
+
+def _dual(decoder_mask_ratio=0.5):
+    torch.manual_seed(0)
+    return VideoMAEPretrainer(vitlab.create_model("vl_test_videomae"), decoder_dim=16, decoder_depth=1,
+                              decoder_heads=2, mask_ratio=0.75, decoder_mask_ratio=decoder_mask_ratio)
+
+
+def test_dual_masking_decodes_fewer_tokens_and_scores_only_them():
+    trainer = _dual()
+    clips = torch.randn(2, 1, 10, 32, 32)
+    grid = trainer.encoder.patch_embed.grid_size                              # (5, 4, 4): 80 tokens
+    mask = tube_mask(2, grid, 0.75, torch.Generator().manual_seed(0))      # 20 visible
+    decode_mask = running_cell_mask(2, grid, 0.5, torch.Generator().manual_seed(0))  # 40 decoded
+    seen = {}
+    trainer.decoder_blocks[0].register_forward_pre_hook(lambda m, a: seen.update(n=a[0].shape[1]))
+    trainer.decoder_head.register_forward_hook(lambda m, a, out: seen.setdefault("pred", out).retain_grad())
+    loss = trainer.loss(clips, mask, decode_mask=decode_mask)
+    assert seen["n"] == 20 + 40                                               # not 20 + 60 as VideoMAE
+    pred = seen["pred"]
+    assert pred.shape == (2, 40, 2 * 8 * 8)
+    decoded = ~decode_mask
+    target = normalized_patches(clips, (2, 8, 8))[decoded].reshape(2, 40, -1)
+    scored = mask[decoded].reshape(2, 40)                                    # masked for the encoder too
+    expected = ((pred - target).pow(2).mean(-1)[scored]).mean()
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    loss.backward()
+    grad_rows = pred.grad.abs().sum(-1) > 0
+    assert torch.equal(grad_rows, scored)                                     # visible decoded tokens: no loss
+    assert 0 < scored.sum() < 80
+
+
+def test_without_decoder_masking_the_dual_loss_is_videomae():
+    """Official convention: no decoder mask means decode_masked_pos = ~bool_masked_pos; the loss is then V1's."""
+    trainer = _dual(0.0).eval()
+    clips = torch.randn(2, 1, 10, 32, 32)
+    mask = tube_mask(2, trainer.encoder.patch_embed.grid_size, 0.75, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(trainer.loss(clips, mask), trainer.loss(clips, mask, decode_mask=~mask), rtol=1e-6)
+        drawn = _dual(0.5).loss(clips, mask, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(drawn)
+
+
+def test_cli_pretrains_with_dual_masking(tmp_path):
+    from vitlab.cli import main
+
+    run = tmp_path / "vmae2"
+    assert main(["pretrain", "vl_test_videomae", "--method", "videomae2", "--data",
+                 "moving-fashion-mnist-cls:clips=16", "--batch-size", "8", "--max-steps", "2", "--out", str(run),
+                 "--no-progress", "--threads", "1"]) == 0
+    assert vitlab.create_model(str(run)).num_frames == 10

@@ -153,17 +153,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (smoke runs)")
     p.add_argument("--no-progress", action="store_true")
     _add_apply(p)
-    p.add_argument("--task", default="classify", choices=("classify", "panoptic", "semantic", "detection"),
+    p.add_argument("--task", default="classify",
+                   choices=("classify", "panoptic", "semantic", "detection", "predict"),
                    help="classify (default), or a dense task on --data fmnist-scenes / coco:PATH with --head; --model "
-                        "is then the backbone, --init a classification checkpoint to start it from (docs/dense.md)")
+                        "is then the backbone, --init a classification checkpoint to start it from (docs/dense.md); "
+                        "predict: next-frame prediction on --data moving-fashion-mnist (docs/video.md)")
     p.add_argument("--head", default=None, metavar="NAME[:key=value,...]",
                    help="dense head (vitlab.dense; docs/dense.md lists them and the tasks each does)")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="dense tasks: optimizer steps (default: 2000)")
+                   help="dense and predict tasks: optimizer steps (default: 2000)")
     p.add_argument("--warmup-steps", type=non_negative_int, default=None,
-                   help="dense tasks: linear warm-up steps (default: steps // 20)")
+                   help="dense and predict tasks: linear warm-up steps (default: steps // 20)")
     p.add_argument("--eval-every", type=non_negative_int, default=0, metavar="STEPS",
-                   help="dense tasks: evaluate on val and save every STEPS (0, the default: at the end)")
+                   help="dense and predict tasks: evaluate on val and save every STEPS (0, the default: at the end)")
 
     p = verbs.add_parser("distill-logits", help="run a teacher once over a training run's augmented images and store "
                          "its top-k probabilities for vitlab train --recipe fastkd:store=STORE (TinyViT)")
@@ -368,10 +370,11 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("pretrain", help="self-supervised pretraining of a backbone without labels (SiT, "
                          "TOV-VICReg); fine-tune the result with `vitlab train --init RUN`")
     p.add_argument("model", metavar="MODEL", help="model name or checkpoint folder (the backbone)")
-    p.add_argument("--method", required=True, choices=("sit", "tov-vicreg", "videomae"),
+    p.add_argument("--method", required=True, choices=("sit", "tov-vicreg", "videomae", "videomae2"),
                    help="sit: rotation + contrastive + corrupted-image reconstruction; tov-vicreg: VICReg + "
                         "temporal-order verification on generated frame sequences; videomae: masked tubelet "
-                        "reconstruction on clips (vl_videomae_* backbones, video data)")
+                        "reconstruction on clips (vl_videomae_* backbones, video data); videomae2: VideoMAE "
+                        "with V2's dual masking (the decoder reconstructs a running-cell half of the tubelets)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for the backbone checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     p.add_argument("--data", default="fashion-mnist", metavar="SPEC", help="images of its train split (labels unused)")
@@ -509,6 +512,8 @@ def cmd_train(args) -> int:
     from .engine.train import TrainConfig, fit
     from .errors import UserError
 
+    if args.task == "predict" or (args.resume and _is_predict(args.resume)):
+        return _train_predict(args)
     if args.task != "classify" or (args.resume and _is_dense(args.resume)):
         return _train_dense(args)
     if args.resume and args.overwrite:
@@ -590,6 +595,93 @@ def _train_dense(args) -> int:
                 if dest in given or dest == "head"}
     out = fit_dense(DenseTrainConfig(out=args.out, task=args.task, **settings), overwrite=args.overwrite)
     print(f"checkpoint: {out}")
+    return 0
+
+
+# flags of `vitlab train` --task predict reads (dest -> PredictTrainConfig field); any other given is refused by name
+_PREDICT_TRAIN_FIELDS = {"model": "model", "model_kwargs": "model_kwargs", "data": "data", "data_dir": "data_dir",
+                         "steps": "steps", "batch_size": "batch_size", "lr": "lr", "min_lr": "min_lr",
+                         "weight_decay": "weight_decay", "warmup_steps": "warmup", "clip_grad": "clip_grad",
+                         "seed": "seed", "threads": "threads", "eval_every": "eval_every", "no_progress": "progress"}
+
+
+def _is_predict(checkpoint: str) -> bool:
+    """Whether `checkpoint` is a frame-prediction checkpoint (vitlab train --task predict)."""
+    from .engine.video_predict import is_predict_checkpoint
+
+    return is_predict_checkpoint(checkpoint)
+
+
+def _train_predict(args) -> int:
+    """`vitlab train --task predict`: vitlab.engine.video_predict.fit_predict (MSE on the next frames)."""
+    from .engine.video_predict import PredictTrainConfig, fit_predict
+    from .errors import UserError
+
+    given = _given_flags(args, "train")
+    if given is None:   # called without main(): flags that differ from their defaults count as given
+        defaults = vars(_parser().parse_args(["train"]))
+        given = {k for k, v in vars(args).items() if k in defaults and defaults[k] != v}
+    given -= {"task"}
+    if args.resume:
+        extra = sorted(given - {"resume"})
+        if extra:
+            raise UserError(f"--resume {args.resume}: a prediction run continues with its own settings; drop "
+                            f"{', '.join('--' + d.replace('_', '-') for d in extra)}")
+        print(f"checkpoint: {fit_predict(resume=args.resume)}")
+        return 0
+    other = sorted(given - set(_PREDICT_TRAIN_FIELDS) - {"out", "overwrite"})
+    if other:
+        raise UserError(f"--task predict: {', '.join('--' + d.replace('_', '-') for d in other)}: not used by "
+                        "frame prediction; drop them")
+    if not args.out:
+        raise UserError("give --out RUN_DIR (or --resume RUN_DIR)")
+    values = {"model_kwargs": _json_arg(args.model_kwargs, "--model-kwargs"), "no_progress": not args.no_progress,
+              "clip_grad": args.clip_grad or None}
+    settings = {field: values.get(dest, getattr(args, dest)) for dest, field in _PREDICT_TRAIN_FIELDS.items()
+                if dest in given}
+    out = fit_predict(PredictTrainConfig(out=args.out, **settings), overwrite=args.overwrite)
+    print(f"checkpoint: {out}")
+    return 0
+
+
+def _eval_predict(args) -> int:
+    """`vitlab eval` of a prediction checkpoint: MSE / MAE per frame and SSIM on --data (default: its own data)."""
+    import torch
+
+    from .engine.video_predict import evaluate_predict, load_predictor, predict_datasets
+    from .utils.io import atomic_write_json
+
+    _threads(args.threads)
+    if args.out:
+        _check_out(args.out)
+    model = load_predictor(args.checkpoint)
+    config = model.vitlab_checkpoint
+    given = _given_flags(args, "eval")
+    data = args.data if given is None or "data" in given else config["data"].get("spec", args.data)
+    (dataset,) = predict_datasets(model, data, (args.split,), args.data_dir)
+    if args.apply:   # techniques on the predictor; calibration: the input frames of --calib-split clips of data
+        from .bench.measure import needs_calibration
+        from .techniques import apply_, parse_apply
+
+        configs = parse_apply(args.apply)
+        calib = None
+        if needs_calibration(configs):
+            (source,) = predict_datasets(model, data, (args.calib_split,), args.data_dir)
+            calib = [torch.stack([source[i][0] for i in range(min(args.calib_images, len(source)))])]
+        model = apply_(model, configs, calib=calib)
+    result = evaluate_predict(model, dataset, batch_size=min(args.batch_size, 64), limit=args.limit,
+                              progress=not args.json)
+    print(f"{args.checkpoint} (predict, {config['model']['name']}) on {data} [{args.split}], "
+          f"{result['n']} clips")
+    print(f"  MSE/frame {result['mse']:.2f}   MAE/frame {result['mae']:.2f}   MSE/pixel {result['mse_pixel']:.5f}   "
+          f"SSIM {result['ssim']:.4f}")
+    print("  MSE/frame by step: " + " ".join(f"{v:.1f}" for v in result["mse_per_frame"]))
+    if args.out:
+        atomic_write_json(Path(args.out) / "metrics.json", {**result, "data": data, "split": args.split})
+        print(f"  wrote {Path(args.out) / 'metrics.json'}")
+    if args.json:
+        print(json.dumps({**result, "task": "predict", "data": data, "split": args.split,
+                          "checkpoint": args.checkpoint}))
     return 0
 
 
@@ -689,6 +781,8 @@ def cmd_eval(args) -> int:
 
     if _is_dense(args.checkpoint):
         return _eval_dense(args)
+    if _is_predict(args.checkpoint):
+        return _eval_predict(args)
     _threads(args.threads)
     if args.out:
         _check_out(args.out)

@@ -607,6 +607,31 @@ def _videomae_spec(model) -> ModelSpec:
     return _spec(model, "videomae", [StageSpec("blocks", _blocks(model.blocks, "blocks", 0))])
 # --- end vivit ---
 
+# --- uniformerv2 (video) ---
+from ..models import uniformerv2 as _uniformerv2  # noqa: E402
+
+# A UniBlock is a timm Block over each frame's (class + patch) tokens; its local MHRA convolves the patch tokens
+# over time at each grid position, and the decoder's position conv reads the grid of the blocks' outputs.
+BLOCKS[_uniformerv2.UniBlock] = BlockRule(["attn"], ["mlp"], "sequence", True)
+
+
+@register_adapter(_uniformerv2.UniFormerV2)
+def _uniformerv2_spec(model) -> ModelSpec:
+    """UniFormerV2: UniBlocks (frames folded into the batch, class token first); the query decoder is head-side."""
+    return _spec(model, "uniformerv2", [StageSpec("blocks", _blocks(model.blocks, "blocks", 1))], prefix=1)
+# --- end uniformerv2 ---
+
+# --- stprivacy (video, issue 19) ---
+from ..models import stprivacy as _stprivacy  # noqa: E402
+
+
+@register_adapter(_stprivacy.STPrivacy)
+def _stprivacy_spec(model) -> ModelSpec:
+    """STPrivacy: tubelet selection runs before any block; `blocks` are timm `Block`s over (class token + kept
+    tubelet tokens), so token reduction inside them sees an ordinary ViT sequence."""
+    return _spec(model, "stprivacy", [StageSpec("blocks", _blocks(model.blocks, "blocks", 1))], prefix=1)
+# --- end stprivacy ---
+
 # --- resnas (architecture search, issue 24) ---
 from ..models import resnas as _resnas  # noqa: E402
 
@@ -629,3 +654,36 @@ def _resnas_spec(model) -> ModelSpec:
 # --- dense (techniques on dense models, issue 24) ---
 from ..dense import apply as _dense_apply  # noqa: E402,F401  (registers the DenseModel adapter)
 # --- end dense ---
+
+# --- predformer (video prediction, issue 19) ---
+from ..models import predformer as _predformer  # noqa: E402
+
+# A gated block is a timm Block (SwiGLU MLP) whose unit folds the (T, N) token grid into the batch and back after
+# its blocks: merging or dropping tokens would break that reshape, so the blocks need their grid.
+BLOCKS[_predformer.GatedBlock] = BlockRule(["attn"], ["mlp"], "sequence", True)
+
+
+@register_adapter(_predformer.PredFormer)
+def _predformer_spec(model) -> ModelSpec:
+    """PredFormer: one stage per gated transformer (spatial, temporal or full space-time), no class token."""
+    return _spec(model, "vl_predformer", [StageSpec(f"units.{i}", _blocks(u.blocks, f"units.{i}.blocks"))
+                                          for i, u in enumerate(model.units)])
+# --- end predformer ---
+
+# --- paab (pose-aware video ViT, issue 19) ---
+from ..models import paab as _paab  # noqa: E402
+
+# PAAB: a timm Block run per tubelet-frame (frames folded into the batch) with attention masked to the keypoint
+# patches at their grid positions, so it needs every tubelet token in place.
+BLOCKS[_paab.PoseAwareBlock] = BlockRule(["attn"], ["mlp"], "sequence", True)
+
+
+@register_adapter(_paab.PoseAwareViViT)
+def _paab_spec(model) -> ModelSpec:
+    """ViViT model 1's timm `Block`s over (class token + tubelet tokens), then the PAAB after block `paab_after`."""
+    blocks = _blocks(model.blocks, "blocks", 1)
+    paab = block_of(model.paab, "paab", 1)
+    paab.mixers[0].global_tokens = False       # its attention is masked to the keypoint patches
+    return _spec(model, "vl_paab", [StageSpec("blocks", blocks[:model.paab_after] + [paab] +
+                                              blocks[model.paab_after:])], prefix=1)
+# --- end paab ---

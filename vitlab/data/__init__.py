@@ -53,7 +53,10 @@ def build_dataset(
 
     Args:
         spec: 'fashion-mnist', 'imagefolder:PATH' or 'synthetic[:n=N,classes=K]' (or a DataSpec).
-            'moving-fashion-mnist[-cls][:clips=N,frames=T]' gives clips (1, T, H, W) instead of images.
+            'moving-fashion-mnist[-cls][:clips=N,frames=T]' gives clips (1, T, H, W) instead of images;
+            'moving-fashion-mnist-pose' items (clip, label, keypoints (T, 10, 2)) (video_pose.py).
+            'moving-fashion-mnist-events[:clips=N,frames=T,threshold=C]' event counts (2, T, H, W) (events.py);
+            'videofolder:PATH[:frames=T]' users' clips (C, T, H, W) decoded with PyAV (videofolder.py).
         split: one of SPLITS.
         img_size: output H = W, or (H, W); images of another size are resized (Fashion-MNIST: bilinear, antialias).
         in_chans: channels of the output; Fashion-MNIST needs 1, imagefolder converts to 1 (L) or 3 (RGB).
@@ -79,7 +82,7 @@ def build_dataset(
         raise DataError(f"--data {spec} holds scenes for dense prediction, not labelled images: pass "
                         f"--task panoptic, semantic or detection (with --head NAME), or classify with "
                         f"--data fashion-mnist")
-    if classes is not None and spec.kind != "imagefolder":
+    if classes is not None and spec.kind not in ("imagefolder", "videofolder"):
         own = dataset_info(spec)["classes"]
         if list(classes) != own:
             raise DataError(f"{spec} has classes {own}, which cannot be relabelled as {list(classes)}")
@@ -87,6 +90,22 @@ def build_dataset(
         return FashionMNIST(split, img_size=img_size, in_chans=in_chans, mean=mean, std=std, train_aug=train_aug,
                             aug=aug, data_dir=data_dir, seed=seed, imbalance=spec.option("imbalance"),
                             percent=spec.option("percent"))
+    if spec.kind == "moving-fashion-mnist-pose":  # items (clip, label, keypoints): see video_pose.py
+        from .video_pose import MovingFashionMNISTPose
+        return MovingFashionMNISTPose(split, img_size=img_size, in_chans=in_chans, mean=mean, std=std,
+                                      train_aug=train_aug, aug=aug, data_dir=data_dir, seed=seed,
+                                      clips=spec.option("clips"), frames=spec.option("frames"))
+    if spec.kind == "moving-fashion-mnist-events":  # event counts (2, T, H, W): see events.py
+        from .events import MovingFashionMNISTEvents
+        return MovingFashionMNISTEvents(split, img_size=img_size, in_chans=in_chans, mean=mean, std=std,
+                                        train_aug=train_aug, aug=aug, data_dir=data_dir, seed=seed,
+                                        clips=spec.option("clips"), frames=spec.option("frames"),
+                                        threshold=spec.option("threshold"))
+    if spec.kind == "videofolder":  # users' clips (C, T, H, W) decoded with PyAV: see videofolder.py
+        from .videofolder import VideoFolderDataset
+        return VideoFolderDataset(spec, split, img_size=img_size, in_chans=in_chans, mean=mean, std=std,
+                                  train_aug=train_aug, aug=aug, seed=seed, frames=spec.option("frames"),
+                                  classes=classes)
     if spec.kind.startswith("moving-fashion-mnist"):  # clips (1, T, H, W): see video.py
         task = "classify" if spec.kind.endswith("-cls") else "predict"
         return MovingFashionMNIST(task, split, img_size=img_size, in_chans=in_chans, mean=mean, std=std,
@@ -117,8 +136,13 @@ def dataset_info(spec: str | DataSpec, data_dir: str | os.PathLike | None = None
             classes, shape = list(CLASS_NAMES), (1, spec.option("size"), spec.option("size"))
     elif spec.kind == "fashion-mnist":
         classes, shape = list(FMNIST_CLASSES), NATIVE_SHAPE
+    elif spec.kind == "moving-fashion-mnist-events":  # 2 channels: positive and negative event counts
+        classes, shape = list(CLS_CLASSES), (2, CANVAS, CANVAS)
+    elif spec.kind == "videofolder":
+        from .videofolder import video_classes
+        classes, shape = video_classes(spec), None
     elif spec.kind.startswith("moving-fashion-mnist"):  # the prediction set has no classes; shape is per frame
-        classes, shape = (list(CLS_CLASSES) if spec.kind.endswith("-cls") else []), (1, CANVAS, CANVAS)
+        classes, shape = (list(CLS_CLASSES) if spec.kind.endswith(("-cls", "-pose")) else []), (1, CANVAS, CANVAS)
     elif spec.kind == "imagefolder":
         root = resolve_root(spec)
         found = find_classes(root / "train" if (root / "train").is_dir() else root)

@@ -13,6 +13,8 @@ __all__ = ["SPLITS", "KINDS", "DataSpec", "DataError", "DatasetNotFoundError"]
 
 SPLITS = ("train", "val", "test")
 KINDS = ("fashion-mnist", "imagefolder", "synthetic", "moving-fashion-mnist", "moving-fashion-mnist-cls",
+         "moving-fashion-mnist-pose",
+         "moving-fashion-mnist-events", "videofolder",
          "fmnist-scenes", "coco")
 DENSE_KINDS = ("fmnist-scenes", "coco")  # items (image, target dict) for --task panoptic|semantic|detection
 _ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "image-folder": "imagefolder"}
@@ -22,13 +24,21 @@ SYNTHETIC_DEFAULTS = {"n": 256, "classes": 10, "frames": 0}   # frames=T: clips 
 FMNIST_DEFAULTS = {"imbalance": 1, "percent": 100}
 # moving-fashion-mnist[-cls]:clips=N,frames=T: N train clips (val N // 10, test N // 5) of T frames (video.py)
 VIDEO_DEFAULTS = {"clips": 10000, "frames": 10}
-VIDEO_KINDS = ("moving-fashion-mnist", "moving-fashion-mnist-cls")
+VIDEO_KINDS = ("moving-fashion-mnist", "moving-fashion-mnist-cls", "moving-fashion-mnist-pose",
+               "moving-fashion-mnist-events")  # -pose: video_pose.py
 # fmnist-scenes:n=N,size=S,items=K: N train canvases (val N // 20, test N // 10) of S x S px, 1..K items (scenes.py)
 SCENES_DEFAULTS = {"n": 20000, "size": 64, "items": 6}
 _OPTION_DEFAULTS = {"synthetic": SYNTHETIC_DEFAULTS, "fashion-mnist": FMNIST_DEFAULTS,
                     **dict.fromkeys(VIDEO_KINDS, VIDEO_DEFAULTS), "fmnist-scenes": SCENES_DEFAULTS}
+# moving-fashion-mnist-events:clips=N,frames=T,threshold=C: the -cls clips as polarity event counts (events.py);
+# videofolder:PATH[:frames=T]: users' clip files, T frames sampled uniformly per clip (videofolder.py)
+_OPTION_DEFAULTS.update({"moving-fashion-mnist-events": {**VIDEO_DEFAULTS, "threshold": 0.2},
+                         "videofolder": {"frames": 10}})
+FLOAT_OPTIONS = ("threshold",)   # options that take a positive float (the others take positive ints)
 SPEC_HELP = ("use 'fashion-mnist[:imbalance=R,percent=P]', 'imagefolder:PATH', 'synthetic[:n=N,classes=K]' or "
-             "'moving-fashion-mnist[-cls][:clips=N,frames=T]'; dense tasks: 'fmnist-scenes[:n=N,size=S,items=K]' or "
+             "'moving-fashion-mnist[-cls|-pose][:clips=N,frames=T]', "
+             "'moving-fashion-mnist-events[:clips=N,frames=T,threshold=C]', 'videofolder:PATH[:frames=T]'; "
+             "dense tasks: 'fmnist-scenes[:n=N,size=S,items=K]' or "
              "'coco:PATH'")
 
 
@@ -54,7 +64,7 @@ class DataSpec:
         text = _spec_text(self.kind, self.path, self.options)
         if self.kind not in KINDS:
             raise DataError(f"unknown dataset {text!r}: {SPEC_HELP}")
-        if self.kind in ("imagefolder", "coco"):
+        if self.kind in ("imagefolder", "coco", "videofolder"):
             if not self.path:
                 raise DataError(f"dataset {text!r} needs a path: use '{self.kind}:/path/to/root'")
         elif self.path:
@@ -73,6 +83,11 @@ class DataSpec:
             if key not in known:
                 raise DataError(f"dataset {text!r}: unknown option {key!r}: "
                                 f"{self.kind} knows {', '.join(known)}")
+            if key in FLOAT_OPTIONS:
+                if not _positive_float(value):
+                    raise DataError(f"dataset {text!r}: option {key}={value!r} must be a positive number, "
+                                    f"e.g. {key}=0.2")
+                continue
             if not (value.isdigit() and int(value) > 0):
                 raise DataError(f"dataset {text!r}: option {key}={value!r} must be a positive integer, e.g. {key}=64")
 
@@ -87,6 +102,12 @@ class DataSpec:
         kind = _ALIASES.get(kind.lower(), kind.lower())
         if kind not in KINDS:
             raise DataError(f"unknown dataset {text!r}: {SPEC_HELP}")
+        if kind == "videofolder":   # PATH[:frames=T]: options only after the last ':', so PATH may hold ':'
+            path, _, tail = rest.rpartition(":")
+            if path and "=" in tail:
+                return cls(kind, path=path, options=tuple(tuple(part.strip() for part in item.partition("=")[::2])
+                                                          for item in tail.split(",")))
+            return cls(kind, path=rest or None)
         if kind in ("imagefolder", "coco"):
             return cls(kind, path=rest or None)
         if rest and (kind == "synthetic" or (kind in ("fashion-mnist", "fmnist-scenes", *VIDEO_KINDS) and "=" in rest)):
@@ -100,12 +121,21 @@ class DataSpec:
             return cls(kind, options=tuple(options))
         return cls(kind, path=rest or None)
 
-    def option(self, key: str) -> int:
-        """An option of this kind (synthetic, fashion-mnist, a moving set, fmnist-scenes) as an int, or its default."""
-        return int(dict(self.options).get(key, _OPTION_DEFAULTS[self.kind][key]))
+    def option(self, key: str) -> int | float:
+        """An option of this kind (synthetic, fashion-mnist, a moving set, fmnist-scenes, videofolder) as an int
+        (a float for FLOAT_OPTIONS), or its default."""
+        value = dict(self.options).get(key, _OPTION_DEFAULTS[self.kind][key])
+        return float(value) if key in FLOAT_OPTIONS else int(value)
 
     def __str__(self) -> str:
         return _spec_text(self.kind, self.path, self.options)
+
+
+def _positive_float(text: str) -> bool:
+    try:
+        return 0 < float(text) < float("inf")
+    except ValueError:
+        return False
 
 
 def _spec_text(kind, path, options) -> str:

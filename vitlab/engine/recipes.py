@@ -98,6 +98,8 @@ _BUILTIN_MODULES: list[str] = [   # modules under vitlab.engine that call regist
     "..tokens.iared",      # iared (IA-RED² REINFORCE)
     ".deit_lt",
     ".resformer",
+    ".ecl",                # ecl (EventTransAct's Event-Contrastive Loss)
+    "..models.paab",       # paat (PoseAwareVT's auxiliary joint-in-patch task)
     "..quant.shiftadd",    # shiftadd (ShiftAddViT's latency-aware load balance)
 ]
 

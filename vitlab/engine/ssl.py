@@ -20,7 +20,9 @@
 * **VideoMAE** (Tong et al., NeurIPS 2022; `vitlab.models.videomae`): tube masking at ratio 0.9, the encoder on the
   visible tubelets, a decoder half the encoder's width (4 layers, half its heads, as the official ViT-S/B configs)
   reconstructing the masked tubelets' normalised pixels (MSE). Backbones: `vl_videomae_*` on video data
-  (`moving-fashion-mnist-cls`, whose labels are unused).
+  (`moving-fashion-mnist-cls`, whose labels are unused). `videomae2` adds VideoMAE V2's dual masking (Wang et al.,
+  CVPR 2023): the decoder reconstructs only the tubelets a running-cell mask at ratio 0.5 keeps
+  (`vitlab.models.videomae.running_cell_mask`), the loss over those the encoder did not see.
 
 The heads are dropped at the end: the run folder holds a vitlab checkpoint of the backbone alone, which
 `vitlab train --init RUN` fine-tunes (its classifier starts from the backbone's random init).
@@ -36,6 +38,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -51,7 +54,7 @@ __all__ = ["METHODS", "PretrainConfig", "PretrainError", "pretrain", "vicreg_ter
            "nt_xent", "uncertainty_weighted", "rotate", "corrupt", "motion_sequences", "order_verification_batch",
            "SiT", "TOVVICReg", "VideoMAEMethod"]
 
-METHODS = ("sit", "tov-vicreg", "videomae")
+METHODS = ("sit", "tov-vicreg", "videomae", "videomae2")
 METRICS_FILE = "pretrain.jsonl"
 
 
@@ -364,17 +367,20 @@ class PretrainConfig:
 class VideoMAEMethod(nn.Module):
     """VideoMAE pre-training of a `vl_videomae_*` backbone (see the module docstring)."""
 
-    def __init__(self, backbone: nn.Module, mask_ratio: float = 0.9, decoder_depth: int = 4):
+    def __init__(self, backbone: nn.Module, mask_ratio: float = 0.9, decoder_depth: int = 4,
+                 decoder_mask_ratio: float = 0.0):
         super().__init__()
         from ..models.videomae import VideoMAE, VideoMAEPretrainer
 
         if not isinstance(backbone, VideoMAE):
-            raise PretrainError(f"--method videomae supports VideoMAE backbones (vl_videomae_*), not "
+            method = "videomae2" if decoder_mask_ratio else "videomae"
+            raise PretrainError(f"--method {method} supports VideoMAE backbones (vl_videomae_*), not "
                                 f"{type(backbone).__name__}: e.g. vitlab pretrain vl_videomae_mfmnist --data "
                                 "moving-fashion-mnist-cls ...")
         heads = max(1, backbone.blocks[0].attn.num_heads // 2) if len(backbone.blocks) else 1
         self.trainer = VideoMAEPretrainer(backbone, decoder_dim=backbone.embed_dim // 2, decoder_depth=decoder_depth,
-                                          decoder_heads=heads, mask_ratio=mask_ratio)
+                                          decoder_heads=heads, mask_ratio=mask_ratio,
+                                          decoder_mask_ratio=decoder_mask_ratio)
 
     def no_weight_decay(self) -> set[str]:
         return {"trainer.mask_token"}
@@ -400,7 +406,8 @@ def _build(cfg: PretrainConfig) -> tuple[nn.Module, nn.Module, torch.utils.data.
     c, h, w = pre["input_size"]
     data = build_dataset(cfg.data, "train", img_size=(h, w), in_chans=c, mean=pre["mean"], std=pre["std"],
                          data_dir=cfg.data_dir)
-    method = {"sit": SiT, "tov-vicreg": TOVVICReg, "videomae": VideoMAEMethod}[cfg.method](backbone)
+    method = {"sit": SiT, "tov-vicreg": TOVVICReg, "videomae": VideoMAEMethod,
+              "videomae2": partial(VideoMAEMethod, decoder_mask_ratio=0.5)}[cfg.method](backbone)
     return backbone, method, data, pre
 
 

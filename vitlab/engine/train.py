@@ -293,6 +293,9 @@ def _check_new_run(cfg: TrainConfig, overwrite: bool) -> None:
     if info["num_classes"] < 2:
         raise DataError(f"--data {cfg.data} has {info['num_classes']} class ({', '.join(info['classes'])}): "
                         "training a classifier needs at least 2 classes")
+    if info["kind"] == "moving-fashion-mnist-pose":  # items (clip, label, keypoints): see data/video_pose.py
+        raise DataError(f"--data {cfg.data} gives keypoints beside each clip, which the training loop does not take: "
+                        "train on moving-fashion-mnist-cls (the same clips), with --recipe paat to use the pose")
     if not overwrite and (refusal := _existing_run(out)):
         raise refusal
     if cfg.epochs < cfg.warmup_epochs:

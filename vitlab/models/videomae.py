@@ -9,9 +9,22 @@ softmax removes, so timm's fused `qkv` with a bias computes the same attention (
 
 Pre-training (`VideoMAEPretrainer`) masks tubes: one random set of `mask_ratio` of the H'W' positions, the same in
 every tubelet-frame (official `masking_generator.TubeMaskingGenerator`, ratio 0.9); the encoder sees only the
-visible tokens; a narrower decoder (`encoder_to_decoder` without bias, a learned mask token, its own sinusoidal
-table) reconstructs the masked tubelets' pixels, each normalised by its own mean and (unbiased) std per channel
-(`norm_pix_loss`), with an MSE loss over the masked tubelets only (official `engine_for_pretraining.py`).
+visible tokens, its output LayerNorm'd (official `PretrainVisionTransformerEncoder.norm`, pre-training only: the
+fine-tuning model with mean pooling has no final norm, and transformers' `VideoMAEForPreTraining` with
+`use_mean_pooling=True` none at all: `encoder_norm=False`, as its converter builds it); a narrower decoder
+(`encoder_to_decoder` without bias, a learned mask token, its own sinusoidal table) reconstructs the masked
+tubelets' pixels, each normalised by its own mean and (unbiased) std per channel (`norm_pix_loss`), with an MSE loss
+over the masked tubelets only (official `engine_for_pretraining.py`). Without the encoder norm the pre-trained
+features carry a large component common to all clips and fine-tuning barely moves from chance
+(benchmarks/video_videomae_gain.py).
+
+VideoMAE V2's dual masking (Wang et al., "VideoMAE V2: Scaling Video Masked Autoencoders with Dual Masking",
+CVPR 2023; github.com/OpenGVLab/VideoMAEv2 at 29eab1e8a588d1b3ec0cdec7b03a86cca491b74b) also masks the decoder:
+`decoder_mask_ratio` > 0 draws a running-cell mask (`running_cell_mask`, official
+`masking_generator.RunningCellMaskingGenerator`) and the decoder takes the visible tokens plus mask tokens only at
+the positions that mask keeps, predicting those; the loss averages over the kept positions that the encoder masked
+(official `engine_for_pretraining.py`: `cal_loss_mask = bool_masked_pos[~decode_masked_pos]`).
+
 `tests/test_videomae.py` copies the weights of transformers' `VideoMAEForVideoClassification` and
 `VideoMAEForPreTraining` into these modules and compares logits and the pre-training loss.
 
@@ -32,7 +45,8 @@ from ._builder import build_vitlab_model
 from ._convert import register_hf_converter
 from .vivit import TubeletEmbed
 
-__all__ = ["VideoMAE", "VideoMAEPretrainer", "sinusoid_table", "tube_mask", "patchify", "normalized_patches"]
+__all__ = ["VideoMAE", "VideoMAEPretrainer", "sinusoid_table", "tube_mask", "running_cell_mask", "patchify",
+           "normalized_patches"]
 
 
 def sinusoid_table(n_position: int, dim: int) -> torch.Tensor:
@@ -57,6 +71,28 @@ def tube_mask(batch: int, grid: tuple[int, int, int], ratio: float, generator: t
                          "least one position visible and mask at least one")
     ranks = torch.rand(batch, per_frame, generator=generator).argsort(dim=1).argsort(dim=1)
     return (ranks < masked).repeat(1, t)  # (B, T' * H'W')
+
+
+def running_cell_mask(batch: int, grid: tuple[int, int, int], ratio: float = 0.5,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, T'H'W') bool, True = dropped from the decoder: VideoMAE V2's running-cell decoder mask. A 2x2 cell holds
+    the queue [1] * m + [0] * (4 - m) (m = int(4 * ratio) dropped) read cyclically from a pointer; the cell, tiled
+    over the H'W' grid, drops the positions reading 1; the pointer starts at a random offset per clip and advances
+    one step per tubelet-frame, so the kept positions run through the cell over time (official `Cell`,
+    `RunningCellMaskingGenerator`)."""
+    t, h, w = grid
+    dropped = int(4 * ratio)
+    if not 0 < dropped < 4:
+        raise ValueError(f"decoder mask ratio {ratio} drops {dropped} of a 2x2 cell's 4 positions: use 0.25, 0.5 "
+                         "or 0.75")
+    if h % 2 or w % 2:
+        raise ValueError(f"running-cell masking tiles 2x2 cells over the token grid; {h}x{w} is not even: choose "
+                         "an image size that gives an even number of patches per side")
+    queue = torch.arange(4) < dropped                                        # [1] * m + [0] * (4 - m)
+    start = torch.randint(4, (batch,), generator=generator)
+    ptr = start[:, None] + torch.arange(1, t + 1)                            # (B, T'): run_cell before each frame
+    cells = queue[(torch.arange(4) + ptr[..., None]) % 4].reshape(batch, t, 2, 2)
+    return cells.repeat(1, 1, h // 2, w // 2).reshape(batch, t * h * w)     # (B, T' * H' * W'), tiled cells
 
 
 def patchify(clips: torch.Tensor, tubelet: tuple[int, int, int]) -> torch.Tensor:
@@ -159,14 +195,15 @@ class VideoMAEPretrainer(nn.Module):
 
     def __init__(self, encoder: VideoMAE, decoder_dim: int = 384, decoder_depth: int = 4, decoder_heads: int = 6,
                  decoder_mlp_ratio: float = 4.0, mask_ratio: float = 0.9, norm_eps: float = 1e-6,
-                 decoder_norm_eps: float = 1e-6):
+                 decoder_norm_eps: float = 1e-6, decoder_mask_ratio: float = 0.0, encoder_norm: bool = True):
         super().__init__()
         if not isinstance(encoder, VideoMAE):
             raise TypeError(f"VideoMAE pre-training needs a VideoMAE encoder (vl_videomae_*), got "
                             f"{type(encoder).__name__}")
-        self.encoder, self.mask_ratio = encoder, mask_ratio
+        self.encoder, self.mask_ratio, self.decoder_mask_ratio = encoder, mask_ratio, decoder_mask_ratio
         embed = encoder.patch_embed
         kt, kh, kw = embed.tubelet_size
+        self.encoder_norm = nn.LayerNorm(encoder.embed_dim, eps=norm_eps) if encoder_norm else nn.Identity()
         self.encoder_to_decoder = nn.Linear(encoder.embed_dim, decoder_dim, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer("decoder_pos_embed", sinusoid_table(embed.num_patches, decoder_dim)[None],
@@ -187,27 +224,39 @@ class VideoMAEPretrainer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
 
-    def forward(self, clips: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Predicted normalised pixels of the masked tubelets, (B, M, kt * kh * kw * C), in token order."""
-        x = self.encoder_to_decoder(self.encoder.forward_features(clips, mask))  # (B, N_vis, Dd)
+    def forward(self, clips: torch.Tensor, mask: torch.Tensor, decode_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Predicted normalised pixels, (B, M, kt * kh * kw * C) in token order: of the masked tubelets, or with
+        `decode_mask` (B, N) bool (True = dropped from the decoder) of the tubelets it keeps."""
+        decoded = mask if decode_mask is None else ~decode_mask
+        x = self.encoder_to_decoder(self.encoder_norm(self.encoder.forward_features(clips, mask)))  # (B, N_vis, Dd)
         B, _, D = x.shape
         pos = self.decoder_pos_embed.expand(B, -1, -1)
         visible = x + pos[~mask].reshape(B, -1, D)
-        masked = self.mask_token + pos[mask].reshape(B, -1, D)
+        masked = self.mask_token + pos[decoded].reshape(B, -1, D)
         x = self.decoder_blocks(torch.cat([visible, masked], dim=1))
         return self.decoder_head(self.decoder_norm(x[:, -masked.shape[1]:]))
 
-    def loss(self, clips: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
-             ) -> torch.Tensor:
+    def loss(self, clips: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             decode_mask: torch.Tensor | None = None) -> torch.Tensor:
         """MSE between the predictions and the normalised pixels of the masked tubelets (`mask` drawn with
-        `tube_mask` at `mask_ratio` when not given)."""
+        `tube_mask` at `mask_ratio` when not given). With dual masking (`decode_mask` given, or drawn with
+        `running_cell_mask` when `decoder_mask_ratio` > 0) the decoder predicts the tubelets `decode_mask` keeps and
+        the MSE averages over those the encoder did not see."""
+        grid = self.encoder.patch_embed.grid_size
         if mask is None:
-            mask = tube_mask(clips.shape[0], self.encoder.patch_embed.grid_size, self.mask_ratio, generator)
-        pred = self(clips, mask)
+            mask = tube_mask(clips.shape[0], grid, self.mask_ratio, generator)
+        if decode_mask is None and self.decoder_mask_ratio > 0:
+            decode_mask = running_cell_mask(clips.shape[0], grid, self.decoder_mask_ratio, generator)
+        pred = self(clips, mask, decode_mask)
+        decoded = mask if decode_mask is None else ~decode_mask
         with torch.no_grad():
             target = normalized_patches(clips, self.encoder.patch_embed.tubelet_size)
-            target = target[mask].reshape(clips.shape[0], -1, target.shape[-1])
-        return F.mse_loss(pred, target)
+            target = target[decoded].reshape(clips.shape[0], -1, target.shape[-1])
+        if decode_mask is None:
+            return F.mse_loss(pred, target)
+        weight = mask[decoded].reshape(clips.shape[0], -1).to(pred.dtype)     # masked for the encoder, decoded
+        return ((pred - target).pow(2).mean(dim=-1) * weight).sum() / weight.sum().clamp(min=1)
 
 
 def _cfg(input_size: tuple[int, int, int], **kwargs) -> dict:
@@ -320,7 +369,7 @@ def _videomae_from_hf(hf_model) -> nn.Module:
                                  decoder_depth=config.decoder_num_hidden_layers,
                                  decoder_heads=config.decoder_num_attention_heads,
                                  decoder_mlp_ratio=config.decoder_intermediate_size / config.decoder_hidden_size,
-                                 norm_eps=config.layer_norm_eps, decoder_norm_eps=1e-5)
+                                 norm_eps=config.layer_norm_eps, decoder_norm_eps=1e-5, encoder_norm=False)
     dec = {"encoder_to_decoder.weight": hf.pop("encoder_to_decoder.weight"), "mask_token": hf.pop("mask_token"),
            "decoder_norm.weight": hf.pop("decoder.norm.weight"), "decoder_norm.bias": hf.pop("decoder.norm.bias"),
            "decoder_head.weight": hf.pop("decoder.head.weight"), "decoder_head.bias": hf.pop("decoder.head.bias")}

@@ -76,6 +76,7 @@ class ViViT(nn.Module):
             norm_eps: float = 1e-6,
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            freeze_spatial: bool = False,
     ):
         super().__init__()
         if global_pool not in ("token", "avg"):
@@ -104,6 +105,21 @@ class ViViT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
+        if freeze_spatial:
+            self.freeze_spatial_()
+
+    def freeze_spatial_(self) -> "ViViT":
+        """Model 2 trained on a frozen spatial encoder (the recipe of seed entry 11): tubelet embedding, spatial class
+        token, position embedding, spatial blocks and spatial LayerNorm stop requiring grad, so the optimizer skips
+        them and autograd records no spatial backward. `vitlab train --model-kwargs '{"freeze_spatial": true}'`."""
+        if not self.factorised:
+            raise ValueError("freeze_spatial needs the factorised encoder (temporal_depth > 0): model 1 has no "
+                             "separate spatial encoder; build a vl_vivit_* model, not vl_vivit_joint_*")
+        for part in (self.patch_embed, self.blocks, self.spatial_norm):
+            part.requires_grad_(False)
+        self.cls_token.requires_grad_(False)
+        self.pos_embed.requires_grad_(False)
+        return self
 
     def _init_weights(self) -> None:
         for p in (self.pos_embed, getattr(self, "temporal_pos_embed", None)):
