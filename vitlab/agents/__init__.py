@@ -27,7 +27,8 @@ from ..errors import UserError
 __all__ = ["Toy", "ToyError", "register_toy", "toy_names", "get_toy", "run_toy"]
 
 # Modules that register the built-in toys (imported on first use, so `import vitlab` stays light).
-_BUILTIN_MODULES: list[str] = [".alphavit", ".calvin", ".seer", ".quarvla", ".adapt", ".cogact", ".git"]
+_BUILTIN_MODULES: list[str] = [".alphavit", ".calvin", ".seer", ".quarvla", ".adapt", ".cogact", ".git", ".epalm",
+                               ".unit", ".adi"]
 
 _TOYS: dict[str, "Toy"] = {}
 
