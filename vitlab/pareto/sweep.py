@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..runner import item_shape
 from ..techniques import TechniqueError
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.lock import kill_point, lock_folder
@@ -227,7 +228,7 @@ def _retime(cfg: SweepConfig, row: dict) -> float:
     with num_threads(cfg.threads):
         torch.manual_seed(0)
         runner = build_runner(row["source"], row["apply"])
-        images = torch.randn(cfg.batch, *runner.input_size)
+        images = torch.randn(cfg.batch, *item_shape(runner))   # (C, H, W), or (C, T, H, W) for a video model
         timing = time_callable(lambda: runner(images), min_time_s=cfg.min_time_s)
     return cfg.batch / timing.median_s / row["img_per_s"]
 
@@ -248,7 +249,7 @@ def _confirm_speed(cfg: SweepConfig, rows: list[dict]) -> str | None:
             torch.manual_seed(0)
             runners.append(build_runner(r["source"], r["apply"], calib_data=cfg.data, calib_split="train",
                                         calib_images=cfg.calib_images, data_dir=cfg.data_dir))
-        images = torch.randn(cfg.batch, *runners[0].input_size, generator=torch.Generator().manual_seed(0))
+        images = torch.randn(cfg.batch, *item_shape(runners[0]), generator=torch.Generator().manual_seed(0))
         times: list[list[float]] = [[] for _ in todo]
         with torch.inference_mode():
             for _ in range(cfg.confirm_rounds):
@@ -374,14 +375,16 @@ def _run_sweep(cfg: SweepConfig, *, progress: bool, log, _stop_after: int | None
             summary = _summarise(rows, cfg.max_drop_pt)   # front and recommendation from the round-robin timings
     for key in dict.fromkeys(k for k in (summary["base"], summary["recommended"]) if k):
         by_key[key].update(_test_accuracy(cfg, by_key[key]))
-    dense = metric_label(rows) != "top-1"
+    dense, clips = metric_label(rows) != "top-1", _is_video_data(cfg.data)
     if dense:
         notes.append(f"robustness column: patch-drop robustness measures classifiers; not measured for this "
                      f"{metric_label(rows)} model")
+    elif clips:
+        notes.append("robustness column: patch-drop robustness measures images; not measured on clips")
     for row in rows:
         for field in ("robust_top1", "robust_ece"):   # a resumed run's front may have moved
             row.pop(field, None)
-        if row.get("on_front") and not dense:
+        if row.get("on_front") and not dense and not clips:
             try:
                 row.update(_robustness(cfg, row))
             except Exception as err:  # the report still gets written; the note says which point has no column
@@ -403,6 +406,8 @@ def _run_sweep(cfg: SweepConfig, *, progress: bool, log, _stop_after: int | None
     if result.get("exported") and dense:
         notes.append("explanation of the recommended point: the report's maps explain a classifier's top-1 class; "
                      "`vitlab predict` draws the dense model's masks and boxes instead")
+    elif result.get("exported") and clips:
+        notes.append("explanation of the recommended point: the report's maps explain images; not drawn for clips")
     elif result.get("exported"):
         from .export import explain_point
 
@@ -421,6 +426,15 @@ def _run_sweep(cfg: SweepConfig, *, progress: bool, log, _stop_after: int | None
     result["report"] = str(write_report(cfg, rows, result))
     _write(cfg, rows, result)
     return {**result, "rows": rows}
+
+
+def _is_video_data(data: str) -> bool:
+    """Whether `data` holds clips (C, T, H, W) rather than images."""
+    from ..data import DataSpec
+    from ..data.spec import VIDEO_KINDS
+
+    spec = DataSpec.parse(data)
+    return spec.kind in (*VIDEO_KINDS, "videofolder") or (spec.kind == "synthetic" and spec.option("frames") > 0)
 
 
 def _check_task_data(cfg: SweepConfig) -> None:
