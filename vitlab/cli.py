@@ -563,22 +563,43 @@ _DENSE_TRAIN_FIELDS = {"head": "head", "model": "backbone", "init": "init", "mod
                        "no_progress": "progress"}
 
 
+def _given_train_flags(args) -> set[str]:
+    """The `vitlab train` flags the user gave, less --task (called without main(): those that differ from their
+    defaults)."""
+    given = _given_flags(args, "train")
+    if given is None:
+        defaults = vars(_parser().parse_args(["train"]))
+        given = {k for k, v in vars(args).items() if k in defaults and defaults[k] != v}
+    return given - {"task"}
+
+
+def _refuse_flags_on_resume(args, given: set[str], what: str) -> None:
+    """A step-budgeted run (dense, prediction) resumes with its saved settings: any other flag given is refused."""
+    from .errors import UserError
+
+    extra = sorted(given - {"resume"})
+    if extra:
+        raise UserError(f"--resume {args.resume}: a {what} run continues with its own settings; drop "
+                        f"{', '.join('--' + d.replace('_', '-') for d in extra)}")
+
+
+def _step_settings(args, fields: dict[str, str], given: set[str]) -> dict:
+    """The config fields of a step-budgeted run (dense, prediction) from the flags in `given`; `fields` maps flag
+    dest -> config field."""
+    values = {"model_kwargs": _json_arg(args.model_kwargs, "--model-kwargs"), "no_progress": not args.no_progress,
+              "clip_grad": args.clip_grad or None}
+    return {field: values.get(dest, getattr(args, dest)) for dest, field in fields.items() if dest in given}
+
+
 def _train_dense(args) -> int:
     """`vitlab train --task panoptic|semantic|detection --head NAME`: vitlab.dense.engine.fit_dense."""
     from .dense.engine import DenseTrainConfig, fit_dense
     from .dense.heads import head_names
     from .errors import UserError
 
-    given = _given_flags(args, "train")
-    if given is None:   # called without main(): flags that differ from their defaults count as given
-        defaults = vars(_parser().parse_args(["train"]))
-        given = {k for k, v in vars(args).items() if k in defaults and defaults[k] != v}
-    given -= {"task"}
+    given = _given_train_flags(args)
     if args.resume:
-        extra = sorted(given - {"resume"})
-        if extra:
-            raise UserError(f"--resume {args.resume}: a dense run continues with its own settings; drop "
-                            f"{', '.join('--' + d.replace('_', '-') for d in extra)}")
+        _refuse_flags_on_resume(args, given, "dense")
         print(f"checkpoint: {fit_dense(resume=args.resume)}")
         return 0
     other = sorted(given - set(_DENSE_TRAIN_FIELDS) - {"out", "overwrite"})
@@ -589,10 +610,7 @@ def _train_dense(args) -> int:
         raise UserError(f"--task {args.task} needs --head NAME; heads for it: {', '.join(head_names(args.task))}")
     if not args.out:
         raise UserError("give --out RUN_DIR (or --resume RUN_DIR)")
-    values = {"model_kwargs": _json_arg(args.model_kwargs, "--model-kwargs"), "no_progress": not args.no_progress,
-              "clip_grad": args.clip_grad or None}
-    settings = {field: values.get(dest, getattr(args, dest)) for dest, field in _DENSE_TRAIN_FIELDS.items()
-                if dest in given or dest == "head"}
+    settings = _step_settings(args, _DENSE_TRAIN_FIELDS, given | {"head"})
     out = fit_dense(DenseTrainConfig(out=args.out, task=args.task, **settings), overwrite=args.overwrite)
     print(f"checkpoint: {out}")
     return 0
@@ -617,16 +635,9 @@ def _train_predict(args) -> int:
     from .engine.video_predict import PredictTrainConfig, fit_predict
     from .errors import UserError
 
-    given = _given_flags(args, "train")
-    if given is None:   # called without main(): flags that differ from their defaults count as given
-        defaults = vars(_parser().parse_args(["train"]))
-        given = {k for k, v in vars(args).items() if k in defaults and defaults[k] != v}
-    given -= {"task"}
+    given = _given_train_flags(args)
     if args.resume:
-        extra = sorted(given - {"resume"})
-        if extra:
-            raise UserError(f"--resume {args.resume}: a prediction run continues with its own settings; drop "
-                            f"{', '.join('--' + d.replace('_', '-') for d in extra)}")
+        _refuse_flags_on_resume(args, given, "prediction")
         print(f"checkpoint: {fit_predict(resume=args.resume)}")
         return 0
     other = sorted(given - set(_PREDICT_TRAIN_FIELDS) - {"out", "overwrite"})
@@ -635,10 +646,7 @@ def _train_predict(args) -> int:
                         "frame prediction; drop them")
     if not args.out:
         raise UserError("give --out RUN_DIR (or --resume RUN_DIR)")
-    values = {"model_kwargs": _json_arg(args.model_kwargs, "--model-kwargs"), "no_progress": not args.no_progress,
-              "clip_grad": args.clip_grad or None}
-    settings = {field: values.get(dest, getattr(args, dest)) for dest, field in _PREDICT_TRAIN_FIELDS.items()
-                if dest in given}
+    settings = _step_settings(args, _PREDICT_TRAIN_FIELDS, given)
     out = fit_predict(PredictTrainConfig(out=args.out, **settings), overwrite=args.overwrite)
     print(f"checkpoint: {out}")
     return 0
