@@ -4,14 +4,15 @@ import json
 import pytest
 
 from vitlab import agents
+from vitlab.agents import registry
 from vitlab.cli import main
 
 
 @pytest.fixture
 def toy_registry(monkeypatch):
     """A private registry with two toys: one that runs, one whose package is missing."""
-    monkeypatch.setattr(agents, "_TOYS", {})
-    monkeypatch.setattr(agents, "_BUILTIN_MODULES", [])
+    monkeypatch.setattr(registry, "_TOYS", {})
+    monkeypatch.setattr(registry, "_BUILTIN_MODULES", [])
 
     @agents.register_toy("echo", "returns its seed and quick flag")
     def _echo(out, seed, quick):

@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import reach, register_toy
+from . import reach
+from .registry import register_toy
 from .quarvla import TOY_TOKENIZER, ActionTokenizer, TinyVLA, VLAConfig, token_accuracy, train_vla, vla_success
 
 __all__ = ["modality_alignment_loss", "sequential_consistency_loss", "PromptBase", "PromptEncoder", "AdaptAgent",

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import create_model
-from . import register_toy
+from .registry import register_toy
 
 __all__ = ["SIDE", "ACTIONS", "TARGET", "transform", "transform_batch", "load_items", "DiffusionConfig",
            "ConditionedUNet", "make_scheduler", "train_diffusion", "sample", "Identifier", "gradient_mask",

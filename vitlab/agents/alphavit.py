@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 
-from . import register_toy
+from .registry import register_toy
 
 __all__ = ["BoardGame", "State", "connect_four", "tic_tac_toe", "AlphaViTNet", "NetEvaluator", "search",
            "solve", "self_play", "train", "play_match", "TrainConfig"]

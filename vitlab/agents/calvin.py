@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register_toy
+from .registry import register_toy
 
 __all__ = ["MOVES", "DONE", "calvin_value_iteration", "calvin_reward", "known_transitions", "CALVIN", "VIN",
            "random_maze", "bfs_distances", "expert_episodes", "MazeData", "make_data", "fit", "success_rate"]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 from ..checkpoint import create_model
-from . import register_toy
+from .registry import register_toy
 
 __all__ = ["cosine_betas", "alphas_cumprod", "q_sample", "ddim_timesteps", "ddim_step", "TimestepEmbedder",
            "ActionDiT", "ddim_sample", "HeadConfig", "CogACTPolicy", "Demos", "demonstrations", "true_samples",

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register_toy
+from .registry import ToyError, register_toy
 
 __all__ = ["CLASS_NAMES", "TEMPLATES", "Vocab", "EPALMConfig", "EPALM", "injection_plan", "lm_config",
            "captions", "lm_corpus", "load_images", "pretrain_lm", "train_captioner", "naming_accuracy",
@@ -325,7 +325,6 @@ def _vision_encoder(quick: bool) -> nn.Module:
         return vitlab.create_model("vl_vit_fmnist")
     path = Path(__file__).resolve().parents[2] / CHECKPOINT
     if not path.is_dir():
-        from . import ToyError
         raise ToyError(f"the eP-ALM toy needs vitlab's reference ViT at {path}; run it from a vitlab checkout "
                        "(or use --quick, which uses a random-init ViT)")
     return vitlab.create_model(str(path))

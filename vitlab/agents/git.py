@@ -40,7 +40,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from . import register_toy
+from .registry import register_toy
 
 __all__ = ["box_tokens", "tokens_to_boxes", "decode_boxes", "grid_points", "grid_match", "git_targets", "git_attention_mask",
            "GiT", "git_loss", "build", "train_detector", "evaluate_detector", "compare", "run"]

@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from . import reach, register_toy
+from . import reach
+from .registry import register_toy
 
 __all__ = ["ActionTokenizer", "TOY_TOKENIZER", "TinyVLA", "VLAConfig", "vla_batch", "train_vla", "vla_success",
            "token_accuracy", "run"]

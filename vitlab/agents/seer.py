@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 
-from . import register_toy
 from . import reach
+from .registry import register_toy
 
 __all__ = ["OBS", "FORESIGHT", "ACTION", "token_layout", "block_causal_mask", "SeerPolicy", "SeerConfig",
            "windows", "seer_losses", "train_policy", "action_accuracy", "success_rate", "run"]

@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw, ImageFont
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
-from . import register_toy
+from .registry import register_toy
 
 __all__ = ["ALPHABET", "random_words", "render_word", "render_words", "encode_text", "ctc_collapse",
            "ctc_greedy_decode", "edit_distance", "char_accuracy", "vit_tokens", "VisionDecoder", "vision_loss",

@@ -15,7 +15,8 @@ from timm.models import (convit, convnext, crossvit, efficientformer, efficientv
 
 from ..models import crossformer, cvt, dinat, hornet, pvt, rmt, sret, spectformer, t2t_vit, uniformer
 from ..models._glpe import GLPEAttention
-from . import BlockSpec, Mixer, ModelSpec, StageSpec, register_adapter
+from .registry import register_adapter
+from .spec import BlockSpec, Mixer, ModelSpec, StageSpec
 
 _QKV_FORMS = (("qkv",), ("q", "kv"), ("q", "k", "v"), ("qk", "v"), ("kv", "q"), ("proj_q", "proj_k", "proj_v"),
               ("wq", "wk", "wv"), ("qkvs",))

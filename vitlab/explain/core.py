@@ -9,6 +9,7 @@ the method and what would work instead.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -112,3 +113,11 @@ def explain(model: Any, images: torch.Tensor, method: str = "rollout", target: t
         raise RuntimeError(f"explanation method {method!r} returned shape {tuple(saliency.shape)}, not (B, h, w)")
     maps = normalize_maps(saliency.clamp(min=0), tuple(images.shape[-2:]))
     return Explanation(maps, method, target, probs_all.gather(1, target[:, None])[:, 0], extras)
+
+
+class CallableModule(types.ModuleType):
+    """The class of the `vitlab.explain` package: `vitlab.explain(model, images, method=...)` calls `explain`;
+    `vitlab.explain.<name>` is the package."""
+
+    def __call__(self, *args, **kwargs) -> Explanation:
+        return explain(*args, **kwargs)
