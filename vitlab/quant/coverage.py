@@ -47,7 +47,7 @@ def _own_macs(name: str, module: nn.Module, macs: dict[str, int]) -> int:
 def quant_mac_fraction(model: nn.Module, total: int, macs: dict[str, int]) -> float | None:
     """Quantized MACs / all MACs of a wrapped model, stem and head excluded (`module_macs` gives total, macs);
     None for a model whose MACs are all in its stem and head."""
-    from .sim import QuantAttentionOps, _QuantMatmuls, _QuantWeight, float_layer_names
+    from .sim import QuantAttentionOps, _QuantWeight, float_layer_names, quantizes_attention_matmuls
 
     stem, head = float_layer_names(model)
     modules = dict(model.named_modules())
@@ -56,7 +56,7 @@ def quant_mac_fraction(model: nn.Module, total: int, macs: dict[str, int]) -> fl
     for name, module in modules.items():
         if isinstance(module, _QuantWeight):
             quantized += macs.get(name, 0)
-        elif isinstance(module, _QuantMatmuls):
+        elif quantizes_attention_matmuls(module):
             quantized += _own_macs(name, module, macs)
         elif isinstance(module, QuantAttentionOps):
             quantized += module.quantized_macs     # its intercepted calls, during the same forward pass

@@ -7,10 +7,13 @@ Sites (names fixed; `vitlab.quant.base.make_quantizer` builds the quantizer for 
   `.weight_quant` (per output channel; grouped and depthwise convolutions too) and `.input_quant` (per tensor, or
   per token for Linear inputs with `per_token`). The input of a Linear `mlp.fc2` is the "post_gelu" site when the
   config asks for it.
-* "q", "k", "attn_prob", "v": timm's `Attention` and Swin / Swin V2 `WindowAttention` become `QuantAttention` /
-  `QuantWindowAttention` / `QuantWindowAttentionV2`, whose forwards run the two attention matmuls explicitly
-  (QK^T, softmax·V) and quantize their inputs. The fused `scaled_dot_product_attention` path cannot be used here:
-  it never materializes the post-softmax probabilities, so they cannot be fake-quantized.
+* "q", "k", "attn_prob", "v": timm's `Attention` and every attention already in the attention seam
+  (`vitlab.attention`: the token-reduced attentions of ToMe, EViT, ATS, MCTF, ...) get the seam's quantization sites,
+  and Swin / Swin V2 `WindowAttention` become `QuantWindowAttention` / `QuantWindowAttentionV2`; their forwards run the
+  two attention matmuls explicitly (QK^T, softmax·V) and quantize their inputs. The fused
+  `scaled_dot_product_attention` path cannot be used here: it never materializes the post-softmax probabilities, so
+  they cannot be fake-quantized. A token reduction and the quantization then act in one forward (both effects); an
+  attention that replaces the seam's forward (Sparsifiner's) is refused by name.
 * Any other attention module (a contract attention mixer, or a class / attribute name with "attention" / "attn")
   becomes a `QuantAttentionOps`: its own forward, with each `F.scaled_dot_product_attention` call run as quantized
   explicit attention (the four sites above) and each matmul of two activations with both operands quantized
@@ -27,10 +30,8 @@ input quantizer the layer itself, the post-softmax quantizer V and V's quantizer
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import threading
 from typing import Any, Iterator
 
 import torch
@@ -41,14 +42,15 @@ from torch.overrides import TorchFunctionMode
 from timm.models.swin_transformer import WindowAttention as SwinWindowAttention
 from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAttention
 
+from ..attention import (ATTN_SITES, AttentionSeam, SeamAttention, attention_ops_quantized, in_seam,
+                         quantized_attention_scope, to_seam_)
 from ..techniques import TechniqueNotApplicable
 from .base import Quantizer, QuantizerError, make_quantizer
 
 __all__ = ["QuantLinear", "QuantConv2d", "QuantAttention", "QuantWindowAttention", "QuantWindowAttentionV2",
            "QuantAttentionOps", "wrap_model", "float_layer_names", "quantizers", "set_quant_mode", "quant_linears",
-           "quant_layers", "is_quantized"]
+           "quant_layers", "is_quantized", "quantizes_attention_matmuls"]
 
-ATTN_SITES = ("q", "k", "attn_prob", "v")
 TECHNIQUE = "quantization (ptq, w8a8, w8)"
 
 
@@ -122,20 +124,8 @@ class QuantConv2d(_QuantWeight, nn.Conv2d):
         return self._conv_forward(self.input_quant(x), self.quant_weight(), self.bias)
 
 
-_busy = threading.local()   # depth > 0: attention ops being quantized already, an enclosing QuantAttentionOps skips
-
-
-@contextlib.contextmanager
-def _quantized_here():
-    _busy.depth = getattr(_busy, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _busy.depth -= 1
-
-
 class _QuantMatmuls:
-    """Shared by the attention adapters: the four quantizers of QK^T and softmax·V, and softmax·V itself."""
+    """Shared by the window-attention adapters: the four quantizers of QK^T and softmax·V, and softmax·V itself."""
 
     q_quant: Quantizer
     k_quant: Quantizer
@@ -147,15 +137,14 @@ class _QuantMatmuls:
         if type(attn) is not cls._float_class:
             raise QuantizerError(
                 f"quantizing the attention matmuls needs timm's own {cls._float_class.__name__}, got "
-                f"{type(attn).__name__} (token reduction patches attention): apply ptq with attn=false to quantize "
-                "only the Linear and Conv2d layers")
+                f"{type(attn).__name__}: apply ptq with attn=false to quantize only the Linear and Conv2d layers")
         attn.__class__ = cls
         for site in ATTN_SITES:
             setattr(attn, f"{site}_quant", quants[site])
         return attn
 
     def forward(self, *args, **kwargs):
-        with _quantized_here():     # an enclosing QuantAttentionOps leaves these matmuls alone
+        with quantized_attention_scope():     # an enclosing QuantAttentionOps leaves these matmuls alone
             return self._quant_forward(*args, **kwargs)
 
     def _prob_times_v(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -165,34 +154,8 @@ class _QuantMatmuls:
         return self.attn_drop(self.attn_prob_quant(attn)) @ self.v_quant(v)
 
 
-class QuantAttention(_QuantMatmuls, Attention):
-    """timm Attention with explicit matmuls whose inputs are fake-quantized: q·kᵀ (sites "q", "k") and
-    softmax·v (sites "attn_prob", "v"). The fused SDPA kernel cannot be used: it never exposes the post-softmax
-    probabilities, which is where quantization of attention hurts most (FQ-ViT, PTQ4ViT).
-
-    `q` is quantized after the 1/sqrt(d) scaling (a constant factor, so the grid is the same up to scale), and the
-    optional timm features (qk-norm, scale-norm, gate, attention masks) are kept.
-    """
-
-    _float_class = Attention
-
-    def _quant_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                       is_causal: bool = False) -> torch.Tensor:
-        from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
-
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                                   # (B, H, N, d) each
-        q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.q_quant(q * self.scale) @ self.k_quant(k).transpose(-2, -1)   # (B, H, N, N)
-        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-        x = self._prob_times_v(attn.softmax(dim=-1), v)                           # (B, H, N, d)
-        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
+# timm Attention with quantized matmuls is the attention seam's class with quantization sites (vitlab.attention)
+QuantAttention = SeamAttention
 
 
 def _add_window_mask(attn: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -240,7 +203,7 @@ class QuantWindowAttentionV2(_QuantMatmuls, SwinV2WindowAttention):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, C)))
 
 
-ATTENTION_ADAPTERS = {cls._float_class: cls for cls in (QuantAttention, QuantWindowAttention, QuantWindowAttentionV2)}
+ATTENTION_ADAPTERS = {cls._float_class: cls for cls in (QuantWindowAttention, QuantWindowAttentionV2)}
 
 
 class _SDPASites(nn.Module):
@@ -274,7 +237,7 @@ class _Intercept(TorchFunctionMode):
     """Routes the F.scaled_dot_product_attention calls and activation matmuls made inside one module's forward
     to their quantized forms, numbered by call order. In nested attention modules (a block named like attention
     around its attention) the innermost one handles a call; the ops its quantized form runs pass through the
-    outer ones untouched (`_busy`)."""
+    outer ones untouched (`vitlab.attention.quantized_attention_scope`)."""
 
     def __init__(self, owner: "QuantAttentionOps"):
         super().__init__()
@@ -282,7 +245,7 @@ class _Intercept(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(_busy, "depth", 0):
+        if attention_ops_quantized():
             return func(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
             self.sdpa_calls += 1
@@ -293,7 +256,7 @@ class _Intercept(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _handle(self, quantized, *args, **kwargs):
-        with _quantized_here():
+        with quantized_attention_scope():
             return quantized(*args, **kwargs)
 
 
@@ -378,12 +341,32 @@ class QuantAttentionOps:
 
 def _ops_candidate(name: str, module: nn.Module, contract_attention: set[int]) -> bool:
     """An attention module that vitlab has no dedicated adapter for: a contract attention mixer, or a module whose
-    class or attribute name says attention (T2T's `attention1` is a TokenPerformer). timm Attention's subclasses
-    (token reduction's patches) and nn.MultiheadAttention (its fused fast path) are left alone."""
+    class or attribute name says attention (T2T's `attention1` is a TokenPerformer). timm Attention's subclasses,
+    the attention seam's classes (they have quantization sites) and nn.MultiheadAttention (its fused fast path) are
+    left alone."""
     names = (type(module).__name__.lower(), name.rsplit(".", 1)[-1].lower())
     named = any("attention" in n or "attn" in n for n in names) or id(module) in contract_attention
-    return (named and not isinstance(module, (Attention, nn.MultiheadAttention, _QuantMatmuls, QuantAttentionOps))
+    return (named and not isinstance(module, (Attention, AttentionSeam, nn.MultiheadAttention, _QuantMatmuls,
+                                              QuantAttentionOps))
             and type(module) not in ATTENTION_ADAPTERS)
+
+
+def _outside_seam(model: nn.Module) -> None:
+    """Refuse a model with an attention that subclasses the seam but replaces its forward (Sparsifiner's masked
+    attention): quantization sites put there would be skipped silently."""
+    for name, module in model.named_modules():
+        if isinstance(module, AttentionSeam) and not in_seam(module):
+            raise TechniqueNotApplicable(
+                TECHNIQUE, model, f"its attention {name} ({type(module).__name__}) computes attention outside the "
+                "attention seam (vitlab.attention), so its matmuls cannot be quantized; quantized attention supports "
+                "timm Attention and the seam's token-reduced attentions (tome, evit, ats, mctf, slim, iared), Swin "
+                "(V2) window attention and the SDPA calls / matmuls of other attention modules: apply ptq with "
+                "attn=false to quantize only the Linear and Conv2d layers")
+
+
+def quantizes_attention_matmuls(module: nn.Module) -> bool:
+    """Whether `module`'s own forward runs quantized attention matmuls (a window adapter, a seam with sites)."""
+    return isinstance(module, _QuantMatmuls) or (isinstance(module, AttentionSeam) and module.quantized)
 
 
 # ----------------------------------------------------------------------------------------------- where
@@ -440,12 +423,13 @@ def wrap_model(model: nn.Module, cfg: Any) -> nn.Module:
 
     Every nn.Linear and nn.Conv2d outside the stem and head (`float_layer_names`) gets weight and input
     quantizers ("post_gelu" for a Linear `mlp.fc2` when `cfg.post_gelu`; Conv2d inputs per tensor even with
-    `cfg.per_token`); timm Attention and Swin (V2) WindowAttention modules get "q", "k", "attn_prob", "v"
-    quantizers when `cfg.attn`. Attention classes patched by other techniques (token reduction's) keep float
-    attention matmuls: only their layers are quantized.
+    `cfg.per_token`); timm Attention, the attention seam's classes (token-reduced attention: the reduction keeps
+    working) and Swin (V2) WindowAttention modules get "q", "k", "attn_prob", "v" quantizers when `cfg.attn`.
     """
     if is_quantized(model):
         raise QuantizerError("the model is already quantized (it has QuantLinear layers); quantize a float model")
+    if getattr(cfg, "attn", True):
+        _outside_seam(model)
     stem, head = float_layer_names(model)
     contract_attention = _contract_attention(model)
     conv_cfg = dataclasses.replace(cfg, per_token=False) if getattr(cfg, "per_token", False) else cfg
@@ -460,8 +444,9 @@ def wrap_model(model: nn.Module, cfg: Any) -> nn.Module:
         elif type(module) is nn.Conv2d:
             QuantConv2d.wrap_(module, make_quantizer("weight", cfg), make_quantizer("input", conv_cfg))
             n_layers += 1
+        elif (type(module) is Attention or in_seam(module)) and getattr(cfg, "attn", True):
+            to_seam_(module).add_quant_sites_({site: make_quantizer(site, cfg) for site in ATTN_SITES})
         elif type(module) in ATTENTION_ADAPTERS and getattr(cfg, "attn", True):
-            # only timm's own classes: a subclass (token reduction's) keeps its float matmuls, its layers quantized
             ATTENTION_ADAPTERS[type(module)].wrap_(module, {site: make_quantizer(site, cfg) for site in ATTN_SITES})
         elif _ops_candidate(name, module, contract_attention) and getattr(cfg, "attn", True):
             QuantAttentionOps.wrap_(module, cfg)

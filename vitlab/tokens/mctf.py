@@ -132,11 +132,10 @@ class MCTFReduction:
         r = max(0, min(r, (N - p) // 2))
         if r == 0:                                                     # nothing to fuse: plain (fused) attention
             return x, attn_mod.attend(h)
-        # the attention map of the unfused tokens (with proportional attention), computed once
+        # the attention map of the unfused tokens (with proportional attention), computed once; through the
+        # attention seam's logits and mix (vitlab.attention), which carry a later quantization's sites
         q, k = attn_mod.qk(h)                                          # (B, H, N, d) each
-        logits = (q * attn_mod.scale) @ k.transpose(-2, -1)
-        if state.prop_attn:
-            logits = logits + size.log()[:, None, None, :, 0]
+        logits = attn_mod.logits(q, k, size.log()[:, None, None, :, 0] if state.prop_attn else None)
         attn = logits.softmax(dim=-1)                                  # (B, H, N, N)
         merge = mctf_matching(x, attn, size, r, p, self.tau_sim, self.tau_info, self.tau_size, self.bidirection)
         # attention-weighted pooling ("pooling_type 1"): weight = attention received x size / max size
@@ -152,5 +151,5 @@ class MCTFReduction:
         with torch.no_grad():
             state.size = merge(size, "sum")
         h = block.norm1(x)
-        out = attn_mod.attn_drop(attn) @ attn_mod.v(h)                 # (B, H, N - r, d)
+        out = attn_mod.mix(attn, attn_mod.v(h))                        # (B, H, N - r, d)
         return x, attn_mod.out(out, h)

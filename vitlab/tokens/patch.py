@@ -3,16 +3,18 @@
 The model's class is swapped for a subclass (weights untouched) whose `forward_features` resets a small per-forward
 state per token sequence and whose average pooling weights tokens by the patches they stand for; each reducible
 block's class is swapped for a subclass that calls the block's own sublayers (`norm1`, `attn`, `ls1`, `drop_path1`,
-`norm2`, `mlp`, ...) and reduces tokens between attention and MLP; each attention's class is swapped for one that
-adds ToMe's proportional-attention bias (log token size) to SDPA's `attn_mask` and records what the reduction needs
-(the mean key per token for ToMe; the class token's attention row for EViT, which costs one extra (1 x N) query
-against the keys, not the full attention map). Which blocks of which models: `vitlab.tokens.families`.
+`norm2`, `mlp`, ...) and reduces tokens between attention and MLP; each attention becomes its class in the
+attention seam (`vitlab.attention`), whose bias hook adds ToMe's proportional-attention bias (log token size) to
+SDPA's `attn_mask` and whose observation hook records what the reduction needs (the mean key per token for ToMe; the
+class token's attention row for EViT, which costs one extra (1 x N) query against the keys, not the full attention
+map). A quantization applied afterwards puts its sites on the same seam. Which blocks of which models:
+`vitlab.tokens.families`.
 
 Reducing classes exist for timm's `Block` + `Attention` (ViT, DeiT, ViTamin, CrossViT branches, T2T-ViT,
 SpectFormer's attention blocks), ConViT's `Block` + `MHSA`, vitlab PVT v1's `Block` + `SpatialReductionAttention`
 (sr_ratio 1) and VOLO's `Transformer` + `Attention` (its map flattened to a sequence: after a reduction the block
-returns a (B, 1, N', C) map, which VOLO flattens back after its network); a class is matched exactly, so a
-subclass with its own forward is never swapped.
+returns a (B, 1, N', C) map, which VOLO flattens back after its network), the attentions through the seam's classes;
+a class is matched exactly, so a subclass with its own forward is never swapped.
 
 Token sources: `model.token_state.source` (B, N, N0) when tracing is on; row i marks the input tokens (prefix tokens
 first, then patches in raster order) of the first reducible block that the surviving token i stands for.
@@ -26,21 +28,19 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
 from timm.models import volo
-from timm.models.convit import MHSA
 from timm.models.convit import Block as ConViTBlock
 from timm.models.crossvit import CrossAttention
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from ..attention import SEAM_CLASSES, SeamAttention, to_seam_
 from ..models.pvt import Block as PvtBlock
-from ..models.pvt import SpatialReductionAttention
 from ..techniques import TechniqueError
 from .merge import bipartite_soft_matching, merge_source, merge_wavg
 from .select import evit_select, num_kept
 
 __all__ = ["TokenState", "TokenReducingModel", "TokenReducingViT", "TokenReducingVOLO", "ReducingBlock",
-           "ReducingAttention",
+           "ReducingAttention", "ReductionObserver",
            "REDUCING_BLOCKS", "REDUCING_ATTENTION", "patch_model"]
 
 
@@ -71,161 +71,25 @@ class TokenState:
 
 # ----------------------------------------------------------------------------------------------- attention
 
-class ReducingAttentionMixin:
-    """Attention with a size bias on the keys that records what the block's reduction needs.
-
-    A subclass says how its class computes q, k, v (`qk`, `v`, each (B, H, N, d)) and its output (`out`); the
-    attention itself (SDPA with the bias as `attn_mask`, or matmul + softmax) is shared."""
-
-    reduction: Optional[Any] = None   # the block's reduction (set by patch_model)
-    token_state: Optional[TokenState] = None
-    # On CPU, SDPA with a float mask (the size bias) may be slower than matmul + softmax at short sequences: at or
-    # below this many tokens a masked attention takes the plain path. 0 (default) keeps SDPA everywhere; an
-    # experiment knob timed by benchmarks/tokens_speed.py (per instance: `attn.math_max_tokens = 96`).
-    math_max_tokens: int = 0
-
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (*self.qk(x), self.v(x))
-
-    def attend(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        state, reduction = self.token_state, self.reduction
-        N = x.shape[1]
-        q, k, v = self.qkv_heads(x)                               # each (B, H, N, d)
-        if state is not None:
-            attn_mask = state.key_bias(attn_mask)
-        if getattr(self, "fused_attn", True) and not (
-                attn_mask is not None and N <= self.math_max_tokens and x.device.type == "cpu"):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                                 dropout_p=self.attn_drop.p if self.training else 0.0)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if attn_mask is not None:
-                attn = attn + attn_mask
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            out = attn @ v
-        if reduction is not None and reduction.active and not reduction.before_attention:
-            reduction.observe(q, k, v, self.scale, attn_mask, state)
-        return self.out(out, x)
+# token reduction's attention classes are the attention seam's (vitlab.attention): patch_model sets the seam's bias
+# hook (the size bias) and observation hook (what the block's reduction needs), so a later quantization adds its
+# sites to the same forward
+REDUCING_ATTENTION = SEAM_CLASSES
+ReducingAttention = SeamAttention
 
 
-def fused_qk(qkv: torch.nn.Linear, x: torch.Tensor, H: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k (B, H, N, d) from a fused qkv Linear (rows q, k, v), without computing v."""
-    B, N, _ = x.shape
-    w, b = qkv.weight, qkv.bias
-    qk = F.linear(x, w[:2 * H * d], None if b is None else b[:2 * H * d])
-    q, k = qk.reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)   # (B, H, N, d) each
-    return q, k
+@dataclass
+class ReductionObserver:
+    """The seam's observation hook for one block: hands q, k, v (B, H, N, d) and the biased mask to the block's
+    reduction while it is active and reduces after attention (ToMe, EViT, ATS; MCTF reads its own map)."""
 
+    reduction: Any
+    state: TokenState
 
-def fused_v(qkv: torch.nn.Linear, x: torch.Tensor, H: int, d: int) -> torch.Tensor:
-    """v (B, H, N, d) from a fused qkv Linear, without computing q and k."""
-    B, N, _ = x.shape
-    w, b = qkv.weight, qkv.bias
-    v = F.linear(x, w[2 * H * d:], None if b is None else b[2 * H * d:])
-    return v.reshape(B, N, H, d).transpose(1, 2)
-
-
-class ReducingAttention(ReducingAttentionMixin, Attention):
-    """timm Attention (fused qkv, optional q/k norm, scale norm and gate)."""
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        return self.attend(x, attn_mask, is_causal)
-
-    def qkv_heads(self, x):
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                  # each (B, H, N, d)
-        return self.q_norm(q), self.k_norm(k), v
-
-    def qk(self, x):
-        q, k = fused_qk(self.qkv, x, self.num_heads, self.head_dim)
-        return self.q_norm(q), self.k_norm(k)
-
-    def v(self, x):
-        return fused_v(self.qkv, x, self.num_heads, self.head_dim)
-
-    def out(self, out, x):
-        B, H, N, d = out.shape
-        out = self.norm(out.transpose(1, 2).reshape(B, N, H * d))
-        if getattr(self, "gate", None) is not None:
-            out = out * self.gate(x).sigmoid()
-        return self.proj_drop(self.proj(out))
-
-
-class ReducingMHSA(ReducingAttentionMixin, MHSA):
-    """ConViT's MHSA (fused qkv, no q/k norm); runs as SDPA (the original computes the same map by matmuls)."""
-
-    def forward(self, x: torch.Tensor):
-        return self.attend(x)
-
-    def qkv_heads(self, x):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)                                     # each (B, H, N, d)
-
-    def qk(self, x):
-        return fused_qk(self.qkv, x, self.num_heads, x.shape[-1] // self.num_heads)
-
-    def v(self, x):
-        return fused_v(self.qkv, x, self.num_heads, x.shape[-1] // self.num_heads)
-
-    def out(self, out, x):
-        B, H, N, d = out.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, H * d)))
-
-
-class ReducingSRA(ReducingAttentionMixin, SpatialReductionAttention):
-    """vitlab PVT v1's attention at sr_ratio 1 (q and fused kv from the tokens themselves: global attention)."""
-
-    def forward(self, x: torch.Tensor, hw: tuple[int, int]):
-        return self.attend(x)
-
-    def qk(self, x):
-        B, N, C = x.shape
-        q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)            # (B, H, N, d)
-        k = F.linear(x, self.kv.weight[:C], None if self.kv.bias is None else self.kv.bias[:C])
-        return q, k.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def v(self, x):
-        B, N, C = x.shape
-        v = F.linear(x, self.kv.weight[C:], None if self.kv.bias is None else self.kv.bias[C:])
-        return v.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)                 # (B, H, N, d)
-
-    def qkv_heads(self, x):
-        B, N, C = x.shape
-        q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)            # (B, H, N, d)
-        k, v = self.kv(x).view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return q, k, v
-
-    def out(self, out, x):
-        B, H, N, d = out.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, H * d)))
-
-
-class ReducingVOLOAttention(ReducingAttentionMixin, volo.Attention):
-    """VOLO's Attention (fused qkv, global over the flattened map, no q/k norm) on a (B, N, C) sequence; a
-    (B, H, W, C) map is flattened and restored."""
-
-    def forward(self, x: torch.Tensor):
-        if x.dim() == 4:
-            B, H, W, C = x.shape
-            return self.attend(x.reshape(B, H * W, C)).reshape(B, H, W, C)
-        return self.attend(x)
-
-    def qkv_heads(self, x):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)                                     # each (B, H, N, d)
-
-    def qk(self, x):
-        return fused_qk(self.qkv, x, self.num_heads, x.shape[-1] // self.num_heads)
-
-    def v(self, x):
-        return fused_v(self.qkv, x, self.num_heads, x.shape[-1] // self.num_heads)
-
-    def out(self, out, x):
-        B, H, N, d = out.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, H * d)))
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 attn_mask: Optional[torch.Tensor]) -> None:
+        if self.reduction.active and not self.reduction.before_attention:
+            self.reduction.observe(q, k, v, scale, attn_mask, self.state)
 
 
 # ----------------------------------------------------------------------------------------------- blocks
@@ -292,8 +156,6 @@ class ReducingVOLOBlock(ReducingBlockMixin, volo.Transformer):
 # original class -> its reducing class (matched exactly: a subclass may have its own forward)
 REDUCING_BLOCKS: dict[type, type] = {Block: ReducingBlock, ConViTBlock: ReducingConViTBlock, PvtBlock: ReducingPvtBlock,
                                      volo.Transformer: ReducingVOLOBlock}
-REDUCING_ATTENTION: dict[type, type] = {Attention: ReducingAttention, MHSA: ReducingMHSA,
-                                        SpatialReductionAttention: ReducingSRA, volo.Attention: ReducingVOLOAttention}
 
 
 class SizedCrossAttention(CrossAttention):
@@ -464,9 +326,11 @@ def patch_model(model, sequences: list, reductions: list, *, trace_source: bool,
         for spec, reduction in zip(seq.blocks, per_block):
             blk = spec.module
             blk.__class__ = REDUCING_BLOCKS[type(blk)]
-            blk.attn.__class__ = REDUCING_ATTENTION[type(blk.attn)]
-            blk.reduction = blk.attn.reduction = reduction
-            blk.attn.token_state = state
+            attn = to_seam_(blk.attn)
+            blk.reduction = reduction
+            attn.token_state = state
+            attn.bias_hook = state.key_bias
+            attn.observe_hook = None if reduction is None else ReductionObserver(reduction, state)
         for reader in seq.readers:
             reader.__class__ = READERS[type(reader)]
             reader.token_state = state
