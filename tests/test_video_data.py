@@ -102,3 +102,69 @@ def test_splits_draw_from_disjoint_images(cls_train):
     for ds in (cls_train, val):
         rows = set(ds.rows.tolist())
         assert all(set(ds.trajectory(i)[0].tolist()) <= rows for i in range(len(ds)))
+
+
+# --- moving-fashion-mnist-cls:interaction=1: pass-through vs bounce ---
+
+@pytest.fixture(scope="module")
+def interaction_train() -> MovingFashionMNIST:
+    return MovingFashionMNIST("classify", "train", img_size=64, clips=40, interaction=True)
+
+
+def _separation(corners: torch.Tensor, t: int) -> int:
+    """Signed offset of item 0 from item 1 along the axis they move on (the first coordinate that changes)."""
+    axis = int((corners[1:] != corners[:-1]).any(dim=(0, 1)).nonzero()[0, 0])
+    return int(corners[t, 0, axis] - corners[t, 1, axis])
+
+
+def test_interaction_spec_and_classes(interaction_train):
+    spec = DataSpec.parse("moving-fashion-mnist-cls:clips=40,interaction=1")
+    assert str(interaction_train.spec) == str(spec) and spec.option("interaction") == 1
+    assert DataSpec.parse("moving-fashion-mnist-cls").option("interaction") == 0   # the motion classes by default
+    assert interaction_train.classes == ["pass-through", "bounce"]
+    assert sorted(Counter(interaction_train.targets.tolist()).values()) == [20, 20]
+    with pytest.raises(DataError, match="interaction=2.*must be 0 or 1"):
+        DataSpec.parse("moving-fashion-mnist-cls:interaction=2")
+    with pytest.raises(DataError, match="unknown option 'interaction'"):
+        DataSpec.parse("moving-fashion-mnist:interaction=1")            # prediction clips have no classes
+    with pytest.raises(DataError, match="frames >= 3"):
+        MovingFashionMNIST("classify", "test", clips=10, frames=2, interaction=True)
+
+
+def test_interaction_label_follows_the_geometry(interaction_train):
+    """In every clip the two items meet (their corners coincide at some frame t, strictly inside the clip). Passing
+    through each other, their order along the axis of motion flips across the meeting; bouncing off each other,
+    it does not (checked on the rendered geometry, not through the generator's own bookkeeping)."""
+    labels = interaction_train.targets.tolist()
+    for i in range(len(interaction_train)):
+        picks, corners = interaction_train.trajectory(i)
+        assert int(corners.min()) >= 0 and int(corners.max()) <= ROOM
+        meets = (corners[:, 0] == corners[:, 1]).all(dim=-1).nonzero().flatten().tolist()
+        assert meets and 0 < meets[0] < len(corners) - 1, i
+        t = meets[0]
+        before, after = _separation(corners, t - 1), _separation(corners, t + 1)
+        assert before != 0 and after != 0
+        passed = (before > 0) != (after > 0)
+        assert labels[i] == (0 if passed else 1), i
+        steps = corners.diff(dim=0).abs()
+        assert int(steps.max()) <= 5                                   # a bounce never makes an item jump
+
+
+def test_interaction_single_frames_cannot_decide(interaction_train):
+    """Clips 2k (pass-through) and 2k + 1 (bounce) share their first frame (and every frame up to the meeting),
+    and every bouncing frame is the passing frame with the two items' images exchanged: the images being drawn
+    independently of each other, each single frame has the same law in both classes."""
+    for k in range(6):
+        (x_pass, y_pass), (x_bounce, y_bounce) = interaction_train[2 * k], interaction_train[2 * k + 1]
+        assert (y_pass, y_bounce) == (0, 1)
+        torch.testing.assert_close(x_pass[:, 0], x_bounce[:, 0], rtol=0, atol=0)
+        picks, corners = interaction_train.trajectory(2 * k)
+        picks_b, corners_b = interaction_train.trajectory(2 * k + 1)
+        assert torch.equal(picks, picks_b)
+        images = interaction_train.images[picks, 0]
+        frames_b = render(images, corners_b)
+        for t in range(len(corners)):
+            same = torch.equal(frames_b[t], render(images, corners[t:t + 1])[0])
+            exchanged = torch.equal(frames_b[t], render(images.flip(0), corners[t:t + 1])[0])
+            assert same or exchanged, (k, t)
+        assert not torch.equal(x_pass, x_bounce)                          # the motion after the meeting differs

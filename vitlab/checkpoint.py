@@ -18,20 +18,21 @@ import datetime
 import json
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from . import __version__
 from .errors import UserError
-from .techniques import apply_, applied_techniques, reapply_on_load, technique_from_dict, technique_to_dict
+from .techniques import (_load_builtin_techniques, apply_, applied_techniques, reapply_on_load, technique_from_dict,
+                         technique_to_dict)
 from .utils.io import atomic_path, atomic_write_json
 
 __all__ = [
     "FORMAT", "VERSION", "CheckpointError", "create_model", "save_checkpoint", "load_config", "load_weights",
     "is_checkpoint", "model_spec", "default_preprocessing", "checkpoint_file", "check_state_dict",
-    "techniques_from_config", "refuse_out_over_source",
+    "techniques_from_config", "refuse_out_over_source", "register_format", "register_model_layout",
 ]
 
 FORMAT = "vitlab-checkpoint"
@@ -44,6 +45,38 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")  # official r
 
 class CheckpointError(UserError):
     """A checkpoint folder or weights file that cannot be used; the message names the file and the fix."""
+
+
+# A technique package that saves more than float weights registers how its folders load, so this module never imports
+# the packages above it (quant, prune): they register on import, and `_load_builtin_techniques` imports them.
+BASE_KEYS = frozenset({"format", "version", "model", "techniques", "preprocessing", "data", "metrics", "training",
+                       "versions", "created"})
+_FORMATS: dict[str, Callable[..., Any]] = {}
+Reshape = Callable[[nn.Module, Any, str], Any]   # (model just built, the "model" key's value, where in config.json)
+_LAYOUTS: dict[str, Reshape] = {}
+
+
+def register_format(section: str, loader: Callable[..., Any]) -> Callable[..., Any]:
+    """`loader(directory, **kwargs) -> model or runner` rebuilds, whole, a checkpoint folder whose config.json has
+    the top-level `section` (vitlab.quant: "quantization"); returns `loader`."""
+    _FORMATS[section] = loader
+    return loader
+
+
+def register_model_layout(key: str, reshape: Reshape) -> Reshape:
+    """`reshape(model, value, where)` re-shapes a model just built from a config.json whose "model" has `key`, before
+    its weights load (vitlab.prune: "resized", the tensor shapes left by pruning); returns `reshape`."""
+    _LAYOUTS[key] = reshape
+    return reshape
+
+
+def _registered(table: dict[str, Callable], keys) -> list[tuple[str, Callable]]:
+    """The (key, function) pairs of `table` for `keys`, importing vitlab's technique packages first when one of
+    `keys` has no function yet (they register on import)."""
+    keys = list(keys)
+    if any(k not in table for k in keys):
+        _load_builtin_techniques()
+    return [(k, table[k]) for k in keys if k in table]
 
 
 def _jsonable(value: Any) -> Any:
@@ -413,10 +446,9 @@ def create_model(name_or_checkpoint: str | Path, *, pretrained: bool = False, re
     if Path(str(name_or_checkpoint)).is_dir() or "/" in str(name_or_checkpoint):
         directory = Path(name_or_checkpoint)
         config = load_config(directory)
-        if "quantization" in config:  # a quantized model or a deployed runner: vitlab.quant rebuilds it
-            from .quant.export import load_quantized
-
-            return load_quantized(directory, **kwargs)
+        loaders = _registered(_FORMATS, (k for k in config if k not in BASE_KEYS))
+        if loaders:  # a folder a technique package rebuilds whole (vitlab.quant: a quantized model, a deployed runner)
+            return loaders[0][1](directory, **kwargs)
         model = _build_from_config(directory, config, kwargs)
         stack = techniques_from_config(directory, config)
         # a technique that adds modules (slim's TSMs, iared's interpreters) must be applied before its weights load
@@ -528,10 +560,9 @@ def _build_from_config(directory: Path, config: dict, overrides: dict) -> nn.Mod
         model = create_model(name, **{**config["model"]["kwargs"], **overrides})
     except (UserError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: \"model.kwargs\" do not build {name}: {e}") from None
-    if "resized" in config["model"]:  # pruned through the dependency graph: re-shape the base before its weights
-        from .prune.graph import resize_
-
-        resize_(model, config["model"]["resized"], f'{path}: "model.resized"')
+    # e.g. "resized" (pruned through the dependency graph, vitlab.prune): re-shape the base before its weights load
+    for key, reshape in _registered(_LAYOUTS, (k for k in config["model"] if k not in ("name", "kwargs"))):
+        reshape(model, config["model"][key], f'{path}: "model.{key}"')
     return model
 
 

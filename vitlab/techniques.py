@@ -29,7 +29,7 @@ from .errors import UserError
 __all__ = [
     "Kind", "TechniqueError", "TechniqueNotApplicable", "register_technique", "register_handler", "unregister_technique", "technique_names",
     "get_technique", "parse_technique", "parse_apply", "format_technique", "technique_to_dict",
-    "technique_from_dict", "check_stack_order", "applied_techniques", "apply_",
+    "technique_from_dict", "check_stack_order", "applied_techniques", "apply_", "needs_calibration",
 ]
 
 STACK_ATTR = "vitlab_techniques"
@@ -66,6 +66,7 @@ class _Entry:
     kind: Kind
     reapply_on_load: bool
     help: str
+    needs_calibration: bool | Callable[[Any], bool] = False
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -73,11 +74,15 @@ _BY_CLASS: dict[type, _Entry] = {}
 _HANDLERS: dict[type, Callable] = {}
 
 
-def register_technique(name: str, kind: Kind, *, reapply_on_load: bool | None = None) -> Callable[[type], type]:
+def register_technique(name: str, kind: Kind, *, reapply_on_load: bool | None = None,
+                       needs_calibration: bool | Callable[[Any], bool] = False) -> Callable[[type], type]:
     """Class decorator: register a frozen dataclass as technique `name` (a CLI name) of `kind`.
 
     `reapply_on_load`: whether `create_model(checkpoint)` re-applies it (default: tokens yes; structure no, since
     pruning is baked into the saved widths and weights; quantization no, its own issue saves its state).
+    `needs_calibration`: whether applying it reads calibration images (`apply_(..., calib=)`): a bool, or a function
+    of the config where that depends on its fields (a pruning criterion that scores on images); see
+    `needs_calibration(cfg)`.
     """
     name = name.lower()
 
@@ -87,7 +92,8 @@ def register_technique(name: str, kind: Kind, *, reapply_on_load: bool | None = 
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise TechniqueError(f"technique name {name!r} is already registered by {_REGISTRY[name].cls.__name__}")
         reapply = (kind == Kind.TOKENS) if reapply_on_load is None else reapply_on_load
-        entry = _Entry(name, cls, Kind(kind), reapply, (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "")
+        entry = _Entry(name, cls, Kind(kind), reapply, (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
+                       needs_calibration)
         _REGISTRY[name] = entry
         _BY_CLASS[cls] = entry
         return cls
@@ -269,6 +275,13 @@ def technique_kind(cfg: Any) -> Kind:
 
 def reapply_on_load(cfg: Any) -> bool:
     return _entry_for(cfg).reapply_on_load
+
+
+def needs_calibration(cfg: Any) -> bool:
+    """Whether applying `cfg` reads calibration images (its registration's `needs_calibration`), so a caller knows
+    to pass `apply_(..., calib=)` without testing names or kinds."""
+    flag = _entry_for(cfg).needs_calibration
+    return bool(flag(cfg) if callable(flag) else flag)
 
 
 def check_stack_order(configs: Sequence[Any]) -> None:

@@ -34,9 +34,12 @@ _OPTION_DEFAULTS = {"synthetic": SYNTHETIC_DEFAULTS, "fashion-mnist": FMNIST_DEF
 # videofolder:PATH[:frames=T]: users' clip files, T frames sampled uniformly per clip (videofolder.py)
 _OPTION_DEFAULTS.update({"moving-fashion-mnist-events": {**VIDEO_DEFAULTS, "threshold": 0.2},
                          "videofolder": {"frames": 10}})
+# moving-fashion-mnist-cls:interaction=1: the pass-through / bounce classes instead of the motion classes (video.py)
+_OPTION_DEFAULTS["moving-fashion-mnist-cls"] = {**VIDEO_DEFAULTS, "interaction": 0}
 FLOAT_OPTIONS = ("threshold",)   # options that take a positive float (the others take positive ints)
+FLAG_OPTIONS = ("interaction",)  # options that take 0 or 1
 SPEC_HELP = ("use 'fashion-mnist[:imbalance=R,percent=P]', 'imagefolder:PATH', 'synthetic[:n=N,classes=K]' or "
-             "'moving-fashion-mnist[-cls|-pose][:clips=N,frames=T]', "
+             "'moving-fashion-mnist[-cls|-pose][:clips=N,frames=T]' (-cls also interaction=1), "
              "'moving-fashion-mnist-events[:clips=N,frames=T,threshold=C]', 'videofolder:PATH[:frames=T]'; "
              "dense tasks: 'fmnist-scenes[:n=N,size=S,items=K]' or "
              "'coco:PATH'")
@@ -87,6 +90,10 @@ class DataSpec:
                 if not _positive_float(value):
                     raise DataError(f"dataset {text!r}: option {key}={value!r} must be a positive number, "
                                     f"e.g. {key}=0.2")
+                continue
+            if key in FLAG_OPTIONS:
+                if value not in ("0", "1"):
+                    raise DataError(f"dataset {text!r}: option {key}={value!r} must be 0 or 1, e.g. {key}=1")
                 continue
             if not (value.isdigit() and int(value) > 0):
                 raise DataError(f"dataset {text!r}: option {key}={value!r} must be a positive integer, e.g. {key}=64")

@@ -257,7 +257,7 @@ def check_classes(model_or_pre, classes, data: str | DataSpec) -> list[str] | No
 def check_source_classes(source, data: str | DataSpec, data_dir: str | None = None) -> None:
     """`check_classes` for a checkpoint folder from its config.json alone (no model built, no image read), so a
     verb can refuse mismatched data before loading or calibrating anything. A model name passes (checked later)."""
-    from . import dataset_info
+    from .build import dataset_info  # here: .build imports this module
     from ..checkpoint import is_checkpoint, load_config
 
     if not is_checkpoint(source):
@@ -280,7 +280,7 @@ def dataset_for_model(model_or_runner, data: str | DataSpec, split: str, *, data
                       strict: bool = False, check: bool = True):
     """The dataset `data`/`split` preprocessed as `resolve_preprocessing(model)` says, with the model's classes
     checked against the dataset's first (`check_classes`; an image folder in another order is relabelled)."""
-    from . import build_dataset, dataset_info
+    from .build import build_dataset, dataset_info  # here: .build imports this module
 
     pre = resolve_preprocessing(model_or_runner)
     order = check_classes(pre, dataset_info(data, data_dir)["classes"], data) if check else None

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..techniques import TechniqueNotApplicable
+from .plan import model_macs
 
 __all__ = ["GraphUnit", "graph_prune_", "graph_plan", "resized_description", "resize_", "DroppedBlock",
            "GRAPH_CRITERIA"]
@@ -671,8 +672,6 @@ def check_graph_prunable(model: nn.Module, technique: str) -> dict:
 
 def graph_prune_(model: nn.Module, cfg, technique: str, calib=None) -> nn.Module:
     """Prune `model` in place to `cfg.target_flops` of its MACs through the dependency graph; return it."""
-    from . import model_macs
-
     if cfg.stem or cfg.embed or cfg.target_params is not None or cfg.importance not in GRAPH_CRITERIA:
         _refuse(model, technique, "stem=, embed=, target_params= and importance=ablation are for plain ViTs "
                 "(timm VisionTransformer); on other families prune supports heads, mlp and blocks to target_flops "

@@ -64,7 +64,7 @@ class LPViTError(TechniqueError):
     """An LPViT request that cannot be met; the message names the value and what to change."""
 
 
-@register_technique("lpvit", Kind.STRUCTURE)
+@register_technique("lpvit", Kind.STRUCTURE, needs_calibration=lambda cfg: cfg.needs_calibration)
 @dataclass(frozen=True)
 class LPViT:
     """LPViT block-structured pruning of Linear layers (hardware-aware second-order objective, Xu et al. 2024)."""

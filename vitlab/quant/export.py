@@ -15,8 +15,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, load_config, model_spec, refuse_out_over_source, save_checkpoint
+from ..checkpoint import (CheckpointError, _build_from_config, _read_state_dict, check_state_dict, checkpoint_file,
+                          create_model, load_config, model_spec, refuse_out_over_source, register_format,
+                          save_checkpoint, techniques_from_config)
+from ..errors import UserError, one_line
+from ..runner import example_shape
+from .. import loader
+from ..techniques import Kind, TechniqueError, apply_, parse_apply, reapply_on_load, technique_kind
 from ..utils.io import atomic_write_json
+from .calibration import quantize_
+from .configs import BF16, PTQ
+from .deploy import OnnxRuntimeRunner, OpenVINORunner, _ov, save_ir, to_onnx, to_openvino
+from .sim import is_quantized, quantizers
 
 __all__ = ["save_quantized", "load_quantized", "export_model", "QUANT_FORMAT"]
 
@@ -26,8 +36,6 @@ IR = "model.xml"
 
 
 def _quantizer_state(model: nn.Module) -> dict[str, dict]:
-    from .sim import quantizers
-
     state = {"bits": {name: q.bits for name, q in quantizers(model)},
              "modes": {name: q.mode for name, q in quantizers(model)}}
     if getattr(model, "quant_input_size", None):   # the input the quantized sites were counted on (coverage.settle_)
@@ -37,11 +45,6 @@ def _quantizer_state(model: nn.Module) -> dict[str, dict]:
 
 def save_quantized(model_or_runner: Any, directory: str | Path, **checkpoint_kwargs) -> Path:
     """Save a calibrated simulated model (PTQ) or a deployed OpenVINORunner (w8a8 / w8) into `directory`."""
-    from .deploy import OnnxRuntimeRunner, OpenVINORunner
-    from .sim import is_quantized
-
-    from . import BF16
-
     directory = Path(directory)
     stack = tuple(getattr(model_or_runner, "techniques", None) or ())
     if stack and isinstance(stack[-1], BF16):
@@ -77,13 +80,6 @@ def load_quantized(directory: str | Path, **kwargs):
     Every file comes from inside `directory` (config.json's "ir" included: `checkpoint_file`), every tensor must
     match the rebuilt model's names, shapes and dtypes, and a missing or damaged graph is a CheckpointError naming
     the file (never an engine traceback)."""
-    from ..checkpoint import (_build_from_config, _read_state_dict, check_state_dict, checkpoint_file,
-                              techniques_from_config)
-    from ..errors import UserError, one_line
-    from ..techniques import apply_, reapply_on_load
-    from . import PTQ, quantize_
-    from .sim import quantizers
-
     directory = Path(directory)
     config = load_config(directory)
     section = config.get("quantization") or {}
@@ -154,8 +150,6 @@ def load_quantized(directory: str | Path, **kwargs):
     model.vitlab_checkpoint = {"path": str(directory), "config": config}
     if kind == "simulated":
         return sim
-    from .deploy import OnnxRuntimeRunner, OpenVINORunner, _ov
-
     threads = getattr(quant_cfg, "threads", None)
     graph_name = section.get("ir", IR if kind == "openvino" else "model.onnx")
     graph = checkpoint_file(directory, graph_name, '"quantization.ir"')
@@ -176,6 +170,9 @@ def load_quantized(directory: str | Path, **kwargs):
     except Exception as e:  # noqa: BLE001  (each engine raises its own types for a damaged graph)
         raise CheckpointError(f"cannot load the engine graph {graph}: {type(e).__name__}: {one_line(e)[:300]}; "
                               "the file is damaged: re-create the checkpoint with vitlab quantize") from None
+
+
+register_format("quantization", load_quantized)   # vitlab.create_model(DIR) hands such folders to load_quantized
 
 
 def _embedded_onnx(path: Path) -> bytes:
@@ -217,9 +214,6 @@ def export_model(model_or_runner: Any, directory: str | Path, fmt: str, example:
     uniform fake quantizers become Q/DQ pairs in ONNX and FakeQuantize nodes in OpenVINO) is traced on `example`
     (default: zeros of the model's input size) with a dynamic batch dimension.
     """
-    from ..runner import example_shape
-    from .deploy import OnnxRuntimeRunner, OpenVINORunner, save_ir, to_onnx, to_openvino
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if fmt not in ("onnx", "openvino"):
@@ -249,10 +243,6 @@ def quantize_checkpoint(source: str, out: str | Path, apply: list[str], *, data:
                         split: str = "train", calib_images: int = 256, data_dir: str | None = None):
     """`vitlab quantize`: load `source`, apply the stack (calibrating on `calib_images` seeded images of
     `data`/`split`; never the test split), save the quantized model (or deployed runner) into `out`."""
-    from ..bench.measure import calibration_batches, needs_calibration
-    from ..checkpoint import create_model
-    from ..techniques import Kind, TechniqueError, apply_, parse_apply, technique_kind
-
     refuse_out_over_source(out, source)
     if split == "test":  # vitlab quantize / export name this split --split (eval's is --calib-split)
         raise TechniqueError("--split test: calibration on the test split is refused (it would leak into the "
@@ -261,15 +251,13 @@ def quantize_checkpoint(source: str, out: str | Path, apply: list[str], *, data:
     if not any(technique_kind(c) == Kind.QUANTIZATION for c in configs):
         raise TechniqueError("vitlab quantize needs a quantization technique: --apply ptq:w=8,a=8 (simulated), "
                              "--apply w8a8 or --apply w8 (deployed to OpenVINO)")
-    model = create_model(source)
-    calib = None
-    if needs_calibration(configs):
-        if data is None:
-            raise TechniqueError("quantization calibrates on images: give --data SPEC (calibration images come from "
-                                 "--split train or val)")
-        calib = calibration_batches(model, data, split, calib_images, data_dir=data_dir)
-    result = apply_(model, configs, calib=calib)
-    calib_info = {"data": data, "split": split, "images": calib_images} if calib is not None else {}
+    result = loader.load(source, configs, calibration=loader.Calibration(data, split, calib_images, data_dir,
+                                                                          split_flag="--split"),
+                         missing_data=lambda stack: TechniqueError(
+                             "quantization calibrates on images: give --data SPEC (calibration images come from "
+                             "--split train or val)"))
+    calib_info = {"data": data, "split": split, "images": calib_images} \
+        if loader.stack_needs_calibration(configs) else {}
     save_quantized(result, out, data={"calibration": calib_info})
     return result
 
@@ -277,8 +265,6 @@ def quantize_checkpoint(source: str, out: str | Path, apply: list[str], *, data:
 def export_checkpoint(source: str, out: str | Path, fmt: str, apply: list[str] = (), *, data: str | None = None,
                       split: str = "train", calib_images: int = 256, data_dir: str | None = None) -> Path:
     """`vitlab export`: a model / checkpoint (+ an optional technique stack) -> ONNX or OpenVINO IR in `out`."""
-    from ..checkpoint import create_model
-
     refuse_out_over_source(out, source)
     if apply:
         result = quantize_checkpoint(source, Path(out) / "checkpoint", apply, data=data, split=split,

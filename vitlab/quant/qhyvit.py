@@ -62,7 +62,7 @@ RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)      # clipping ratios of the 
 LOG2_RATIOS = (1.0, 2 ** -0.25, 2 ** -0.5, 2 ** -0.75)  # log2 scales: the max times these (one octave)
 
 
-@register_technique("qhyvit", Kind.QUANTIZATION)
+@register_technique("qhyvit", Kind.QUANTIZATION, needs_calibration=True)
 @dataclass(frozen=True)
 class QHyViT:
     """Q-HyViT (Lee et al.): per-layer scheme (uniform asymmetric / symmetric / log2) and granularity (per tensor /
@@ -371,7 +371,7 @@ def qhyvit_(model: nn.Module, cfg: QHyViT, calib: list[Tensor]) -> nn.Module:
 
 @register_handler(QHyViT)
 def _apply_qhyvit(model: nn.Module, cfg: QHyViT, calib=None) -> nn.Module:
-    from . import _named, _require_calib
+    from .handlers import _named, _require_calib
 
     _require_calib(cfg, calib)
     with _named(cfg):

@@ -1,0 +1,112 @@
+"""What `vitlab.apply_` runs for each quantization config (registered by config type, `register_handler`).
+
+`ptq`, in this order: wrap (quantizers off) -> `smooth` (vitlab.quant.mptq.smooth_, before any observation) ->
+calibrate -> `bits` (vitlab.quant.mptq.allocate_bits, on the calibrated model; it changes bit widths with
+set_bits and re-finalizes); returns the model. `w8a8`, `w8` and `bf16` deploy to an engine (vitlab.quant.deploy)
+and return a runner. A model whose graph changes per input is refused by name, and so is a refusal of the shared
+machinery, under the technique's own name.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from ..runner import example_shape
+from ..techniques import TechniqueError, TechniqueNotApplicable, format_technique, register_handler
+from .calibration import CalibrationError, calibrate, quantize_
+from .configs import BF16, PTQ, W8, W8A8
+from .deploy import deploy_bf16, deploy_w8, deploy_w8a8
+
+
+def _require_calib(cfg: Any, calib: Any) -> None:
+    if calib is None:
+        raise CalibrationError(f"{format_technique(cfg)} calibrates on images: pass --data SPEC (calibration images, "
+                               "from --calib-split train or val) or apply_(..., calib=[image batches])")
+
+
+def _mptq():
+    try:
+        from . import mptq
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.mptq":
+            raise
+        raise TechniqueError("ptq: bits= (mixed precision) and smooth= need vitlab.quant.mptq, which this vitlab "
+                             "does not have") from None
+    return mptq
+
+
+@contextlib.contextmanager
+def _named(cfg) -> Iterator[None]:
+    """Re-raise a refusal from the shared quantization machinery under this technique's own name."""
+    try:
+        yield
+    except TechniqueNotApplicable as e:
+        name = format_technique(cfg)
+        if str(e).startswith(name):
+            raise
+        raise TechniqueNotApplicable(name, e.model_class, e.why) from None
+
+
+def _refuse_dynamic(model: Any, cfg) -> None:
+    """A model whose graph changes per input (`dynamic_graph`: why) is refused by name: calibration and tracing see
+    one graph."""
+    why = getattr(model, "dynamic_graph", None)
+    if why:
+        raise TechniqueNotApplicable(format_technique(cfg), model, f"{why}; quantization supports models with one "
+                                     "static graph")
+
+
+def _dense(model: Any) -> bool:
+    """Whether `model` is a dense-prediction model (its forward returns a dict: vitlab.dense)."""
+    return isinstance(model, nn.Module) and getattr(model, "vitlab_dense", None) is not None
+
+
+@register_handler(PTQ)
+def _apply_ptq(model: nn.Module, cfg: PTQ, calib=None) -> nn.Module:
+    _refuse_dynamic(model, cfg)
+    _require_calib(cfg, calib)
+    calib = list(calib)
+    with _named(cfg):
+        quantize_(model, cfg, example=calib[0][:1])
+    if cfg.smooth:
+        _mptq().smooth_(model, calib, cfg)
+    calibrate(model, calib)
+    if cfg.bits is not None:
+        _mptq().allocate_bits(model, calib, cfg)
+    return model
+
+
+@register_handler(W8A8)
+def _apply_w8a8(model: nn.Module, cfg: W8A8, calib=None):
+    _require_calib(cfg, calib)
+    _refuse_dynamic(model, cfg)
+    with _named(cfg):
+        if _dense(model):   # dict outputs: exported flat, the dict rebuilt (vitlab.dense.apply)
+            from ..dense.apply import deploy_dense  # dense sits above quant (it builds on the contract and heads)
+
+            return deploy_dense(model, lambda flat: deploy_w8a8(flat, cfg, list(calib)), list(calib)[0])
+        return deploy_w8a8(model, cfg, list(calib))
+
+
+@register_handler(W8)
+def _apply_w8(model: nn.Module, cfg: W8, calib=None):
+    _refuse_dynamic(model, cfg)
+    with _named(cfg):
+        if _dense(model):   # dict outputs: exported flat, the dict rebuilt (vitlab.dense.apply)
+            from ..dense.apply import deploy_dense  # dense sits above quant (it builds on the contract and heads)
+
+            return deploy_dense(model, lambda flat: deploy_w8(flat, cfg), torch.zeros(1, *example_shape(model)))
+        return deploy_w8(model, cfg)
+
+
+@register_handler(BF16)
+def _apply_bf16(model: nn.Module, cfg: BF16):
+    _refuse_dynamic(model, cfg)
+    if _dense(model):   # dict outputs: exported flat, the dict rebuilt (vitlab.dense.apply)
+        from ..dense.apply import deploy_dense  # dense sits above quant (it builds on the contract and heads)
+
+        return deploy_dense(model, lambda flat: deploy_bf16(flat, cfg), torch.zeros(1, *example_shape(model)))
+    return deploy_bf16(model, cfg)
