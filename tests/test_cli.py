@@ -42,12 +42,11 @@ def test_eval_json_and_files(checkpoint, tmp_path, capsys):
 
 
 def test_eval_calibrates_an_applied_quantizer_on_the_train_split(checkpoint, capsys, monkeypatch):
-    import importlib
+    from vitlab import loader   # every verb loads through it
 
-    measure = importlib.import_module("vitlab.bench.measure")  # the module (vitlab.bench.measure is also a function)
     seen = []
-    real = measure.calibration_batches
-    monkeypatch.setattr(measure, "calibration_batches", lambda *a, **k: seen.append(a[2:4]) or real(*a, **k))
+    real = loader.calibration_batches
+    monkeypatch.setattr(loader, "calibration_batches", lambda *a, **k: seen.append(a[2:4]) or real(*a, **k))
     argv = ["eval", str(checkpoint), "--data", "fashion-mnist", "--split", "val", "--limit", "200", "--json"]
     assert main(argv + ["--apply", "ptq:w=8,a=8", "--calib-images", "32"]) == 0
     assert seen == [("train", 32)] and _last_json(capsys.readouterr().out)["n"] == 200
@@ -162,3 +161,119 @@ def test_pickle_weights_in_a_checkpoint_need_the_flag(tmp_path, capsys):
     torch.save(model.state_dict(), folder / "model.pt")
     assert main(["eval", str(folder), "--data", "synthetic", "--limit", "4"]) == 2
     assert "model.safetensors does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- flags generated from config dataclasses
+
+class _Built(Exception):
+    """Raised by a stand-in for the library call a verb makes, carrying the config the verb built."""
+
+
+def _config_of(verb: str, argv: list[str], cls: type, monkeypatch):
+    """The `cls` config that `vitlab VERB ...` hands its library function (train: fit, prune: prune_checkpoint,
+    pareto: run_sweep, pretrain: pretrain, split: split_checkpoint), stopped before any work."""
+    import vitlab.cli as cli
+
+    def built(*args, **kwargs):
+        raise _Built(next(v for v in (*args, *kwargs.values()) if isinstance(v, cls)))
+
+    for target in ("vitlab.engine.train.fit", "vitlab.prune.prune_checkpoint", "vitlab.pareto.run_sweep",
+                   "vitlab.engine.ssl.pretrain", "vitlab.engine.edvit.split_checkpoint"):
+        monkeypatch.setattr(target, built)
+    with pytest.raises(_Built) as caught:
+        cli.COMMANDS[verb](cli._parser().parse_args([verb, *argv]))
+    return caught.value.args[0]
+
+
+@pytest.mark.parametrize("verb, base", [("train", ["--model", "vl_test_vit", "--out", "run"]),
+                                        ("prune", ["ck", "--out", "pruned"]),
+                                        ("pareto", ["vl_test_vit", "--out", "sweep"]),
+                                        ("pretrain", ["vl_test_vit", "--method", "sit", "--out", "run"]),
+                                        ("split", ["ck", "--data", "synthetic", "--out", "parts"])])
+def test_every_config_field_is_a_flag_of_its_verb(verb, base, monkeypatch, tmp_path):
+    """Each field of the verb's config (TrainConfig, Prune, SweepConfig, PretrainConfig, Split) is reachable from
+    one flag or excluded with a reason: given alone with another value, that flag changes that field and no other in
+    the config the verb builds. A field added to the dataclass gets its flag from its type hint, so it cannot be
+    forgotten."""
+    import argparse
+    import dataclasses
+
+    import vitlab.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    flags = {"train": cli._TRAIN, "prune": cli._PRUNE, "pareto": cli._PARETO, "pretrain": cli._PRETRAIN,
+             "split": cli._SPLIT}[verb]
+    fields = {f.name for f in dataclasses.fields(flags.cls)}
+    assert set(flags.dests.values()) | set(flags.exclude) == fields
+    assert all(reason for reason in flags.exclude.values())
+    baseline = dataclasses.asdict(_config_of(verb, base, flags.cls, monkeypatch))
+    assert {k: baseline[k] for k in flags.exclude} == {f.name: f.default for f in dataclasses.fields(flags.cls)
+                                                       if f.name in flags.exclude}
+    sub = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[verb]
+    actions = {a.dest: a for a in sub._actions}
+    for dest, name in flags.dests.items():
+        action = actions[dest]
+        if not action.option_strings:   # a positional: the base command line gave it
+            assert baseline[name] == base[0]
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:   # store_true, or --x/--no-x
+            tries = [[flag]]
+        else:   # the first value the flag's type, choices and reader accept that is not the baseline's
+            tries = [[flag, str(c)] for c in action.choices or ("3", "0.25", '{"depth": 2}') if c != baseline[name]]
+        for argv in tries:
+            try:
+                got = dataclasses.asdict(_config_of(verb, base + argv, flags.cls, monkeypatch))
+            except (ValueError, SystemExit):   # a value the flag refuses: try the next
+                continue
+            if got[name] != baseline[name]:
+                break
+        else:
+            raise AssertionError(f"vitlab {verb} {flag}: no value changes {name}")
+        changed = {k for k in fields if got[k] != baseline[k]}
+        assert changed == {name}, (argv, changed)
+
+
+def test_config_flags_follow_the_type_hints():
+    """The generator's rules on a small config: >= 0 checks for int/float, a Literal's values as choices, bool
+    defaults decide --x / --no-x / --x/--no-x, a Flag's reader and mutually exclusive group; a field whose text
+    cannot be read without help (a dict) or a spec entry naming no field is refused when the flags are built."""
+    import argparse
+    import dataclasses
+    import typing
+
+    from vitlab.utils.cli_fields import ConfigFlags, Flag, arg
+
+    @dataclasses.dataclass
+    class Demo:
+        name: str
+        steps: int = 3
+        rate: float | None = None
+        mode: typing.Literal["a", "b"] = "a"
+        fast: bool = False
+        check: bool = True
+        sparse: bool | None = None
+        extra: dict = dataclasses.field(default_factory=dict)
+
+    spec = {"name": Flag(names=("name",)), "verbose": arg("--verbose", action="store_true"),
+            "extra": Flag(default="{}", to_field=json.loads, group="g"), "rate": Flag(group="g")}
+    flags = ConfigFlags(Demo, spec)
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    flags.add_to(parser)
+    assert [a.dest for a in parser._actions[1:]] == ["name", "verbose", "extra", "rate", "steps", "mode", "fast",
+                                                      "no_check", "sparse"]
+    assert Demo(**flags.values(parser.parse_args(["x"]))) == Demo("x")
+    args = parser.parse_args(["x", "--extra", '{"a": 1}', "--steps", "5", "--mode", "b", "--fast", "--no-check",
+                              "--no-sparse"])
+    assert flags.values(args) == dict(name="x", extra={"a": 1}, rate=None, steps=5, mode="b", fast=True,
+                                      check=False, sparse=False)
+    assert flags.dests["no_check"] == "check" and "verbose" not in flags.dests
+    for bad in (["x", "--steps", "-1"], ["x", "--rate", "nan"], ["x", "--mode", "c"]):
+        with pytest.raises(argparse.ArgumentError, match="must be|invalid choice"):
+            parser.parse_args(bad)
+    with pytest.raises(argparse.ArgumentError, match="not allowed with"):   # one group: one of the two
+        parser.parse_args(["x", "--rate", "1", "--extra", '{"a": 1}'])
+    with pytest.raises(TypeError, match="Demo.extra"):
+        ConfigFlags(Demo, {})
+    with pytest.raises(TypeError, match="no field nope"):
+        ConfigFlags(Demo, {"nope": Flag()}, exclude={"extra": "a library setting"})

@@ -175,10 +175,9 @@ def _one_line_error(argv, capsys) -> str:
 
 
 def test_class_count_mismatch_is_refused_before_any_work(reference, three_class, capsys, monkeypatch):
-    import importlib
+    from vitlab import loader   # every verb loads through it
 
-    measure = importlib.import_module("vitlab.bench.measure")
-    monkeypatch.setattr(measure, "calibration_batches", lambda *a, **k: pytest.fail("calibrated before the check"))
+    monkeypatch.setattr(loader, "calibration_batches", lambda *a, **k: pytest.fail("calibrated before the check"))
     ck, folder = three_class
     err = _one_line_error(["eval", str(reference), "--data", f"imagefolder:{folder}", "--apply", "ptq"], capsys)
     assert "has 10 classes [T-shirt-top, Trouser" in err and "has 3 [a, b, c]" in err

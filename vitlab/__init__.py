@@ -3,6 +3,7 @@
     import vitlab
     model = vitlab.create_model("vl_vit_fmnist")                 # any timm / vitlab name, or a checkpoint folder
     vitlab.apply_(model, vitlab.parse_apply(["tome:r=4"]))       # techniques, in place
+    model = vitlab.load("checkpoints/fashion-mnist-reference-v2", ["tome:r=4"])   # a name or folder + a stack
     rows = vitlab.measure("checkpoints/fashion-mnist-reference", data="fashion-mnist")
 """
 __version__ = "0.1.0"
@@ -13,10 +14,11 @@ from .runner import Runner, TorchRunner, as_runner  # noqa: E402
 from . import explain  # noqa: E402,F401  (callable: vitlab.explain(model, images, method=...))
 from .techniques import (Kind, TechniqueError, TechniqueNotApplicable, apply_, format_technique, parse_apply,  # noqa: E402
                          register_technique)
+from .loader import Calibration, load, load_runner  # noqa: E402
 from .api import calibrate, from_transformers, measure, prune_, quantize_  # noqa: E402  (lazy: heavy stacks)
 
 __all__ = [
     "__version__", "create_model", "save_checkpoint", "load_config", "CheckpointError", "Runner", "TorchRunner",
     "as_runner", "apply_", "parse_apply", "format_technique", "register_technique", "Kind", "TechniqueError", "TechniqueNotApplicable",
-    "measure", "from_transformers", "prune_", "quantize_", "calibrate", "explain",
+    "load", "load_runner", "Calibration", "measure", "from_transformers", "prune_", "quantize_", "calibrate", "explain",
 ]

@@ -5,8 +5,16 @@ import os
 import sys
 from pathlib import Path
 
-from .utils.args import (below_one, fraction, non_negative_float, non_negative_int, positive_float, positive_int,
+from .engine.edvit import Split
+from .engine.speed import PRECISIONS
+from .engine.ssl import METHODS, PretrainConfig
+from . import loader
+from .engine.train import TrainConfig
+from .pareto import SweepConfig
+from .prune import CRITERIA, Prune
+from .utils.args import (below_one, fraction, non_negative_int, positive_float, positive_int,
                          probability)
+from .utils.cli_fields import ConfigFlags, Flag, arg
 
 __all__ = ["main"]
 
@@ -28,9 +36,12 @@ class _Parser(argparse.ArgumentParser):
         return args
 
 
+_APPLY_METAVAR = "NAME:key=value,..."
+_APPLY_HELP = "technique to apply (repeatable, applied in order: structure -> tokens -> quantization)"
+
+
 def _add_apply(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--apply", action="append", default=[], metavar="NAME:key=value,...",
-                   help="technique to apply (repeatable, applied in order: structure -> tokens -> quantization)")
+    p.add_argument("--apply", action="append", default=[], metavar=_APPLY_METAVAR, help=_APPLY_HELP)
     _add_engine_trial(p)
 
 
@@ -82,91 +93,89 @@ def _add_speed(p: argparse.ArgumentParser) -> None:
                    help="split the calibration images come from (never test; default: %(default)s)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vitlab", description="Vision Transformers that are accurate and fast.")
-    parser.add_argument("--version", action="version", version=f"vitlab {_version()}")
-    parser.add_argument("--debug", action="store_true",
-                        help="print the traceback of a user error too (or set VITLAB_DEBUG=1)")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+# `vitlab train` flags: the TrainConfig fields (type and default from the field) in --help order, with the flags
+# that are no field (--resume, --overwrite, --engine-trial and the dense / predict task's) at their places
+_TRAIN = ConfigFlags(TrainConfig, {
+    "model": Flag(help="model name (timm or vitlab)"),
+    "init": Flag(metavar="CHECKPOINT", help="start from this checkpoint's weights"),
+    "resume": arg("--resume", default=None, metavar="RUN_DIR",
+                  help="continue the run in RUN_DIR (with its settings; --epochs may extend it)"),
+    "out": Flag(default=None, metavar="RUN_DIR", help="run folder (checkpoint, train_state.pt, metrics.jsonl)"),
+    "overwrite": arg("--overwrite", action="store_true",
+                     help="replace the run already in --out (deleted only once the new run has finished)"),
+    "data": Flag(metavar="SPEC"),
+    "data_dir": Flag(),
+    "model_kwargs": Flag(default="{}", metavar="JSON", help='constructor kwargs, e.g. \'{"depth": 4}\'',
+                         to_field=lambda text: _json_arg(text, "--model-kwargs")),
+    "epochs": Flag(type=positive_float),
+    "batch_size": Flag(type=positive_int, help="global batch over all processes"),
+    "lr": Flag(type=positive_float),
+    "min_lr": Flag(),
+    "weight_decay": Flag(),
+    "warmup_epochs": Flag(),
+    "opt": Flag(names=("--opt", "--optimizer"),
+                help="any timm.optim name, or sam (SAM around AdamW, with --sam-rho) (default: %(default)s)"),
+    "sam_rho": Flag(help="SAM neighbourhood radius (default: %(default)s)"),
+    "teacher": Flag(metavar="CHECKPOINT", help="distill from this checkpoint (DeiT)"),
+    "distill": Flag(choices=("soft", "hard", "token"), help="distillation loss"),
+    "distill_alpha": Flag(type=probability, help="weight of the distillation term"),
+    "distill_tau": Flag(type=positive_float, help="soft distillation temperature"),
+    "l1": Flag(metavar="LAMBDA", help="L1 penalty on the blocks' Linear weights (Sparse-then-Prune, before pruning)"),
+    "keep_zeros": Flag(help="hold the blocks' zero Linear weights at zero while training (a block-sparse LPViT "
+                            "model stays sparse); default: on for an --init checkpoint written by vitlab prune "
+                            "--apply lpvit"),
+    "token_consistency": Flag(metavar="WEIGHT", help="MCTF token-reduction consistency loss weight (official 3.0; "
+                                                     "needs --apply mctf:r=... or tome)"),
+    "token_consistency_threshold": Flag(type=probability, help="student confidence an image needs to enter the "
+                                                               "consistency term (default: %(default)s)"),
+    "token_consistency_teacher_r": Flag(metavar="R_MAX", help="the teacher merges r ~ U{0..R_MAX-1} tokens per block "
+                                                              "(default: r // 2, as MCTF's 16/8)"),
+    "precision": Flag(choices=PRECISIONS, help="bf16 autocast; auto: bf16 only where a trial on the first batch "
+                                               "measures it faster on this machine (default: %(default)s)"),
+    "compile": Flag(help="torch.compile the training forward (falls back to eager, with a warning, where it fails)"),
+    "channels_last": Flag(help="channels-last memory format (convolutions)"),
+    "recipe": Flag(metavar="NAME[:key=value,...]", help="a training recipe that changes each step's loss "
+                                                        "(vitlab.engine.recipes; `vitlab models --recipes` lists "
+                                                        "them)"),
+    "label_smoothing": Flag(type=below_one),
+    "mixup": Flag(help="mixup alpha (0: off)"),
+    "cutmix": Flag(help="cutmix alpha (0: off)"),
+    "hflip": Flag(type=probability),
+    "crop_padding": Flag(),
+    "re_prob": Flag(type=probability, help="random erasing probability"),
+    "drop_path": Flag(type=below_one),
+    "ema": Flag(type=below_one, help="EMA decay, e.g. 0.999 (0: off)"),
+    "clip_grad": Flag(to_field=lambda value: value or None),   # 0: no clipping
+    "seed": Flag(),
+    "threads": Flag(type=positive_int),
+    "workers": Flag(help="data-loading processes (0: in the main process)"),
+    "eval_val": Flag(names=("--no-val",), help="skip the per-epoch evaluation on the val split"),
+    "save_every": Flag(metavar="STEPS", help="also save resume state every STEPS"),
+    "max_steps": Flag(type=positive_int, help="stop after this many steps (smoke runs)"),
+    "progress": Flag(),
+    "apply": Flag(action="append", default=[], metavar=_APPLY_METAVAR, help=_APPLY_HELP),
+    "engine_trial": _add_engine_trial,
+    "task": arg("--task", default="classify", choices=("classify", "panoptic", "semantic", "detection", "predict"),
+                help="classify (default), or a dense task on --data fmnist-scenes / coco:PATH with --head; --model "
+                     "is then the backbone, --init a classification checkpoint to start it from (docs/dense.md); "
+                     "predict: next-frame prediction on --data moving-fashion-mnist (docs/video.md)"),
+    "head": arg("--head", default=None, metavar="NAME[:key=value,...]",
+                help="dense head (vitlab.dense; docs/dense.md lists them and the tasks each does)"),
+    "steps": arg("--steps", type=positive_int, default=None,
+                 help="dense and predict tasks: optimizer steps (default: 2000)"),
+    "warmup_steps": arg("--warmup-steps", type=non_negative_int, default=None,
+                        help="dense and predict tasks: linear warm-up steps (default: steps // 20)"),
+    "eval_every": arg("--eval-every", type=non_negative_int, default=0, metavar="STEPS",
+                      help="dense and predict tasks: evaluate on val and save every STEPS (0, the default: at the "
+                           "end)"),
+}, exclude={"log_every": "how often metrics.jsonl gets a training row: a library setting, no flag"})
 
-    p = verbs.add_parser("train", help="train or fine-tune a model")
-    p.add_argument("--model", default=None, help="model name (timm or vitlab)")
-    p.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from this checkpoint's weights")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR (with its settings; --epochs may extend it)")
-    p.add_argument("--out", default=None, metavar="RUN_DIR", help="run folder (checkpoint, train_state.pt, metrics.jsonl)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (deleted only once the new run has finished)")
-    p.add_argument("--data", default="fashion-mnist", metavar="SPEC")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--model-kwargs", default="{}", metavar="JSON", help='constructor kwargs, e.g. \'{"depth": 4}\'')
-    p.add_argument("--epochs", type=positive_float, default=10)
-    p.add_argument("--batch-size", type=positive_int, default=128, help="global batch over all processes")
-    p.add_argument("--lr", type=positive_float, default=1e-3)
-    p.add_argument("--min-lr", type=non_negative_float, default=1e-5)
-    p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
-    p.add_argument("--warmup-epochs", type=non_negative_float, default=1.0)
-    p.add_argument("--opt", "--optimizer", dest="opt", default="adamw",
-                   help="any timm.optim name, or sam (SAM around AdamW, with --sam-rho) (default: %(default)s)")
-    p.add_argument("--sam-rho", type=non_negative_float, default=0.05,
-                   help="SAM neighbourhood radius (default: %(default)s)")
-    p.add_argument("--teacher", default=None, metavar="CHECKPOINT", help="distill from this checkpoint (DeiT)")
-    p.add_argument("--distill", default=None, choices=("soft", "hard", "token"), help="distillation loss")
-    p.add_argument("--distill-alpha", type=probability, default=0.5, help="weight of the distillation term")
-    p.add_argument("--distill-tau", type=positive_float, default=1.0, help="soft distillation temperature")
-    p.add_argument("--l1", type=non_negative_float, default=0.0, metavar="LAMBDA",
-                   help="L1 penalty on the blocks' Linear weights (Sparse-then-Prune, before pruning)")
-    p.add_argument("--keep-zeros", action=argparse.BooleanOptionalAction, default=None,
-                   help="hold the blocks' zero Linear weights at zero while training (a block-sparse LPViT model "
-                        "stays sparse); default: on for an --init checkpoint written by vitlab prune --apply lpvit")
-    p.add_argument("--token-consistency", type=non_negative_float, default=0.0, metavar="WEIGHT",
-                   help="MCTF token-reduction consistency loss weight (official 3.0; needs --apply mctf:r=... or tome)")
-    p.add_argument("--token-consistency-threshold", type=probability, default=0.4,
-                   help="student confidence an image needs to enter the consistency term (default: %(default)s)")
-    p.add_argument("--token-consistency-teacher-r", type=non_negative_int, default=None, metavar="R_MAX",
-                   help="the teacher merges r ~ U{0..R_MAX-1} tokens per block (default: r // 2, as MCTF's 16/8)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
-                   help="bf16 autocast; auto: bf16 only where a trial on the first batch measures it faster on this "
-                        "machine (default: %(default)s)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward (falls back to eager, with a warning, where it fails)")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format (convolutions)")
-    p.add_argument("--recipe", default=None, metavar="NAME[:key=value,...]",
-                   help="a training recipe that changes each step's loss (vitlab.engine.recipes; `vitlab models "
-                        "--recipes` lists them)")
-    p.add_argument("--label-smoothing", type=below_one, default=0.1)
-    p.add_argument("--mixup", type=non_negative_float, default=0.0, help="mixup alpha (0: off)")
-    p.add_argument("--cutmix", type=non_negative_float, default=0.0, help="cutmix alpha (0: off)")
-    p.add_argument("--hflip", type=probability, default=0.5)
-    p.add_argument("--crop-padding", type=non_negative_int, default=None)
-    p.add_argument("--re-prob", type=probability, default=0.0, help="random erasing probability")
-    p.add_argument("--drop-path", type=below_one, default=None)
-    p.add_argument("--ema", type=below_one, default=0.0, help="EMA decay, e.g. 0.999 (0: off)")
-    p.add_argument("--clip-grad", type=non_negative_float, default=1.0)
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--threads", type=positive_int, default=None)
-    p.add_argument("--workers", type=non_negative_int, default=0,
-                   help="data-loading processes (0: in the main process)")
-    p.add_argument("--no-val", action="store_true", help="skip the per-epoch evaluation on the val split")
-    p.add_argument("--save-every", type=non_negative_int, default=0, metavar="STEPS",
-                   help="also save resume state every STEPS")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (smoke runs)")
-    p.add_argument("--no-progress", action="store_true")
-    _add_apply(p)
-    p.add_argument("--task", default="classify",
-                   choices=("classify", "panoptic", "semantic", "detection", "predict"),
-                   help="classify (default), or a dense task on --data fmnist-scenes / coco:PATH with --head; --model "
-                        "is then the backbone, --init a classification checkpoint to start it from (docs/dense.md); "
-                        "predict: next-frame prediction on --data moving-fashion-mnist (docs/video.md)")
-    p.add_argument("--head", default=None, metavar="NAME[:key=value,...]",
-                   help="dense head (vitlab.dense; docs/dense.md lists them and the tasks each does)")
-    p.add_argument("--steps", type=positive_int, default=None,
-                   help="dense and predict tasks: optimizer steps (default: 2000)")
-    p.add_argument("--warmup-steps", type=non_negative_int, default=None,
-                   help="dense and predict tasks: linear warm-up steps (default: steps // 20)")
-    p.add_argument("--eval-every", type=non_negative_int, default=0, metavar="STEPS",
-                   help="dense and predict tasks: evaluate on val and save every STEPS (0, the default: at the end)")
 
+def _add_train_parser(verbs: argparse._SubParsersAction) -> None:
+    _TRAIN.add_to(verbs.add_parser("train", help="train or fine-tune a model"))
+
+
+def _add_distill_logits_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("distill-logits", help="run a teacher once over a training run's augmented images and store "
                          "its top-k probabilities for vitlab train --recipe fastkd:store=STORE (TinyViT)")
     p.add_argument("teacher", metavar="TEACHER", help="teacher checkpoint folder (or model name)")
@@ -185,37 +194,53 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=non_negative_int, default=0, help="data-loading processes")
     p.add_argument("--no-progress", action="store_true")
 
-    p = verbs.add_parser("prune", help="structured pruning (heads, MLP channels, blocks, stem/embedding channels) to "
-                         "a FLOPs/params target")
-    p.add_argument("checkpoint", help="checkpoint folder (or model name)")
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--target-flops", type=fraction, default=0.5,
-                        help="fraction of MACs to keep (default: %(default)s)")
-    target.add_argument("--target-params", type=fraction, default=None, help="fraction of parameters to keep instead")
-    p.add_argument("--importance", default="hessian", choices=("l1", "l2", "taylor", "hessian", "ablation"),
-                   help="criterion, ranked globally across layers (default: %(default)s, NViT)")
-    p.add_argument("--blocks", action="store_true", help="also remove whole blocks")
-    p.add_argument("--no-heads", action="store_true", help="keep every attention head")
-    p.add_argument("--no-mlp", action="store_true", help="keep every MLP channel")
-    p.add_argument("--mlp-group", type=positive_int, default=8,
-                   help="MLP channels pruned together (default: %(default)s)")
-    p.add_argument("--stem", action="store_true", help="also prune conv-stem channels (whole GroupNorm groups)")
-    p.add_argument("--stem-weight", default="1", metavar="W[,W...]|auto",
-                   help="ranking cost of a stem MAC vs a block MAC, one or one per stem layer; auto: measure CPU "
-                        "time per MAC here (default: %(default)s = MACs)")
-    p.add_argument("--embed", action="store_true", help="also prune embedding (residual) channels")
-    p.add_argument("--embed-group", type=positive_int, default=8,
-                   help="embedding channels pruned together (default: %(default)s)")
-    p.add_argument("--apply", default=None, metavar="TECHNIQUE",
-                   help="another pruning technique in --apply syntax instead of the options above, e.g. "
-                        "lpvit:sparsity=0.5 (LPViT block-structured pruning)")
-    p.add_argument("--data", default=None, metavar="SPEC", help="images for taylor / hessian / ablation")
-    p.add_argument("--split", default="train", choices=("train", "val"), help="(never test; default: %(default)s)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--calib-images", type=positive_int, default=512, metavar="N", help="(default: %(default)s)")
-    p.add_argument("--threads", type=positive_int, default=None)
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the pruned checkpoint")
 
+def _stem_weight(text: str) -> float | tuple[float, ...] | str:
+    """--stem-weight: one number, one per stem layer, or "auto" (cmd_prune measures it on the model)."""
+    if text == "auto":
+        return text
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--stem-weight {text!r}: give numbers (1 or one per stem layer, e.g. 14.8,0.95,0.82) or "
+                         "auto") from None
+    return values[0] if len(values) == 1 else values
+
+
+# `vitlab prune` flags: the Prune fields in --help order, with the flags that are no field at their places
+_PRUNE = ConfigFlags(Prune, {
+    "checkpoint": arg("checkpoint", help="checkpoint folder (or model name)"),
+    "target_flops": Flag(type=fraction, group="target", help="fraction of MACs to keep (default: %(default)s)"),
+    "target_params": Flag(type=fraction, group="target", help="fraction of parameters to keep instead"),
+    "importance": Flag(help="criterion, ranked globally across layers (default: %(default)s, NViT)"),
+    "blocks": Flag(help="also remove whole blocks"),
+    "heads": Flag(help="keep every attention head"),
+    "mlp": Flag(help="keep every MLP channel"),
+    "mlp_group": Flag(type=positive_int, help="MLP channels pruned together (default: %(default)s)"),
+    "stem": Flag(help="also prune conv-stem channels (whole GroupNorm groups)"),
+    "stem_weight": Flag(default="1", metavar="W[,W...]|auto", to_field=_stem_weight,
+                        help="ranking cost of a stem MAC vs a block MAC, one or one per stem layer; auto: measure CPU "
+                             "time per MAC here (default: %(default)s = MACs)"),
+    "embed": Flag(help="also prune embedding (residual) channels"),
+    "embed_group": Flag(type=positive_int, help="embedding channels pruned together (default: %(default)s)"),
+    "apply": arg("--apply", default=None, metavar="TECHNIQUE",
+                 help="another pruning technique in --apply syntax instead of the options above, e.g. "
+                      "lpvit:sparsity=0.5 (LPViT block-structured pruning)"),
+    "data": arg("--data", default=None, metavar="SPEC", help="images for taylor / hessian / ablation"),
+    "split": arg("--split", default="train", choices=("train", "val"), help="(never test; default: %(default)s)"),
+    "data_dir": arg("--data-dir", default=None),
+    "calib_images": arg("--calib-images", type=positive_int, default=512, metavar="N", help="(default: %(default)s)"),
+    "threads": arg("--threads", type=positive_int, default=None),
+    "out": arg("--out", required=True, metavar="DIR", help="folder for the pruned checkpoint"),
+})
+
+
+def _add_prune_parser(verbs: argparse._SubParsersAction) -> None:
+    _PRUNE.add_to(verbs.add_parser("prune", help="structured pruning (heads, MLP channels, blocks, stem/embedding "
+                                   "channels) to a FLOPs/params target"))
+
+
+def _add_eval_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("eval", help="accuracy, loss, per-class accuracy and confusion matrix of a checkpoint")
     p.add_argument("checkpoint")
     _add_data(p)
@@ -227,6 +252,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_calib(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
+
+def _add_bench_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("bench", help="parameters, MACs/FLOPs, throughput, latency and peak memory")
     p.add_argument("model", help="model name or checkpoint folder")
     p.add_argument("--data", default=None, metavar="SPEC",
@@ -236,6 +263,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_apply(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
+
+def _add_measure_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("measure", help="accuracy and speed of a model in one table (the main job)")
     p.add_argument("models", nargs="+", help="model names or checkpoint folders")
     _add_data(p)
@@ -245,6 +274,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE.jsonl", help="append the rows to this file")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines")
 
+
+def _add_predict_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("predict", help="top-5 classes of images")
     p.add_argument("checkpoint")
     p.add_argument("images", nargs="+")
@@ -257,6 +288,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=probability, default=0.5,
                    help="dense detection: draw boxes scoring at least this (default: %(default)s)")
 
+
+def _add_explain_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("explain", help="explanations: attention rollout, attention maps, CAMs, token sources")
     p.add_argument("checkpoint", help="checkpoint folder or model name")
     p.add_argument("--image", required=True, action="append", help="image file (repeatable: one row each)")
@@ -272,6 +305,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_calib_data(p)
     _add_apply(p)
 
+
+def _add_robustness_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("robustness", help="accuracy and calibration (ECE, temperature scaling) under patch "
                          "drop, shuffle and occlusion")
     p.add_argument("model", help="checkpoint folder or model name")
@@ -291,6 +326,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the table's rows here")
     _add_apply(p)
 
+
+def _add_heads_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("heads", help="attention-head analytics (ablation and gradient importance, attention "
                          "distance and entropy) as one HTML page")
     p.add_argument("model", help="checkpoint folder or model name")
@@ -304,6 +341,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE.html")
     _add_apply(p)
 
+
+def _add_convert_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("convert", help="wrap a weights file (safetensors, or pickle with --allow-pickle) as a checkpoint")
     p.add_argument("model", help="model name the weights belong to")
     p.add_argument("weights", help="weights file: .safetensors, or .pt/.pth/.bin with --allow-pickle")
@@ -312,42 +351,50 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="read a pickle-based file (only with torch.load(weights_only=True))")
 
-    p = verbs.add_parser(
+
+# `vitlab pareto` flags: the SweepConfig fields in --help order, with the flags that are no field at their places
+_PARETO = ConfigFlags(SweepConfig, {
+    "source": Flag(names=("model",), help="model name or checkpoint folder (the base)"),
+    "data": Flag(metavar="SPEC", help="dataset: val split for selection, train for calibration, test for the final "
+                                      "number"),
+    "data_dir": Flag(help="folder of the Fashion-MNIST idx files (default: Debian's)"),
+    "out": Flag(metavar="DIR", help="output folder (an existing sweep there resumes)"),
+    "max_drop_pt": Flag(metavar="PT", help="accuracy budget: points within PT percentage points of the base top-1 "
+                                           "(default: %(default)s)"),
+    "techniques": Flag(action="append", metavar="STACKS",
+                       help="stacks to measure, ';'-separated, techniques in a stack joined by '+', e.g. "
+                            "\"none; tome:r=4; w8a8; tome:r=4+w8a8\" (default: a sweep chosen for the model)"),
+    "candidates": Flag(nargs="*", metavar="DIR", to_field=list,
+                       help="more checkpoint folders (e.g. pruned models) measured with the candidate stacks"),
+    "confirm_rounds": Flag(metavar="N", help="at the end, time every deployable point again round-robin over N "
+                                             "rounds and rank by the median (0: keep each point's single pass) "
+                                             "(default: %(default)s)"),
+    "budget_minutes": Flag(type=positive_float, metavar="N", help="stop starting new points when N minutes have "
+                                                                  "passed; report what was measured"),
+    "batch": Flag(type=positive_int, help="batch size for throughput (default: %(default)s)"),
+    "threads": Flag(type=positive_int, help="torch threads (default: all cores)"),
+    "calib_images": Flag(type=positive_int, metavar="N", help="quantization calibration images from the train split "
+                                                              "(default: %(default)s)"),
+    "min_time_s": Flag(names=("--min-time",), type=positive_float, metavar="S",
+                       help="seconds per timing (default: %(default)s)"),
+    "memory": Flag(help="skip the peak-memory subprocess of each point"),
+    "val_limit": Flag(type=positive_int, metavar="N", help="validate on the first N images only"),
+    "export": Flag(help="do not export the recommended point"),
+    "restart": Flag(help="discard the results already in --out"),
+    "progress": arg("--no-progress", action="store_true"),
+    "engine_trial": _add_engine_trial,
+})
+
+
+def _add_pareto_parser(verbs: argparse._SubParsersAction) -> None:
+    _PARETO.add_to(verbs.add_parser(
         "pareto", help="the main job: sweep techniques and stacks, find the accuracy/speed front, recommend one",
         description="Measure a model and a sweep of technique stacks on the validation split, draw the "
                     "accuracy/throughput Pareto front, recommend the fastest point within --max-drop-pt of the base, "
-                    "report its test accuracy, and export it. Writes report.html, results.json/.csv and PNG plots.")
-    p.add_argument("model", help="model name or checkpoint folder (the base)")
-    p.add_argument("--data", default="fashion-mnist", metavar="SPEC",
-                   help="dataset: val split for selection, train for calibration, test for the final number")
-    p.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST idx files (default: Debian's)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (an existing sweep there resumes)")
-    p.add_argument("--max-drop-pt", type=non_negative_float, default=0.5, metavar="PT",
-                   help="accuracy budget: points within PT percentage points of the base top-1 (default: %(default)s)")
-    p.add_argument("--techniques", action="append", default=None, metavar="STACKS",
-                   help="stacks to measure, ';'-separated, techniques in a stack joined by '+', e.g. "
-                        "\"none; tome:r=4; w8a8; tome:r=4+w8a8\" (default: a sweep chosen for the model)")
-    p.add_argument("--candidates", nargs="*", default=[], metavar="DIR",
-                   help="more checkpoint folders (e.g. pruned models) measured with the candidate stacks")
-    p.add_argument("--confirm-rounds", type=non_negative_int, default=5, metavar="N",
-                   help="at the end, time every deployable point again round-robin over N rounds and rank by the "
-                        "median (0: keep each point's single pass) (default: %(default)s)")
-    p.add_argument("--budget-minutes", type=positive_float, default=None, metavar="N",
-                   help="stop starting new points when N minutes have passed; report what was measured")
-    p.add_argument("--batch", type=positive_int, default=32, help="batch size for throughput (default: %(default)s)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--calib-images", type=positive_int, default=256, metavar="N",
-                   help="quantization calibration images from the train split (default: %(default)s)")
-    p.add_argument("--min-time", type=positive_float, default=1.0, metavar="S",
-                   help="seconds per timing (default: %(default)s)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess of each point")
-    p.add_argument("--val-limit", type=positive_int, default=None, metavar="N",
-                   help="validate on the first N images only")
-    p.add_argument("--no-export", action="store_true", help="do not export the recommended point")
-    p.add_argument("--restart", action="store_true", help="discard the results already in --out")
-    p.add_argument("--no-progress", action="store_true")
-    _add_engine_trial(p)
+                    "report its test accuracy, and export it. Writes report.html, results.json/.csv and PNG plots."))
 
+
+def _add_quantize_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("quantize", help="post-training quantization: simulated (ptq) or real int8 (w8a8, w8)")
     p.add_argument("checkpoint", help="checkpoint folder or model name")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the quantized model (reload: create_model)")
@@ -357,6 +404,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="calibration images, a seeded subset of --data/--split (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, default=None)
 
+
+def _add_export_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("export", help="export a float or quantized model to ONNX or OpenVINO IR")
     p.add_argument("checkpoint", help="checkpoint folder (a quantized one too) or model name")
     p.add_argument("--format", required=True, choices=("onnx", "openvino"))
@@ -367,29 +416,40 @@ def _parser() -> argparse.ArgumentParser:
                    help="calibration images when --apply quantizes (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, default=None)
 
-    p = verbs.add_parser("pretrain", help="self-supervised pretraining of a backbone without labels (SiT, "
-                         "TOV-VICReg); fine-tune the result with `vitlab train --init RUN`")
-    p.add_argument("model", metavar="MODEL", help="model name or checkpoint folder (the backbone)")
-    p.add_argument("--method", required=True, choices=("sit", "tov-vicreg", "videomae", "videomae2"),
+
+# `vitlab pretrain` flags: the PretrainConfig fields in --help order
+_PRETRAIN = ConfigFlags(PretrainConfig, {
+    "model": Flag(names=("model",), metavar="MODEL", help="model name or checkpoint folder (the backbone)"),
+    "method": Flag(default=None, required=True, choices=METHODS,
                    help="sit: rotation + contrastive + corrupted-image reconstruction; tov-vicreg: VICReg + "
                         "temporal-order verification on generated frame sequences; videomae: masked tubelet "
                         "reconstruction on clips (vl_videomae_* backbones, video data); videomae2: VideoMAE "
-                        "with V2's dual masking (the decoder reconstructs a running-cell half of the tubelets)")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for the backbone checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
-    p.add_argument("--data", default="fashion-mnist", metavar="SPEC", help="images of its train split (labels unused)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--model-kwargs", default="{}", metavar="JSON", help='constructor kwargs, e.g. \'{"depth": 4}\'')
-    p.add_argument("--epochs", type=positive_float, default=1.0)
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=positive_float, default=5e-4)
-    p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
-    p.add_argument("--warmup-epochs", type=non_negative_float, default=0.1)
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--threads", type=positive_int, default=None)
-    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps (smoke runs)")
-    p.add_argument("--no-progress", action="store_true")
+                        "with V2's dual masking (the decoder reconstructs a running-cell half of the tubelets)"),
+    "out": Flag(metavar="RUN_DIR", help="folder for the backbone checkpoint"),
+    "overwrite": arg("--overwrite", action="store_true", help="replace a checkpoint already in --out"),
+    "data": Flag(metavar="SPEC", help="images of its train split (labels unused)"),
+    "data_dir": Flag(),
+    "model_kwargs": Flag(default="{}", metavar="JSON", help='constructor kwargs, e.g. \'{"depth": 4}\'',
+                         to_field=lambda text: _json_arg(text, "--model-kwargs")),
+    "epochs": Flag(type=positive_float),
+    "batch_size": Flag(type=positive_int),
+    "lr": Flag(type=positive_float),
+    "weight_decay": Flag(),
+    "warmup_epochs": Flag(),
+    "seed": Flag(),
+    "threads": Flag(type=positive_int),
+    "max_steps": Flag(type=positive_int, help="stop after this many steps (smoke runs)"),
+    "progress": Flag(),
+}, exclude={"min_lr": "the cosine schedule's floor: a library setting, no flag",
+            "clip_grad": "SiT's gradient clipping (3.0): a library setting, no flag"})
 
+
+def _add_pretrain_parser(verbs: argparse._SubParsersAction) -> None:
+    _PRETRAIN.add_to(verbs.add_parser("pretrain", help="self-supervised pretraining of a backbone without labels "
+                                      "(SiT, TOV-VICReg); fine-tune the result with `vitlab train --init RUN`"))
+
+
+def _add_train_tame_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("train-tame", help="train a T-TAME explainer (attention mechanism on the frozen model)")
     p.add_argument("checkpoint", help="checkpoint folder or model name")
     p.add_argument("--data", required=True, help="dataset spec, e.g. fashion-mnist")
@@ -404,26 +464,34 @@ def _parser() -> argparse.ArgumentParser:
                    "(as AD/IC do; the official 'renormalize' policy) or the preprocessed image (official 'new')")
     p.add_argument("--threads", type=positive_int, default=None)
 
-    p = verbs.add_parser("split", help="ED-ViT: split a ViT into class-subset sub-models, prune each for its "
-                         "classes, fine-tune, fuse with an MLP")
-    p.add_argument("checkpoint", help="checkpoint folder (or model name)")
-    p.add_argument("--parts", type=positive_int, default=2, help="sub-models (devices) (default: %(default)s)")
-    p.add_argument("--data", required=True, metavar="SPEC", help="training data (calibration, fine-tuning, fusion)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/split.json and DIR/split.safetensors")
-    p.add_argument("--target-flops", type=fraction, default=0.5,
-                   help="fraction of the MACs each sub-model keeps (default: %(default)s)")
-    p.add_argument("--importance", default="hessian", choices=("l1", "l2", "taylor", "hessian", "ablation"))
-    p.add_argument("--calib-images", type=positive_int, default=256, metavar="N")
-    p.add_argument("--steps", type=non_negative_int, default=200, help="fine-tuning steps per sub-model")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--lr", type=positive_float, default=3e-4)
-    p.add_argument("--fusion-images", type=positive_int, default=8192, metavar="N")
-    p.add_argument("--fusion-steps", type=positive_int, default=600)
-    p.add_argument("--eval-split", default="val", choices=("val", "test"))
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--threads", type=positive_int, default=None)
 
+# `vitlab split` flags: the Split fields in --help order, with the flags that are no field at their places
+_SPLIT = ConfigFlags(Split, {
+    "checkpoint": arg("checkpoint", help="checkpoint folder (or model name)"),
+    "parts": Flag(type=positive_int, help="sub-models (devices) (default: %(default)s)"),
+    "data": arg("--data", required=True, metavar="SPEC", help="training data (calibration, fine-tuning, fusion)"),
+    "data_dir": arg("--data-dir", default=None),
+    "out": arg("--out", required=True, metavar="DIR", help="writes DIR/split.json and DIR/split.safetensors"),
+    "target_flops": Flag(type=fraction, help="fraction of the MACs each sub-model keeps (default: %(default)s)"),
+    "importance": Flag(choices=CRITERIA),
+    "calib_images": Flag(type=positive_int, metavar="N"),
+    "steps": Flag(help="fine-tuning steps per sub-model"),
+    "batch_size": Flag(type=positive_int),
+    "lr": Flag(type=positive_float),
+    "fusion_images": Flag(type=positive_int, metavar="N"),
+    "fusion_steps": Flag(type=positive_int),
+    "eval_split": arg("--eval-split", default="val", choices=("val", "test")),
+    "seed": Flag(),
+    "threads": arg("--threads", type=positive_int, default=None),
+}, exclude={"fusion_hidden": "the fusion MLP's width: a library setting, no flag"})
+
+
+def _add_split_parser(verbs: argparse._SubParsersAction) -> None:
+    _SPLIT.add_to(verbs.add_parser("split", help="ED-ViT: split a ViT into class-subset sub-models, prune each for "
+                                   "its classes, fine-tune, fuse with an MLP"))
+
+
+def _add_toy_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("toy", help="the seeds' agents, multimodal models and generators at toy scale (AlphaViT, "
                          "CALVIN, Seer, ...): run one, or list them")
     p.add_argument("name", nargs="?", default=None, metavar="NAME", help="the toy to run (omit to list them)")
@@ -433,6 +501,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds instead of the full toy")
     p.add_argument("--threads", type=positive_int, default=None)
 
+
+def _add_search_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("search", help="ViT-ResNAS architecture search: supernet, then evolution / random / NSGA-II "
                          "under a MAC or CPU-latency budget (docs/search.md)")
     p.add_argument("--space", default="resnas", choices=["resnas", "tiny"], help="search space (default: %(default)s)")
@@ -451,10 +521,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--threads", type=positive_int, default=1)
 
+
+def _add_models_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("models", help="list model names with parameter counts")
     p.add_argument("pattern", nargs="?", default="vl_*", help="glob, e.g. 'deit*' or '*' (default: %(default)s)")
     p.add_argument("--no-params", action="store_true", help="names only")
     p.add_argument("--recipes", action="store_true", help="list the training recipes (vitlab train --recipe) instead")
+
+
+
+_VERBS = (_add_train_parser, _add_distill_logits_parser, _add_prune_parser, _add_eval_parser, _add_bench_parser,
+          _add_measure_parser, _add_predict_parser, _add_explain_parser, _add_robustness_parser, _add_heads_parser,
+          _add_convert_parser, _add_pareto_parser, _add_quantize_parser, _add_export_parser, _add_pretrain_parser,
+          _add_train_tame_parser, _add_split_parser, _add_toy_parser, _add_search_parser, _add_models_parser)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vitlab", description="Vision Transformers that are accurate and fast.")
+    parser.add_argument("--version", action="version", version=f"vitlab {_version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of a user error too (or set VITLAB_DEBUG=1)")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for add in _VERBS:   # the order of `vitlab --help`
+        add(verbs)
     for p in verbs.choices.values():  # `vitlab --debug VERB ...` and `vitlab VERB ... --debug` both work
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -509,7 +598,7 @@ def _given_flags(args, verb: str) -> set[str] | None:
 
 
 def cmd_train(args) -> int:
-    from .engine.train import TrainConfig, fit
+    from .engine.train import fit
     from .errors import UserError
 
     if args.task == "predict" or (args.resume and _is_predict(args.resume)):
@@ -520,20 +609,7 @@ def cmd_train(args) -> int:
         raise UserError("--resume continues a run and --overwrite replaces one: give one of them")
     if not args.resume and not args.out:
         raise ValueError("give --out RUN_DIR (or --resume RUN_DIR)")
-    model_kwargs = _json_arg(args.model_kwargs, "--model-kwargs")
-    settings = dict(
-        out=args.out, model=args.model, init=args.init, model_kwargs=model_kwargs, data=args.data,
-        data_dir=args.data_dir, apply=args.apply, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        min_lr=args.min_lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, opt=args.opt,
-        label_smoothing=args.label_smoothing, mixup=args.mixup, cutmix=args.cutmix, hflip=args.hflip,
-        crop_padding=args.crop_padding, re_prob=args.re_prob, drop_path=args.drop_path, ema=args.ema,
-        clip_grad=args.clip_grad or None, seed=args.seed, threads=args.threads, workers=args.workers,
-        eval_val=not args.no_val, save_every=args.save_every, max_steps=args.max_steps,
-        progress=not args.no_progress, teacher=args.teacher, distill=args.distill,
-        distill_alpha=args.distill_alpha, distill_tau=args.distill_tau, sam_rho=args.sam_rho, l1=args.l1,
-        token_consistency=args.token_consistency, token_consistency_threshold=args.token_consistency_threshold,
-        token_consistency_teacher_r=args.token_consistency_teacher_r, keep_zeros=args.keep_zeros,
-        recipe=args.recipe, precision=args.precision, compile=args.compile, channels_last=args.channels_last)
+    settings = _TRAIN.values(args)
     if args.resume:
         # every flag given with --resume is either applied (epochs, threads, ...) or refused by name: never ignored
         given = _given_flags(args, "train")
@@ -541,12 +617,12 @@ def cmd_train(args) -> int:
             defaults = vars(_parser().parse_args(["train"]))
             given = {k for k, v in vars(args).items() if k in defaults and defaults[k] != v}
         given -= {"resume"}
-        to_field = {"no_val": "eval_val", "no_progress": "progress"}
-        unknown = sorted(d for d in given if to_field.get(d, d) not in settings)
+        to_field = _TRAIN.dests
+        unknown = sorted(d for d in given if d not in to_field)
         if unknown:
             raise UserError(f"--resume {args.resume}: {', '.join('--' + d.replace('_', '-') for d in unknown)} "
                              "cannot be changed for a resumed run; drop it")
-        changes = {to_field.get(d, d): settings[to_field.get(d, d)] for d in given}
+        changes = {to_field[d]: settings[to_field[d]] for d in given}
         out = fit(resume=args.resume, changes=changes)
     else:
         out = fit(TrainConfig(**settings), overwrite=args.overwrite)
@@ -668,15 +744,11 @@ def _eval_predict(args) -> int:
     data = args.data if given is None or "data" in given else config["data"].get("spec", args.data)
     (dataset,) = predict_datasets(model, data, (args.split,), args.data_dir)
     if args.apply:   # techniques on the predictor; calibration: the input frames of --calib-split clips of data
-        from .bench.measure import needs_calibration
-        from .techniques import apply_, parse_apply
-
-        configs = parse_apply(args.apply)
-        calib = None
-        if needs_calibration(configs):
+        def frames(model):
             (source,) = predict_datasets(model, data, (args.calib_split,), args.data_dir)
-            calib = [torch.stack([source[i][0] for i in range(min(args.calib_images, len(source)))])]
-        model = apply_(model, configs, calib=calib)
+            return [torch.stack([source[i][0] for i in range(min(args.calib_images, len(source)))])]
+
+        model = loader.load(model, args.apply, calibration=frames)
     result = evaluate_predict(model, dataset, batch_size=min(args.batch_size, 64), limit=args.limit,
                               progress=not args.json)
     print(f"{args.checkpoint} (predict, {config['model']['name']}) on {data} [{args.split}], "
@@ -711,48 +783,29 @@ def _load_runner(source, apply: list[str], calib_args=None):
     """`source` (a name, a checkpoint folder or a model already loaded) with the `--apply` stack; techniques that
     calibrate take seeded images of `calib_args.data` from `calib_args.calib_split` (train or val, never test:
     eval's own --split says what is measured)."""
-    from torch import nn
-
-    from .bench.measure import calibration_batches, needs_calibration
-    from .checkpoint import create_model
-    from .techniques import apply_, format_technique, parse_apply
-
-    model = source if isinstance(source, nn.Module) else create_model(source)
-    configs = parse_apply(apply)
-    calib = None
-    if needs_calibration(configs):
-        if calib_args is None:
-            raise ValueError(f"{' + '.join(map(format_technique, configs))} calibrates on images: apply it with "
-                             "`--data SPEC` (eval, explain, ...) or save it first (`vitlab quantize` / `vitlab prune`)")
-        calib = calibration_batches(model, calib_args.data, calib_args.calib_split, calib_args.calib_images,
-                                    data_dir=calib_args.data_dir)
-    return apply_(model, configs, calib=calib)
+    calibration = None if calib_args is None else loader.Calibration(
+        calib_args.data, calib_args.calib_split, calib_args.calib_images, calib_args.data_dir)
+    return loader.load(source, apply, calibration=calibration, missing_data=lambda stack: ValueError(
+        f"{stack} calibrates on images: apply it with `--data SPEC` (eval, explain, ...) or save it first "
+        "(`vitlab quantize` / `vitlab prune`)"))
 
 
 def cmd_prune(args) -> int:
     from .checkpoint import refuse_out_over_source
-    from .prune import Prune, prune_checkpoint
+    from .prune import prune_checkpoint
 
     _threads(args.threads)
     refuse_out_over_source(args.out, args.checkpoint)
     if args.apply:
         return _prune_with_technique(args)
-    if args.stem_weight == "auto":
+    settings = _PRUNE.values(args)
+    if settings["stem_weight"] == "auto":
         from .checkpoint import create_model
         from .prune import stem_time_weights
 
-        stem_weight = stem_time_weights(create_model(args.checkpoint))
-        print(f"stem weights (CPU time per MAC vs the rest, measured): {list(stem_weight)}")
-    else:
-        try:
-            values = tuple(float(v) for v in args.stem_weight.split(","))
-        except ValueError:
-            raise ValueError(f"--stem-weight {args.stem_weight!r}: give numbers (1 or one per stem layer, e.g. "
-                             "14.8,0.95,0.82) or auto") from None
-        stem_weight = values[0] if len(values) == 1 else values
-    cfg = Prune(target_flops=args.target_flops, target_params=args.target_params, importance=args.importance,
-                heads=not args.no_heads, mlp=not args.no_mlp, blocks=args.blocks, mlp_group=args.mlp_group,
-                stem=args.stem, stem_weight=stem_weight, embed=args.embed, embed_group=args.embed_group)
+        settings["stem_weight"] = stem_time_weights(create_model(args.checkpoint))
+        print(f"stem weights (CPU time per MAC vs the rest, measured): {list(settings['stem_weight'])}")
+    cfg = Prune(**settings)
     model, s = prune_checkpoint(args.checkpoint, args.out, cfg, data=args.data, split=args.split,
                                 num_images=args.calib_images, data_dir=args.data_dir)
     arch = model.vitlab_arch
@@ -844,13 +897,8 @@ def _eval_dense(args) -> int:
         raise UserError(f"--data {data} has classes {list(dataset.classes)} at {dataset.input_size[-1]} px, the "
                         f"checkpoint {classes} at {info['img_size']} px: evaluate on the data it was trained on")
     if args.apply:   # techniques on the dense model (vitlab.dense.apply); calibration: --calib-split scenes of data
-        from .bench.measure import calibration_batches, needs_calibration
-        from .techniques import apply_, parse_apply
-
-        configs = parse_apply(args.apply)
-        calib = calibration_batches(model, data, args.calib_split, args.calib_images, data_dir=args.data_dir) \
-            if needs_calibration(configs) else None
-        model = apply_(model, configs, calib=calib)
+        model = loader.load(model, args.apply,
+                            calibration=loader.Calibration(data, args.calib_split, args.calib_images, args.data_dir))
     result = evaluate_dense(model, dataset, info["task"], batch_size=min(args.batch_size, 64), limit=args.limit,
                             progress=not args.json)
     print(f"{args.checkpoint} ({info['task']}, head {info['head']}, backbone {info['backbone']}) on {data} "
@@ -1071,15 +1119,10 @@ def cmd_convert(args) -> int:
 
 def cmd_pareto(args) -> int:
     from .checkpoint import refuse_out_over_source
-    from .pareto import SweepConfig, run_sweep
+    from .pareto import run_sweep
 
     refuse_out_over_source(args.out, args.model, *args.candidates)
-    cfg = SweepConfig(
-        source=args.model, out=args.out, data=args.data, data_dir=args.data_dir, max_drop_pt=args.max_drop_pt,
-        techniques=args.techniques, candidates=list(args.candidates), budget_minutes=args.budget_minutes,
-        batch=args.batch, threads=args.threads, calib_images=args.calib_images, min_time_s=args.min_time,
-        memory=not args.no_memory, val_limit=args.val_limit, export=not args.no_export, restart=args.restart,
-        confirm_rounds=args.confirm_rounds)
+    cfg = SweepConfig(**_PARETO.values(args))
     summary = run_sweep(cfg, progress=not args.no_progress and sys.stderr.isatty())
     _print_pareto(summary)
     return 0
@@ -1089,12 +1132,12 @@ def _print_pareto(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .pareto.sweep import metric_label, score
+    from .pareto.sweep import metric_label, score, unit_label
 
     rows = summary["rows"]
-    metric = metric_label(rows)
+    metric, unit = metric_label(rows), unit_label(rows)
     table = Table(title=f"vitlab pareto (validation {metric}; * on the front; >> recommended)")
-    for col in ("", "point", f"val {metric} %", "img/s", "speed-up", "latency ms", "MMACs"):
+    for col in ("", "point", f"val {metric} %", unit, "speed-up", "latency ms", "MMACs"):
         table.add_column(col, justify="left" if col in ("", "point") else "right")
     for r in rows:
         mark = (">>" if r.get("recommended") else "") + ("*" if r.get("on_front") else "")
@@ -1186,12 +1229,10 @@ COMMANDS["distill-logits"] = cmd_distill_logits
 
 
 def cmd_split(args) -> int:
-    from .engine.edvit import Split, split_checkpoint
+    from .engine.edvit import split_checkpoint
 
     _threads(args.threads)
-    cfg = Split(parts=args.parts, target_flops=args.target_flops, importance=args.importance,
-                calib_images=args.calib_images, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                fusion_images=args.fusion_images, fusion_steps=args.fusion_steps, seed=args.seed)
+    cfg = Split(**_SPLIT.values(args))
     _, s = split_checkpoint(args.checkpoint, args.out, cfg, data=args.data, data_dir=args.data_dir,
                             eval_split=args.eval_split)
     for row in s["parts"]:
@@ -1206,13 +1247,9 @@ COMMANDS["split"] = cmd_split
 
 
 def cmd_pretrain(args) -> int:
-    from .engine.ssl import PretrainConfig, pretrain
+    from .engine.ssl import pretrain
 
-    cfg = PretrainConfig(out=args.out, model=args.model, method=args.method,
-                         model_kwargs=_json_arg(args.model_kwargs, "--model-kwargs"), data=args.data,
-                         data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
-                         threads=args.threads, max_steps=args.max_steps, progress=not args.no_progress)
+    cfg = PretrainConfig(**_PRETRAIN.values(args))
     out = pretrain(cfg, overwrite=args.overwrite)
     print(f"backbone checkpoint: {out} (fine-tune it with `vitlab train --init {out} ...`)")
     return 0

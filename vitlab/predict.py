@@ -25,14 +25,15 @@ def predict(checkpoint, images: list[str | Path], *, top: int = 5, apply=(),
 
     from .checkpoint import create_model, default_preprocessing
     from .runner import as_runner
-    from .techniques import apply_, parse_apply
+    from . import loader
 
     if runner is not None and apply:
         raise ValueError("give the --apply stack either as `apply` or already applied as `runner`, not both")
     model = checkpoint if isinstance(checkpoint, nn.Module) else create_model(checkpoint)
     config = getattr(model, "vitlab_checkpoint", {}).get("config", {})
     pre = config.get("preprocessing") or default_preprocessing(model)
-    runner = as_runner(runner if runner is not None else apply_(model, parse_apply(apply)))
+    # no calibration images here: a technique that needs them refuses in its own handler (the CLI calibrates first)
+    runner = as_runner(runner if runner is not None else loader.load(model, apply or (), calibration=lambda m: None))
     names = pre.get("class_names") or [str(i) for i in range(runner.num_classes)]
     from .data.transforms import resolve_preprocessing
 

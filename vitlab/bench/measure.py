@@ -6,13 +6,27 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import create_model
+from .. import loader
+from ..data.calibration import calibration_batches  # re-exported: it moved to vitlab.data
 from ..profiling import count_flops, environment, num_threads, peak_memory_mb, time_callable
-from ..runner import as_runner, item_shape
-from ..techniques import apply_, format_technique, parse_apply
+from ..runner import item_shape
+from ..techniques import format_technique
 
 __all__ = ["MeasureRow", "measure", "print_rows", "build_runner", "dataset_for", "calibration_batches",
-           "needs_calibration", "task_accuracy"]
+           "needs_calibration", "task_accuracy", "throughput_unit", "item_noun", "IMAGE_UNIT", "CLIP_UNIT"]
+
+IMAGE_UNIT, CLIP_UNIT = "img/s", "clips/s"   # what a row's `img_per_s` counts (its `unit`)
+
+
+def throughput_unit(runner) -> str:
+    """The unit of a runner's (or model's) throughput: "clips/s" when its items are clips (C, T, H, W) (a video model,
+    one with `num_frames`: `vitlab.runner.item_shape`), "img/s" when they are images (C, H, W)."""
+    return CLIP_UNIT if len(item_shape(runner)) == 4 else IMAGE_UNIT
+
+
+def item_noun(unit: str) -> str:
+    """What one item of a throughput `unit` is, for captions ("MACs per clip"): "clip" or "image"."""
+    return "clip" if unit == CLIP_UNIT else "image"
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,7 @@ class MeasureRow:
     quant_mac_fraction: float | None = None   # quantized: MACs run by quantized ops / all MACs, stem and head excluded
     task_metric: str | None = None  # a dense model (vitlab.dense): "pq", "miou" or "ap", measured in place of top-1
     task_score: float | None = None
+    unit: str = IMAGE_UNIT          # what img_per_s counts: "img/s", or "clips/s" for a video model (throughput_unit)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -60,53 +75,7 @@ class MeasureRow:
 
 def needs_calibration(apply) -> bool:
     """Whether a technique stack (configs or --apply text) contains a technique that calibrates on images."""
-    from ..techniques import Kind, technique_kind
-
-    configs = parse_apply(list(apply)) if apply and isinstance(list(apply)[0], str) else list(apply or [])
-    # quantization calibrates; pruning criteria that score with gradients or ablations say so (needs_calibration)
-    # (a quantization technique that needs none, bf16 or w8, says needs_calibration = False)
-    return any(getattr(c, "needs_calibration", technique_kind(c) == Kind.QUANTIZATION) for c in configs)
-
-
-def calibration_batches(model, data: str, split: str = "train", num_images: int = 256, *, seed: int = 0,
-                        batch_size: int = 32, data_dir: str | None = None) -> list[torch.Tensor]:
-    """`num_images` images (a seeded random subset of `data`/`split`), preprocessed for `model`, in batches.
-
-    Calibrating on the test split is refused: the test split is for the final number only. Images are prepared by
-    `vitlab.data.transforms` (the preprocessing every verb uses); the classes need not be the model's. An image file
-    that cannot be decoded is left out (with a warning) and the next of the seeded order taken, never repeated.
-    """
-    from ..data.transforms import dataset_for_model
-
-    if split == "test":
-        raise ValueError("calibration on the test split is refused (it would leak into the reported accuracy): "
-                         "use --calib-split train (default) or val")
-    if num_images < 1:
-        raise ValueError(f"--calib-images must be >= 1, got {num_images}")
-    dataset = _dense_calibration_set(model, data, split, data_dir) or dataset_for_model(model, data, split,
-                                                                                          data_dir=data_dir, check=False)
-    get = getattr(dataset, "get_or_skip", dataset.__getitem__)
-    images = []
-    for i in torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist():
-        item = get(i)
-        if isinstance(item, tuple):  # else a Skipped record: an undecodable file
-            images.append(item[0])
-            if len(images) == num_images:
-                break
-    if not images:
-        raise ValueError(f"none of the images of {data} [{split}] can be decoded: check the files")
-    return list(torch.stack(images).split(batch_size))
-
-
-def _dense_calibration_set(model, data: str, split: str, data_dir: str | None):
-    """The scenes of a dense data spec (fmnist-scenes, coco:PATH) for calibrating a dense model (vitlab.dense),
-    items (image, target dict); None otherwise (a classifier given scenes gets the data module's own refusal)."""
-    from ..data import DENSE_KINDS, DataSpec, build_dense_dataset
-    from ..runner import model_input_size
-
-    if getattr(model, "vitlab_dense", None) is None or DataSpec.parse(data).kind not in DENSE_KINDS:
-        return None
-    return build_dense_dataset(data, split, data_dir=data_dir, in_chans=model_input_size(model)[0])
+    return loader.stack_needs_calibration(apply)
 
 
 def task_accuracy(runner, data: str, split: str, *, data_dir: str | None = None, limit: int | None = None) -> dict:
@@ -151,20 +120,12 @@ def build_runner(source: str, apply=(), img_size: int | None = None, dtype: str 
 
 def _build_runner(source, apply, img_size, dtype, channels_last, compile, calib_data, calib_split, calib_images,
                   data_dir):
-    kwargs = {"img_size": img_size} if img_size else {}
-    model = create_model(source, **kwargs)
-    configs = parse_apply(list(apply))
-    calib = None
-    if needs_calibration(configs):
-        if calib_data is None:
-            raise ValueError(f"{' + '.join(map(format_technique, configs))} calibrates on images: give --data SPEC "
-                             "(calibration uses --calib-split, default train; --data synthetic for a speed-only "
-                             "run on random images)")
-        calib = calibration_batches(model, calib_data, calib_split, calib_images, data_dir=data_dir)
-    model = apply_(model, configs, calib=calib)
-    if isinstance(model, torch.nn.Module):
-        return as_runner(model, dtype=dtype, channels_last=channels_last, compile=compile)
-    return as_runner(model)
+    return loader.load_runner(
+        source, list(apply), calibration=loader.Calibration(calib_data, calib_split, calib_images, data_dir),
+        model_kwargs={"img_size": img_size} if img_size else {}, dtype=dtype, channels_last=channels_last,
+        compile=compile, missing_data=lambda stack: ValueError(
+            f"{stack} calibrates on images: give --data SPEC (calibration uses --calib-split, default train; --data "
+            "synthetic for a speed-only run on random images)"))
 
 
 def dataset_for(runner, data: str, split: str, *, data_dir: str | None = None, strict: bool = False):
@@ -189,7 +150,8 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
     """Measure `source` (model name or checkpoint folder) with `apply` stacked on it; one row per batch size.
 
     With `data`, accuracy on that split is measured too (test for final numbers; train/val for selection).
-    Throughput is images/s at each batch size; latency is ms at batch 1; both are medians after warm-up.
+    Throughput is items/s at each batch size (images/s, or clips/s for a video model: the row's `unit`); latency is
+    ms at batch 1; both are medians after warm-up.
     A stack with quantization calibrates on `calib_images` images of `calib_data` (default: `data`) from
     `calib_split` (train or val; never test).
     """
@@ -244,7 +206,8 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
                 channels_last=channels_last, compile=compile, img_per_s=b / timing.median_s,
                 latency_ms=1000 * latency.median_s, peak_mem_mb=peak, threads=env["threads"], torch=env["torch"],
                 timm=env["timm"], vitlab=env["vitlab"], cpu=env["cpu"], cpu_flags=env["cpu_flags"],
-                engine_choice=getattr(runner, "engine_choice", None), quant_mac_fraction=quant_fraction))
+                engine_choice=getattr(runner, "engine_choice", None), quant_mac_fraction=quant_fraction,
+                unit=throughput_unit(runner)))
     return rows
 
 
@@ -258,15 +221,18 @@ def print_rows(rows: list[MeasureRow]) -> None:
     has_acc = any(r.top1 is not None for r in rows)
     task_metrics = sorted({r.task_metric for r in rows if r.task_metric})
     has_quant = any(r.quant_mac_fraction is not None for r in rows)
+    units = sorted({r.unit for r in rows})
+    unit = units[0] if len(units) == 1 else "items/s"     # images and clips in one table: each cell says which
+    per = " / ".join(f"per {item_noun(u)}" for u in units)
     table = Table(title=f"vitlab measure  ({rows[0].cpu}; {rows[0].cpu_flags or 'no AVX2'}; {rows[0].threads} threads; "
                         f"torch {rows[0].torch})",
-                  caption="MACs: multiply-accumulates per image (papers' \"FLOPs\"); FLOPs = 2 x MACs; "
+                  caption=f"MACs: multiply-accumulates {per} (papers' \"FLOPs\"); FLOPs = 2 x MACs; "
                           "latency at batch 1, throughput at the batch shown; medians after warm-up"
                           + ("; quant MACs: share of the MACs (stem and head excluded) run by quantized ops"
                              if has_quant else ""))
     for col in ["model", "techniques", "engine"] + (["quant MACs %"] if has_quant else []) + (
             ["top-1 %", "top-5 %"] if has_acc else []) + [f"{m} %" for m in task_metrics] + [
-            "params M", "MMACs", "MFLOPs", "batch", "img/s", "latency ms", "peak MB"]:
+            "params M", "MMACs", "MFLOPs", "batch", unit, "latency ms", "peak MB"]:
         table.add_column(col, justify="left" if col in ("model", "techniques", "engine") else "right")
     for r in rows:
         acc = [f"{100 * r.top1:.2f}" if r.top1 is not None else "-",
@@ -275,7 +241,8 @@ def print_rows(rows: list[MeasureRow]) -> None:
                  if has_quant else [])
         task = [f"{100 * r.task_score:.2f}" if r.task_metric == m else "-" for m in task_metrics]
         table.add_row(r.model, r.techniques, f"{r.engine} {r.dtype}", *quant, *acc, *task, f"{r.params / 1e6:.3f}",
-                      f"{r.macs / 1e6:.1f}", f"{r.flops / 1e6:.1f}", str(r.batch), f"{r.img_per_s:.0f}",
+                      f"{r.macs / 1e6:.1f}", f"{r.flops / 1e6:.1f}", str(r.batch),
+                      f"{r.img_per_s:.0f}" + ("" if len(units) == 1 else f" {r.unit}"),
                       f"{r.latency_ms:.2f}", f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "-")
     console = Console(width=max(160, Console().width))
     console.print(table)

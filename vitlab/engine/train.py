@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import CONFIG, WEIGHTS, CheckpointError, create_model, default_preprocessing, save_checkpoint
 from ..errors import UserError
-from ..techniques import apply_, parse_apply
+from .. import loader as model_loader
 from ..utils.io import atomic_path, atomic_write_text
 from ..utils.lock import kill_point, lock_folder
 from .recipes import Step
@@ -504,7 +504,8 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
 
     num_classes = dataset_info(cfg.data, data_dir=cfg.data_dir)["num_classes"]
     model = _build_model(cfg, num_classes)
-    model = apply_(model, parse_apply(cfg.apply))
+    # no calibration images while training: a technique that needs them refuses in its own handler
+    model = model_loader.load(model, cfg.apply, calibration=lambda m: None)
     train_set, val_set, pre = _datasets(cfg, model)
     pre["class_names"] = list(train_set.classes)
     model.to(rt.device)

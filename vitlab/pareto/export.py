@@ -3,6 +3,7 @@ from pathlib import Path
 
 import torch
 
+from .. import loader
 from ..techniques import Kind, parse_apply, technique_kind
 
 __all__ = ["export_point"]
@@ -26,9 +27,7 @@ def _export_into(cfg, row: dict, directory: str | Path) -> Path:
     A quantization technique is saved by `vitlab.quant.save_quantized` (its calibrated scales, and the engine graph
     for deployed int8), calibrated exactly as in the sweep (same images, same seed).
     """
-    from ..bench.measure import calibration_batches
     from ..checkpoint import create_model, load_config, save_checkpoint
-    from ..techniques import apply_
 
     directory = Path(directory)
     configs = parse_apply(row["apply"])
@@ -36,18 +35,18 @@ def _export_into(cfg, row: dict, directory: str | Path) -> Path:
     model = create_model(row["source"])
     source_config = load_config(row["source"]) if Path(row["source"]).is_dir() else {}
     metrics = {k: row.get(k) for k in ("metric", "val_score", "test_score", "val_top1", "test_top1", "img_per_s",
-                                       "latency_ms", "macs") if row.get(k)}
+                                       "unit", "latency_ms", "macs") if row.get(k)}
     metrics["measured_by"] = "vitlab pareto"
     quant = [c for c in configs if technique_kind(c) == Kind.QUANTIZATION]
     if not quant:
-        model = apply_(model, configs)
+        model = loader.load(model, configs)
         return save_checkpoint(model, directory, preprocessing=source_config.get("preprocessing"),
                                data=source_config.get("data"), metrics=metrics,
                                training=source_config.get("training"))
     from ..quant import save_quantized
 
-    calib = calibration_batches(model, cfg.data, "train", cfg.calib_images, data_dir=cfg.data_dir)
-    result = apply_(model, configs, calib=calib)
+    result = loader.load(model, configs, calibration=loader.Calibration(cfg.data, "train", cfg.calib_images,
+                                                                         cfg.data_dir))
     return save_quantized(result, directory, metrics=metrics)
 
 

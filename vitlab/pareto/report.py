@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..utils.io import atomic_path, atomic_write_text
 from .claims import component, ledger
-from .sweep import ROBUSTNESS_DROP, metric_label, score
+from .sweep import ROBUSTNESS_DROP, metric_label, score, unit_label
 
 __all__ = ["write_report", "plot"]
 
@@ -21,8 +21,9 @@ def _color(comp: str) -> str:
 
 
 def plot(rows: list[dict], result: dict, x: str = "img_per_s", fmt: str = "png"):
-    """Accuracy (the sweep's val metric, %: top-1, or a dense model's PQ / mIoU / AP) against `x` (img_per_s or
-    latency_ms); the front joined, the recommendation starred. Returns a matplotlib figure."""
+    """Accuracy (the sweep's val metric, %: top-1, or a dense model's PQ / mIoU / AP) against `x` (img_per_s, in the
+    rows' unit: images/s, or clips/s for a video model; or latency_ms); the front joined, the recommendation starred.
+    Returns a matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,7 +54,8 @@ def plot(rows: list[dict], result: dict, x: str = "img_per_s", fmt: str = "png")
     if rec is not None:
         ax.scatter(rec[x], 100 * score(rec), s=260, marker="*", color="#ffbf00", edgecolors="black", zorder=5,
                    label="recommended")
-    ax.set_xlabel("throughput, images/s (batch %d)" % ok[0]["batch"] if x == "img_per_s" and ok else
+    items = {"img/s": "images/s"}.get(unit_label(rows), unit_label(rows))
+    ax.set_xlabel(f"throughput, {items} (batch {ok[0]['batch']})" if x == "img_per_s" and ok else
                   "latency, ms (batch 1)")
     ax.set_ylabel(f"{metric_label(rows)} %, validation split")
     if x == "img_per_s":
@@ -90,14 +92,15 @@ def _fmt(value, spec: str = "") -> str:
     return str(value)
 
 
-def columns(metric: str = "top-1") -> list[tuple[str, str | None, str, bool]]:
-    """The table's columns, (header, row key, format, numeric), for a sweep whose accuracy is `metric`."""
+def columns(metric: str = "top-1", unit: str = "img/s") -> list[tuple[str, str | None, str, bool]]:
+    """The table's columns, (header, row key, format, numeric), for a sweep whose accuracy is `metric` and whose
+    throughput counts `unit` (img/s, or clips/s for a video model)."""
     return [
         ("source", "source", "", False), ("techniques", "techniques", "", False), ("component", None, "", False),
         ("engine", "engine", "", False), ("quantized MACs %", "quant_mac_fraction", ".1f", True),
         (f"val {metric} %", "val_score", ".2f", True),
         (f"test {metric} %", "test_score", ".2f", True), ("Δ pt (val)", "drop_pt", "+.2f", True),
-        ("img/s", "img_per_s", ".0f", True), ("speed-up", "speedup", ".2f", True),
+        (unit, "img_per_s", ".0f", True), ("speed-up", "speedup", ".2f", True),
         ("latency ms", "latency_ms", ".2f", True), ("MMACs", "macs", ".1f", True), ("params M", "params", ".3f", True),
         ("peak MB", "peak_mem_mb", ".0f", True), ("front", "on_front", "", False),
     ] + ([(f"top-1 % with {ROBUSTNESS_DROP:.0%} of patches dropped", "robust_top1", ".1f", True),
@@ -127,7 +130,7 @@ def _cell(r: dict, key: str | None, spec: str) -> tuple[str, str]:
 
 
 def _table(rows: list[dict]) -> str:
-    cols = columns(metric_label(rows))
+    cols = columns(metric_label(rows), unit_label(rows))
     head = "".join(f'<th data-col="{i}" data-num="{int(num)}">{html.escape(h)}</th>'
                    for i, (h, _, _, num) in enumerate(cols))
     body = []
@@ -209,16 +212,16 @@ def write_report(cfg, rows: list[dict], result: dict) -> Path:
     by_key = {r["key"]: r for r in rows}
     base, rec = by_key.get(result.get("base")), by_key.get(result.get("recommended"))
     summary = []
-    metric = metric_label(rows)
+    metric, unit = metric_label(rows), unit_label(rows)
     nan = float("nan")
     if base:
         summary.append(("base", f"{html.escape(base['key'])}: val {metric} {100 * score(base):.2f} %, test "
-                        f"{100 * (score(base, 'test') or nan):.2f} %, {base['img_per_s']:.0f} img/s, "
+                        f"{100 * (score(base, 'test') or nan):.2f} %, {base['img_per_s']:.0f} {unit}, "
                         f"{base['latency_ms']:.2f} ms"))
     if rec:
         summary.append(("recommended", f"<b>{html.escape(rec['key'])}</b>: val {metric} {100 * score(rec):.2f} % "
                         f"({-rec['drop_pt']:+.2f} pt), test {100 * (score(rec, 'test') or nan):.2f} %, "
-                        f"{rec['img_per_s']:.0f} img/s = <b>{rec['speedup']:.2f}x</b> the base"))
+                        f"{rec['img_per_s']:.0f} {unit} = <b>{rec['speedup']:.2f}x</b> the base"))
     else:
         summary.append(("recommended", f"none within {result.get('max_drop_pt')} pt"))
     if result.get("exported"):

@@ -2,7 +2,8 @@
 
 The sweep measures points (plan.py) in a fixed order. Each point is one `vitlab.measure` on the validation split:
 its score (top-1 for a classifier; PQ, mIoU or AP for a dense model of vitlab.dense: `row["metric"]` names it,
-`row["val_score"]` holds it), throughput at `batch`, latency at batch 1, MACs, params and peak memory. Rows are written to
+`row["val_score"]` holds it), throughput at `batch` (`img_per_s`, in `row["unit"]`: img/s, or clips/s for a
+video model), latency at batch 1, MACs, params and peak memory. Rows are written to
 `DIR/results.json` after every point, atomically, so a killed run resumes from the rows it has. Selection is honest:
 the front and the recommendation use validation accuracy only; the test split is evaluated afterwards, for the base
 model and the recommended point only, and reported beside them.
@@ -25,7 +26,8 @@ from ..utils.lock import kill_point, lock_folder
 from .front import pareto_front, recommend
 from .plan import Point, default_stacks, is_simulated, parse_stacks, plan_points, stack_text
 
-__all__ = ["SweepConfig", "run_sweep", "load_results", "TIMING_FIELDS", "SweepError", "score", "metric_label"]
+__all__ = ["SweepConfig", "run_sweep", "load_results", "TIMING_FIELDS", "SweepError", "score", "metric_label",
+           "unit_label"]
 
 RESULTS = "results.json"
 # Fields that vary from run to run on the same machine: timings, and what is derived from them (the front, the
@@ -38,7 +40,7 @@ ROBUSTNESS_DROP = 0.25
 ROBUSTNESS_IMAGES = 500
 # Columns of results.csv, in order.
 CSV_FIELDS = ("key", "role", "source", "techniques", "engine", "quant_mac_fraction", "simulated", "status",
-              "metric", "val_score", "test_score", "val_top1", "test_top1", "drop_pt", "img_per_s", "speedup", "latency_ms", "macs", "params",
+              "metric", "val_score", "test_score", "val_top1", "test_top1", "drop_pt", "img_per_s", "unit", "speedup", "latency_ms", "macs", "params",
               "peak_mem_mb", "on_front", "recommended", "robust_top1", "robust_ece", "command", "error")
 
 
@@ -56,6 +58,12 @@ def metric_label(rows: list[dict]) -> str:
     """What the sweep's accuracy column measures: "top-1", "PQ", "mIoU" or "AP"."""
     metric = next((r.get("metric") for r in rows if r.get("status") == "ok"), None) or "top1"
     return METRIC_LABELS.get(metric, metric)
+
+
+def unit_label(rows: list[dict]) -> str:
+    """What the sweep's throughput (`img_per_s`) counts: "img/s", or "clips/s" for a video model (the rows' `unit`,
+    `vitlab.bench.measure.throughput_unit`); rows written before rows had a unit counted images."""
+    return next((r.get("unit") for r in rows if r.get("status") == "ok" and r.get("unit")), None) or "img/s"
 
 
 class SweepError(UserError):
@@ -136,7 +144,7 @@ def _measure_point(cfg: SweepConfig, point: Point) -> dict:
     row.update(status="ok", error="", engine=d["engine"], model=d["model"], val_top1=d["top1"], val_top5=d["top5"],
                val_loss=d["loss"], n_val=d["n"], params=d["params"], macs=d["macs"], flops=d["flops"],
                attention_macs=d["attention_macs"], batch=d["batch"], input_size=d["input_size"], dtype=d["dtype"],
-               img_per_s=d["img_per_s"], latency_ms=d["latency_ms"], peak_mem_mb=d["peak_mem_mb"],
+               img_per_s=d["img_per_s"], unit=d["unit"], latency_ms=d["latency_ms"], peak_mem_mb=d["peak_mem_mb"],
                threads=d["threads"], cpu_flags=d["cpu_flags"], engine_choice=d["engine_choice"],
                quant_mac_fraction=d["quant_mac_fraction"], measure_s=time.perf_counter() - start)
     return row
@@ -235,7 +243,7 @@ def _retime(cfg: SweepConfig, row: dict) -> float:
 
 def _confirm_speed(cfg: SweepConfig, rows: list[dict]) -> str | None:
     """Time every deployable point again, round-robin: `confirm_rounds` rounds, each timing every point once, and
-    keep the median of the rounds as its img/s (the first, single pass moves as `img_per_s_first`). A machine that
+    keep the median of the rounds as its throughput (the first, single pass moves as `img_per_s_first`). A machine that
     drifts during the sweep then slows all points alike instead of whichever ran at the time. Returns a note."""
     from ..bench.measure import build_runner
     from ..profiling import num_threads, time_callable
@@ -349,8 +357,8 @@ def _run_sweep(cfg: SweepConfig, *, progress: bool, log, _stop_after: int | None
             if bar:
                 bar[0].advance(bar[1])
             else:
-                status = (f"val {metric_label([row])} {100 * score(row):.2f} %, {row['img_per_s']:.0f} img/s"
-                          if row["status"] == "ok" else row["error"])
+                status = (f"val {metric_label([row])} {100 * score(row):.2f} %, "
+                          f"{row['img_per_s']:.0f} {unit_label([row])}" if row["status"] == "ok" else row["error"])
                 log(f"[{len(rows)}/{len(points)}] {point.key}: {status}")
     finally:
         if bar:
