@@ -19,12 +19,14 @@ WAVE2_TECHNIQUES = ["slim:keep_rate=0.5", "iared", "sparsifiner", "lookupvit:tok
                     "qhyvit:search_images=4,topk=2,rounds=1"]   # a small search: applicability, not accuracy
 # ShiftAddViT (issue 18): binary attention where the blocks use timm's global Attention, shift / MoE linears
 WAVE3_TECHNIQUES = ["shiftadd"]
-TECHNIQUES = WAVE1_TECHNIQUES + WAVE2_TECHNIQUES + WAVE3_TECHNIQUES
-REDUCING = {"tome", "evit", "ats", "mctf", "expedit", "prune"}
+# ToP-ViM (issue 18): token pruning inside plain Vision Mamba models, with hidden-state alignment
+WAVE4_TECHNIQUES = ["topvim:keep_rate=0.7"]
+TECHNIQUES = WAVE1_TECHNIQUES + WAVE2_TECHNIQUES + WAVE3_TECHNIQUES + WAVE4_TECHNIQUES
+REDUCING = {"tome", "evit", "ats", "mctf", "expedit", "prune", "topvim"}
 ALL = {t.split(":")[0] for t in WAVE1_TECHNIQUES}   # every wave-1 technique (the wave-2 ones are listed per model)
 TOKENS = {"tome", "evit", "ats", "mctf"}
 QUANT = {"ptq", "w8a8", "w8"}
-FAMILIES = {"token reduction": TOKENS | {"expedit", "slim", "iared", "sparsifiner", "lookupvit"},
+FAMILIES = {"token reduction": TOKENS | {"expedit", "slim", "iared", "sparsifiner", "lookupvit", "topvim"},
             "pruning": {"prune", "lpvit"}, "quantization": QUANT | {"qhyvit", "shiftadd"}}
 
 # model -> techniques that work on it (every other cell refuses by name)
@@ -85,14 +87,17 @@ WORKS = {
     "vl_test_convlstm": {"ptq", "w8a8", "w8"},       # the prediction baseline: no transformer blocks
     "vl_test_paab": {"prune", "lpvit", "ptq", "w8a8", "w8", "shiftadd"},   # keypoint-masked block: no token cuts
     "vl_test_deform3d": {"lpvit", "ptq", "w8a8", "w8"},   # 3-D deformable blocks: no adapter yet
-    "vl_test_stprivacy": {"prune", "lpvit", "ptq", "w8a8", "w8", "shiftadd"},   # its own tubelet selection
+    "vl_test_stprivacy": ALL - {"expedit"} | {"shiftadd"},   # reducers run over its kept tubelets
     "vl_test_uniformerv2": {"prune", "lpvit", "ptq", "w8a8", "w8", "shiftadd"},   # local MHRA needs each frame's grid
     # architecture search (issue 24): a searched ViT-Res net (its attention width is heads x head_dim, not C)
     "vl_test_resnas": {"prune", "lpvit", "ptq", "w8a8", "w8"},
+    # a plain Vision Mamba (bidirectional selective scans, middle class token): ToP-ViM prunes it
+    "vl_test_vim": {"topvim", "ptq", "w8a8", "w8"},
 }
 VIDEO_MODELS = ("vl_test_vivit", "vl_test_vivit_joint", "vl_test_videomae", "vl_test_eventtransact")
 OTHER_MODELS = VIDEO_MODELS + ("vl_test_predformer", "vl_test_convlstm", "vl_test_paab", "vl_test_deform3d",
-                               "vl_test_stprivacy", "vl_test_uniformerv2", "vl_test_resnas")   # not in seed_models: built here, fed example_shape inputs
+                               "vl_test_stprivacy", "vl_test_uniformerv2", "vl_test_resnas",
+                               "vl_test_vim")   # not in seed_models: built here, fed example_shape inputs
 # a cell's technique text where the column's is too mild to save MACs on that model (ToMe's and MCTF's matching
 # costs more than merging 1 of 80 space-time tokens saves in a 2-block model)
 TEXT = {(name, t): f"{t}:r=8" for name in ("vl_test_vivit_joint", "vl_test_videomae") for t in ("tome", "mctf")}
@@ -100,7 +105,8 @@ TEXT = {(name, t): f"{t}:r=8" for name in ("vl_test_vivit_joint", "vl_test_video
 # where the wave-2 techniques work (every other cell refuses by name)
 _GLOBAL_TOKENS = VIDEO_MODELS + ("convit_tiny", "vitamin_small_224", "crossvit_tiny_240", "volo_d1_224", "vl_test_pvt",
                   "vl_test_channelvit", "vl_test_ggem", "vit_tiny_patch16_224:map", "vl_test_spectformer",
-                  "vl_test_hyena_nd", "vit_tiny_patch16_224", "vl_test_vit", "vl_test_t2t_vit")
+                  "vl_test_hyena_nd", "vit_tiny_patch16_224", "vl_test_vit", "vl_test_t2t_vit",
+                  "vl_test_stprivacy")
 _HYBRIDS = ("tiny_vit_5m_224", "efficientvit_m0", "efficientformer_l1", "nextvit_small", "vl_test_uniformer",
             "vl_test_fcaformer", "vl_test_fmvit", "vl_test_uniformer_light", "vl_test_svt", "vl_test_spectformer",
             "vl_test_hyena_nd")   # Q-HyViT: a bridge block where the layout or the mixer kind changes

@@ -167,9 +167,63 @@ def test_techniques_that_work(text):
     assert y.shape == (2, 6) and torch.isfinite(y).all()
 
 
-def test_token_reduction_refuses_by_name():
-    with pytest.raises(vitlab.TechniqueNotApplicable, match="supports"):
-        vitlab.apply_(vitlab.create_model("vl_test_stprivacy").eval(), vitlab.parse_apply(["tome:r=2"]))
+# --- token reduction in the anonymiser blocks (over the class token + the kept tubelets) ---
+
+@pytest.mark.parametrize("text", ["tome:r=0", "evit:keep_rate=1.0", "mctf:r=0"])
+def test_token_reduction_that_reduces_nothing_is_the_plain_model(text):
+    torch.manual_seed(0)
+    model = vitlab.create_model("vl_test_stprivacy").eval()
+    x = clips()
+    with torch.no_grad():
+        expected = model(x)
+        got = vitlab.apply_(model, vitlab.parse_apply([text]))(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert model.token_state.counts == [1 + 40, 1 + 40]
+
+
+@pytest.mark.parametrize("text,counts", [
+    ("tome:r=5/3", [1 + 40 - 5, 1 + 40 - 5 - 3]),                  # r tokens merged per block
+    ("evit:keep_rate=0.7", [1 + 28 + 1, 1 + 21 + 1]),             # ceil(0.7 * 40) kept + fused; then of 29
+])
+def test_token_counts_drop_as_scheduled(text, counts):
+    torch.manual_seed(0)
+    model = vitlab.apply_(vitlab.create_model("vl_test_stprivacy").eval(), vitlab.parse_apply([text]))
+    with torch.no_grad():
+        tokens = model.forward_features(clips())
+    assert model.token_state.counts == counts
+    assert tokens.shape == (2, counts[-1], 32)                       # the published tokens are the reduced ones
+
+
+def test_tome_follows_a_changed_keep_ratio():
+    model = vitlab.apply_(vitlab.create_model("vl_test_stprivacy").eval(), vitlab.parse_apply(["tome:r=4"]))
+    model.set_keep_ratio(0.25)                                      # 20 of 80 tubelets published
+    with torch.no_grad():
+        model(clips())
+    assert model.token_state.counts == [1 + 20 - 4, 1 + 20 - 8]
+
+
+def test_average_head_weights_merged_tubelets_by_size():
+    """With global_pool="avg" the head reads the mean over the kept tubelets; after ToMe each token stands for
+    `size` of them, so the pooled feature is sum(size * token) / sum(size) (the class token excluded)."""
+    torch.manual_seed(0)
+    model = vitlab.create_model("vl_test_stprivacy", global_pool="avg").eval()
+    model = vitlab.apply_(model, vitlab.parse_apply(["tome:r=6"]))
+    with torch.no_grad():
+        tokens = model.forward_features(clips())
+        size = model.token_state.size[:, 1:]                         # (B, N - 1, 1)
+        assert int(size.sum(1).min()) == 40 and int(size.max()) > 1
+        pooled = (tokens[:, 1:] * size).sum(1) / size.sum(1)
+        torch.testing.assert_close(model.forward_head(tokens), model.head(pooled))
+
+
+def test_ats_and_mctf_reduce_the_kept_tubelets():
+    for text in ("ats:keep_rate=0.5", "mctf:r=4"):
+        torch.manual_seed(0)
+        model = vitlab.apply_(vitlab.create_model("vl_test_stprivacy").eval(), vitlab.parse_apply([text]))
+        with torch.no_grad():
+            y = model(clips())
+        assert y.shape == (2, 6) and torch.isfinite(y).all()
+        assert model.token_state.counts[-1] < 1 + 40, text
 
 
 # --- ViViT factorised encoder with a frozen spatial encoder ---

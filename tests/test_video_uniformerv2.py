@@ -151,5 +151,6 @@ def test_contract_and_token_reduction_refusal():
     spec = describe(model)
     assert spec.family == "uniformerv2" and [b.name for b in spec.blocks] == ["blocks.0", "blocks.1", "blocks.2"]
     assert not any(b.token_reducible for b in spec.blocks)                # the local MHRA needs the grid
-    with pytest.raises(vitlab.TechniqueNotApplicable, match="supports"):
-        vitlab.apply_(copy.deepcopy(model), vitlab.parse_apply(["tome:r=2"]))
+    for text in ("tome:r=2", "evit:keep_rate=0.7", "ats", "mctf:r=2"):
+        with pytest.raises(vitlab.TechniqueNotApplicable, match="UniBlock.*local MHRA.*grid.*supports"):
+            vitlab.apply_(copy.deepcopy(model), vitlab.parse_apply([text]))

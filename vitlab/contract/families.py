@@ -688,3 +688,18 @@ def _paab_spec(model) -> ModelSpec:
     return _spec(model, "vl_paab", [StageSpec("blocks", blocks[:model.paab_after] + [paab] +
                                               blocks[model.paab_after:])], prefix=1)
 # --- end paab ---
+
+# --- vim (plain Vision Mamba) ---
+from ..models import vim as _vim  # noqa: E402
+
+# bidirectional selective scans (decayed causal recurrences, both directions) after a causal conv1d: not global
+# attention; dropping a token changes later states (vitlab.tokens.topvim prunes it with hidden-state alignment)
+MIXERS[_vim.BiMambaMixer] = ("retention", False)
+BLOCKS[_vim.VimBlock] = BlockRule(["mixer"], [], "sequence", False)
+
+
+@register_adapter(_vim.VisionMamba)
+def _vim_spec(model) -> ModelSpec:
+    return _spec(model, "vl_vim", [StageSpec("blocks", _blocks(model.blocks, "blocks"))],
+                 notes="the class token is in the MIDDLE of the sequence (Vim's middle class token), not a prefix")
+# --- end vim ---

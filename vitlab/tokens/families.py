@@ -21,6 +21,13 @@ no later block needs the grid or the full count) and needs reducing classes for 
   blocks over the frames' class tokens, two sequences. The head reads the class token (global_pool="token").
 * vitlab VideoMAE (video): every block, over the tubelet tokens (no class token; the mean-pooling head weights
   merged tokens by size).
+* vitlab STPrivacy (video): every block, over the class token and the tubelets its selector kept (`num_keep` of
+  them, set before any block runs); the head reads the class token, or the size-weighted mean of the rest ("avg").
+  `forward_features` returns the published tokens, so the merged or dropped ones are published as they are.
+* vitlab UniFormerV2 (video) is refused: every UniBlock's local MHRA convolves each patch token with the tokens at
+  the same grid position in the neighbouring frames, and the query decoder's position conv reads that grid after
+  each block of `return_list` (the last block in the official configs), so no block's tokens may be merged or
+  dropped.
 * timm VOLO: the Transformer blocks of the stages after the last Downsample (and after the position embedding,
   added before network[2]). They run on a (B, H, W, C) map but neither their attention (over the flattened map) nor
   their MLP uses the grid, so the contract calls them grid-free map blocks with global attention, and their reducing
@@ -37,7 +44,7 @@ import torch.nn as nn
 from timm.models import convit, crossvit, tnt, vision_transformer, volo
 
 from ..contract import BlockSpec, describe
-from ..models import hyena_nd, pvt, spectformer, videomae, vivit
+from ..models import hyena_nd, pvt, spectformer, stprivacy, uniformerv2, videomae, vivit
 from ..techniques import TechniqueNotApplicable
 from .patch import REDUCING_ATTENTION, REDUCING_BLOCKS, TokenReducingModel
 
@@ -46,7 +53,8 @@ __all__ = ["TokenSequence", "token_sequences", "reducible_blocks", "SUPPORTS", "
 SUPPORTS = ("it supports models whose blocks attend globally over a token sequence without its grid (token-reducible "
             "in vitlab.contract): timm VisionTransformer (ViT, DeiT, ViTamin, T2T-ViT, registers), ConViT's MHSA "
             "blocks, CrossViT's branches, PVT v1's last stage (sr_ratio 1), SpectFormer's attention blocks, VOLO's "
-            "transformer stages, ViViT's space-time, spatial and temporal blocks (class-token head) and VideoMAE")
+            "transformer stages, ViViT's space-time, spatial and temporal blocks (class-token head), VideoMAE and "
+            "STPrivacy's blocks over its kept tubelets")
 
 
 @dataclass
@@ -172,6 +180,12 @@ def _videomae(model, by_name) -> list[TokenSequence]:
     return _sequence("blocks", by_name, names, model.patch_embed.num_patches)
 
 
+def _stprivacy(model, by_name) -> list[TokenSequence]:
+    _check_pool(model, ("token", "avg"))
+    names = [f"blocks.{i}" for i in range(len(model.blocks))]
+    return _sequence("blocks", by_name, names, model.num_keep)   # the kept tubelets: no grid left
+
+
 def _volo(model, by_name) -> list[TokenSequence]:
     _check_pool(model, ("token", "avg", ""))
     if model.pos_embed is None:
@@ -219,6 +233,7 @@ FAMILIES: dict[type, Callable] = {
     volo.VOLO: _volo,
     vivit.ViViT: _vivit,
     videomae.VideoMAE: _videomae,
+    stprivacy.STPrivacy: _stprivacy,
 }
 
 
@@ -229,6 +244,9 @@ _REFUSED = {
     # token); selection alone (ATS, EViT without fusing) would be exact by gathering the kept tokens' pixels
     tnt.Block: "its inner pixel embeddings follow each outer token and feed it through LayerNorm and a projection in "
                "every block, so merging outer tokens has no exact rule for them",
+    uniformerv2.UniBlock: "its local MHRA convolves each patch token with the tokens at the same grid position in the "
+                          "neighbouring frames, and the query decoder's position conv reads the grid of the blocks "
+                          "in return_list, so every frame must keep its full grid",
 }
 
 
