@@ -31,7 +31,7 @@ demo: setup
 
 # Two processes: the dense, search and toy-agent tests load native libraries (OpenSpiel, HF Mask2Former, ...) after
 # which a later OpenVINO int8 compile in the same process segfaulted (root cause open); each group passes alone.
-HEAVY := tests/test_agents_*.py tests/test_dense_*.py tests/test_search.py
+HEAVY := tests/agents tests/dense tests/search
 test: setup browser
 	$(BIN)/python -m pytest -q $(HEAVY)
-	$(BIN)/python -m pytest -q $(foreach f,$(HEAVY),--ignore-glob='$(f)')
+	$(BIN)/python -m pytest -q $(foreach f,$(HEAVY),--ignore=$(f))

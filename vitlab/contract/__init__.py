@@ -11,7 +11,7 @@ tensor it takes ("sequence" (B, N, C) with prefix tokens first; "nhwc"; "nchw") 
 grid (a depthwise conv in its MLP, a conv position embedding, spatial reduction): token reduction needs a sequence
 block with global attention that does not. Techniques read the spec instead of testing class names; a new family
 gets them by registering one adapter (`register_adapter`). Adapters for timm's families and vitlab's zoo live in
-`vitlab.contract.families`; `tests/test_contract.py` checks every adapter's claims (module names exist, layouts
+`vitlab.contract.families`; `tests/contract/test_contract.py` checks every adapter's claims (module names exist, layouts
 match what a forward pass feeds each block, heads and dims match the weights).
 
 The records live in `vitlab.contract.spec`, the adapter registry and `describe` in `vitlab.contract.registry`.

@@ -2,7 +2,7 @@
 
 Two tables do most of the work: `MIXERS` maps a mixer class to its kind (and whether it attends globally over the
 block's sequence), `BLOCKS` maps a block class to its mixers, MLPs, layout and grid needs. A family adapter only
-says where its stages and blocks are (`_spec`). `tests/test_contract.py` checks each claim against the model.
+says where its stages and blocks are (`_spec`). `tests/contract/test_contract.py` checks each claim against the model.
 """
 from __future__ import annotations
 

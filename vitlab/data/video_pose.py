@@ -4,7 +4,7 @@ Each of the K = 2 items carries J = 5 keypoints in every frame, read off its ren
 > 0 at its corner in the canvas): its top-most, bottom-most, left-most and right-most silhouette pixels (ties broken
 by the smallest other coordinate) and the silhouette's centroid. A silhouette only moves with its corner, so the
 offsets are computed once per item image and added to the corner track `MovingFashionMNIST.trajectory(i)`; the
-keypoints are exact by construction (`tests/test_video_paab.py` checks them against each item rendered alone).
+keypoints are exact by construction (`tests/models/test_video_paab.py` checks them against each item rendered alone).
 Keypoints are the item's own, also where the other item covers it (the pose of an occluded joint is still known).
 
 Items are (clip (1, T, H, W), label, keypoints (T, K * J, 2)); keypoints are (x, y) in [0, 1] of the frame's width

@@ -17,7 +17,7 @@ The ViT's blocks are cut into 4 groups; around each group a `CTIBlock` runs
   `c` (+ ConvFFN); the last CTIBlock does 4 more of these (`extra_CTIs`, with a ConvFFN first).
 
 With gamma = 0 the ViT stream is exactly timm's `VisionTransformer.forward_features` up to (not including) the final
-norm: every block sees the tokens it sees in timm (tests/test_dense_comer.py). Outputs: 4 maps of `embed_dim`
+norm: every block sees the tokens it sees in timm (tests/dense/test_dense_comer.py). Outputs: 4 maps of `embed_dim`
 channels, c_i + the matching ViT output (after group i, bilinearly resized: x4, x2, x1, x0.5), each through BatchNorm.
 Parity: the official ViTCoMer, run on CPU (its own pure-PyTorch `ms_deform_attn_core_pytorch` for the CUDA op) with
 the same random weights (gamma != 0), gives the same 4 maps to 7e-6 (fixture tests/fixtures/comer/).

@@ -21,7 +21,7 @@ paper's three steps:
 
 Deviation: the official gate chooses among the last 5 of 6 depths (exits 2..6, `NUM_GATES: 4`); ours among all K.
 At full depth the output is bit-identical to the unmodified HF model's; at depth k it equals an HF model whose
-encoder has the same first k layers (tests/test_dense_eco_m2f.py).
+encoder has the same first k layers (tests/dense/test_dense_eco_m2f.py).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ the official CUDA kernel's semantics) are summed with weights softmax-normalised
 `ms_deform_attn` computes what the official `MSDeformAttnFunction` (fundamentalvision/Deformable-DETR,
 `models/ops/functions/ms_deform_attn_func.py::ms_deform_attn_core_pytorch`) and HF transformers'
 `deformable_detr.modeling_deformable_detr.MultiScaleDeformableAttention` (an `nn.Module` in transformers 5.24, not a
-function) compute; tests/test_dense_msda.py checks it against HF's module (<= 1e-6) and a naive per-point bilinear
+function) compute; tests/dense/test_dense_msda.py checks it against HF's module (<= 1e-6) and a naive per-point bilinear
 loop. The one difference is how the weighted sum over levels x points is written: HF multiplies and sums, which
 `torch.utils.flop_counter` does not see; here it is one batched matmul (`aten.bmm`), which the counter counts, and
 vitlab.profiling counts the bilinear sampling (`aten.grid_sampler_2d`, 4 MACs per sampled value). Inside an

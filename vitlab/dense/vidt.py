@@ -3,7 +3,7 @@ Swin: the Reconfigured Attention Module (RAM), the deformable decoder neck, and 
 
 Verified against the official code, naver-ai/vidt@a8c48b56ccf2d7cfe7ea51a3e7f6def6a61007a6
 (`methods/swin_w_ram.py`, `methods/vidt/deformable_transformer.py`, `methods/vidt/detector.py`,
-`methods/vidt_wo_neck/detector.py`); tests/test_dense_vidt.py compares `RamSwin` with the official
+`methods/vidt_wo_neck/detector.py`); tests/dense/test_dense_vidt.py compares `RamSwin` with the official
 `SwinTransformer.finetune_det(...)` body run on CPU (fixture in tests/fixtures/vidt/).
 
 RAM (paper Sec. 3.2). `Q` learnable [DET] tokens (plus a learnable position encoding, projected to each block's

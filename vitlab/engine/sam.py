@@ -5,7 +5,7 @@ One SAM step, for loss L at weights w with gradient g = grad L(w):
     e = rho * g / ||g||_2                 (the ascent to the worst-case neighbour; ||.|| over all parameters)
     g_sam = grad L(w + e)
     w <- base_optimizer step with g_sam, taken from w (not w + e)
-Checked in tests/test_prune.py against this formula on a quadratic, where grad L(w + e) is known in closed form.
+Checked in tests/prune/test_prune.py against this formula on a quadratic, where grad L(w + e) is known in closed form.
 """
 from typing import Callable
 

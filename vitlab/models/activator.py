@@ -25,7 +25,7 @@ Assumptions where the readable text is silent (each is an argument, so another r
   pooling and a linear head (MLP-Mixer's head, as the token projection makes a class token pointless).
 * Init: truncated normal (std 0.02) for every linear layer, zero biases, as timm's ViT.
 
-Mechanism properties (tested in tests/test_zoo_activator.py): nothing calls softmax; each block has exactly one
+Mechanism properties (tested in tests/models/test_zoo_activator.py): nothing calls softmax; each block has exactly one
 gated MLP and no attention; the token projection is a fixed (input-independent) N x N mixing, so the model is NOT
 permutation equivariant over tokens, but becomes so when the token projection is conjugated by the same permutation
 (P W P^T); mixing is global (changing one token changes every output token after one block); the number of tokens is

@@ -60,7 +60,7 @@ fewer channels take the source embeddings cyclically.
 Features: `forward_intermediates` / `features_only` give each block's tokens as NLC, or as an NCHW map whose
 C * D channels stack the D features of each input channel's token at that position (nothing is pooled away).
 
-Checked against (tests/test_zoo_channelvit.py): the official `channel_vit.py` and `hcs_channel_vit.py` run locally
+Checked against (tests/models/test_zoo_channelvit.py): the official `channel_vit.py` and `hcs_channel_vit.py` run locally
 on a tiny 5-channel configuration, committed as a fixture in the official key layout and loaded through
 `checkpoint_filter_fn`: logits within 1e-4 on all five channels, on a 3-of-5 and a 1-of-5 channel subset, at a
 non-square input size, with per-image channel indices, and on a train-mode batch whose channels the official HCS

@@ -26,7 +26,7 @@ Unlike the official model, which fixes its input resolution at construction (gro
 masks), this one derives them from each input, so one model runs any size; at a given size it computes what the
 official model built for that size computes.
 
-Checked against (tests/test_zoo_crossformer.py): the official code run locally on a tiny config (64 px, and 72 px
+Checked against (tests/models/test_zoo_crossformer.py): the official code run locally on a tiny config (64 px, and 72 px
 where SDA and LDA pad and mask), committed as a fixture loaded through `checkpoint_filter_fn`; exact parameter
 counts of the official constructors with the tiny / small yaml configs; MACs against the README.
 """

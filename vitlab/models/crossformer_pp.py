@@ -37,7 +37,7 @@ size it computes what the official model built for that size computes); the ACL 
 schedules (`linear`, `linear_div`, `alter`, `7_14`) and its conditional position encoding (`USE_CPE`) are used by no
 released config and are not implemented.
 
-Checked against (tests/test_zoo_crossformer_pp.py): the official code run locally on a tiny two-stage config with an
+Checked against (tests/models/test_zoo_crossformer_pp.py): the official code run locally on a tiny two-stage config with an
 ACL (32 px, and 40 px where SDA and LDA pad and mask), committed as a fixture loaded through `checkpoint_filter_fn`
 (max logit difference 4e-8); exact parameter counts of the four official constructors with the released yaml
 configs; the ACL positions and per-stage group sizes of the released configs.

@@ -24,7 +24,7 @@ Differences between implementations, kept as arguments with the official default
     GELU. The HF converter below sets `act_layer="gelu"`.
 Both scale attention by `embed_dim ** -0.5` (the full width, not the head width); so does vitlab.
 
-Checked against (`tests/test_zoo_cvt.py`): HF transformers 5.24 `CvtForImageClassification`, random init, weights
+Checked against (`tests/models/test_zoo_cvt.py`): HF transformers 5.24 `CvtForImageClassification`, random init, weights
 copied by the converter `_cvt_from_hf`: logits within 1e-4 (max diff ~1e-6) for a small config at 64 px and 48x80 px,
 and (slow tests) for the default config = CvT-13 at 224 and 160 px; and the official code (commit above) run locally on
 a tiny configuration, its state dict loaded through `checkpoint_filter_fn` (fixture `tests/fixtures/zoo/cvt/`, max

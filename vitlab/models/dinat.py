@@ -31,7 +31,7 @@ verified here.
 MACs are NA's own (qk and av: N * k^2 * d each per head, as NATTEN's FLOP counter), counted with the exact "gather"
 backend; the default tiled op executes ~6% more at 224 (masked halo keys: 2.855G for Mini).
 
-Checked against (tests/test_zoo_dinat.py): both pure-PyTorch ops (values and gradients) against a masked
+Checked against (tests/models/test_zoo_dinat.py): both pure-PyTorch ops (values and gradients) against a masked
 full-attention reference (SDPA with a neighbourhood mask built position by position from NATTEN's C++
 `get_window_start` / `get_pb_start`), with and without dilation, sizes not divisible by the dilation, borders; the
 official `classification/nat.py` (which `dinat.py`'s DiNAT subclasses unchanged) run locally on a tiny config at

@@ -37,7 +37,7 @@ counts below are this file's, not the paper's.
 | DualToken-ViT-S (`vl_dualtoken_vit_small`) | 5,999,752 | 0.508G (0.5G) | 75.4% |
 | DualToken-ViT-T (`vl_dualtoken_vit_tiny`) | 10,979,304 | 1.017G (1.0G) | 79.4% |
 
-Checked (tests/test_zoo_dualtoken_vit.py): exact parameter counts of both variants (literals and the closed form of
+Checked (tests/models/test_zoo_dualtoken_vit.py): exact parameter counts of both variants (literals and the closed form of
 the layers above), their MACs within 2% of the abstract's (vitlab.profiling, attention included), the stated
 properties (the global branch reaches the opposite corner of the map within one block, and only through itself;
 global tokens are carried from stage to stage and change the output; each global token follows its own image

@@ -51,7 +51,7 @@ Kept although odd: the official "averaging" of the windows is `nn.AdaptiveAvgPoo
 mixes channels of neighbouring windows rather than averaging each channel over the windows (`pool_windows`); trained
 weights depend on it.
 
-Checked against (tests/test_zoo_favit.py): the official `favit.py` run locally on a tiny configuration (several
+Checked against (tests/models/test_zoo_favit.py): the official `favit.py` run locally on a tiny configuration (several
 windows per dilated group, a non-square 128 x 160 input), committed as a fixture in the official key layout and loaded
 through `checkpoint_filter_fn` (logits within 1e-4); exact parameter counts of the four official constructors; MACs at
 224; the attention MACs of FaSA equal to those of timm's Swin `WindowAttention` with the same window at every B0

@@ -50,9 +50,9 @@ L1 recipe trains with 0; the constructor's default is 0.1).
 The LSFs scale the cross tokens *before* their LayerNorm (official order), which normalises each token over its
 channels: a positive factor changes nothing but the norm's eps, and a factor of 0 turns the cross tokens into the
 norm's bias, the same for every image; they do not turn a block into the plain block. What does is a cross-token
-bias of -inf (the softmax gives the cross tokens no weight). tests/test_zoo_fcaformer.py asserts all three.
+bias of -inf (the softmax gives the cross tokens no weight). tests/models/test_zoo_fcaformer.py asserts all three.
 
-Checked against (tests/test_zoo_fcaformer.py): the official `fcaformer.py` run locally on a tiny config (two
+Checked against (tests/models/test_zoo_fcaformer.py): the official `fcaformer.py` run locally on a tiny config (two
 ConvNeXt and two Fca stages, three and two blocks with cross tokens, a non-square 64 x 96 input), committed as a
 fixture in the official key layout and loaded through `checkpoint_filter_fn` (logits within 1e-4); exact parameter
 counts of the four official constructors; MACs and parameters of L1 against the paper (within 2%); the position-bias

@@ -43,7 +43,7 @@ MACs are `vitlab.profiling.count_flops` on one 224 x 224 image (attention includ
 for inference: its state dict has `reparam_conv` keys instead of the branches, so save the training form and call
 `reparameterize()` after loading.
 
-Checked (tests/test_zoo_fmvit.py): reparameterisation equivalence per layer, per block and for the whole model
+Checked (tests/models/test_zoo_fmvit.py): reparameterisation equivalence per layer, per block and for the whole model
 (logits, atol 1e-5) and that it changes the parameter count as the fused layout says; a reparameterised model is
 plain convs (no grouped 1x1 conv left); RLMHSA against an explicit softmax(q k^T / sqrt(d)) v over pooled keys; that
 sr_ratio=1 attention is permutation-equivariant over positions and pooled attention is not; the local path's

@@ -31,7 +31,7 @@ original patches, as ToMe's own average pooling). EViT's fused token carries no 
 vitlab.tokens still refuses the model by name (`tokens.families._check_pool` knows 'token', 'avg', '', 'map');
 adding 'ggem' there is all it takes (tested with that check widened).
 
-Checked (tests/test_zoo_ggem.py): p = 1 is mean pooling; large p approaches max pooling; one learnable p per group
+Checked (tests/models/test_zoo_ggem.py): p = 1 is mean pooling; large p approaches max pooling; one learnable p per group
 that gets gradients and acts on its own channels only; parameter counts equal the class-token-free timm ViT plus G
 and the DeiT / ViT papers' counts and MACs within 2 %; size-weighted pooling on a ToMe'd model (r = 0 identity,
 the weighted formula, p = 1 the mean over patches); loading a timm ViT checkpoint (class token dropped) and gray

@@ -47,7 +47,7 @@ square only); (3) sigma / alpha are (K, heads) (official (K, heads, 1, 1)) and t
 (4) weight init is timm's (official: Xavier-normal), sigma / alpha keep the official init (10 + 10 N(0,1), 2 N(0,1));
 (5) stochastic depth follows timm's linear rule and defaults to 0 (official: one rate for every block).
 
-Checked against (tests/test_zoo_gmm_vit.py): the official ViT run locally on a tiny config (8 x 8 grid, 3 kernels),
+Checked against (tests/models/test_zoo_gmm_vit.py): the official ViT run locally on a tiny config (8 x 8 grid, 3 kernels),
 committed as a fixture in the official key layout and loaded through `checkpoint_filter_fn` (logits within 1e-4);
 exact parameter counts of the nine official constructors; the mask against the Gaussian mixture computed directly,
 sigma -> 0 (only the diagonal is left), a constant mask of 1 (timm's Attention) and alpha = 0 (uniform attention).

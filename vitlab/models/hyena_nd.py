@@ -30,7 +30,7 @@ resampled, bicubic). The FFN's weights are plain parameters applied with F.linea
 position grid and is no data-path layer, so quantization keeps it float (an int8 OpenVINO engine folds it to a
 constant; as nn.Linear layers they made OpenVINO's CPU plugin fail to compile the w8 model with a dynamic batch).
 
-Checked (tests/test_zoo_hyena_nd.py): FFT convolution == direct zero-padded conv2d (atol 1e-5) and not circular;
+Checked (tests/models/test_zoo_hyena_nd.py): FFT convolution == direct zero-padded conv2d (atol 1e-5) and not circular;
 the filter of a grid equals the filter of a finer grid at the shared offsets; the operator == its formula with a
 direct convolution; one operator reaches the whole grid (and only the 3x3 short filter's neighbours without the long
 filter); parameter counts == the closed-form formula; FFT MACs == 3 transforms x 2.5 n log2 n per channel and block.

@@ -45,7 +45,7 @@ take (CSWin-T/S/B: 23M / 35M / 78M), while the abstract speaks of "similar-sized
 probably lighter (for instance, streams splitting the heads); that could not be checked. MACs are
 vitlab.profiling.count_flops's (attention matmuls included), equal to the closed-form count within 0.2% (tested).
 
-Checked here (tests/test_zoo_maformer.py): each stream against a direct softmax(q k^T) v computation (per clipped
+Checked here (tests/models/test_zoo_maformer.py): each stream against a direct softmax(q k^T) v computation (per clipped
 w x w tile, padded keys masked, on sizes that are and are not multiples of w; over the r x r down-sampled map, the
 conv written as a Linear of each patch); the fusion against its formula; that it uses both streams (zeroing either
 stream's qkv changes the output); that with the global stream zeroed a block is local (a pixel changes nothing

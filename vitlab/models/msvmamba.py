@@ -53,7 +53,7 @@ like every Linear (official: nn.Linear's default init, kept because the stacked 
 the official `SS2D` that these configs do not use (other scan types, low-rank SSMs, other `ms_split`s,
 transposed-conv upsampling) are left out.
 
-Checked against (tests/test_zoo_msvmamba.py): both scans against the official pure-PyTorch `selective_scan_ref`
+Checked against (tests/models/test_zoo_msvmamba.py): both scans against the official pure-PyTorch `selective_scan_ref`
 (kernels/selective_scan/test_selective_scan.py) on random grouped inputs, with and without D / dt bias / softplus
 (atol 1e-5), and the parallel scan's values and gradients against the sequential one; the official `VSSM` run on CPU
 on a tiny config at 40 x 72 px (odd grids; its CUDA op replaced by `selective_scan_ref`), committed as a fixture in

@@ -17,7 +17,7 @@ block per unit. A LayerNorm + Linear head turns each token back into its p x p p
 the same time index: T input frames predict the T frames that follow (10 -> 10 on Moving MNIST).
 
 Checked against the official code, github.com/yyyujintang/PredFormer at b73c7ae83a7774e93b117f58bda4d321095b70ba
-(every layout, run on CPU for a tiny config with the same weights: tests/test_video_predformer.py and
+(every layout, run on CPU for a tiny config with the same weights: tests/models/test_video_predformer.py and
 tests/fixtures/predformer_make_fixture.py); `vl_predformer_mmnist` has the parameter count of the official
 constructor for configs/mmnist/PredFormer.py. The official 'depth' (blocks per unit of an interleaved layout) is 1
 in every released config and is fixed at 1 here.

@@ -10,7 +10,7 @@ pruned checkpoint from its config.json alone.
 
 Head geometry is re-derived on each `timm.layers.Attention`: `num_heads`, `head_dim`, `attn_dim` and
 `scale = head_dim ** -0.5` (what `F.scaled_dot_product_attention` uses on the fused path, so the fused and the
-manual paths agree; checked in tests/test_prune.py).
+manual paths agree; checked in tests/prune/test_prune.py).
 """
 from typing import Sequence
 

@@ -28,7 +28,7 @@ Differences between implementations, kept as arguments with the official default
   * HF's `PvtEfficientSelfAttention` has separate key/value layers; the official (and vitlab's) `attn.kv` is one layer,
     so the HF converter concatenates them.
 
-Checked against (`tests/test_zoo_pvt.py`): HF transformers 5.24 `PvtForImageClassification`, random init, weights
+Checked against (`tests/models/test_zoo_pvt.py`): HF transformers 5.24 `PvtForImageClassification`, random init, weights
 copied by the converter `_pvt_from_hf`: logits within 1e-4 (max diff ~2e-6) for a small config at its 64 px and
 (slow test) for the default config = PVT-Tiny at 224 px; HF's PVT cannot change resolution correctly (it reshapes the
 stored position embedding to the new grid), so only its configured size is compared. And the official code (commit

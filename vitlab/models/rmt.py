@@ -47,7 +47,7 @@ channels-last, where oneDNN's dense 3x3 convs are about twice as fast on CPU as 
 batch 4, shared CPU (preliminary), they took vitlab RMT-T from 1.06x to 1.18x the official speed (median per-round
 ratio of CPU times; 1.09x to 1.31x by minimum times); BENCHMARKS.md has the quiet-window ratio.
 
-Checked against (tests/test_zoo_rmt.py): the official `RMT.py` run locally on a tiny config (decomposed and full
+Checked against (tests/models/test_zoo_rmt.py): the official `RMT.py` run locally on a tiny config (decomposed and full
 stages, layer scale, a non-square input), committed as a fixture in the official key layout and loaded through
 `checkpoint_filter_fn` (logits within 1e-4); the decay masks against gamma^Manhattan computed directly; the
 decomposed attention against the full one on a single row / column (where the two must agree); exact parameter

@@ -46,7 +46,7 @@ steps for `vl_test_sgformer`); others raise a ValueError saying why. Blocks take
 return `(x, significance)`. `no_weight_decay` is empty, as the official one is in effect (it names parameters that
 do not exist). `drop_path_rate` defaults to 0 (official training: 0.1 S, 0.2 M, 0.4 B).
 
-Checked against (tests/test_zoo_sgformer.py): the official `sgformer.py` run locally on two tiny configs (112 px with
+Checked against (tests/models/test_zoo_sgformer.py): the official `sgformer.py` run locally on two tiny configs (112 px with
 sr 8 and 4, the three-tier allocation; 56 px with sr 2), committed as fixtures in the official key layout and loaded
 through `checkpoint_filter_fn` (logits within 1e-5 here, 1e-4 asserted); the token allocation on a hand-made
 significance map against the official rule (salient tokens share keys 7 to one, minor ones 49 to one); that the

@@ -34,7 +34,7 @@ commit (`SoftmaxFreeNormAttentionKernel.__init__` calls `super()` on an undefine
 
 Complexity: the landmark conv has a fixed stride per stage, so at 224 px every SOFT stage has m = 49 landmarks, but
 at other resolutions m = N / sr_ratio^2 grows with N and the N x m products grow as N^2 / sr_ratio^2. Linear cost
-in N holds at a fixed m (tests/test_zoo_soft.py counts both).
+in N holds at a fixed m (tests/models/test_zoo_soft.py counts both).
 
 Differences from the official code, none of which changes the eval-mode function: modules carry timm's names
 (`attn.q` for `att.mha.W_q`, `mlp.fc1` for `att.ff1`, ...) and the last stage uses timm's `Block`, whose fused `qkv`
@@ -43,7 +43,7 @@ kernel is a reduction, not a matmul with ones; the Newton-Raphson inverse backpr
 op, the gradient of the exact inverse (-V^T G V^T) rather than through the iterations; `pos_drop` also runs in the
 last stage (the official skips it there; dropout, training only).
 
-Checked against (tests/test_zoo_soft.py): the official files run locally on CPU (its CUDA kernels replaced by their
+Checked against (tests/models/test_zoo_soft.py): the official files run locally on CPU (its CUDA kernels replaced by their
 torch forward formulas) on a tiny configuration at a non-square size other than its position-embedding grid,
 committed as a fixture in the official key layout and loaded through `checkpoint_filter_fn` (logits within 1e-4,
 max diff 3e-6); exact parameter counts of the five official constructors; MACs of SOFT-Tiny; the Newton-Raphson

@@ -42,7 +42,7 @@ Differences between implementations, kept as arguments with the official default
 Checked against: the official code run locally on a tiny two-stage configuration with perturbed weights and
 BatchNorm statistics (fixture `tests/fixtures/zoo/sret/`, loaded through `checkpoint_filter_fn`, logits within
 1e-4 with the same seed before the forward), the official parameter counts and the official model's MAC count;
-see `tests/test_zoo_sret.py`.
+see `tests/models/test_zoo_sret.py`.
 
     >>> import timm, torch, vitlab.models
     >>> model = timm.create_model("vl_test_sret", num_classes=10).eval()

@@ -44,7 +44,7 @@ the next stage (official: the end of the previous one); modules carry timm's nam
 `drop_path_rate` defaults to 0 (official training: 0.1 S, 0.4 B, 0.6 L). The official code's per-block
 `torch.utils.checkpoint` is `set_grad_checkpointing` here.
 
-Checked against (tests/test_zoo_stvit.py): the official `stvit.py` run locally on a tiny config (two association
+Checked against (tests/models/test_zoo_stvit.py): the official `stvit.py` run locally on a tiny config (two association
 rounds, zero padding on a non-divisible map, a direct-attention stage, layer scale, a non-square input), committed as a
 fixture in the official key layout and loaded through `checkpoint_filter_fn` (logits within 1e-4); exact parameter
 counts of the three official constructors; MACs at 224 against the README (within 2 %); association rows summing to

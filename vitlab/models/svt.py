@@ -47,7 +47,7 @@ Differences from the official file, none of which changes the function:
   own Functions; torch-pruning's dependency graph runs for minutes through the unwrapped ops). The scattering runs
   in float32 (as official) and returns the input's dtype; `drop_path_rate` defaults to 0 (official training: 0.1).
 
-Checked against (tests/test_zoo_svt.py): pytorch_wavelets 1.3.0's DTCWTForward / DTCWTInverse outputs (a committed
+Checked against (tests/models/test_zoo_svt.py): pytorch_wavelets 1.3.0's DTCWTForward / DTCWTInverse outputs (a committed
 fixture, including a grid smaller than the filters, where the symmetric extension reflects more than once); perfect
 reconstruction of the inverse; the official `svt.py` run locally on a tiny configuration (32 x 48 input, scattering
 stage + three attention stages, class block, token-labelling head), committed in the official key layout and loaded

@@ -49,7 +49,7 @@ LayerNorm's affine into the Linear and adapts that, exactly for `in_chans=1` on 
 
 Checked against: the official code run locally on a tiny configuration with perturbed weights (fixture
 `tests/fixtures/zoo/t2t_vit/`, loaded through `checkpoint_filter_fn`, logits within 1e-4, with and without
-`qk_scale`), the official parameter counts and the official model's MAC count; see `tests/test_zoo_t2t_vit.py`.
+`qk_scale`), the official parameter counts and the official model's MAC count; see `tests/models/test_zoo_t2t_vit.py`.
 
     >>> import timm, torch, vitlab.models
     >>> model = timm.create_model("vl_test_t2t_vit", num_classes=10).eval()

@@ -39,7 +39,7 @@ scale is head_dim^-0.5 (= C^-0.5 for the official single head). `masked=True` (n
 positions from the softmax instead of giving them logit 0: a window covering the whole image is then global
 attention exactly.
 
-Checked (tests/test_zoo_tic.py): the official `MSA_Conv_2d`, built on CPU from its C++ source, on a dilated,
+Checked (tests/models/test_zoo_tic.py): the official `MSA_Conv_2d`, built on CPU from its C++ source, on a dilated,
 strided, width-changing layer and as every mixer of a tiny TiC, committed as a fixture in the official key layout and
 loaded through `checkpoint_filter_fn` (within 1e-4); global attention from a whole-image masked window; the same
 weights at two resolutions; the cyclic shift a permutation undone by the opposite shift; Inter-Pooling's receptive

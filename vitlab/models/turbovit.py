@@ -43,7 +43,7 @@ opening block is its `downsample` (stages.s.downsample), so the blocks of a stag
 embedding is resampled (bicubic) when the input's token grid differs from the configured one; the grid must split
 into whole mask units at every stage (input sides a multiple of 32 with 8x8 units).
 
-Checked (tests/test_zoo_turbovit.py): the official Hiera code (github.com/facebookresearch/hiera, hiera/hiera.py,
+Checked (tests/models/test_zoo_turbovit.py): the official Hiera code (github.com/facebookresearch/hiera, hiera/hiera.py,
 commit b12b842542ee5c757fcfec8c41f6b56fcbe89b65) run locally on a tiny three-stage config (pooled and unpooled
 mask-unit blocks, the lagged opening block, a global block, a non-square input), committed as a fixture in the
 official key layout and loaded through `checkpoint_filter_fn` (its `norm` / `head.projection` names; Hiera's flat

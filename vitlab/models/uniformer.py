@@ -28,7 +28,7 @@ reshapes the weights), layer scale is a constructor argument (`layer_scale`, off
 on by `uniformer_base_ls`), the patch embeddings accept any input size (official asserts the construction size), and
 `drop_path_rate` defaults to 0 (the official run.sh files train with 0.1 for S and S+, 0.3 for B).
 
-Checked against (tests/test_zoo_uniformer.py): the official `uniformer.py` run locally on two tiny configs (patch
+Checked against (tests/models/test_zoo_uniformer.py): the official `uniformer.py` run locally on two tiny configs (patch
 stem; conv stem + layer scale), committed as fixtures in the official key layout and loaded through
 `checkpoint_filter_fn` (logits within 1e-4); exact parameter counts of the five official constructors; MACs of
 UniFormer-S at 224 against the README.

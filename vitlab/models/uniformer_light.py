@@ -47,7 +47,7 @@ Differences from the official file, none of which changes the logits:
   (it needs the class token's attention row, and the quantizer sees both matmuls), and `drop_path_rate` is 0 (the
   official run.sh files use `--drop-path 0` as well).
 
-Checked (tests/test_zoo_uniformer_light.py): exact parameter counts of both official constructors (class-token head
+Checked (tests/models/test_zoo_uniformer_light.py): exact parameter counts of both official constructors (class-token head
 included); a tiny official config (random, perturbed, 64 px: 8 of 16 stage-3 tokens kept, then 3 and 2 of 4 in
 stage 4, the lone-dropped-token case included) loaded through `checkpoint_filter_fn`, logits within 1e-4 (6e-6 seen);
 MACs against the README within 2 %; the pruning's stated properties (the dropped tokens share the representative's

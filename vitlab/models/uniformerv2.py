@@ -21,7 +21,7 @@ temporal kernel's centre (official `inflate_weight(center=True)`), so the armed 
 
 Blocks are timm `Block`s (`UniBlock` subclasses it), so a timm ViT's weights load by name; the official CLIP-based
 models use QuickGELU, LayerNorm eps 1e-5, a `norm_pre` (`ln_pre`) and a bias-free patch conv.
-`convert_official_state_dict` maps the official module's weights; tests/test_video_uniformerv2.py compares logits
+`convert_official_state_dict` maps the official module's weights; tests/models/test_video_uniformerv2.py compares logits
 with the official code's on a tiny config (fixture tests/fixtures/uniformerv2_tiny.pt).
 """
 from functools import partial

@@ -25,7 +25,7 @@ CVPR 2023; github.com/OpenGVLab/VideoMAEv2 at 29eab1e8a588d1b3ec0cdec7b03a86cca4
 the positions that mask keeps, predicting those; the loss averages over the kept positions that the encoder masked
 (official `engine_for_pretraining.py`: `cal_loss_mask = bool_masked_pos[~decode_masked_pos]`).
 
-`tests/test_videomae.py` copies the weights of transformers' `VideoMAEForVideoClassification` and
+`tests/models/test_videomae.py` copies the weights of transformers' `VideoMAEForVideoClassification` and
 `VideoMAEForPreTraining` into these modules and compares logits and the pre-training loss.
 
 Published sizes (paper Table 6 / the model zoo): ViT-S/16 with 16 frames, tubelet 2: 22 M parameters, 57 GFLOPs;

@@ -26,7 +26,7 @@ scan (mamba_ssm's CUDA kernel when installed, `msvmamba.selective_scan`); the ba
 module `ssm_bwd` / `conv_bwd` (official: `x_proj_b`, `dt_proj_b`, `A_b_log`, `D_b`, `conv1d_b`); Linears start from
 trunc_normal(0.02) (official: PyTorch's default, out_proj rescaled by 1/sqrt(depth), kept here); no RoPE, no flipped
 image sequences, no double class token (options the released configs do not use). Not checked against the official
-weights (its CUDA-only mamba_ssm dependency does not build here): `tests/test_tokens_topvim.py` checks the mixer
+weights (its CUDA-only mamba_ssm dependency does not build here): `tests/tokens/test_tokens_topvim.py` checks the mixer
 against a sequential scan of the equations.
 """
 import math

@@ -48,7 +48,7 @@ Differences from the reviewer code, and why:
   implemented; `global_pool="avg"` averages the patch tokens after the final norm (no separate `fc_norm`); any input
   size works (the position embedding is resampled to the patch grid, bicubic).
 
-Checked (tests/test_zoo_vir.py): the reviewer code run locally on a tiny config (recurrent and chunkwise paths),
+Checked (tests/models/test_zoo_vir.py): the reviewer code run locally on a tiny config (recurrent and chunkwise paths),
 committed as a fixture in its key layout, logits within 1e-4 in all three modes; parallel == recurrent ==
 chunkwise (atol 1e-5) for the layer and the model, chunk sizes that do and do not divide the sequence; the decay
 mask against gamma^(n - m) computed directly; the retention core against torchscale 0.3.0's MultiScaleRetention

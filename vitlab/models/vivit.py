@@ -4,7 +4,7 @@ Both embed a clip with non-overlapping tubelets (a Conv3d whose kernel equals it
 embedding"), then:
 - model 1, spatio-temporal attention (`temporal_depth=0`, `vl_vivit_joint_*`): one transformer over the class token
   and all T'H'W' tubelet tokens, with a learned position embedding over them (eq. 1). This is what HF transformers'
-  `VivitModel` / `VivitForVideoClassification` implement; `tests/test_vivit.py` copies their weights into ours.
+  `VivitModel` / `VivitForVideoClassification` implement; `tests/models/test_vivit.py` copies their weights into ours.
 - model 2, factorised encoder (`temporal_depth>0`, `vl_vivit_*`): a spatial transformer runs on each tubelet-frame's
   H'W' tokens with its own class token and a position embedding shared by all frames, ends in its LayerNorm, and
   hands its class token on; a temporal transformer then runs over the T' frame tokens with a second class token,

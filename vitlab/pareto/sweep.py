@@ -353,7 +353,7 @@ def _run_sweep(cfg: SweepConfig, *, progress: bool, log, _stop_after: int | None
             rows.sort(key=lambda r: keys.index(r["key"]))
             summary = _summarise(rows, cfg.max_drop_pt)
             _write(cfg, rows, {"complete": False, "notes": notes, **summary})
-            kill_point(f"pareto-row-{len(rows)}")   # test hook (tests/test_crash_resume.py)
+            kill_point(f"pareto-row-{len(rows)}")   # test hook (tests/engine/test_crash_resume.py)
             if bar:
                 bar[0].advance(bar[1])
             else:

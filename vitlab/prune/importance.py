@@ -5,7 +5,7 @@
   the gradient of the mean loss over the calibration images (Molchanov et al., 2019).
 * `hessian`: NViT's Hessian-aware saliency (Yang et al., CVPR 2023, eq. 3-5): the second-order term
   1/2 w_S^T H w_S with H approximated by the empirical Fisher over calibration batches, i.e.
-  1/2 * mean_b (g_b . w_S)^2 with g_b the gradient of batch b's mean loss. Checked in tests/test_prune.py against an
+  1/2 * mean_b (g_b . w_S)^2 with g_b the gradient of batch b's mean loss. Checked in tests/prune/test_prune.py against an
   explicit Fisher matrix built from per-batch gradient vectors on a tiny model. Ranked globally across layers.
 * `ablation`: loss increase on the calibration images when the unit is removed (its output columns zeroed, or the
   block replaced by the identity; stem and embedding groups: every slice zeroed), as in Michel et al. (NeurIPS

@@ -33,7 +33,7 @@ What the method does, step by step (the official `prune_vit.py` / `tools/pruners
    fraction); the remaining gap between the two bracketing solutions is closed one grid step at a time.
 6. Zero the chosen blocks (the model stays a plain timm model with dense weights; saved and reloaded as usual).
 
-Checked in tests/test_prune_lpvit.py: sparsity 0 is the identity; zeros come in whole aligned blocks; the reached
+Checked in tests/prune/test_prune_lpvit.py: sparsity 0 is the identity; zeros come in whole aligned blocks; the reached
 sparsity is within 0.01 of the target; `distortion` equals the explicit 1/2 dW^T (g g^T + damp I) dW + first-order
 term; the gradients equal a direct autograd computation; layers with flatter curves (cheap to prune) and with
 larger power weight get more sparsity; save/reload reproduces outputs.

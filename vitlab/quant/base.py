@@ -14,7 +14,7 @@ can search its parameters (MSE clipping, percentile, log base) on the data witho
 The uniform quantizer follows the affine scheme of Jacob et al. (2018, "Quantization and Training of Neural
 Networks for Efficient Integer-Arithmetic-Only Inference"), which ONNX `QuantizeLinear` and OpenVINO
 `FakeQuantize` implement: ``q = clamp(round(x / s) + z, qmin, qmax)``, ``x' = (q - z) * s``, rounding half to even
-(as `torch.round` and ONNX do). Checked in tests/test_quant.py: round-trip error <= s/2 inside the range,
+(as `torch.round` and ONNX do). Checked in tests/quant/test_quant.py: round-trip error <= s/2 inside the range,
 zero-point clamping, per-channel scales.
 
 New quantizers register by name and plug into the sites of `vitlab.quant.sim` through `make_quantizer`::

@@ -32,11 +32,11 @@ Differences from the official code, on purpose:
 Limit: a log grid is coarse near its top (AdaLog's smallest base is 2 ** (10 / 37) = 1.21), so these quantizers
 are not the identity at 16 bits the way uniform ones are; they are meant for 3-6 bits.
 
-Checked (tests/test_quant_adv.py): log2 is exact on powers of two; AdaLog's search on softmax-of-Gaussian data
+Checked (tests/quant/test_quant_adv.py): log2 is exact on powers of two; AdaLog's search on softmax-of-Gaussian data
 (50 keys) beats log2 and uniform min-max at 4 bits on MSE; the shifted post-GELU form keeps the negative part and
 its bias reparameterization leaves a Linear's output unchanged; the output-objective searches pick the candidate
 with the lowest softmax·V / fc2-output error among all they try, and are no worse on that error than the
-"self" choice (tests/test_quant_adalog_objective.py).
+"self" choice (tests/quant/test_quant_adalog_objective.py).
 """
 from __future__ import annotations
 

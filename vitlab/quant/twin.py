@@ -16,7 +16,7 @@ PostGeluPTQSL...) and AdaLog's re-implementation (`PostGeluTwinUniformBatchingQu
 The search minimizes the squared error of the quantized values (the official code: the next layer's output error,
 optionally Hessian-weighted; a vitlab Quantizer sees only its own input).
 
-Checked (tests/test_quant_adv.py): the two ranges have the steps above; values in the small range keep the fine
+Checked (tests/quant/test_quant_adv.py): the two ranges have the steps above; values in the small range keep the fine
 step; the search prefers the fine range on softmax data over plain uniform at 4 bits.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ are mapped back through the inverse CDF (each to the token whose CDF value is ne
 kept, so each image keeps its own number of tokens (<= K): the sampler spends tokens where the class token looks.
 This is the rule of the official code (adaptivetokensampling/ATS, `libs/models/transformers/ats_block.py`:
 `score_assignment_step`, `create_ys`, `inverse_transform_sampling`, `get_unique_indices`), re-written for vitlab's
-timm blocks; `tests/test_tokens_ats.py` checks it against a transcription of those functions on hand-made scores
+timm blocks; `tests/tokens/test_tokens_ats_mctf.py` checks it against a transcription of those functions on hand-made scores
 (the official repository is a SlowFast/Kinetics code base that does not build a timm model, so it is not run).
 
 Per-image counts, padded: the kept tokens of each image come first (in their original order), and the batch is

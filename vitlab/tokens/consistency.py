@@ -18,7 +18,7 @@ which for average-pool models is the pooled feature), pass_i = [p_student(y_i | 
 p(y_i) + p(y_flip(i)) as the official code does, and weights w_s = w_t = 1, w_c = 3. CE is the training criterion
 (label smoothing / mixup soft targets as configured).
 
-Checked: tests/test_tokens_consistency.py compares the loss with a hand computation on a tiny model (two explicit
+Checked: tests/tokens/test_tokens_consistency.py compares the loss with a hand computation on a tiny model (two explicit
 forwards at r and r_teacher) and checks that one optimizer step changes the weights. The official code was read,
 not run (it needs CUDA autocast and its own DeiT); the rule above is transcribed from it.
 Works with the `r`-scheduled methods: MCTF (the paper's) and ToMe (same rule, not in any paper).

@@ -10,7 +10,7 @@ weights) and used as the attention of the fused tokens, so the block computes it
 official code (mlvlab/MCTF, `utils/mctf.py`, `models/modules/blocks.py`, `models/SA/MHSA.py`) at its evaluation
 setting `--mctf_type [16,0,0,1,1,1,20,40,1,1,0]` (r=16, proportional attention, one-step-ahead, tau 1/20/40,
 bidirectional, attention-weighted pooling) and `--activate_layer [1..11]` (every block but the first);
-`tests/test_tokens_mctf.py` compares vitlab with the official model's outputs (fixture in tests/fixtures/tokens/).
+`tests/tokens/test_tokens_ats_mctf.py` compares vitlab with the official model's outputs (fixture in tests/fixtures/tokens/).
 
 Cost: MCTF needs the full attention map (B, H, N, N) in every active block, as the official code does: the map is
 materialized and multiplied with the values by plain matmuls, not by fused SDPA, and fusing it costs two more

@@ -17,7 +17,7 @@ files and unfinished `.vitlab-staging-*` folders), and a staged result whose com
 export --out).
 
 `kill_point(name)` is a test hook: with VITLAB_TEST_KILL_AT=name in the environment, the process kills itself
-with SIGKILL there (tests/test_crash_resume.py).
+with SIGKILL there (tests/engine/test_crash_resume.py).
 """
 from __future__ import annotations
 
@@ -294,6 +294,6 @@ def _roll_forward(folder: Path) -> None:
 
 
 def kill_point(name: str) -> None:
-    """Test hook: SIGKILL this process here when VITLAB_TEST_KILL_AT equals `name` (see tests/test_crash_resume.py)."""
+    """Test hook: SIGKILL this process here when VITLAB_TEST_KILL_AT equals `name` (see tests/engine/test_crash_resume.py)."""
     if os.environ.get("VITLAB_TEST_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
