@@ -203,11 +203,8 @@ class SeamAttention(AttentionSeam, Attention):
         return self.proj_drop(self.proj(out))
 
 
-class SeamMHSA(AttentionSeam, MHSA):
-    """ConViT's MHSA (fused qkv, no q/k norm); runs as SDPA (the original computes the same map by matmuls)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attend(x)
+class _FusedQKVSeam(AttentionSeam):
+    """The seam's q/k/v/output for an attention with one fused qkv Linear, no q/k norm and a projection after."""
 
     def qkv_heads(self, x):
         B, N, C = x.shape
@@ -223,6 +220,13 @@ class SeamMHSA(AttentionSeam, MHSA):
     def out(self, out, x):
         B, H, N, d = out.shape
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, H * d)))
+
+
+class SeamMHSA(_FusedQKVSeam, MHSA):
+    """ConViT's MHSA (fused qkv, no q/k norm); runs as SDPA (the original computes the same map by matmuls)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attend(x)
 
 
 class SeamSRA(AttentionSeam, SpatialReductionAttention):
@@ -253,7 +257,7 @@ class SeamSRA(AttentionSeam, SpatialReductionAttention):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, H * d)))
 
 
-class SeamVOLOAttention(AttentionSeam, volo.Attention):
+class SeamVOLOAttention(_FusedQKVSeam, volo.Attention):
     """VOLO's Attention (fused qkv, global over the flattened map, no q/k norm) on a (B, N, C) sequence; a
     (B, H, W, C) map is flattened and restored."""
 
@@ -262,21 +266,6 @@ class SeamVOLOAttention(AttentionSeam, volo.Attention):
             B, H, W, C = x.shape
             return self.attend(x.reshape(B, H * W, C)).reshape(B, H, W, C)
         return self.attend(x)
-
-    def qkv_heads(self, x):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)                                     # each (B, H, N, d)
-
-    def qk(self, x):
-        return fused_qk(self.qkv, x, self.num_heads, x.shape[-1] // self.num_heads)
-
-    def v(self, x):
-        return fused_v(self.qkv, x, self.num_heads, x.shape[-1] // self.num_heads)
-
-    def out(self, out, x):
-        B, H, N, d = out.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, H * d)))
 
 
 # original class -> its seam class (matched exactly: a subclass may have its own forward)
