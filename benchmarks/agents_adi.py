@@ -11,7 +11,7 @@ one token (textual inversion). Each arm's identifier is then prompted with the 8
 (16 samples each, DDIM 25 steps, guidance 3); the judge scores "action present" (it sees the rotation), "subject
 kept" (it sees the prompted class) and both. The same prompts with the null action word and with the rotation's
 own word are the references.
-Issue 25 target: ADI beats single-token inversion on "action present" at equal "subject kept".
+Toy-scale target: ADI beats single-token inversion on "action present" at equal "subject kept".
 """
 from __future__ import annotations
 

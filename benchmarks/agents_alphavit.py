@@ -4,7 +4,7 @@ both boards, alternating who moves first. Seeded; prints a markdown table.
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/agents_alphavit.py
 
-Issue 25 targets: >= 90 % wins against random and >= 55 % against MCTS-25 on both boards. A draw counts as half a
+Toy-scale targets: >= 90 % wins against random and >= 55 % against MCTS-25 on both boards. A draw counts as half a
 win in `score`; `win` counts wins only.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ number of value iterations K) and rolled out greedily on unseen mazes. Seeded; p
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/agents_calvin.py
 
-Issue 25 targets: exact-VI equality to 1e-5; CALVIN >= 90 % success on unseen mazes and >= VIN.
+Toy-scale targets: exact-VI equality to 1e-5; CALVIN >= 90 % success on unseen mazes and >= VIN.
 """
 from __future__ import annotations
 

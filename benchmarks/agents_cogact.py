@@ -8,7 +8,7 @@ trained jointly as a diffusion policy (DDPM, 100 cosine steps, 4 noise draws per
 sampled by DDIM, 10 steps, CFG 1.5) and the same ViT + DiT as an MSE regressor, 2000 AdamW steps of 32 scenes each;
 scored on 50 test-file scenes with 32 samples per scene: share of samples passing left of / right of / through the
 obstacle and the unbiased MMD² to 32 samples of the true distribution (unit coordinates, RBF bandwidth 0.05).
-Issue 25 target, bound stated before the first run: diffusion MMD² < 0.1 with each mode >= 30 % of samples, while
+Our toy-scale target, bound stated before the first run: diffusion MMD² < 0.1 with each mode >= 30 % of samples, while
 the MSE head averages the modes.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ over 2 x 64 bins, grid-point matching, teacher-forced parallel decoding, 2 new V
 with its token cross-entropy, and `detr-lite` (vitlab/dense/heads.py: ViTDet simple feature pyramid + 3-layer DETR
 decoder, 20 queries) with the Hungarian `BoxCriterion` (class CE + L1 + GIoU). AP by the shared `DenseMetrics`
 (torchmetrics MeanAveragePrecision, pycocotools backend) on the first `--test-scenes` test scenes; GiT decodes greedily.
-Prints a markdown table, the verdict on the issue-25 target (GiT AP >= 80 % of the DETR-style AP), CPU and threads.
+Prints a markdown table, the verdict on the toy-scale target (GiT AP >= 80 % of the DETR-style AP), CPU and threads.
 """
 import argparse
 import json

@@ -6,7 +6,7 @@ Runs `vitlab toy seer` (vitlab/agents/seer.py `run`) per seed: 3000 expert episo
 (foresight + inverse dynamics, block-causal mask) and a BC policy on the same transformer, 1200 AdamW steps of 32
 windows each; scored on test-file items: expert-action accuracy on 300 held-out expert episodes, inverse-dynamics
 accuracy given the true next frame, and closed-loop success on 300 fresh scenes (goal within 16 steps).
-Issue 25 targets: inverse dynamics given the true future >= 99 %; Seer success >= BC success at equal steps.
+Toy-scale targets: inverse dynamics given the true future >= 99 %; Seer success >= BC success at equal steps.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ px, random places, 28 x 84 px; 4000 training words) for the same number of AdamW
 original encoder's tokens) on 32 Fashion-MNIST training images; the baseline does not. Scored: character accuracy
 (1 - edit distance / length) and whole-word accuracy on 1000 held-out rendered words, and the Fashion-MNIST test
 top-1 (10k images) of the original, frozen classifier head on the trained encoder. Prints a markdown table, the
-verdict on the issue-25 targets, CPU and threads.
+verdict on the toy-scale targets, CPU and threads.
 """
 import argparse
 import json

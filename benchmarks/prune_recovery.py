@@ -8,7 +8,7 @@
 --plan stem: hessian + blocks + conv-stem groups (stem=true, stem ranking weights --stem-weight, default the ones
 `vitlab.prune.stem_time_weights` measured on this CPU) to --target of the MACs (default 0.5), one recovery; the
 recovered checkpoint is --out/pruned50-stem (target 0.5) or --out/pruned{100*target}-stem. `train_s` in the JSON
-line is the recovery's wall time: the number to compare with the issue's <= 10 min budget.
+line is the recovery's wall time: the number to compare with the <= 10 min recovery budget.
 
 Each run: `vitlab.prune_` on 512 seeded train images (labels; hessian / taylor / ablation use them), top-1 on val and
 test before recovery, then `vitlab.engine.train.fit` with --init the pruned checkpoint and --teacher the reference

@@ -5,7 +5,7 @@
 Three tables, each timed round-robin (--rounds rounds over its variants, a time_callable median per round; the table
 shows the median over rounds of the per-round ratio to the unpruned model, which cancels slow drifts of a shared CPU):
 
-1. The issue's "what is cut" table: a plain timm ViT (embed 128, 6 blocks, 4 heads, MLP ratio 4, 28x28 input in
+1. The "what is cut" table: a plain timm ViT (embed 128, 6 blocks, 4 heads, MLP ratio 4, 28x28 input in
    4x4 patches: 49 tokens + class token) cut to ~50 % of its MACs three ways: embedding width 128 -> 88, depth
    6 -> 3, heads 4 -> 2 with MLP ratio 4 -> 2. Built through `vl_pruned_vit` on the timm base (random weights).
 2. The Fashion-MNIST reference vs the committed checkpoints/fashion-mnist-pruned50 and runs/pruned50-stem (stem

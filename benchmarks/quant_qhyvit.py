@@ -1,4 +1,4 @@
-"""Q-HyViT against vitlab's plain PTQ on small hybrid ViTs trained on Fashion-MNIST (issue 18, quantization II).
+"""Q-HyViT against vitlab's plain PTQ on small hybrid ViTs trained on Fashion-MNIST.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quant_qhyvit.py                  # train (cached) + the table
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quant_qhyvit.py --models tinyvit --test-images 2000

@@ -1,4 +1,4 @@
-"""Self-supervised pretraining vs training from scratch with 10 % of the Fashion-MNIST labels (issue 17).
+"""Self-supervised pretraining vs training from scratch with 10 % of the Fashion-MNIST labels.
 
     python benchmarks/ssl_fewlabel.py                       # ~10 min at 1 thread on a shared 2-core Xeon
     python benchmarks/ssl_fewlabel.py --quick               # a 1-minute smoke run (not the table)

@@ -3,7 +3,7 @@
     python benchmarks/train_reference_v2.py                      # the recorded recipe (see BENCHMARKS.md)
     python benchmarks/train_reference_v2.py --epochs 0.05 --out /tmp/ref2 --no-copy   # a quick smoke run
 
-Issue 17 asks for >= 93 % test top-1 in <= 10 minutes on 2 CPU cores. This recipe is the best of the candidates
+The target is >= 93 % test top-1 in <= 10 minutes on 2 CPU cores. This recipe is the best of the candidates
 measured on the val split (BENCHMARKS.md, "Reference Fashion-MNIST model"): a narrower ViT (width 64, 2 heads)
 behind a 4-conv stem (32/48/64/64, strides 1/2/1/2, a 7x7 grid of 49 tokens) trains about 1.2x faster per image
 than the first reference (width 96, 3-conv stem 24/48/96), so 7 epochs fit where 5.5 did, and the larger stem learns

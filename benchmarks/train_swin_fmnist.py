@@ -3,10 +3,11 @@
     OMP_WAIT_POLICY=PASSIVE python benchmarks/train_swin_fmnist.py --out /tmp/swin-run   # the recorded run
     python benchmarks/train_swin_fmnist.py --epochs 0.02 --out /tmp/swin-smoke --no-copy   # a quick smoke run
 
-The hierarchical model of the Pareto lab (issue 14): timm's `swin_tiny_patch4_window7_224` rebuilt at Fashion-MNIST
-scale, four stages on a 32x32 input (the data pipeline resizes the 28x28 images to the model's input size) with 2x2
-patches and 4x4 windows, so the grids are 16, 8, 4 and 2 tokens a side; the third stage (6 of the 9 blocks, 4x4
-grid) takes the largest share of the time, and token clustering (Expedit) can shrink its grid to 2x2 or 3x3.
+The hierarchical model of the Pareto lab (windows and patch merging test techniques beyond plain ViTs): timm's
+`swin_tiny_patch4_window7_224` rebuilt at Fashion-MNIST scale, four stages on a 32x32 input (the data pipeline
+resizes the 28x28 images to the model's input size) with 2x2 patches and 4x4 windows, so the grids are 16, 8, 4
+and 2 tokens a side; the third stage (6 of the 9 blocks, 4x4 grid) takes the largest share of the time, and token
+clustering (Expedit) can shrink its grid to 2x2 or 3x3.
 Trains with `vitlab.engine.fit` on the train split (55,000 images; the 5,000-image val hold-out is evaluated after
 every epoch), then evaluates once on the 10,000-image test split, stores the test metrics in the checkpoint's
 config.json, and copies the weights + config (nothing else) into the committed folder, which

@@ -1,4 +1,4 @@
-"""PredFormer vs a ConvLSTM at about equal parameters on moving-fashion-mnist (issue 19's claim; seed entry 57).
+"""PredFormer vs a ConvLSTM at about equal parameters on moving-fashion-mnist (the paper's claim; seed entry 57).
 
 PredFormer's paper reports a large MSE advantage on Moving MNIST (MSE/frame 12.4 for TSST vs 29.8 for OpenSTL's
 ConvLSTM, 10 -> 10 frames at 64x64, 2000 epochs). This is the CPU-sized version: clips resized to 32x32 (so both

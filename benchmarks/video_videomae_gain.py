@@ -1,5 +1,5 @@
 """VideoMAE pre-training then fine-tuning vs training from scratch on moving-fashion-mnist-cls, and what VideoMAE V2's
-dual masking saves in pre-training (issue 19; seed entries 35 and 51).
+dual masking saves in pre-training (seed entries 35 and 51).
 
 Three `vl_videomae_mfmnist` classifiers (width 96, 4 layers, clips (1, 10, 32, 32), tubelet 2x8x8: 80 tokens) are
 fine-tuned for the same number of AdamW steps on the same batches of labelled train clips, and evaluated on held-out

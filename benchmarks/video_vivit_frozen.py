@@ -1,4 +1,4 @@
-"""ViViT factorised encoder with a frozen spatial encoder vs trained end to end (issue 19's claim; seed entry 11).
+"""ViViT factorised encoder with a frozen spatial encoder vs trained end to end (the paper's claim; seed entry 11).
 
 1. Image pre-training of the spatial encoder: `vl_vivit_mfmnist` built for one-tubelet-deep clips learns
    the 10 Fashion-MNIST classes from static clips of one item pasted at a random place on the 64x64 canvas and

@@ -14,12 +14,12 @@ from vitlab.runner import example_shape
 
 WAVE1_TECHNIQUES = ["tome:r=1", "evit:keep_rate=0.5", "ats:keep_rate=0.5", "mctf:r=2", "expedit",
                     "prune:target_flops=0.8,importance=l1", "lpvit:sparsity=0.2", "ptq", "w8a8", "w8"]
-# efficiency wave 2 (issue 18): trainable token reducers and hybrid-ViT PTQ
+# trainable token reducers and hybrid-ViT PTQ
 WAVE2_TECHNIQUES = ["slim:keep_rate=0.5", "iared", "sparsifiner", "lookupvit:tokens=4",
                     "qhyvit:search_images=4,topk=2,rounds=1"]   # a small search: applicability, not accuracy
-# ShiftAddViT (issue 18): binary attention where the blocks use timm's global Attention, shift / MoE linears
+# ShiftAddViT: binary attention where the blocks use timm's global Attention, shift / MoE linears
 WAVE3_TECHNIQUES = ["shiftadd"]
-# ToP-ViM (issue 18): token pruning inside plain Vision Mamba models, with hidden-state alignment
+# ToP-ViM: token pruning inside plain Vision Mamba models, with hidden-state alignment
 WAVE4_TECHNIQUES = ["topvim:keep_rate=0.7"]
 TECHNIQUES = WAVE1_TECHNIQUES + WAVE2_TECHNIQUES + WAVE3_TECHNIQUES + WAVE4_TECHNIQUES
 REDUCING = {"tome", "evit", "ats", "mctf", "expedit", "prune", "topvim"}
@@ -78,7 +78,7 @@ WORKS = {
     "vl_test_crossformer_pp": {"expedit", "prune", "ptq", "w8a8", "w8"},
     "vl_test_svt": {"expedit", "ptq", "w8a8", "w8"},
     "vit_tiny_patch16_224:map": ALL,
-    # video (issue 19): clips (B, C, T, H, W)
+    # video: clips (B, C, T, H, W)
     "vl_test_vivit": ALL - {"expedit"},
     "vl_test_vivit_joint": ALL - {"expedit"},
     "vl_test_videomae": ALL - {"expedit"},
@@ -89,7 +89,7 @@ WORKS = {
     "vl_test_deform3d": {"lpvit", "ptq", "w8a8", "w8"},   # 3-D deformable blocks: no adapter yet
     "vl_test_stprivacy": ALL - {"expedit"} | {"shiftadd"},   # reducers run over its kept tubelets
     "vl_test_uniformerv2": {"prune", "lpvit", "ptq", "w8a8", "w8", "shiftadd"},   # local MHRA needs each frame's grid
-    # architecture search (issue 24): a searched ViT-Res net (its attention width is heads x head_dim, not C)
+    # architecture search: a searched ViT-Res net (its attention width is heads x head_dim, not C)
     "vl_test_resnas": {"prune", "lpvit", "ptq", "w8a8", "w8"},
     # a plain Vision Mamba (bidirectional selective scans, middle class token): ToP-ViM prunes it
     "vl_test_vim": {"topvim", "ptq", "w8a8", "w8"},
@@ -174,7 +174,7 @@ def test_every_seed_backbone_is_in_the_matrix():
 def test_works_in_most_cells():
     cells = len(WORKS) * len(ALL)
     assert sum(len(works & ALL) for works in WORKS.values()) / cells >= 0.60   # a floor under the wave-1 table
-    # the model-contract issue's target, over its 47 seed backbones: >= 90 % of (backbone x technique family)
+    # the model contract's target, over its 47 seed backbones: >= 90 % of (backbone x technique family)
     # cells work with at least one of the family (the video rows, with their own token layouts, are not in it)
     by_family = [bool(works & family) for name, works in WORKS.items() if name.split(":")[0] in SEED_MODELS
                  for family in FAMILIES.values()]

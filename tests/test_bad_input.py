@@ -2,7 +2,8 @@
 the bad value, leaving every input file as it was (hashed before and after). Then the promises around it: --debug,
 exit 1 for bugs, valid-but-odd images, atomic-write modes, dtype rules, explain's output format, pareto's hints.
 
-Issue 22 items 10, 11, 12, 14, 16, 18, 19 (and the CLI boundary). Kept fast: vl_test_vit, synthetic data, no training.
+A user's mistake must cost one clear line, not a traceback or a damaged file. Kept fast: vl_test_vit, synthetic
+data, no training.
 """
 import hashlib
 import json

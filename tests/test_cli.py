@@ -79,8 +79,8 @@ def test_predict_top5(checkpoint, tmp_path, capsys):
     Image.fromarray((torch.rand(40, 30, 3) * 255).to(torch.uint8).numpy()).save(img)
     assert main(["predict", str(checkpoint), str(img), "--json"]) == 0
     result = _last_json(capsys.readouterr().out)[str(img)]
-    # independent preprocessing, as eval's (issue 22 item 2): grayscale, bilinear resize of the short side to the
-    # model's 16 px (30x40 -> 16x21), centre crop 16x16 (rows 2..17), normalize with the saved stats
+    # preprocessing written out independently, the same rule eval uses: grayscale, bilinear resize of the short side
+    # to the model's 16 px (30x40 -> 16x21), centre crop 16x16 (rows 2..17), normalize with the saved stats
     pre = vitlab.load_config(checkpoint)["preprocessing"]
     gray = Image.open(img).convert("L").resize((16, 21), Image.BILINEAR).crop((0, 2, 16, 18))
     x = (torch.from_numpy(np.asarray(gray, dtype=np.float32)).view(1, 1, 16, 16) / 255 - pre["mean"][0]) / pre["std"][0]

@@ -336,7 +336,7 @@ def test_dataset_info():
     assert info["num_classes"] == 4 and info["native_shape"] is None and info["kind"] == "synthetic"
 
 
-# ------------------------------------------------------------------------------ odd folders and files (issue 22)
+# ----------------------------------------------------------------------------------------- odd folders and files
 
 def _png(path, size=(6, 6), value=128):
     _mk(path)

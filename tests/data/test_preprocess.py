@@ -1,4 +1,5 @@
-"""One preprocessing for every verb (issue 22, items 2, 5, 8): vitlab.data.transforms, and eval / predict through it.
+"""One preprocessing for every verb, so a model sees the same pixels whichever verb feeds it: vitlab.data.transforms,
+and eval / predict through it.
 
 The reference checkpoint (checkpoints/fashion-mnist-reference, 1x28x28) reads PNG files written from the
 Fashion-MNIST val split, some resized or made non-square: `predict`'s top-1 of each file equals `eval`'s top-1 of

@@ -1,4 +1,4 @@
-"""Techniques on dense models (issue 24): the DenseModel contract adapter, calibration on scenes, ptq / w8a8 /
+"""Techniques on dense models: the DenseModel contract adapter, calibration on scenes, ptq / w8a8 /
 prune / expedit on tiny trained semantic-fpn and detr-lite models, and `vitlab eval` / `vitlab measure --apply`."""
 import json
 from pathlib import Path

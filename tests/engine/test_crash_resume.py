@@ -1,4 +1,4 @@
-"""Nothing lost (issue 22): kill -9 and resume (train with 0 and 2 workers, prune, pareto), one writer per output
+"""Nothing lost: kill -9 and resume (train with 0 and 2 workers, prune, pareto), one writer per output
 folder, an existing run is never overwritten by accident, resumed runs never ignore a flag, crash-safe metrics,
 unwritable --out refused before any work.
 

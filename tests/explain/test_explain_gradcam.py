@@ -1,6 +1,6 @@
 """grad-CAM family (vitlab.explain.gradcam): parity with pytorch-grad-cam called directly, token-reduced scatter
-against a hand-written formula, and every kind of model the issue names (plain, hierarchical, token-reduced, pruned,
-int8-simulated)."""
+against a hand-written formula, and every kind of model an explanation must handle (plain, hierarchical,
+token-reduced, pruned, int8-simulated)."""
 import numpy as np
 import pytest
 import pytorch_grad_cam

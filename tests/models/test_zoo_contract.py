@@ -1,4 +1,5 @@
-"""The model contract every zoo family keeps (issue 6), checked the same way on each family's `vl_test_*` model.
+"""The model contract every zoo family keeps (so techniques and verbs treat every family alike), checked the same way
+on each family's `vl_test_*` model.
 
 Family files test what is particular to each (official parity, parameter counts, MACs, converters); this file
 checks the timm API a user relies on whatever the family: the classifier API, `in_chans=1`, input sizes other than

@@ -109,40 +109,40 @@ CLAIMS = {
               "(3 of 3; at 2x the MACs, far from converged)"),
     "alphavit": ("AlphaViT (Fujita, 2024)",
                  "one ViT over board cells plays several games and board sizes, beats Minimax and MCTS and approaches "
-                 "AlphaZero (no number); issue 25 target: one net on Connect-4 5x4 and 6x5 >= 90 % vs random and "
+                 "AlphaZero (no number); toy-scale target: one net on Connect-4 5x4 and 6x5 >= 90 % vs random and "
                  ">= 55 % vs OpenSpiel MCTSBot-25 on both; here (benchmarks/agents_alphavit.py, 50k params, 12 "
                  "self-play iterations, 248 CPU s at 1 thread, 100 games per match, seed 0): vs random 95 % / 100 % "
                  "wins (reproduced); vs MCTS-25 5x4 50 % wins 23 % draws (score 61.5 %), 6x5 78 % wins: reproduced "
                  "on 6x5, on 5x4 only counting a draw as half a win"),
     "calvin": ("CALVIN (Ishida & Henriques, CVPR 2022)",
                "constrained differentiable value iteration (learned motion kernels, action availability, rewards) "
-               "plans and navigates unseen environments more robustly than VIN / GPPN (no single number); issue 25 "
+               "plans and navigates unseen environments more robustly than VIN / GPPN (no single number); toy-scale "
                "target: exact-VI equality to 1e-5, >= 90 % success on unseen mazes and >= VIN; here "
                "(benchmarks/agents_calvin.py, 15x15 mazes, BFS expert, K=40, 400 steps, 47 CPU s, seed 0): "
                "max |V + shortest path| 0.0; success 97.5 % vs VIN 31.5 % (3.8k vs 4.0k params): reproduced"),
     "seer": ("Seer (Tian et al., 2024)",
              "foresight + inverse dynamics in one block-causal transformer beats policies without foresight (+13 % "
-             "LIBERO-LONG, +21 % CALVIN); issue 25 targets: inverse dynamics given the true future >= 99 % action "
+             "LIBERO-LONG, +21 % CALVIN); toy-scale targets: inverse dynamics given the true future >= 99 % action "
              "accuracy, Seer success >= behaviour cloning at equal steps; here (benchmarks/agents_seer.py, Reach "
              "toy with Fashion-MNIST items, 1200 steps each, 300 test scenes, 59-74 CPU s at 1 thread, seeds 0/1): "
              "ID given the true future 99.1/98.8 %; success 99.0/98.3 % vs BC 98.0/97.7 %: reproduced (success 2 "
              "of 2 seeds, by <= 1 pt; ID >= 99 % on 1 of 2)"),
     "quar-vla": ("QUAR-VLA (Ding et al., 2023)",
                  "a vision-language-action model with discretised action tokens follows instructions (4000 "
-                 "evaluation trials, no single number); issue 25 target: tokenizer round trip within half a bin and "
+                 "evaluation trials, no single number); toy-scale target: tokenizer round trip within half a bin and "
                  "a tiny VLA on the instructed toy; here (benchmarks/agents_vla.py, 3 items, 'move the <class> to "
                  "the <corner>', 83k params, 2000 steps, 300 test scenes, seed 0): round trip within half a bin "
                  "(tests); success 72.0 % (another scene's instruction: 20.0 %), action tokens 85.4 %: reproduced "
                  "(follows the words; far from solved)"),
     "adapt": ("ADAPT (Lin et al., CVPR 2022)",
               "modality-aligned action prompts with alignment + sequential-consistency losses beat the agent "
-              "without them on R2R and RxR (no single number); issue 25 target: alignment loss equals open_clip "
+              "without them on R2R and RxR (no single number); toy-scale target: alignment loss equals open_clip "
               "ClipLoss, the agent with vs without the losses at equal steps; here (benchmarks/agents_vla.py, "
               "instructed toy, 3 prompts, 2000 steps per arm, 174 CPU s, 300 test scenes, seed 0): equals ClipLoss "
               "(tests); success 69.3 % with the losses vs 72.7 % without (tokens 86.0 % both): not reproduced"),
     "cogact": ("CogACT (Li et al., 2024)",
                "a diffusion transformer action module conditioned on the VLM's cognition feature models multimodal "
-               "actions (+35 % sim success over OpenVLA); issue 25 target: on bimodal 2-D paths the diffusion head "
+               "actions (+35 % sim success over OpenVLA); toy-scale target: on bimodal 2-D paths the diffusion head "
                "covers both modes (MMD² < 0.1, stated before the run; each mode >= 30 %) where an MSE head averages "
                "them; here (benchmarks/agents_cogact.py, ViT + DiT 198k params, 2000 steps, DDIM 10 + CFG 1.5, 50 "
                "test scenes x 32 samples, 163-172 CPU s at 1 thread, seeds 0/1): diffusion left/right 38/45 % "
@@ -150,7 +150,7 @@ CLAIMS = {
                "both modes covered where MSE averages (2 of 2), MMD² bound missed (0 of 2): partly reproduced"),
     "git": ("GiT (Wang et al., ECCV 2024)",
             "one plain ViT with boxes decoded as tokens (grid-point matching, parallel teacher-forced decoding) "
-            "detects on COCO (GiT-B 45.1 mAP single-task, 46.7 multi-task; official README); issue 25 target: >= 80 % "
+            "detects on COCO (GiT-B 45.1 mAP single-task, 46.7 multi-task; official README); toy-scale target: >= 80 % "
             "of a DETR-style L1/GIoU head's AP on the same ViT; here (benchmarks/agents_git.py, reference ViT v2, "
             "5x5 grid, 128 bins, batch 8, 200 test scenes, seed 0, 1 thread): 200 steps AP 0.01 vs 0.18 (216 s), "
             "700 steps AP 0.09 vs 0.36 (ratio 0.25, 420 s), 700 steps at lr 2e-3 0.47 vs 0.24 (ratio 1.96); "
@@ -158,7 +158,7 @@ CLAIMS = {
     "unit": ("UNIT (Zhu et al., NeurIPS 2024)",
              "a language decoder teaches a pretrained ViT text recognition while a vision decoder distilling the "
              "frozen original encoder keeps its image performance (better OCR / DocQA, image tasks kept; no single "
-             "number); issue 25 targets: >= 90 % character accuracy on held-out rendered words, Fashion-MNIST top-1 "
+             "number); toy-scale targets: >= 90 % character accuracy on held-out rendered words, Fashion-MNIST top-1 "
              "drop <= 1 pt with the vision decoder and larger without at equal steps; here "
              "(benchmarks/agents_unit.py, reference ViT v2 + CTC head, 28x84 words of 3-5 letters, 300 steps x 32, "
              "1000 test words, 171 CPU s per seed at 1 thread, seeds 0/1): char acc 94.8/95.2 % vs 95.8/96.0 % "
@@ -166,7 +166,7 @@ CLAIMS = {
     "adi": ("ADI (Huang et al., CVPR 2024)",
             "layer-wise identifier tokens + a gradient mask from (anchor, context-different, action-different) "
             "triples learn an action that transfers to unseen subjects better than subject-driven customisation "
-            "(ActionBench; no single number); issue 25 target: ADI beats single-token inversion on 'action present' "
+            "(ActionBench; no single number); toy-scale target: ADI beats single-token inversion on 'action present' "
             "at equal 'subject kept'; here (benchmarks/agents_adi.py, diffusers UNet2DModel 690k params on 16 px "
             "Fashion-MNIST, clockwise rotation learned from 8 trouser/sneaker exemplars, 200 steps per arm, 128 "
             "samples of 8 unseen classes, seed 0, 1 thread, 270 CPU s): action / subject 43.0 / 18.8 % (ADI, "
@@ -176,14 +176,14 @@ CLAIMS = {
     "epalm": ("eP-ALM (Shukor et al., ICCV 2023)",
               "a frozen ViT and a frozen LM joined by one linear connector (CLS tokens of the last ViT layers into the "
               "later LM layers) and a soft prompt beat other efficient baselines on VQA / captioning with > 99 % of "
-              "parameters frozen; issue 25 targets: <= 2 % trainable, item naming far above the text-only prior and "
+              "parameters frozen; toy-scale targets: <= 2 % trainable, item naming far above the text-only prior and "
               "within 10 pt of full fine-tuning; here (benchmarks/agents_epalm.py, reference-v2 ViT + 4-layer GPT-2 "
               "pretrained on captions, 600 steps per arm, 1000 test images, 179 CPU s at 1 thread, seed 0): 0.93 % "
               "trainable; naming 48.5 % vs prior 9.6 % vs full fine-tuning 90.7 %: partly reproduced (2 of 3 "
               "targets; 42 pt behind full fine-tuning at equal steps; 79.0 % after 3x the steps)"),
     "kmax": ("kMaX-DeepLab (Yu et al., ECCV 2022)",
              "k-means cross-attention (argmax assignment, sum update) beats softmax cross-attention in PQ with the "
-             "decoder otherwise unchanged (COCO 58.0 PQ); issue 24 target: better PQ at equal steps in >= 2 of 3 "
+             "decoder otherwise unchanged (COCO 58.0 PQ); small-scale target: better PQ at equal steps in >= 2 of 3 "
              "seeds; here (benchmarks/dense_kmax.py, fmnist-scenes panoptic, frozen reference-v2 ViT + simple "
              "pyramid, 300 steps x 8, 300 test scenes, seeds 0/1/2): PQ 6.56/6.56/6.68 vs 6.56/6.56/8.36: not "
              "reproduced (0 of 3; seeds 0/1 tied, both heads predicting only the background segment at this budget); "
