@@ -13,7 +13,13 @@ shared 2-core CPU: the pretrained ViT stays frozen (`--backbone-lr-mult 0`; the 
 the pyramid and the head train with AdamW (lr 1e-3, warm-up + cosine) for 300 steps of 8 scenes drawn from 4,800;
 PQ on the first 300 test scenes.
 
+`--losses kmax` trains with kMaX-DeepLab's own criterion (vitlab/dense/kmax_loss.py: PQ-style matching, mask-ID
+cross-entropy, dice, pixel instance discrimination, auxiliary semantic loss; the head's `loss="kmax"`) instead of
+the shared Mask2Former `MaskCriterion` (`m2f`); `--losses m2f kmax --heads kmax` compares the two at equal steps on
+the same batches.
+
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/dense_kmax.py            # 3 seeds x 2 heads
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/dense_kmax.py --heads kmax --losses kmax m2f   # the losses
     python benchmarks/dense_kmax.py --steps 20 --seeds 0 --test 32         # smoke run
 """
 from __future__ import annotations
@@ -33,17 +39,16 @@ from vitlab.data.scenes import collate_scenes
 from vitlab.dense import DenseModel, get_head
 from vitlab.dense.backbone import Backbone
 from vitlab.dense.engine import dense_loss, evaluate_dense
-from vitlab.dense.matching import MaskCriterion
 
 HEADS = ("kmax", "softmax-xattn")
 
 
-def train_one(head_name: str, seed: int, args: argparse.Namespace, train_set, test_set) -> dict:
-    """Train one (head, seed) for `args.steps` AdamW steps; PQ / SQ / RQ on the test scenes."""
+def train_one(head_name: str, loss_name: str, seed: int, args: argparse.Namespace, train_set, test_set) -> dict:
+    """Train one (head, loss, seed) for `args.steps` AdamW steps; PQ / SQ / RQ on the test scenes."""
     torch.manual_seed(seed)
     backbone = Backbone(args.backbone, in_chans=1, img_size=64)
     head = get_head(head_name, "panoptic").target(backbone.channels, backbone.strides, num_classes=11,
-                                                   dim=args.dim, num_queries=args.queries)
+                                                   dim=args.dim, num_queries=args.queries, loss=loss_name)
     model = DenseModel(backbone, head)
     pretrained = {id(p) for p in backbone.model.parameters()}  # the ViT; its new feature pyramid learns at lr
     if args.backbone_lr_mult == 0:  # frozen ViT: no backward through it
@@ -56,7 +61,7 @@ def train_one(head_name: str, seed: int, args: argparse.Namespace, train_set, te
     scheduler = timm.scheduler.CosineLRScheduler(optimizer, t_initial=args.steps - warmup, lr_min=1e-6,
                                                  warmup_t=warmup, warmup_lr_init=1e-6, warmup_prefix=True,
                                                  t_in_epochs=False)
-    criterion = MaskCriterion(11, task="panoptic")
+    criterion = head.criterion("panoptic")
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
     start, model_params = time.perf_counter(), sum(p.numel() for p in head.parameters())
     model.train()
@@ -70,12 +75,12 @@ def train_one(head_name: str, seed: int, args: argparse.Namespace, train_set, te
         optimizer.step()
         scheduler.step_update(step + 1)
         if args.log_every and (step + 1) % args.log_every == 0:
-            print(f"  {head_name} seed {seed} step {step + 1}: loss {loss.item():.3f}", flush=True)
+            print(f"  {head_name} ({loss_name} loss) seed {seed} step {step + 1}: loss {loss.item():.3f}", flush=True)
     train_s = time.perf_counter() - start
     metrics = evaluate_dense(model, test_set, "panoptic", batch_size=32, limit=args.test)
-    return {"head": head_name, "seed": seed, "pq": 100 * metrics["pq"], "sq": 100 * metrics["sq"],
-            "rq": 100 * metrics["rq"], "loss": loss.item(), "head_params": model_params, "train_s": train_s,
-            "wall_s": time.perf_counter() - start}
+    return {"head": head_name, "loss_name": loss_name, "seed": seed, "pq": 100 * metrics["pq"],
+            "sq": 100 * metrics["sq"], "rq": 100 * metrics["rq"], "loss": loss.item(), "head_params": model_params,
+            "train_s": train_s, "wall_s": time.perf_counter() - start}
 
 
 def main() -> None:
@@ -93,32 +98,40 @@ def main() -> None:
     parser.add_argument("--backbone", default="checkpoints/fashion-mnist-reference-v2")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--log-every", type=int, default=0)
+    parser.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS))
+    parser.add_argument("--losses", nargs="+", choices=("m2f", "kmax"), default=["m2f"],
+                        help="m2f: Mask2Former's criterion; kmax: kMaX-DeepLab's own")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train_set = build_dense_dataset(f"fmnist-scenes:n={args.train}", "train")
     test_set = build_dense_dataset("fmnist-scenes", "test")  # canvas k of a split is the same for every n
+    arms = [(head, loss) for head in args.heads for loss in args.losses]
     rows = []
     for seed in args.seeds:
-        for head in HEADS:
-            rows.append(train_one(head, seed, args, train_set, test_set))
+        for head, loss in arms:
+            rows.append(train_one(head, loss, seed, args, train_set, test_set))
             r = rows[-1]
-            print(f"# {head} seed {seed}: PQ {r['pq']:.2f} SQ {r['sq']:.2f} RQ {r['rq']:.2f} "
+            print(f"# {head} ({loss} loss) seed {seed}: PQ {r['pq']:.2f} SQ {r['sq']:.2f} RQ {r['rq']:.2f} "
                   f"(final loss {r['loss']:.3f}, {r['wall_s']:.0f} s)", flush=True)
-    print(f"\nkMaX vs softmax cross-attention, fmnist-scenes panoptic, {args.steps} steps x batch {args.batch}, "
+    print(f"\nkMaX heads and losses, fmnist-scenes panoptic, {args.steps} steps x batch {args.batch}, "
           f"{args.train} training scenes, {args.test} test scenes; backbone {args.backbone}; "
           f"{platform.processor() or platform.machine()}, {args.threads} thread(s)\n")
-    print("| head | seed | PQ | SQ | RQ | head params | train s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| head | loss | seed | PQ | SQ | RQ | head params | train s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['head']} | {r['seed']} | {r['pq']:.2f} | {r['sq']:.2f} | {r['rq']:.2f} | "
+        print(f"| {r['head']} | {r['loss_name']} | {r['seed']} | {r['pq']:.2f} | {r['sq']:.2f} | {r['rq']:.2f} | "
               f"{r['head_params'] / 1e6:.2f}M | {r['train_s']:.0f} |")
-    for head in HEADS:
-        pq = [r["pq"] for r in rows if r["head"] == head]
-        print(f"| {head} | mean | {statistics.mean(pq):.2f} | | | | |")
-    pairs = [(round(k["pq"], 2), round(s["pq"], 2)) for k, s in zip(rows[0::2], rows[1::2])]  # as printed
-    wins, ties = sum(k > s for k, s in pairs), sum(k == s for k, s in pairs)
-    print(f"\nkMaX beats softmax cross-attention in PQ in {wins} of {len(args.seeds)} seeds ({ties} tied): "
-          f"{'reproduced' if wins >= 2 and len(args.seeds) == 3 else 'not reproduced' if len(args.seeds) == 3 else 'n/a'}")
+    for head, loss in arms:
+        pq = [r["pq"] for r in rows if (r["head"], r["loss_name"]) == (head, loss)]
+        print(f"| {head} | {loss} | mean | {statistics.mean(pq):.2f} | | | | |")
+    pq_of = {(r["head"], r["loss_name"], r["seed"]): round(r["pq"], 2) for r in rows}  # as printed
+    for (head_a, loss_a), (head_b, loss_b) in zip(arms[:1] * (len(arms) - 1), arms[1:]):
+        pairs = [(pq_of[head_a, loss_a, s], pq_of[head_b, loss_b, s]) for s in args.seeds]
+        wins, ties = sum(a > b for a, b in pairs), sum(a == b for a, b in pairs)
+        verdict = ("reproduced" if wins >= 2 else "not reproduced") if len(args.seeds) == 3 else "n/a"
+        claim = " (the kMaX claim)" if (head_a, head_b, loss_a) == ("kmax", "softmax-xattn", loss_b) else ""
+        print(f"\n{head_a} ({loss_a} loss) beats {head_b} ({loss_b} loss) in PQ in {wins} of {len(args.seeds)} "
+              f"seeds ({ties} tied){claim}: {verdict}")
 
 
 if __name__ == "__main__":

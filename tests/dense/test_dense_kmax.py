@@ -151,7 +151,7 @@ def test_layer_equals_official_kmax_transformer_layer():
         "_query_qkv_conv_bn": "qkv", "_query_self_attention._batch_norm_similarity": "self_attn.norm_similarity",
         "_query_self_attention._batch_norm_retrieved_value": "self_attn.norm_value", "_query_conv3_bn": "self_proj",
         "_query_ffn_conv1_bn_act": "ffn.0", "_query_ffn_conv2_bn": "ffn.1"})
-    centres, (class_logits, mask_logits) = layer(tensors["layer.in.pixels"], tensors["layer.in.centres"])
+    centres, (class_logits, mask_logits, _) = layer(tensors["layer.in.pixels"], tensors["layer.in.centres"])
     torch.testing.assert_close(class_logits, tensors["layer.out.class_logits"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(mask_logits, tensors["layer.out.mask_logits"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(centres, tensors["layer.out.centres"], rtol=1e-4, atol=1e-5)
@@ -228,3 +228,99 @@ def test_docstring_example_runs():
     for test in finder.find(kmax.KMaXDecoder, "KMaXDecoder", globs={"torch": torch, "KMaXDecoder": KMaXDecoder}):
         runner.run(test)
     assert runner.summarize(verbose=False).attempted == 3 and runner.summarize(verbose=False).failed == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# kMaX-DeepLab's own losses (vitlab/dense/kmax_loss.py)
+
+def _official_loss_case():
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(FIXTURE / "official_kmax_loss.safetensors"))
+    meta = json.loads((FIXTURE / "official_kmax_loss.json").read_text())
+    inputs = {k: v.clone().requires_grad_(True) for k, v in tensors.items()
+              if not k.startswith(("target", "bg_", "void_"))}
+    outputs = {k: inputs[k] for k in ("pred_logits", "pred_masks", "pixel_feature", "aux_semantic_pred")}
+    outputs["aux"] = [{k: inputs[f"aux0_{k}"] for k in ("pred_logits", "pred_masks", "pixel_feature")}]
+    targets = [{"labels": tensors[f"target{b}_labels"], "masks": tensors[f"target{b}_masks"],
+                "semantic": tensors[f"target{b}_semantic"]} for b in range(2)]
+    return tensors, meta, inputs, outputs, targets
+
+
+@pytest.mark.parametrize("case", ["bg", "void"])
+def test_kmax_criterion_equals_official_set_criterion(case):
+    """Every weighted term and the gradients equal bytedance/kmax-deeplab's SetCriterion + HungarianMatcher on the
+    fixture (case "void": the targets leave the background pixels unlabelled)."""
+    from vitlab.dense.kmax_loss import KMaXCriterion
+
+    tensors, meta, inputs, outputs, targets = _official_loss_case()
+    criterion = KMaXCriterion(meta["num_classes"], "panoptic", background=-1 if case == "bg" else None, sample_k=64)
+    losses = criterion(outputs, targets)
+    expected = meta["cases"][case]
+    assert set(losses) == set(expected)
+    for key, value in expected.items():
+        assert losses[key].item() == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    sum(losses.values()).backward()
+    for key in ("pred_logits", "pred_masks", "pixel_feature", "aux0_pred_masks"):
+        torch.testing.assert_close(inputs[key].grad, tensors[f"{case}_grad_{key}"], rtol=1e-4, atol=1e-6)
+
+
+def test_kmax_loss_terms_by_hand():
+    """The mask-ID cross-entropy, dice and matching on a 1-image, 2-query, 3-pixel case computed by hand."""
+    from vitlab.dense.kmax_loss import kmax_match, mask_id_cross_entropy, softmax_dice
+
+    masks = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 1.0, 1.0]]])  # (B=1, Q=2, P=3)
+    target = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]])
+    void = torch.zeros(1, 3, dtype=torch.bool)
+    p = masks.softmax(1)[0]  # (Q, P)
+    ce = -(torch.log(p[0, 0]) + torch.log(p[1, 1]) + torch.log(p[1, 2])) / 3  # one-hot CE per pixel, mean
+    assert mask_id_cross_entropy(masks, target, void).item() == pytest.approx(ce.item(), rel=1e-6)
+    weight = torch.tensor([[0.5, 1.0]])
+    dice0 = 1 - (2 * p[0, 0] + 1) / (p[0].sum() + 1 + 1)
+    dice1 = 1 - (2 * (p[1, 1] + p[1, 2]) + 1) / (p[1].sum() + 2 + 1)
+    expected = (0.5 * dice0 + 1.0 * dice1) * 0.75 / 2
+    assert softmax_dice(masks, target, void, weight).item() == pytest.approx(expected.item(), rel=1e-6)
+    logits = torch.tensor([[0.0, 3.0, 0.0], [3.0, 0.0, 0.0]])  # (Q, K + 1): query 0 says class 1, query 1 class 0
+    (rows, cols), dice, prob = kmax_match(logits, masks[0], torch.tensor([1, 0]), target[0])
+    assert rows.tolist() == [0, 1] and cols.tolist() == [0, 1]  # query 0 <-> segment 0 (class 1) and 1 <-> 1
+    assert dice[0].item() == pytest.approx((p[0, 0] / ((p[0].sum() + 1) / 2 + 1e-5)).item(), rel=1e-5)
+    assert prob[0].item() == pytest.approx(logits[0].softmax(0)[1].item(), rel=1e-6)
+
+
+def test_kmax_loss_head_trains_and_infers_softmax_masks():
+    """`loss=kmax`: training outputs carry what the criterion reads and it backpropagates to the aux semantic head;
+    in eval, sigmoid(pred_masks) is the softmax over queries (what the shared sigmoid inference reads)."""
+    torch.manual_seed(0)
+    head = KMaXDecoder([16, 16, 16], [4, 8, 16], num_classes=3, dim=32, num_queries=4, heads=2, loss="kmax")
+    feats = [torch.randn(2, 16, 8, 8), torch.randn(2, 16, 4, 4), torch.randn(2, 16, 2, 2)]
+    out = head(feats, None)
+    assert out["pixel_feature"].shape[-2:] == out["pred_masks"].shape[-2:] == (8, 8)
+    assert out["aux_semantic_pred"].shape == (2, 3, 2, 2) and all("pixel_feature" in a for a in out["aux"])
+    semantic = torch.full((32, 32), 2, dtype=torch.long)
+    semantic[4:20, 4:20] = 0
+    target = {"labels": torch.tensor([0]), "masks": (semantic == 0)[None], "semantic": semantic}
+    loss = sum(head.criterion("panoptic")(out, [target, target]).values())
+    loss.backward()
+    assert head.aux_semantic[2][0].weight.grad.abs().sum() > 0
+    head.eval()
+    with torch.no_grad():
+        probs = head(feats, None)["pred_masks"].sigmoid()
+        head.loss = "m2f"  # the same weights' raw mask logits
+        raw = head(feats, None)["pred_masks"]
+    torch.testing.assert_close(probs, raw.softmax(1), rtol=1e-4, atol=1e-5)
+    with pytest.raises(UserError, match="loss=kmax"):
+        KMaXDecoder([16, 16, 16], [4, 8, 16], num_classes=3, loss="focal")
+
+
+def test_training_with_loss_kmax_uses_kmax_deeplabs_criterion(tmp_path, monkeypatch):
+    """`vitlab train --head kmax:loss=kmax` trains with KMaXCriterion, not Mask2Former's (the engine picks the
+    criterion from the head's training outputs)."""
+    from vitlab.cli import main
+    from vitlab.dense import kmax_loss
+
+    calls, real = [], kmax_loss.KMaXCriterion.forward
+    monkeypatch.setattr(kmax_loss.KMaXCriterion, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    assert main(["train", "--task", "panoptic", "--head", "kmax:loss=kmax", "--model", "vl_test_vit", "--data",
+                 "fmnist-scenes:n=16", "--steps", "2", "--batch-size", "4", "--no-progress",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert len(calls) == 2

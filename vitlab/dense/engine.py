@@ -121,6 +121,10 @@ def make_criterion(outputs: dict[str, Any], task: str, num_classes: int) -> nn.M
     """The matched criterion for a head's output kind (None for per-pixel logits)."""
     from . import matching
 
+    if "pixel_feature" in outputs:  # a kMaX head with loss=kmax: kMaX-DeepLab's own criterion
+        from .kmax_loss import KMaXCriterion
+
+        return KMaXCriterion(num_classes, task=task)
     if "pred_masks" in outputs:
         return matching.MaskCriterion(num_classes, task=task)
     if "pred_boxes" in outputs:

@@ -29,8 +29,14 @@ What is simplified for 64 px scenes on a CPU, and why:
   stays a few conv layers on a 2-core CPU.
 - BatchNorm (eps 1e-3 as official) with PyTorch's momentum 0.1, not SyncBN's 0.01: runs here are hundreds of steps,
   not 150k, and the running statistics must settle within them.
-- no auxiliary semantic head and no pixel instance-discrimination loss: the head's outputs are trained with the
-  shared `vitlab.dense.matching.MaskCriterion` (see benchmarks/dense_kmax.py for which losses).
+
+Losses (`loss=`): "kmax" trains with kMaX-DeepLab's own criterion (vitlab/dense/kmax_loss.py: PQ-style matching,
+mask-ID cross-entropy over queries, dice weighted by the matched class probability, pixel instance discrimination,
+auxiliary semantic loss; the head then adds the official auxiliary semantic predictor (its `use_aux_semantic_decoder
+=False` form) on the coarsest level, and in training mode returns "pixel_feature" and "aux_semantic_pred"). Its
+masks are a softmax over the queries, so in eval mode "pred_masks" holds their log-odds log(p / (1 - p)): the shared
+sigmoid inference of vitlab.dense.matching then reads the kMaX mask probabilities p. "m2f" keeps per-mask sigmoid
+logits for the shared Mask2Former `vitlab.dense.matching.MaskCriterion`.
 """
 from __future__ import annotations
 
@@ -43,9 +49,13 @@ from timm.layers import DropPath, LayerNorm2d, trunc_normal_tf_
 
 from ..errors import UserError
 from .heads import register_head
+from .kmax_loss import KMaXCriterion
+from .matching import MaskCriterion
 
 __all__ = ["kmeans_assignment", "cluster_update", "KMeansCrossAttention", "SoftmaxCrossAttention", "KMaXLayer",
-           "KMaXPixelDecoder", "KMaXDecoder", "SoftmaxXAttnDecoder"]
+           "KMaXPixelDecoder", "KMaXDecoder", "SoftmaxXAttnDecoder", "KMaXCriterion", "LOSSES"]
+
+LOSSES = ("kmax", "m2f")  # kMaX-DeepLab's own criterion; Mask2Former's (vitlab.dense.matching.MaskCriterion)
 
 _BN_EPS = 1e-3  # official get_norm('syncbn'): eps=1e-3
 
@@ -163,7 +173,8 @@ def add_bias_towards_void(class_logits: torch.Tensor, void_prior: float = 0.9) -
 class KMaXPredictor(nn.Module):
     """Class logits and mask logits from centre embeddings and pixel features (official `kMaXPredictor`).
 
-    Mask logits = BN_1(<L2-normalised pixel embedding, mask kernel>), the BN's gamma starting at 0.1."""
+    Mask logits = BN_1(<L2-normalised pixel embedding, mask kernel>), the BN's gamma starting at 0.1. Returns
+    (class logits, mask logits, the normalised pixel embedding: kMaX's instance discrimination loss reads it)."""
 
     def __init__(self, pixel_in: int, query_in: int, num_classes: int, hidden: int, mask_dim: int):
         super().__init__()
@@ -177,18 +188,18 @@ class KMaXPredictor(nn.Module):
         nn.init.constant_(self.mask_norm.weight, 0.1)
 
     def forward(self, mask_embed: torch.Tensor, class_embed: torch.Tensor,
-                pixel_feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                pixel_feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pixel = F.normalize(self.pixel_head(pixel_feature), dim=1)  # (B, M, h, w)
         class_logits = add_bias_towards_void(self.class_head(class_embed).transpose(1, 2))  # (B, Q, K+1)
         kernel = self.mask_head(mask_embed)  # (B, M, Q)
         mask_logits = torch.einsum("bchw,bcq->bqhw", pixel, kernel)  # (B, Q, h, w)
-        return class_logits, self.mask_norm(mask_logits.unsqueeze(1)).squeeze(1)
+        return class_logits, self.mask_norm(mask_logits.unsqueeze(1)).squeeze(1), pixel
 
 
 class KMaXLayer(nn.Module):
     """One kMaX decoder layer: predict masks, k-means (or softmax) cross-attention, self-attention, FFN.
 
-    Official `kMaXTransformerLayer`; returns the new centres and this layer's (class, mask) logits."""
+    Official `kMaXTransformerLayer`; returns the new centres and this layer's (class, mask logits, pixel embedding)."""
 
     def __init__(self, pixel_in: int, query_dim: int, num_classes: int, attention: str = "kmeans",
                  base: int = 64, heads: int = 4, ffn: int = 256, mask_dim: int = 64, drop_path: float = 0.0):
@@ -210,12 +221,12 @@ class KMaXLayer(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, pixels: torch.Tensor, centres: torch.Tensor
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         # pixels (B, C, h, w), centres (B, D, Q)
         pixel_space = self.pixel_in(F.gelu(pixels))  # (B, 2*base, h, w)
         query_space = self.query_in(centres)  # (B, 2*base, Q)
         values = self.pixel_v(pixel_space).flatten(2)  # (B, Dv, N)
-        class_logits, mask_logits = self.predictor(query_space, query_space, pixel_space)
+        class_logits, mask_logits, pixel = self.predictor(query_space, query_space, pixel_space)
         if isinstance(self.cross, KMeansCrossAttention):
             centres = self.cross(centres, mask_logits.flatten(2), values)
         else:
@@ -223,7 +234,7 @@ class KMaXLayer(nn.Module):
         q, k, v = self.qkv(query_space).split([self.key_dim, self.key_dim, self.value_dim], dim=1)
         centres = F.gelu(centres + self.drop_path(self.self_proj(self.self_attn(q, k, v))))
         centres = F.gelu(centres + self.drop_path(self.ffn(centres)))
-        return centres, (class_logits, mask_logits)
+        return centres, (class_logits, mask_logits, pixel)
 
 
 class BottleneckBlock(nn.Module):
@@ -297,7 +308,9 @@ class KMaXDecoder(nn.Module):
     """kMaX-DeepLab decoder: k-means cross-attention of learned cluster centres over a stride 16/8/4 pixel decoder.
 
     `attention="softmax"` gives the softmax cross-attention baseline of the same size (`softmax-xattn`).
-    Output: `{"pred_logits" [B, Q, K+1], "pred_masks" [B, Q, h/4, w/4], "aux": [one dict per decoder layer]}`.
+    Output: `{"pred_logits" [B, Q, K+1], "pred_masks" [B, Q, h/4, w/4], "aux": [one dict per decoder layer]}`; with
+    `loss="kmax"` (module docstring) in training also "pixel_feature" [B, M, h/4, w/4] (and per aux layer) and
+    "aux_semantic_pred" [B, K, h/16, w/16], and in eval "pred_masks" are log-odds of the softmax over queries.
 
         >>> head = KMaXDecoder([32, 32, 32], [4, 8, 16], num_classes=11)
         >>> out = head([torch.randn(2, 32, 16, 16), torch.randn(2, 32, 8, 8), torch.randn(2, 32, 4, 4)], None)
@@ -307,8 +320,11 @@ class KMaXDecoder(nn.Module):
 
     def __init__(self, channels: list[int], strides: list[int], num_classes: int, attention: str = "kmeans",
                  num_queries: int = 16, dim: int = 128, layers_per_stage: int = 1, heads: int = 4,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, loss: str = "m2f"):
         super().__init__()
+        if loss not in LOSSES:
+            raise UserError(f"kmax: loss={loss!r} is not one of {', '.join(LOSSES)}; write --head kmax:loss=kmax "
+                            f"(kMaX-DeepLab's own losses) or loss=m2f (Mask2Former's)")
         if attention not in ("kmeans", "softmax"):
             raise UserError(f"kmax: attention={attention!r} is not one of kmeans, softmax; "
                             f"write --head kmax:attention=kmeans or attention=softmax")
@@ -320,7 +336,7 @@ class KMaXDecoder(nn.Module):
             raise UserError(f"kmax: dim={dim} must be a multiple of 2 * heads={2 * heads} (key width dim/2 per head)")
         if not 0.0 <= drop_path < 1.0:
             raise UserError(f"kmax: drop_path={drop_path} must be in [0, 1)")
-        self.attention = attention
+        self.attention, self.loss = attention, loss
         self.levels = _pick_levels(list(strides))
         if len(self.levels) < 2:
             raise UserError(f"kmax needs a backbone with at least two feature levels; it has strides {list(strides)}")
@@ -337,20 +353,41 @@ class KMaXDecoder(nn.Module):
         self.class_embed = ConvBN(dim, dim, dim=1, act=True)
         self.mask_embed = ConvBN(dim, dim, dim=1, act=True)
         self.predictor = KMaXPredictor(4 * widths[-1], dim, num_classes, hidden=dim, mask_dim=base)
+        if loss == "kmax":  # official _auxiliary_semantic_predictor (use_aux_semantic_decoder=False), coarsest level
+            c = channels[self.levels[0]]
+            self.aux_semantic = nn.Sequential(ConvBN(c, c, kernel_size=5, groups=c, act=True),
+                                              ConvBN(c, 2 * dim, act=True),
+                                              ConvBN(2 * dim, num_classes, bias=True, norm=False, init_std=0.01))
+
+    def criterion(self, task: str) -> nn.Module:
+        """The training criterion of this head's `loss` for `task` (panoptic or semantic)."""
+        num_classes = self.predictor.class_head[0].out_channels - 1
+        return KMaXCriterion(num_classes, task) if self.loss == "kmax" else MaskCriterion(num_classes, task=task)
 
     def forward(self, features: list[torch.Tensor], image: torch.Tensor | None) -> dict:
         pixels = self.pixel_decoder([features[i] for i in self.levels])  # coarse to fine
         centres = self.centres.unsqueeze(0).expand(pixels[0].shape[0], -1, -1)  # (B, D, Q)
         aux = []
         for layer, stage in zip(self.layers, self.stage_of_layer):
-            centres, (class_logits, mask_logits) = layer(pixels[stage], centres)
-            aux.append((class_logits, mask_logits))
-        class_logits, mask_logits = self.predictor(self.mask_embed(centres), self.class_embed(centres), pixels[-1])
+            centres, prediction = layer(pixels[stage], centres)
+            aux.append(prediction)
+        class_logits, mask_logits, pixel = self.predictor(self.mask_embed(centres), self.class_embed(centres),
+                                                          pixels[-1])
         size = mask_logits.shape[-2:]
-        aux_out = [{"pred_logits": c, "pred_masks": F.interpolate(m, size=size, mode="bilinear",
-                                                                  align_corners=size[-1] % 2 == 1)}
-                   for c, m in aux]
-        return {"pred_logits": class_logits, "pred_masks": mask_logits, "aux": aux_out}
+
+        def up(x: torch.Tensor) -> torch.Tensor:  # official _set_aux_loss: bilinear to the final mask size
+            return F.interpolate(x, size=size, mode="bilinear", align_corners=size[-1] % 2 == 1)
+
+        kmax_training = self.loss == "kmax" and self.training
+        aux_out = [{"pred_logits": c, "pred_masks": up(m), **({"pixel_feature": up(p)} if kmax_training else {})}
+                   for c, m, p in aux]
+        out = {"pred_logits": class_logits, "pred_masks": mask_logits, "aux": aux_out}
+        if kmax_training:
+            out.update(pixel_feature=pixel, aux_semantic_pred=self.aux_semantic(features[self.levels[0]]))
+        elif self.loss == "kmax":  # log-odds of the softmax over queries: sigmoid inference reads p (docstring)
+            log_p = mask_logits.float().log_softmax(dim=1)  # (B, Q, h, w)
+            out["pred_masks"] = (log_p - torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))).to(mask_logits.dtype)
+        return out
 
 
 @register_head("softmax-xattn", tasks=("panoptic", "semantic"))
@@ -359,6 +396,6 @@ class SoftmaxXAttnDecoder(KMaXDecoder):
 
     def __init__(self, channels: list[int], strides: list[int], num_classes: int, attention: str = "softmax",
                  num_queries: int = 16, dim: int = 128, layers_per_stage: int = 1, heads: int = 4,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, loss: str = "m2f"):
         super().__init__(channels, strides, num_classes, attention, num_queries, dim, layers_per_stage, heads,
-                         drop_path)
+                         drop_path, loss)
