@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -91,8 +92,18 @@ def to_openvino(model: nn.Module, example: torch.Tensor):
     return ov_model
 
 
+@functools.cache
+def _core():
+    """The one OpenVINO Core of the process. Each Core's CPU plugin replaces the calling thread's sigaltstack with
+    its own (mmap'ed) stack and, when it is destroyed, restores the one it found and unmaps its own. Cores freed in
+    any order but the reverse of their creation leave the thread on an unmapped alternate stack, and the next signal
+    with an SA_ONSTACK handler (every Python handler, e.g. the SIGCHLD one torch's DataLoader installs) kills the
+    process with SIGSEGV (OpenVINO 2026.4.1). One Core that lives as long as the process installs it once."""
+    return _ov().Core()
+
+
 def compile_openvino(ov_model, threads: int | None, precision: str = "f32"):
-    return _ov().Core().compile_model(ov_model, "CPU", ov_config(threads, precision))
+    return _core().compile_model(ov_model, "CPU", ov_config(threads, precision))
 
 
 def fake_quant_ranges(ov_model) -> list[dict]:
