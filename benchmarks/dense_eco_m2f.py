@@ -2,7 +2,7 @@
 at a lower expected encoder depth, its PQ-vs-encoder-MACs curve on or above that of fixed depths.
 
 The claim (ECO-M2F, Yao et al., 2024, abstract and Tables 1-2: reduced expected encoder cost at maintained PQ on
-COCO / Cityscapes; our targets from issue 24: expected depth <= 4.5 of 6 with PQ within 1 pt of full depth, the
+COCO / Cityscapes; our small-scale targets: expected depth <= 4.5 of 6 with PQ within 1 pt of full depth, the
 gate's curve on or above the fixed-depth curve), checked at small scale on vitlab/dense/eco_m2f.py (HF
 `Mask2FormerForUniversalSegmentation`, tiny config, HF Swin from scratch, 6 encoder layers):
 

@@ -6,8 +6,7 @@
     model = vitlab.load("checkpoints/fashion-mnist-reference-v2", ["tome:r=4"])   # a name or folder + a stack
     rows = vitlab.measure("checkpoints/fashion-mnist-reference", data="fashion-mnist")
 """
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .checkpoint import CheckpointError, create_model, load_config, save_checkpoint  # noqa: E402
 from . import models  # noqa: E402,F401  (registers the vl_* models into timm: timm.create_model works)
 from .runner import Runner, TorchRunner, as_runner  # noqa: E402

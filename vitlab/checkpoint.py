@@ -23,8 +23,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from . import __version__
+from ._version import __version__
 from .errors import UserError
+from .runner import model_input_size
 from .techniques import (_load_builtin_techniques, apply_, applied_techniques, reapply_on_load, technique_from_dict,
                          technique_to_dict)
 from .utils.io import atomic_path, atomic_write_json
@@ -110,7 +111,6 @@ def model_spec(model: nn.Module) -> dict:
             "pass model_name= and model_kwargs= to save_checkpoint")
     kwargs = getattr(model, "vitlab_arch", None)
     if kwargs is None:  # a timm model: keep what timm.create_model users change most
-        from .runner import model_input_size
         chans, height, width = model_input_size(model)
         default = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, None, None)))
         kwargs = {"num_classes": int(getattr(model, "num_classes", 0))}
@@ -129,8 +129,6 @@ def _resized(model: nn.Module) -> dict:
 
 
 def default_preprocessing(model: nn.Module, class_names: list[str] | None = None) -> dict:
-    from .runner import model_input_size
-
     cfg = getattr(model, "pretrained_cfg", None) or {}
     c, h, w = model_input_size(model)
     mean = tuple(cfg.get("mean", (0.5,) * c))
@@ -152,8 +150,6 @@ def _inherited_preprocessing(model: nn.Module) -> dict | None:
     """The preprocessing (input size, mean/std, class names) of the checkpoint `model` was loaded from, if any, so
     a model saved again (quantized, exported by the Pareto lab) keeps its class names; None when the input size
     changed since (e.g. a model rebuilt at another img_size)."""
-    from .runner import model_input_size
-
     pre = (getattr(model, "vitlab_checkpoint", None) or {}).get("config", {}).get("preprocessing")
     if not isinstance(pre, dict):
         return None
@@ -440,8 +436,6 @@ def create_model(name_or_checkpoint: str | Path, *, pretrained: bool = False, re
     technique asks for it (token reduction), unless `reapply=False`.
     """
     import timm
-
-    from . import models  # noqa: F401  (registers vl_* models into timm)
 
     if Path(str(name_or_checkpoint)).is_dir() or "/" in str(name_or_checkpoint):
         directory = Path(name_or_checkpoint)

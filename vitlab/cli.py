@@ -5,6 +5,7 @@ import os
 import sys
 from pathlib import Path
 
+from ._version import __version__
 from .engine.edvit import Split
 from .engine.speed import PRECISIONS
 from .engine.ssl import METHODS, PretrainConfig
@@ -550,8 +551,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
-
     return __version__
 
 
@@ -1190,7 +1189,7 @@ def cmd_models(args) -> int:
     from .models.listing import list_models
 
     if args.recipes:
-        from .engine.recipes import recipe_class, recipe_names
+        from .recipes import recipe_class, recipe_names
 
         for name in recipe_names():
             doc = (recipe_class(name).__doc__ or "").strip().splitlines()

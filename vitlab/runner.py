@@ -14,6 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
+from .techniques import applied_techniques
+
 __all__ = ["Runner", "TorchRunner", "as_runner", "example_shape", "item_shape", "model_input_size"]
 
 
@@ -82,8 +84,6 @@ class TorchRunner:
 
     @property
     def techniques(self) -> tuple:
-        from .techniques import applied_techniques
-
         return applied_techniques(self.module)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ from vitlab.explain.core import ExplainError
 from vitlab.profiling import count_flops
 from vitlab.techniques import TechniqueNotApplicable, parse_apply
 from vitlab.tokens import IARED
-from vitlab.tokens.iared import (IAREDTraining, iared_reductions, iared_reward, iared_saliency, policy_log_prob,
-                                 reinforce_loss)
+from vitlab.explain.iared import iared_saliency
+from vitlab.tokens.iared import IAREDTraining, iared_reductions, iared_reward, policy_log_prob, reinforce_loss
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=5)   # 64 patches, 8 x 8
 

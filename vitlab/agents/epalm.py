@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint import create_model
 from .registry import ToyError, register_toy
 
 __all__ = ["CLASS_NAMES", "TEMPLATES", "Vocab", "EPALMConfig", "EPALM", "injection_plan", "lm_config",
@@ -319,15 +320,13 @@ def trainable_count(model: nn.Module) -> int:
 
 def _vision_encoder(quick: bool) -> nn.Module:
     """The reference ViT (quick: a random-init `vl_vit_fmnist` of the same shape, so the smoke run needs no file)."""
-    import vitlab
-
     if quick:
-        return vitlab.create_model("vl_vit_fmnist")
+        return create_model("vl_vit_fmnist")
     path = Path(__file__).resolve().parents[2] / CHECKPOINT
     if not path.is_dir():
         raise ToyError(f"the eP-ALM toy needs vitlab's reference ViT at {path}; run it from a vitlab checkout "
                        "(or use --quick, which uses a random-init ViT)")
-    return vitlab.create_model(str(path))
+    return create_model(str(path))
 
 
 @register_toy("epalm", "eP-ALM: frozen ViT + frozen tiny GPT-2, one linear connector + soft prompt (captions)",

@@ -40,6 +40,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor
 from torchvision.ops import box_convert
 
+from ..checkpoint import create_model
 from .registry import register_toy
 
 __all__ = ["box_tokens", "tokens_to_boxes", "decode_boxes", "grid_points", "grid_match", "git_targets", "git_attention_mask",
@@ -212,9 +213,7 @@ def _batch_targets(model: GiT, targets: list[dict[str, Tensor]], size: int) -> t
 
 def _vit(init: str, img_size: int) -> nn.Module:
     """The classification ViT `init` (a vitlab checkpoint or model name), resized to `img_size` px input."""
-    import vitlab
-
-    vit = vitlab.create_model(init)
+    vit = create_model(init)
     vit.set_input_size(img_size=img_size)
     return vit
 

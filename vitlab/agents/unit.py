@@ -45,6 +45,7 @@ from PIL import Image, ImageDraw, ImageFont
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
+from ..checkpoint import create_model
 from .registry import register_toy
 
 __all__ = ["ALPHABET", "random_words", "render_word", "render_words", "encode_text", "ctc_collapse",
@@ -300,7 +301,6 @@ def compare(steps: int, init: str, seed: int = 0, train_words: int = 4000, test_
     """UNIT (language + vision decoder) and the language decoder alone, trained from the ViT `init` on the same
     word batches for the same steps; character / word accuracy on held-out words and Fashion-MNIST test top-1 of
     the original head (the teacher's = before training)."""
-    import vitlab
     from ..data.fashion_mnist import FMNIST_DIR, load_split
 
     train_images, _ = load_split(FMNIST_DIR, "train")
@@ -314,7 +314,7 @@ def compare(steps: int, init: str, seed: int = 0, train_words: int = 4000, test_
                                  "test_images": len(test_y)}
     for name, decoder in (("unit", True), ("text_only", False)):
         torch.manual_seed(seed)
-        model = UNIT(vitlab.create_model(init), vision_decoder=decoder)
+        model = UNIT(create_model(init), vision_decoder=decoder)
         if name == "unit":
             metrics["teacher_top1"] = round(top1(model, test_x, test_y), 2)
         start = time.perf_counter()

@@ -622,7 +622,7 @@ def _uniformerv2_spec(model) -> ModelSpec:
     return _spec(model, "uniformerv2", [StageSpec("blocks", _blocks(model.blocks, "blocks", 1))], prefix=1)
 # --- end uniformerv2 ---
 
-# --- stprivacy (video, issue 19) ---
+# --- stprivacy (video) ---
 from ..models import stprivacy as _stprivacy  # noqa: E402
 
 
@@ -633,7 +633,7 @@ def _stprivacy_spec(model) -> ModelSpec:
     return _spec(model, "stprivacy", [StageSpec("blocks", _blocks(model.blocks, "blocks", 1))], prefix=1)
 # --- end stprivacy ---
 
-# --- resnas (architecture search, issue 24) ---
+# --- resnas (architecture search) ---
 from ..models import resnas as _resnas  # noqa: E402
 
 
@@ -652,11 +652,7 @@ def _resnas_spec(model) -> ModelSpec:
     return _spec(model, "vl_resnas", [s for s in stages if s.blocks], prefix=1)
 # --- end resnas ---
 
-# --- dense (techniques on dense models, issue 24) ---
-from ..dense import apply as _dense_apply  # noqa: E402,F401  (registers the DenseModel adapter)
-# --- end dense ---
-
-# --- predformer (video prediction, issue 19) ---
+# --- predformer (video prediction) ---
 from ..models import predformer as _predformer  # noqa: E402
 
 # A gated block is a timm Block (SwiGLU MLP) whose unit folds the (T, N) token grid into the batch and back after
@@ -671,7 +667,7 @@ def _predformer_spec(model) -> ModelSpec:
                                           for i, u in enumerate(model.units)])
 # --- end predformer ---
 
-# --- paab (pose-aware video ViT, issue 19) ---
+# --- paab (pose-aware video ViT) ---
 from ..models import paab as _paab  # noqa: E402
 
 # PAAB: a timm Block run per tubelet-frame (frames folded into the batch) with attention masked to the keypoint

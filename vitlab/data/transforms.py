@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import default_preprocessing, is_checkpoint, load_config
 from .spec import DataError, DataSpec, to_stats
 
 __all__ = ["Preprocessing", "resolve_preprocessing", "image_transform", "load_image_tensor", "to_channels",
@@ -79,8 +80,6 @@ def resolve_preprocessing(model_or_runner) -> Preprocessing:
     `create_model(DIR)`), the model's timm `pretrained_cfg`, then defaults (bilinear, crop_pct 1, centre crop, mean and
     std 0.5). The input size is the runner's or model's actual one (a model built with another img_size says so).
     """
-    from ..checkpoint import default_preprocessing
-
     config, pretrained, base, size, num_classes = {}, {}, None, None, None
     for m in _modules(model_or_runner):
         config = config or (getattr(m, "vitlab_checkpoint", None) or {}).get("config", {})
@@ -258,7 +257,6 @@ def check_source_classes(source, data: str | DataSpec, data_dir: str | None = No
     """`check_classes` for a checkpoint folder from its config.json alone (no model built, no image read), so a
     verb can refuse mismatched data before loading or calibrating anything. A model name passes (checked later)."""
     from .build import dataset_info  # here: .build imports this module
-    from ..checkpoint import is_checkpoint, load_config
 
     if not is_checkpoint(source):
         return

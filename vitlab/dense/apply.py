@@ -31,6 +31,9 @@ import torch
 import torch.nn as nn
 
 from ..contract import ModelSpec, StageSpec, describe, register_adapter
+from ..prune.apply import register_dense_prune
+from ..quant.handlers import register_dense_deploy
+from ..techniques import TechniqueNotApplicable, format_technique
 from .heads import DenseModel
 
 __all__ = ["prefixed_spec", "FlatOutputs", "DenseEngineRunner", "deploy_dense", "prune_dense_"]
@@ -135,8 +138,6 @@ def prune_dense_(model: nn.Module, cfg: Any, prune: Callable[[nn.Module], Any]) 
     """The `prune` handler on a dense model: `prune(backbone_model)` (the registered handler on the wrapped timm /
     vitlab model) under the rules of the module docstring; refuses what would change a stage width or score units
     with the unused classifier. Returns `model` with `vitlab_prune` (the backbone's summary)."""
-    from ..techniques import TechniqueNotApplicable, format_technique
-
     name = format_technique(cfg)
     if not isinstance(model, DenseModel):
         raise TechniqueNotApplicable(name, model, "its head builds the whole model (backbone included); on dense "
@@ -153,3 +154,7 @@ def prune_dense_(model: nn.Module, cfg: Any, prune: Callable[[nn.Module], Any]) 
     prune(backbone)
     model.vitlab_prune = {**getattr(backbone, "vitlab_prune", {}), "scope": "backbone.model"}
     return model
+
+
+register_dense_deploy(deploy_dense)
+register_dense_prune(prune_dense_)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .distill import DistillTokenViT
-from .recipes import Recipe, RecipeError, Step, register_recipe
+from ..recipes import Recipe, RecipeError, Step, register_recipe
 
 __all__ = ["DRW", "DeiTLT", "drw_weights", "deitlt_loss", "strong_augment", "two_head_model", "weighted_ce"]
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .recipes import Recipe, RecipeError, Step, register_recipe
+from ..recipes import Recipe, RecipeError, Step, register_recipe
 
 __all__ = ["EventContrastive", "nt_xent", "event_contrastive_loss"]
 

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .recipes import Recipe, Step, register_recipe
+from ..recipes import Recipe, Step, register_recipe
 
 __all__ = ["FastKD", "FastKDError", "StoreMismatch", "dense_targets", "load_store", "replay_settings",
            "save_teacher_logits", "soft_target_cross_entropy", "sparse_topk"]

@@ -38,7 +38,7 @@ from ..errors import UserError
 from .. import loader as model_loader
 from ..utils.io import atomic_path, atomic_write_text
 from ..utils.lock import kill_point, lock_folder
-from .recipes import Step
+from ..recipes import Step, parse_recipe
 from .runtime import Runtime, rng_state, seed_everything, set_rng_state, setup_runtime
 from .speed import PRECISIONS, autocast, choose_precision, compile_forward
 
@@ -119,8 +119,6 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.recipe:
-            from .recipes import parse_recipe
-
             parse_recipe(self.recipe)   # names the bad recipe or option before anything runs
             if self.token_consistency > 0:
                 raise ValueError("--recipe cannot be combined with --token-consistency; drop one")
@@ -523,8 +521,6 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
             model = add_distill_token(model).to(rt.device)
     recipe = None
     if cfg.recipe:
-        from .recipes import parse_recipe
-
         recipe = parse_recipe(cfg.recipe)
         recipe.setup(model, train_set, cfg, rt)
     if cfg.opt == "sam":

@@ -57,13 +57,12 @@ def method_names() -> list[str]:
 def _load_builtin_methods() -> None:
     import importlib
 
-    for module in ("attention", "gradcam", "tame", "tokens"):
+    for module in ("attention", "gradcam", "tame", "tokens", "iared"):
         try:
             importlib.import_module(f"{__package__}.{module}")
         except ModuleNotFoundError as e:
             if e.name != f"{__package__}.{module}":
                 raise
-    importlib.import_module("..tokens.iared", __package__)   # registers "iared" (IA-RED²'s interpreter scores)
 
 
 def explained_module(model_or_runner: Any) -> nn.Module:

@@ -45,6 +45,7 @@ from timm.layers import DropPath, Mlp, get_act_layer, to_2tuple, trunc_normal_, 
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 
+from ..checkpoint import create_model
 from ._builder import build_vitlab_model, imagenet_cfg
 from ._convert import register_hf_converter
 from ._staged import StagedTokenModel, tokens_to_map
@@ -376,8 +377,6 @@ def _hf_key(key: str) -> str:
 @register_hf_converter("cvt")
 def _cvt_from_hf(hf_model) -> ConvVisionTransformer:
     """vitlab CvT with the weights of a transformers `CvtForImageClassification` (HF uses exact GELU)."""
-    from ..checkpoint import create_model  # records the arch, so save_checkpoint can rebuild the model
-
     config = hf_model.config
     if set(config.qkv_projection_method) != {"dw_bn"}:
         raise ValueError(f"qkv_projection_method={config.qkv_projection_method}: only 'dw_bn' converts "

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
-from ..data.video_pose import patch_mask
-from ..engine.recipes import Recipe, RecipeError, Step, register_recipe
+from ..data.video import MovingFashionMNIST
+from ..data.video_pose import JOINTS, OBJECTS, clip_keypoints, patch_mask
+from ..recipes import Recipe, RecipeError, Step, register_recipe
 from ._builder import build_vitlab_model
 from .vivit import ViViT
 
@@ -150,9 +151,6 @@ class PAATRecipe(Recipe):
     hidden: int = 256
 
     def setup(self, model: nn.Module, train_set: Any, cfg: Any, rt: Any) -> None:
-        from ..data.video import MovingFashionMNIST
-        from ..data.video_pose import JOINTS, OBJECTS
-
         grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
         blocks = getattr(model, "blocks", None)
         if grid is None or len(grid) != 3 or blocks is None or getattr(model, "factorised", False):
@@ -174,8 +172,6 @@ class PAATRecipe(Recipe):
         return list(self.head.parameters())
 
     def loss(self, step: Step) -> torch.Tensor:
-        from ..data.video_pose import clip_keypoints
-
         self._tokens.clear()
         loss = step.default_loss()
         tokens = self._tokens[-1][:, self._prefix:]  # (B, T'H'W', D)

@@ -49,6 +49,7 @@ from timm.layers import DropPath, Mlp, get_act_layer, resample_abs_pos_embed, to
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 
+from ..checkpoint import create_model
 from ._builder import build_vitlab_model, imagenet_cfg
 from ._convert import register_hf_converter
 from ._staged import StagedTokenModel, tokens_to_map
@@ -377,8 +378,6 @@ def _hf_key(key: str) -> str:
 @register_hf_converter("pvt")
 def _pvt_from_hf(hf_model) -> PyramidVisionTransformer:
     """vitlab PVT v1 with the weights of a transformers `PvtForImageClassification` (separate K/V layers joined)."""
-    from ..checkpoint import create_model  # records the arch, so save_checkpoint can rebuild the model
-
     config = hf_model.config
     n = config.num_encoder_blocks
     if list(config.patch_sizes) != list(config.strides) or any(p != 2 for p in config.patch_sizes[1:]):

@@ -34,6 +34,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
 from ..errors import UserError
+from ..checkpoint import create_model
 from ._builder import build_vitlab_model
 
 __all__ = ["UniFormerV2", "UniBlock", "LocalMHRA", "QueryDecoderLayer", "arm_image_vit",
@@ -324,8 +325,6 @@ def arm_image_vit(image_model: nn.Module | str, num_frames: int = 8, return_list
     the official B/16 and L/14 configs. `kwargs` go to the UniFormerV2 constructor (e.g. `decoder_heads`)."""
     from timm.layers import PatchEmbed
     from timm.models.vision_transformer import VisionTransformer
-
-    from ..checkpoint import create_model
 
     vit = create_model(image_model) if isinstance(image_model, str) else image_model
     why = None

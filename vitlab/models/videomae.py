@@ -41,6 +41,7 @@ from timm.layers import get_act_layer, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
+from ..checkpoint import create_model
 from ._builder import build_vitlab_model
 from ._convert import register_hf_converter
 from .vivit import TubeletEmbed
@@ -335,8 +336,6 @@ def _videomae_from_hf(hf_model) -> nn.Module:
     """vitlab VideoMAE with the weights of a transformers `VideoMAEForVideoClassification` (or `VideoMAEModel`:
     no head), or a `VideoMAEPretrainer` from `VideoMAEForPreTraining`. transformers takes (B, T, C, H, W), vitlab
     (B, C, T, H, W); its `fc_norm` and decoder norm use LayerNorm's default eps 1e-5, kept here."""
-    from ..checkpoint import create_model
-
     config = hf_model.config
     if config.hidden_act not in _HF_ACT:
         raise ValueError(f"hidden_act={config.hidden_act!r} does not convert: use one of {', '.join(_HF_ACT)}")

@@ -24,6 +24,7 @@ from timm.layers import get_act_layer, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
+from ..checkpoint import create_model
 from ._builder import build_vitlab_model
 from ._convert import register_hf_converter
 
@@ -182,8 +183,6 @@ _HF_ACT = {"gelu": "gelu", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_
 def _vivit_from_hf(hf_model) -> ViViT:
     """vitlab ViViT model 1 with the weights of a transformers `VivitForVideoClassification` (or `VivitModel`,
     giving a model without head). Inputs differ in layout: HF takes (B, T, C, H, W), ours (B, C, T, H, W)."""
-    from ..checkpoint import create_model  # records the arch, so save_checkpoint can rebuild the model
-
     config = hf_model.config
     if config.hidden_act not in _HF_ACT:
         raise ValueError(f"hidden_act={config.hidden_act!r} does not convert: use one of {', '.join(_HF_ACT)}")

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from .._version import __version__ as vitlab_version
 from .allocator import allocator_state
 from .cpu import cpu_flags_text, cpu_name
 
@@ -101,11 +102,6 @@ def _cpu_name() -> str:
 
 def environment() -> dict:
     """Versions and hardware a measurement ran on, for storing next to the numbers."""
-    try:
-        import vitlab
-        vitlab_version = getattr(vitlab, "__version__", "unknown")
-    except ImportError:
-        vitlab_version = "unknown"
     try:
         import timm
         timm_version = timm.__version__

@@ -1,6 +1,7 @@
 """`prune_`: a plain timm ViT pruned in place to a `Prune` plan; and the `prune` technique's handler, which sends a dense
 model to its backbone and any other family with a contract adapter to the dependency graph (vitlab.prune.graph)."""
 import dataclasses
+from typing import Any, Callable
 
 import torch.nn as nn
 
@@ -33,12 +34,20 @@ def prune_(model: nn.Module, cfg: Prune | None = None, *, calib=None, **kwargs) 
     return model
 
 
+# How a dense model is pruned (its backbone alone): vitlab.dense.apply registers `prune_dense_` here when vitlab.dense
+# loads, which it has whenever a dense model exists (dense sits above prune).
+_DENSE: dict[str, Callable[[nn.Module, Prune, Callable[[nn.Module], Any]], nn.Module]] = {}
+
+
+def register_dense_prune(prune: Callable[[nn.Module, Prune, Callable[[nn.Module], Any]], nn.Module]) -> None:
+    """Prune dense models with `prune(model, cfg, prune_backbone)`."""
+    _DENSE["prune"] = prune
+
+
 @register_handler(Prune)
 def _apply_prune(model, cfg: Prune, calib=None):
     if getattr(model, "vitlab_dense", None) is not None:   # a dense model: its backbone (vitlab.dense.apply)
-        from ..dense.apply import prune_dense_  # here: the dense package (heads, backbones) loads only for dense models
-
-        return prune_dense_(model, cfg, lambda backbone: _apply_prune(backbone, cfg, calib=calib))
+        return _DENSE["prune"](model, cfg, lambda backbone: _apply_prune(backbone, cfg, calib=calib))
     technique = format_technique(cfg)
     try:
         check_prunable(model, technique)

@@ -9,8 +9,8 @@ the patch projection's outputs, every LayerNorm, qkv/fc1 inputs, proj/fc2 output
 
 Stem units are whole GroupNorm groups, so the kept groups normalise exactly the channels they did before: removing
 a stem unit equals zeroing its GroupNorm weight and bias (GELU(0) = 0), checked in tests/prune/test_prune.py. Embedding
-channels have no such identity (every LayerNorm's mean and variance change), which is one reason the issue's speed
-table ranks them last.
+channels have no such identity (every LayerNorm's mean and variance change), which is one reason the speed table
+(benchmarks/prune_speed.py) ranks them last.
 
 Costs are analytic MACs per image and parameter counts (`variable_macs`, `variable_params`), checked against
 `vitlab.profiling.count_flops` and `sum(p.numel())` in tests/prune/test_prune.py.

@@ -9,7 +9,7 @@ machinery, under the technique's own name.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -59,6 +59,16 @@ def _refuse_dynamic(model: Any, cfg) -> None:
                                      "static graph")
 
 
+# How a dense model (dict outputs) goes through an engine: vitlab.dense.apply registers `deploy_dense` here when
+# vitlab.dense loads, which it has whenever a dense model exists (dense sits above quant: it builds on the contract).
+_DENSE: dict[str, Callable[[nn.Module, Callable[[nn.Module], Any], torch.Tensor], Any]] = {}
+
+
+def register_dense_deploy(deploy: Callable[[nn.Module, Callable[[nn.Module], Any], torch.Tensor], Any]) -> None:
+    """Deploy dense models with `deploy(model, engine_handler, example)` (the engine sees flat tensor outputs)."""
+    _DENSE["deploy"] = deploy
+
+
 def _dense(model: Any) -> bool:
     """Whether `model` is a dense-prediction model (its forward returns a dict: vitlab.dense)."""
     return isinstance(model, nn.Module) and getattr(model, "vitlab_dense", None) is not None
@@ -85,9 +95,7 @@ def _apply_w8a8(model: nn.Module, cfg: W8A8, calib=None):
     _refuse_dynamic(model, cfg)
     with _named(cfg):
         if _dense(model):   # dict outputs: exported flat, the dict rebuilt (vitlab.dense.apply)
-            from ..dense.apply import deploy_dense  # dense sits above quant (it builds on the contract and heads)
-
-            return deploy_dense(model, lambda flat: deploy_w8a8(flat, cfg, list(calib)), list(calib)[0])
+            return _DENSE["deploy"](model, lambda flat: deploy_w8a8(flat, cfg, list(calib)), list(calib)[0])
         return deploy_w8a8(model, cfg, list(calib))
 
 
@@ -96,9 +104,7 @@ def _apply_w8(model: nn.Module, cfg: W8, calib=None):
     _refuse_dynamic(model, cfg)
     with _named(cfg):
         if _dense(model):   # dict outputs: exported flat, the dict rebuilt (vitlab.dense.apply)
-            from ..dense.apply import deploy_dense  # dense sits above quant (it builds on the contract and heads)
-
-            return deploy_dense(model, lambda flat: deploy_w8(flat, cfg), torch.zeros(1, *example_shape(model)))
+            return _DENSE["deploy"](model, lambda flat: deploy_w8(flat, cfg), torch.zeros(1, *example_shape(model)))
         return deploy_w8(model, cfg)
 
 
@@ -106,7 +112,5 @@ def _apply_w8(model: nn.Module, cfg: W8, calib=None):
 def _apply_bf16(model: nn.Module, cfg: BF16):
     _refuse_dynamic(model, cfg)
     if _dense(model):   # dict outputs: exported flat, the dict rebuilt (vitlab.dense.apply)
-        from ..dense.apply import deploy_dense  # dense sits above quant (it builds on the contract and heads)
-
-        return deploy_dense(model, lambda flat: deploy_bf16(flat, cfg), torch.zeros(1, *example_shape(model)))
+        return _DENSE["deploy"](model, lambda flat: deploy_bf16(flat, cfg), torch.zeros(1, *example_shape(model)))
     return deploy_bf16(model, cfg)

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..recipes import Recipe, Step, register_recipe
 from ..techniques import Kind, TechniqueNotApplicable, format_technique, register_handler, register_technique
 
 __all__ = ["ShiftAdd", "ShiftLinear", "ShiftAddMoE", "BinaryAngularAttention", "shiftadd_", "round_to_fixed",
@@ -338,8 +339,6 @@ def _apply_shiftadd(model: nn.Module, cfg: ShiftAdd, calib=None) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------- training
-
-from ..engine.recipes import Recipe, Step, register_recipe  # noqa: E402  (the recipe needs the layers above)
 
 
 @register_recipe("shiftadd")

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint import create_model
 from ..models.resnas import BLOCK, REDUCE, ResidualSpatialReduction, ResNAS, pad_channels
 from .space import SearchSpace
 
@@ -106,10 +107,8 @@ class Supernet(nn.Module):
     @torch.no_grad()
     def materialise(self, network_def: list) -> ResNAS:
         """A plain `vl_resnas` model of `network_def` holding the supernet's leading weight slices."""
-        import vitlab
-
         self.space.check(network_def)
-        model = vitlab.create_model("vl_resnas", network_def=network_def, **self.space.model_kwargs())
+        model = create_model("vl_resnas", network_def=network_def, **self.space.model_kwargs())
         src, dst = self.net, model
         width = network_def[0][1]
         dst.stem.load_state_dict(src.stem.state_dict())

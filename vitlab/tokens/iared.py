@@ -19,7 +19,8 @@ our reading of the paper, with our choices marked:
 * Training (`--recipe iared`): phase "policy" trains the interpreters with the backbone frozen; phase "backbone"
   then fine-tunes the backbone with the interpreters frozen and deterministic (the paper's optional second step).
 
-The scores double as a saliency map: `vitlab explain CKPT --method iared` (registered here) shows, per patch, the
+The scores double as a saliency map: `vitlab explain CKPT --method iared` (registered in
+vitlab.explain.iared) shows, per patch, the
 product of its keep probabilities over the groups it reached (0 after it is dropped).
 """
 from dataclasses import dataclass
@@ -28,14 +29,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..engine.recipes import Recipe, Step, register_recipe
-from ..explain.core import ExplainError, register_method
+from ..recipes import Recipe, Step, register_recipe
 from ..techniques import TechniqueError, format_technique
 from .families import reducible_blocks, token_sequences
 from .patch import ReducingBlockMixin, TokenReducingModel, TokenState, init_state, patch_model
 
 __all__ = ["Interpreter", "IAREDReduction", "policy_log_prob", "iared_reward", "reinforce_loss", "executed_fraction",
-           "IAREDTraining", "iared_saliency", "apply_iared"]
+           "IAREDTraining", "apply_iared"]
 
 
 class Interpreter(nn.Module):
@@ -197,34 +197,6 @@ class IAREDTraining(Recipe):
             reward = iared_reward(correct, executed_fraction(step.model), self.penalty)
         log_prob = sum(policy_log_prob(*r.record) for r in iared_reductions(step.model))
         return reinforce_loss(log_prob, reward, self.baseline)
-
-
-# ------------------------------------------------------------------------------------------------ saliency
-
-@register_method("iared")
-def iared_saliency(model: nn.Module, images: torch.Tensor, target: torch.Tensor, **options) -> torch.Tensor:
-    """(B, h, w) per patch: the product of its keep probabilities over the groups it reached, 0 once dropped."""
-    reductions = iared_reductions(model)
-    if not reductions:
-        raise ExplainError(f"--method iared reads IA-RED²'s interpreters, and this {type(model).__name__} has none: "
-                           "explain a checkpoint trained with --apply iared (vitlab train --init CKPT --apply iared "
-                           "--recipe iared)")
-    grid = model.token_sequences[0].grid
-    if grid is None:
-        raise ExplainError(f"--method iared: {type(model).__name__}'s patch tokens form no grid to draw")
-    for r in reductions:
-        r.mask = True
-    try:
-        with torch.no_grad():
-            model(images)
-        score = torch.ones_like(reductions[0].record[0])
-        for r in reductions:                                                  # hierarchical: masks keep positions
-            probs, keep, alive = r.record
-            score = score * torch.where(alive, probs, torch.zeros_like(probs))
-    finally:
-        for r in reductions:
-            r.mask = False
-    return score.reshape(len(images), *grid)                                  # (B, n) -> (B, h, w)
 
 
 def apply_iared(model: nn.Module, cfg) -> nn.Module:

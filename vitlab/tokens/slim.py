@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
-from ..engine.recipes import Recipe, Step, register_recipe
+from ..recipes import Recipe, Step, register_recipe
 from ..techniques import TechniqueError, format_technique
 from .families import reducible_blocks, token_sequences
 from .patch import ReducingBlockMixin, TokenReducingModel, TokenState, init_state, patch_model

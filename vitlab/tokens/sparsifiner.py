@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from ..engine.recipes import Recipe, Step, register_recipe
+from ..recipes import Recipe, Step, register_recipe
 from ..profiling import count_flops
 from ..profiling.flops import FlopCount
 from ..techniques import TechniqueError
