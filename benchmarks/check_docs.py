@@ -2,7 +2,9 @@
 
     python benchmarks/check_docs.py            # prints one line per problem; exit code 1 if there is any
 
-Rules (the "How to add a section" comment at the top of BENCHMARKS.md states them for writers):
+BENCHMARKS.md is rendered from benchmarks/results/ (render_benchmarks.py, whose `--check` tests/test_docs.py runs);
+these rules apply to the rendered text. Rules (the "How to add a section" comment at the top of BENCHMARKS.md states
+them for writers):
 - README.md is at most 9,000 characters: it is the front page, the rest lives in docs/.
 - README.md and BENCHMARKS.md carry no diary words ("session", "superseded", "earlier", "now", an issue number,
   ...): they describe the current state; git keeps the history.

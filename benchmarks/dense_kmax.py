@@ -21,6 +21,10 @@ the same batches.
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/dense_kmax.py            # 3 seeds x 2 heads
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/dense_kmax.py --heads kmax --losses kmax m2f   # the losses
     python benchmarks/dense_kmax.py --steps 20 --seeds 0 --test 32         # smoke run
+
+`--save-results` (with the default `--losses m2f`) stores one row per head, its seeds joined by " / ", in
+BENCHMARKS.md's kMaX section (benchmarks/results/*-kmax-k-means-vs-softmax-cross-attention.json; a head at other
+than 300 steps is its own row) and renders it.
 """
 from __future__ import annotations
 
@@ -40,7 +44,10 @@ from vitlab.dense import DenseModel, get_head
 from vitlab.dense.backbone import Backbone
 from vitlab.dense.engine import dense_loss, evaluate_dense
 
+from _results import machine_line, markdown_table, save_rows
+
 HEADS = ("kmax", "softmax-xattn")
+SECTION = "kmax-k-means-vs-softmax-cross-attention"
 
 
 def train_one(head_name: str, loss_name: str, seed: int, args: argparse.Namespace, train_set, test_set) -> dict:
@@ -101,7 +108,12 @@ def main() -> None:
     parser.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS))
     parser.add_argument("--losses", nargs="+", choices=("m2f", "kmax"), default=["m2f"],
                         help="m2f: Mask2Former's criterion; kmax: kMaX-DeepLab's own")
+    parser.add_argument("--save-results", action="store_true",
+                        help="store the per-head rows in BENCHMARKS.md's kMaX section (with --losses m2f)")
     args = parser.parse_args()
+    if args.save_results and args.losses != ["m2f"]:
+        parser.error(f"--save-results stores the head comparison, which uses --losses m2f; got --losses "
+                     f"{' '.join(args.losses)}: drop --save-results and paste the printed rows")
     torch.set_num_threads(args.threads)
     train_set = build_dense_dataset(f"fmnist-scenes:n={args.train}", "train")
     test_set = build_dense_dataset("fmnist-scenes", "test")  # canvas k of a split is the same for every n
@@ -132,6 +144,17 @@ def main() -> None:
         claim = " (the kMaX claim)" if (head_a, head_b, loss_a) == ("kmax", "softmax-xattn", loss_b) else ""
         print(f"\n{head_a} ({loss_a} loss) beats {head_b} ({loss_b} loss) in PQ in {wins} of {len(args.seeds)} "
               f"seeds ({ties} tied){claim}: {verdict}")
+    if args.save_results:
+        columns = ["head", "seed", "PQ", "SQ", "RQ", "head params"]
+        table = []
+        for head in args.heads:
+            runs = [r for r in rows if r["head"] == head]
+            table.append([head if args.steps == 300 else f"{head}, {args.steps} steps",
+                          " / ".join(str(r["seed"]) for r in runs),
+                          *(" / ".join(f"{r[m]:.2f}" for r in runs) for m in ("pq", "sq", "rq")),
+                          f"{runs[0]['head_params'] / 1e6:.2f} M"])
+        print("\n" + markdown_table(columns, table))
+        print("saved to", save_rows(SECTION, columns, table, machine=machine_line(args.threads)))
 
 
 if __name__ == "__main__":

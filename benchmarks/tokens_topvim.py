@@ -15,6 +15,9 @@ test top-1 and throughput against the unpruned model, with and without the align
    after; throughput at batch 64 in inference mode, the three fine-tuned models timed round-robin in A-B-C-C-B-A
    order (--rounds), median per model, ratio to the unpruned model of the same run.
 
+`--save-results` stores the rows (keyed by the model column) in BENCHMARKS.md's ToP-ViM section
+(benchmarks/results/*-top-vim-on-a-small-vision-mamba-*.json) and renders it; runs at other keep rates add their rows.
+
 Seen here (2-core Xeon shared by ~8 jobs, 1 thread): the base run took 15.5 min at load ~14 (the fine-tunes ran at
 0.25 s/step on the quiet machine, so about 1.5 min quiet); `--reuse-base` then 1.9-2.9 min for the rest.
 """
@@ -32,9 +35,12 @@ from vitlab.engine import TrainConfig, evaluate, fit
 from vitlab.profiling import time_callable
 from vitlab.profiling.cpu import cpu_name
 
+from _results import machine_line, markdown_table, save_rows
+
 ARCH = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=6, d_state=1)
 TOKENS = (ARCH["img_size"] // ARCH["patch_size"]) ** 2 + 1   # 49 patches + the class token
 STEPS_PER_EPOCH = 55000 // 64
+SECTION = "top-vim-on-a-small-vision-mamba-apply-topvim"
 
 
 def _train(out: Path, steps: int, lr: float, **kwargs) -> tuple[Path, float]:
@@ -58,6 +64,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temp dir)")
     parser.add_argument("--reuse-base", action="store_true", help="start from the base run already in --out")
+    parser.add_argument("--save-results", action="store_true", help="store the rows in BENCHMARKS.md's section")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -72,7 +79,7 @@ def main() -> None:
         base_text = f"{args.base_steps} steps ({base_s / 60:.1f} min)"
     print(f"base: {base_text}", flush=True)
     specs = [None, f"topvim:keep_rate={args.keep_rate}", f"topvim:keep_rate={args.keep_rate},alignment=false"]
-    labels = ["unpruned", f"ToP-ViM keep {args.keep_rate} (aligned)", f"keep {args.keep_rate}, no alignment"]
+    labels = ["unpruned", f"ToP-ViM keep {args.keep_rate}", f"keep {args.keep_rate}, no alignment"]
 
     base = vitlab.create_model(base_run).eval()
     test = dataset_for(base, "fashion-mnist", "test")
@@ -106,13 +113,25 @@ def main() -> None:
     n_test = min(len(test), args.test_limit or len(test))
     print(f"\nCPU: {cpu_name() or platform.processor()}, 1 thread, torch {torch.__version__}; base: {base_text}; "
           f"first {n_test} test images; batch 64; total wall {(time.perf_counter() - wall) / 60:.1f} min\n")
-    print(f"| model | tokens after each block | top-1 before FT | top-1 after {args.ft_steps} FT steps | Δ pt "
-          f"| img/s | throughput ratio |")
-    print("|---|---|---|---|---|---|---|")
+    columns = ["model", "tokens after each block", "top-1 before FT", f"after {args.ft_steps} FT steps", "Δ pt",
+               "throughput"]
+    table, previous = [], None
     for r in rows:
         ips = 64 / median[r["label"]]
-        print(f"| {r['label']} | {'/'.join(map(str, r['counts']))} | {100 * r['top1_zero']:.2f} | "
-              f"{100 * r['top1']:.2f} | {100 * (r['top1'] - base_top1):+.2f} | {ips:.0f} | {ips / base_ips:.2f}x |")
+        counts = r["counts"]
+        tokens = ("same" if counts == previous else f"{counts[0]}×{len(counts)}" if len(set(counts)) == 1
+                  else "/".join(map(str, counts)))
+        delta = 100 * (r["top1"] - base_top1)
+        table.append([r["label"], tokens, f"{100 * r['top1_zero']:.2f}", f"{100 * r['top1']:.2f}",
+                      "0" if round(delta, 2) == 0 else f"{delta:+.2f}".replace("-", "\N{MINUS SIGN}"),
+                      f"{ips / base_ips:.2f}x"])
+        previous = counts
+        print(f"{r['label']}: {ips:.0f} img/s")
+    print("\n" + markdown_table(columns, table))
+    if args.save_results:
+        rounds = f"{args.rounds} round{'s' * (args.rounds != 1)}"
+        note = f"throughput ratios measured in one process, A-B-C-C-B-A order, {rounds}"
+        print("saved to", save_rows(SECTION, columns, table, machine=machine_line(1, note)))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ must stay at chance (50 %); the clip model has to follow which item comes out of
 train for the same number of optimizer steps (seeded), at 1 thread.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/video_interaction.py --steps 400
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/video_interaction.py --steps 400 --save-results   # + BENCHMARKS.md
+
+`--save-results` stores the two rows (keyed by model and frames) in BENCHMARKS.md's section
+(benchmarks/results/*-pass-through-vs-bounce-*.json) and renders it.
 """
 import argparse
 import platform
@@ -16,6 +20,10 @@ import torch.nn.functional as F
 
 import vitlab
 from vitlab.data.video import MovingFashionMNIST
+
+from _results import machine_line, markdown_table, save_rows
+
+SECTION = "pass-through-vs-bounce-moving-fashion-mnist-cls"
 
 
 def _stack(ds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +59,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--model", default="vl_vivit_mfmnist", help="a video model for (1, 10, 32, 32) clips")
+    parser.add_argument("--save-results", action="store_true", help="store the rows in BENCHMARKS.md's section")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -63,7 +72,7 @@ def main() -> None:
 
     rows = []
     for name, frames, kwargs in (("10 frames", 10, {"num_classes": 2}),
-                                 ("single frame (frame 0)", 1,
+                                 ("frame 0 only", 1,
                                   {"num_classes": 2, "num_frames": 1, "tubelet_size": (1, 8, 8)})):
         torch.manual_seed(0)
         model = vitlab.create_model(args.model, **kwargs)
@@ -75,10 +84,12 @@ def main() -> None:
           f"{len(x_test)} test clips (1x10x32x32), {args.model}, AdamW lr {args.lr}, batch {args.batch}, "
           f"{args.steps} steps per model; {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread; data generation {data_s:.0f} s\n")
-    print("| model | steps | train s | train top-1 | test top-1 |")
-    print("|---|---:|---:|---:|---:|")
-    for name, stats, train_top1, top1 in rows:
-        print(f"| {name} | {args.steps} | {stats['train_s']:.0f} | {100 * train_top1:.1f} % | {100 * top1:.1f} % |")
+    columns = ["model", "steps", "train s", "train top-1", "test top-1"]
+    table = [[f"{args.model}, {name}", args.steps, f"{stats['train_s']:.0f}", f"{100 * train_top1:.1f} %",
+              f"{100 * top1:.1f} %"] for name, stats, train_top1, top1 in rows]
+    print(markdown_table(columns, table))
+    if args.save_results:
+        print("saved to", save_rows(SECTION, columns, table, machine=machine_line(torch.get_num_threads())))
 
 
 if __name__ == "__main__":
