@@ -5,7 +5,9 @@ both boards, alternating who moves first. Seeded; prints a markdown table.
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/agents_alphavit.py
 
 Toy-scale targets: >= 90 % wins against random and >= 55 % against MCTS-25 on both boards. A draw counts as half a
-win in `score`; `win` counts wins only.
+win in `score`; `win` counts wins only. AlphaViT searches `--eval-simulations` (default 200, the official
+`num_mcts_sims` of Connect4_54 / Connect4_65) per move in the matches; `--save` / `--load` keep the trained weights so
+other evaluation settings can be matched without retraining (training is deterministic for a seed).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import time
 
 import torch
 
-from vitlab.agents.alphavit import AlphaViTNet, TrainConfig, play_match, train
+from vitlab.agents.alphavit import EVAL_SIMULATIONS, AlphaViTNet, TrainConfig, play_match, train
 
 
 def _cpu() -> str:
@@ -32,21 +34,33 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=TrainConfig.iterations)
     ap.add_argument("--games", type=int, default=TrainConfig.games_per_iteration, help="self-play games per board")
     ap.add_argument("--simulations", type=int, default=TrainConfig.simulations, help="self-play PUCT simulations")
+    ap.add_argument("--steps", type=int, default=TrainConfig.steps_per_iteration, help="AdamW steps per iteration")
     ap.add_argument("--eval-games", type=int, default=100)
-    ap.add_argument("--eval-simulations", type=int, default=48)
+    ap.add_argument("--eval-simulations", type=int, default=EVAL_SIMULATIONS,
+                    help="AlphaViT's PUCT simulations per match move (the official test-time count for Connect-4)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save", help="write the trained weights here (a state_dict)")
+    ap.add_argument("--load", help="skip training: match these weights (written by --save with the same settings)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
 
-    cfg = TrainConfig(iterations=args.iterations, games_per_iteration=args.games, simulations=args.simulations)
+    cfg = TrainConfig(iterations=args.iterations, games_per_iteration=args.games, simulations=args.simulations,
+                      steps_per_iteration=args.steps)
     net = AlphaViTNet()
-    stats = train(net, cfg, args.seed, log=print)
     n_params = sum(p.numel() for p in net.parameters())
-    print(f"\nAlphaViT {n_params / 1e3:.0f}k params, {stats['iterations']} iterations, {stats['positions']} self-play "
-          f"positions, {stats['train_steps']} optimizer steps, {stats['train_s']:.0f} s; "
-          f"{_cpu()}, {torch.get_num_threads()} thread\n")
+    if args.load:
+        net.load_state_dict(torch.load(args.load))
+        print(f"\nAlphaViT {n_params / 1e3:.0f}k params, weights from {args.load}; "
+              f"{_cpu()}, {torch.get_num_threads()} thread\n")
+    else:
+        stats = train(net, cfg, args.seed, log=print)
+        if args.save:
+            torch.save(net.state_dict(), args.save)
+        print(f"\nAlphaViT {n_params / 1e3:.0f}k params, {stats['iterations']} iterations, {stats['positions']} "
+              f"self-play positions, {stats['train_steps']} optimizer steps, {stats['train_s']:.0f} s; "
+              f"{_cpu()}, {torch.get_num_threads()} thread\n")
     print(f"| board (cols x rows) | opponent | games | win | draw | loss | score | eval s |")
     print("|---|---|---|---|---|---|---|---|")
     for g in cfg.games:

@@ -79,6 +79,21 @@ def test_foresight_never_reads_the_action_token_and_the_action_reads_the_foresig
     assert not torch.allclose(after["future_pred"], moved["future_pred"])
 
 
+def test_id_token_drop_zeroes_the_action_token_of_the_teacher_forced_branch_in_training_only():
+    torch.manual_seed(0)
+    frames, future = _frames(), _frames()
+    model = SeerPolicy(SeerConfig(id_token_drop=1.0))      # train mode; the trunk has no dropout
+    before = model(frames, future)
+    with torch.no_grad():
+        model.action_query.add_(torch.randn_like(model.action_query))
+    after = model(frames, future)
+    torch.testing.assert_close(before["logits_true"], after["logits_true"])     # every row dropped: token unused
+    assert not torch.allclose(before["logits"], after["logits"])                # the acting branch still reads it
+    model.eval()
+    evaluated = model(frames, future)
+    assert not torch.allclose(evaluated["logits_true"], after["logits_true"])   # at evaluation the token is kept
+
+
 def test_losses_and_a_few_steps_of_training():
     ep = reach.expert_episodes(8, "train", instruct=False, seed=0)
     for foresight in (True, False):

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import create_model
+from .reach import item_bank
 from .registry import register_toy
 
 __all__ = ["SIDE", "ACTIONS", "TARGET", "transform", "transform_batch", "load_items", "DiffusionConfig",
@@ -86,8 +87,6 @@ def transform_batch(x: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
 def load_items(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Fashion-MNIST items of the `split` file at SIDE x SIDE in [-1, 1]: (N, 1, SIDE, SIDE), labels (N,) (cached:
     callers index them, which copies)."""
-    from .reach import item_bank
-
     images, labels = item_bank(split)
     x = F.interpolate(images[:, None].float() / 255, size=(SIDE, SIDE), mode="bilinear", antialias=True,
                       align_corners=False)

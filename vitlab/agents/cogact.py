@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 from ..checkpoint import create_model
+from .reach import item_bank
 from .registry import register_toy
 
 __all__ = ["cosine_betas", "alphas_cumprod", "q_sample", "ddim_timesteps", "ddim_step", "TimestepEmbedder",
@@ -251,8 +252,6 @@ def _paths(centre: torch.Tensor, side: torch.Tensor, horizon: int, generator: to
 
 def demonstrations(n: int, split: str, seed: int, horizon: int = 8) -> Demos:
     """n scenes (items from the Fashion-MNIST `split` file), each with one path, left or right with p = 1/2."""
-    from .reach import item_bank
-
     gen = torch.Generator().manual_seed(seed)
     bank, _ = item_bank(split)
     items = bank[torch.randint(0, len(bank), (n,), generator=gen)].float()[:, None] / 255   # (n, 1, 28, 28)

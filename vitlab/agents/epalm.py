@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import create_model
+from ..data.fashion_mnist import FMNIST_DIR, FMNIST_MEAN, FMNIST_STD, load_split
 from .registry import ToyError, register_toy
 
 __all__ = ["CLASS_NAMES", "TEMPLATES", "Vocab", "EPALMConfig", "EPALM", "injection_plan", "lm_config",
@@ -233,8 +234,6 @@ class EPALM(nn.Module):
 def load_images(split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random subset of `n` Fashion-MNIST images of the 'train' or 't10k' ('test') file, normalised as the
     reference ViT was trained: (images (n, 1, 28, 28), labels (n,))."""
-    from ..data.fashion_mnist import FMNIST_DIR, FMNIST_MEAN, FMNIST_STD, load_split
-
     images, labels = load_split(FMNIST_DIR, split)
     rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
     return (images[rows].float() / 255 - FMNIST_MEAN[0]) / FMNIST_STD[0], labels[rows]

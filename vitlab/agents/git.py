@@ -41,6 +41,10 @@ from torch import Tensor
 from torchvision.ops import box_convert
 
 from ..checkpoint import create_model
+from ..data.scenes import FmnistScenes, collate_scenes
+from ..dense.heads import build_dense_model
+from ..dense.matching import BoxCriterion, box_inference, hungarian_match
+from ..dense.metrics import DenseMetrics
 from .registry import register_toy
 
 __all__ = ["box_tokens", "tokens_to_boxes", "decode_boxes", "grid_points", "grid_match", "git_targets", "git_attention_mask",
@@ -76,8 +80,6 @@ def grid_points(grid: int) -> Tensor:
 
 def grid_match(points: Tensor, centres: Tensor, weight: float = 5.0) -> tuple[Tensor, Tensor]:
     """(point indices, target indices) of the assignment of least total weight x L1(point, box centre)."""
-    from ..dense.matching import hungarian_match
-
     return hungarian_match([weight * torch.cdist(points.float(), centres.float(), p=1)])[0]
 
 
@@ -223,7 +225,6 @@ def build(kind: str, init: str, num_classes: int = 10, img_size: int = 64, **opt
     pyramid, `vitlab.dense.heads.build_dense_model`)."""
     if kind == "git":
         return GiT(_vit(init, img_size), num_classes, img_size, **options)
-    from ..dense.heads import build_dense_model
 
     return build_dense_model(_vit(init, img_size), "detr-lite", "detection", num_classes, img_size=img_size,
                              head_options=options)
@@ -242,9 +243,6 @@ def train_detector(model: nn.Module, dataset, steps: int, batch_size: int = 8, l
                    seed: int = 0) -> list[float]:
     """AdamW (weight decay 0.05), linear warm-up over the first 10 % of steps then cosine, seeded batches; the same
     loop for GiT (its token loss) and the DETR-style head (`BoxCriterion`: class CE + L1 + GIoU, Hungarian)."""
-    from ..data.scenes import collate_scenes
-    from ..dense.matching import BoxCriterion
-
     criterion = None if isinstance(model, GiT) else BoxCriterion(model.num_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     warm = max(1, steps // 10)
@@ -271,10 +269,6 @@ def train_detector(model: nn.Module, dataset, steps: int, batch_size: int = 8, l
 @torch.no_grad()
 def evaluate_detector(model: nn.Module, dataset, limit: int | None = None, batch_size: int = 32) -> dict[str, float]:
     """AP / AP50 / AP75 (torchmetrics MeanAveragePrecision, pycocotools) with the shared `DenseMetrics`."""
-    from ..data.scenes import collate_scenes
-    from ..dense.matching import box_inference
-    from ..dense.metrics import DenseMetrics
-
     model.eval()
     n = len(dataset) if limit is None else min(limit, len(dataset))
     metrics = DenseMetrics("detection", len(dataset.classes))
@@ -288,8 +282,6 @@ def evaluate_detector(model: nn.Module, dataset, limit: int | None = None, batch
 def compare(steps: int, train_scenes: int, test_scenes: int, init: str, seed: int = 0, batch_size: int = 8,
             lr: float = 5e-4, grid: int = 5, extra_depth: int = 2, img_size: int = 64) -> dict[str, float]:
     """GiT and the DETR-style head on the same ViT, trained for the same steps on the same scenes; their test AP."""
-    from ..data.scenes import FmnistScenes
-
     train = FmnistScenes("train", n=train_scenes, size=img_size, seed=seed)
     test = FmnistScenes("test", n=test_scenes, size=img_size)
     metrics: dict[str, float] = {"steps": steps, "batch_size": batch_size, "test_scenes": test_scenes}

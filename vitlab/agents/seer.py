@@ -18,7 +18,8 @@ one vectorised expression; the tests compare it with a brute-force loop and with
 Here a frame (2 x 40 x 40, `reach.render`) is cut into 10x10 patches (16 observation tokens), one foresight token
 predicts the next frame's item channel at 20x20, and the inverse-dynamics head maps (action token, current frame,
 future frame) to one of the 5 actions. The future frame is the foresight's prediction when acting; given the true
-future frame instead (teacher forcing, trained alongside) the same head measures how well inverse dynamics alone
+future frame instead (teacher forcing, trained alongside, with the action token zeroed in `id_token_drop` of the
+rows so the head cannot answer from the current frame alone) the same head measures how well inverse dynamics
 recovers the expert's action. The behaviour-cloning baseline is the same transformer and embeddings with blocks
 [observations, action] and an action head on the action token alone, trained on the same demonstrations for the
 same number of optimizer steps.
@@ -77,6 +78,7 @@ class SeerConfig:
     heads: int = 4
     patch: int = 10
     fore_weight: float = 0.05   # weight of the foresight MSE (summed over the 400 pixels) beside the action CEs
+    id_token_drop: float = 0.5  # training: chance the teacher-forced ID branch sees a zero action token (see forward)
 
 
 class SeerPolicy(nn.Module):
@@ -124,7 +126,15 @@ class SeerPolicy(nn.Module):
         out = {"future_pred": future_pred,
                "logits": self.action_head(torch.cat([act, now, self.frame_embed(future_pred)], -1))}
         if future is not None:
-            out["logits_true"] = self.action_head(torch.cat([act, now, self.frame_embed(_small(future))], -1))
+            # On expert data the action token alone predicts the action (the expert is a function of the frame), so
+            # a head trained only with it ignores the future and repeats the policy's errors. Zeroing the token in
+            # a random `id_token_drop` share of the teacher-forced rows makes the head learn the action from
+            # (o_t, o_t+1), i.e. inverse dynamics proper; the acting branch always sees the token.
+            act_id = act
+            if self.training and self.cfg.id_token_drop > 0:
+                keep = torch.rand(B, 1, 1, device=act.device) >= self.cfg.id_token_drop     # (B, 1, 1)
+                act_id = act * keep.to(act.dtype)
+            out["logits_true"] = self.action_head(torch.cat([act_id, now, self.frame_embed(_small(future))], -1))
         return out
 
 

@@ -46,6 +46,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
 from ..checkpoint import create_model
+from ..data.fashion_mnist import FMNIST_DIR, load_split
 from .registry import register_toy
 
 __all__ = ["ALPHABET", "random_words", "render_word", "render_words", "encode_text", "ctc_collapse",
@@ -301,8 +302,6 @@ def compare(steps: int, init: str, seed: int = 0, train_words: int = 4000, test_
     """UNIT (language + vision decoder) and the language decoder alone, trained from the ViT `init` on the same
     word batches for the same steps; character / word accuracy on held-out words and Fashion-MNIST test top-1 of
     the original head (the teacher's = before training)."""
-    from ..data.fashion_mnist import FMNIST_DIR, load_split
-
     train_images, _ = load_split(FMNIST_DIR, "train")
     train_images = train_images[:55000]                       # vitlab's train split (the last 5k are validation)
     test_x, test_y = load_split(FMNIST_DIR, "test")
