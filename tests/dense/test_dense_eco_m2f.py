@@ -1,16 +1,26 @@
 """ECO-M2F (vitlab.dense.eco_m2f): the early-exit encoder against unmodified HF Mask2Former models, the gate's control
-of how many encoder layers run, the derived-dataset labels and the gate fit."""
+of how many encoder layers run, the exits' loss weights, the derived-dataset utilities, the gate's soft-target loss
+against the official code's functions run locally (tests/fixtures/eco_m2f/, GYeow/ECO-M2F@291f1e1) and by hand, and
+the gate fit."""
+import json
+import math
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
 from vitlab.dense import get_head  # noqa: E402
-from vitlab.dense.eco_m2f import (EcoMask2Former, ExitGate, build_eco_m2f, exit_loss_weights, fit_gate,  # noqa: E402
-                                  ideal_depths, scene_config)
-from vitlab.dense.heads import HeadError, build_dense_model  # noqa: E402
+from vitlab.dense.eco_m2f import (EcoMask2Former, ExitGate, ExitWeightedCriterion, build_eco_m2f,  # noqa: E402
+                                  exit_loss_weights, fit_gate, gate_loss, gate_utilities, ideal_depths,
+                                  scene_config, soft_gate_targets)
+from vitlab.dense.heads import HeadError, build_dense_model, parse_head  # noqa: E402
+from vitlab.dense.matching import MaskCriterion  # noqa: E402
 
 K = 6
+OFFICIAL = json.loads((Path(__file__).parents[1] / "fixtures" / "eco_m2f" / "official_gate.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -116,41 +126,124 @@ def test_gate_choice_controls_layers_run(hf_and_eco, images):
     eco.depth = None
 
 
-def test_training_output_sums_every_exit_and_trains_every_layer(config):
+@pytest.fixture(scope="module")
+def training_step():
+    """A training-mode forward of a 3-layer-encoder ECO-M2F (default exit weights) on two scenes:
+    (model, outputs, targets)."""
     from vitlab.data.scenes import FmnistScenes, collate_scenes
-    from vitlab.dense.engine import dense_loss
-    from vitlab.dense.matching import MaskCriterion
 
     torch.manual_seed(0)
-    model = EcoMask2Former(config).train()
+    model = EcoMask2Former(scene_config(num_classes=11, encoder_layers=3, decoder_layers=2, num_queries=4)).train()
     data = FmnistScenes("train", n=2)
     images, targets = collate_scenes([data[0], data[1]])
-    out = model(images)
-    assert len(out["aux"]) == (K - 1) + 2       # exits 1..K-1, then exit K's two earlier decoder layers
-    loss = dense_loss(out, targets, MaskCriterion(11))
+    return model, model(images), targets
+
+
+def test_training_output_weights_every_exit_by_depth_and_trains_every_layer(training_step):
+    from vitlab.dense.engine import dense_loss, make_criterion
+
+    model, out, targets = training_step
+    assert len(out["aux"]) == 2 + 1             # exits 1..2, then exit 3's earlier decoder layer
+    # output = exit 3, aux = exits 1..2, then exit 3's decoder aux: the official losses[k] *= i_exit, unnormalised
+    assert out["loss_weights"] == [3.0, 1.0, 2.0, 3.0]
+    criterion = make_criterion(out, "panoptic", 11)
+    assert isinstance(criterion, ExitWeightedCriterion)
+    loss = dense_loss(out, targets, criterion)
     loss.backward()
     assert torch.isfinite(loss)
     for i, layer in enumerate(model.encoder.layers):
         assert layer.fc2.weight.grad is not None and layer.fc2.weight.grad.abs().sum() > 0, i
+    model.zero_grad(set_to_none=True)
 
 
-def test_ideal_depths_and_loss_weights():
+@torch.no_grad()
+def test_exit_weighted_criterion_against_per_exit_mask_criterion(training_step):
+    _, out, targets = training_step
+    plain, weighted = MaskCriterion(11), ExitWeightedCriterion(11)
+    entries = [out, *out["aux"]]
+    per_entry = [sum(plain({k: e[k] for k in ("pred_logits", "pred_masks")}, targets).values()) for e in entries]
+    expected = sum(w * loss for w, loss in zip([3, 1, 2, 3], per_entry))
+    torch.testing.assert_close(sum(weighted(out, targets).values()), expected)
+    # unit weights (or none): term for term what MaskCriterion returns
+    uniform = {**out, "loss_weights": [1.0] * len(entries)}
+    reference = plain(out, targets)
+    for given in (uniform, {k: v for k, v in out.items() if k != "loss_weights"}):
+        mine = weighted(given, targets)
+        assert mine.keys() == reference.keys()
+        assert all(torch.equal(mine[k], reference[k]) for k in reference)
+
+
+def test_exit_loss_weights_modes():
+    assert exit_loss_weights(6).tolist() == [1, 2, 3, 4, 5, 6]          # k, not k / 21
+    assert exit_loss_weights(4, "uniform").tolist() == [1, 1, 1, 1]
+    with pytest.raises(HeadError, match="exit_weights='normalized'.*depth"):
+        exit_loss_weights(6, "normalized")
+
+
+def test_ideal_depths():
     quality = torch.tensor([[0.2, 0.5, 0.52, 0.53],     # gains after k=2 are below beta
                             [0.1, 0.1, 0.1, 0.9],       # only the last exit segments well
                             [0.4, 0.4, 0.4, 0.4]])      # flat: the shallowest exit
     assert ideal_depths(quality, beta=0.05).tolist() == [2, 4, 1]
     assert ideal_depths(quality, beta=0.0).tolist() == [4, 4, 1]   # ties go to the shallowest exit
-    alpha = exit_loss_weights(6)
-    assert torch.isclose(alpha.sum(), torch.tensor(1.0)) and bool((alpha.diff() > 0).all())
 
 
-def test_fit_gate_learns_a_separable_labelling():
+def test_utilities_and_soft_targets_equal_the_official_functions():
+    """Official `prepare_gating_targets` (utilities of exits 2..6) and `loss_gates` (MSE of softmaxes), run on the
+    fixture's per-image PQ: ours on the same 5 exits give its utilities, and our over-exits loss is its
+    `loss_gates` on each image's (exits,) vector (the transposed batch, so its dim 0 is the exits)."""
+    quality = torch.tensor(OFFICIAL["quality"], dtype=torch.float64)
+    utilities = torch.tensor(OFFICIAL["utilities"], dtype=torch.float64)
+    gates = torch.tensor(OFFICIAL["gates"], dtype=torch.float64)
+    torch.testing.assert_close(gate_utilities(quality, OFFICIAL["slope"]), utilities, rtol=0, atol=1e-12)
+    torch.testing.assert_close(soft_gate_targets(quality, OFFICIAL["slope"]), utilities.softmax(1))
+    ours = gate_loss(gates, quality, OFFICIAL["slope"])
+    assert ours.item() == pytest.approx(OFFICIAL["loss_over_exits"], rel=1e-6)   # loss_gates computes in float32
+    # the code as released softmaxes dim 0 of (B, 5): over the batch; that loss is blind to a per-exit offset of
+    # the logits (so the gate's bias gets no gradient), which is why ours takes the softmax over the exits
+    literal = F.mse_loss(gates.softmax(0), torch.tensor(OFFICIAL["soft_targets_dim0"], dtype=torch.float64))
+    assert literal.item() == pytest.approx(OFFICIAL["loss_literal"], rel=1e-6)
+    offset = gates + torch.tensor([3.0, -1.0, 0.5, 2.0, 0.0], dtype=torch.float64)
+    assert F.mse_loss(offset.softmax(0), utilities.softmax(0)).item() == pytest.approx(literal.item(), rel=1e-9)
+    assert gate_loss(offset, quality, OFFICIAL["slope"]).item() != pytest.approx(ours.item(), rel=1e-3)
+
+
+def test_gate_loss_by_hand():
+    """One image, three exits, beta 0.1: u = (0.6 - 0.1, 0.8 - 0.2, 0.9 - 0.3) = (0.5, 0.6, 0.6)."""
+    quality, logits = torch.tensor([[0.6, 0.8, 0.9]]), torch.tensor([[0.0, 1.0, -1.0]])
+    t = [math.exp(u) / (math.exp(0.5) + 2 * math.exp(0.6)) for u in (0.5, 0.6, 0.6)]
+    p = [math.exp(z) / (1 + math.e + 1 / math.e) for z in (0.0, 1.0, -1.0)]
+    soft = sum((a - b) ** 2 for a, b in zip(p, t)) / 3
+    assert gate_loss(logits, quality, 0.1).item() == pytest.approx(soft, rel=1e-6)
+    hard = -math.log(p[1])                     # ideal depth 2 (tie with 3 goes to the shallower)
+    assert gate_loss(logits, quality, 0.1, target="hard").item() == pytest.approx(hard, rel=1e-6)
+    with pytest.raises(HeadError, match="target='ce'.*soft"):
+        gate_loss(logits, quality, 0.1, target="ce")
+
+
+def test_exit_gate_equals_official_gating_function():
+    """`ExitGate` on the mean of the coarsest level's tokens == official `GatingFunction` on those tokens."""
+    gate = ExitGate(8, 5).double()
+    with torch.no_grad():
+        gate.head.weight.copy_(torch.tensor(OFFICIAL["gate_weight"]))
+        gate.head.bias.copy_(torch.tensor(OFFICIAL["gate_bias"]))
+        tokens = torch.tensor(OFFICIAL["tokens"], dtype=torch.float64)[:, :OFFICIAL["coarsest_tokens"]]
+        torch.testing.assert_close(gate(tokens.mean(1)), torch.tensor(OFFICIAL["gate_out"], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("target", ["soft", "hard"])
+def test_fit_gate_learns_a_separable_labelling(target):
     torch.manual_seed(0)
     pooled = torch.randn(60, 8) * 5 + 3                # unstandardised inputs
-    depths = torch.where(pooled[:, 0] > 3, 4, 1)
-    gate = fit_gate(ExitGate(8, 4), pooled, depths, steps=200, lr=0.05)
+    deep = pooled[:, 0] > 3                            # these images segment well at depth 4 only, the others at 1
+    quality = torch.where(deep[:, None], torch.tensor([0.1, 0.1, 0.1, 0.9]), torch.tensor([0.9, 0.5, 0.5, 0.5]))
+    depths = ideal_depths(quality, 0.05)
+    assert depths.tolist() == torch.where(deep, 4, 1).tolist()
+    gate = fit_gate(ExitGate(8, 4), pooled, quality, 0.05, target=target, steps=200, lr=0.05)
     with torch.no_grad():
         assert ((gate(pooled).argmax(1) + 1) == depths).float().mean() >= 0.95
+        if target == "soft":   # it regresses the soft targets themselves, well below the untrained gate's loss
+            assert gate_loss(gate(pooled), quality, 0.05) < 0.3 * gate_loss(torch.zeros(60, 4), quality, 0.05)
 
 
 def test_registered_head_builds_and_refuses_plain_vit():
@@ -164,5 +257,8 @@ def test_registered_head_builds_and_refuses_plain_vit():
         build_eco_m2f("vl_vit_fmnist", 11)
     with pytest.raises(HeadError, match="depth=7"):
         build_eco_m2f("hf-swin", 11, depth=7)
+    assert parse_head("eco-m2f:exit_weights=uniform", "panoptic")[1] == {"exit_weights": "uniform"}
+    with pytest.raises(HeadError, match="exit_weights='sum'"):
+        build_eco_m2f("hf-swin", 11, exit_weights="sum")
     with pytest.raises(HeadError, match="semantic"):
         get_head("eco-m2f", "semantic")

@@ -3,25 +3,35 @@ pixel-decoder encoder exits early, after as many deformable layers as a per-imag
 
 Built on HF transformers' `Mask2FormerForUniversalSegmentation` (its modules and weights, unchanged): the six
 `Mask2FormerPixelDecoderEncoderLayer`s of `model.pixel_level_module.decoder.encoder` are what exits early. The
-paper's three steps:
+paper's three steps, read against the official code (GYeow/ECO-M2F@291f1e1, file:line below):
 
 1. Early-exit training: the decoder (one, shared by every exit) runs on the output of encoder layer k for every
-   k = 1..K and the mask losses of all exits are summed. `EcoMask2Former.forward` in training mode returns exit K
-   (with its decoder aux outputs) as the output and every earlier exit's final decoder output in `"aux"`, so the
-   shared `MaskCriterion` sums the losses over k (deep supervision of the decoder layers on exit K only, to keep
-   a CPU step at 9 matched losses instead of K x decoder layers). The paper weighs exit k by an alpha_k that grows
-   with k ("weighted stochastic depth"); `exit_loss_weights` gives such weights for a caller that scales each
-   exit's loss itself (the engine sums them evenly).
-2. The derived dataset: per training image, the PQ q_k of each exit; its ideal depth is argmax_k u(k) with the
-   paper's utility u(k) = q_k - beta * k (`ideal_depths`).
-3. The gate (`ExitGate`, official `mask2former/modeling/pixel_decoder/gating.py` at GYeow/ECO-M2F@291f1e1): the
-   mean over the coarsest level's encoder-input tokens (the projected backbone map, before any encoder layer), one
-   linear layer to K logits, trained with cross-entropy on the ideal depths (`fit_gate`). At inference each image
-   runs argmax + 1 encoder layers: layer i runs on the sub-batch of images whose depth exceeds i.
+   k = 1..K. `EcoMask2Former.forward` in training mode returns exit K (with its decoder aux outputs) as the output,
+   every earlier exit's final decoder output in `"aux"`, and in `"loss_weights"` each entry's weight:
+   `exit_weights="depth"` (default) weighs exit k's losses by k, unnormalised, as the official
+   `losses[k] *= weight_dict[k] * i_exit` does (maskformer_model.py:261-266); `ExitWeightedCriterion` applies them.
+   The official step runs one exit per iteration (the gate's argmax, msdeformattn.py:173) where we sum all K, so
+   ours is K x the official loss's expectation under a uniform exit; its `i_exit` adds 2 to a depth that already
+   counts the 2 ungated layers (the comment "exit at layer 2 when i_exit = 0" shows depth was meant).
+   `exit_weights="uniform"` is the plain sum over the exits, the comparison the benchmark runs.
+2. The derived dataset: per training image, the PQ q_k (0-1) of each exit; utility u_k = q_k - beta * k
+   (`gate_utilities`; maskformer_model.py:403 with beta = `GATING.TRAIN_COEFF`), ideal depth argmax_k u_k
+   (`ideal_depths`).
+3. The gate (`ExitGate`, official `GatingFunction`, pixel_decoder/gating.py): the mean over the coarsest level's
+   encoder-input tokens (the projected backbone map, before any encoder layer; msdeformattn.py:171), one linear
+   layer to K logits. `fit_gate` trains it on the derived dataset with the official soft targets by default:
+   MSE between softmax(logits) and softmax(u) over the exits, temperature 1 (criterion.py:220,
+   maskformer_model.py:251); `target="hard"` is cross-entropy on the ideal depths (the one-hot targets of
+   maskformer_model_val.py, which the official code calls "previous method in main paper"). The official code
+   takes both softmaxes over dim 0 of (B, exits) tensors, i.e. over the images of a batch: a loss blind to
+   per-exit offsets (the gate's bias gets no gradient) and zero at one image per GPU, so we take them over the
+   exits, which is that code on each image's (exits,) vector (tests/fixtures/eco_m2f/official_gate.json).
+   At inference each image runs argmax + 1 encoder layers: layer i runs on the sub-batch whose depth exceeds i.
 
-Deviation: the official gate chooses among the last 5 of 6 depths (exits 2..6, `NUM_GATES: 4`); ours among all K.
-At full depth the output is bit-identical to the unmodified HF model's; at depth k it equals an HF model whose
-encoder has the same first k layers (tests/dense/test_dense_eco_m2f.py).
+Deviations: the official gate chooses among the last 5 of 6 depths (exits 2..6, `NUM_GATES: 4`); ours among all K
+(its utilities subtract (k - 1) * beta for exit k, ours k * beta: the same argmax and softmax). Early exits get no
+per-decoder-layer deep supervision. At full depth the output is bit-identical to the unmodified HF model's; at
+depth k it equals an HF model whose encoder has the same first k layers (tests/dense/test_dense_eco_m2f.py).
 """
 from __future__ import annotations
 
@@ -32,10 +42,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checkpoint import create_model
 from .heads import HeadError, register_model_head
+from .matching import MaskCriterion
 
-__all__ = ["scene_config", "EarlyExitEncoder", "ExitGate", "EcoMask2Former", "build_eco_m2f", "ideal_depths",
-           "fit_gate", "exit_loss_weights", "SCENE_SWIN_HF"]
+__all__ = ["scene_config", "EarlyExitEncoder", "ExitGate", "EcoMask2Former", "ExitWeightedCriterion",
+           "build_eco_m2f", "gate_utilities", "ideal_depths", "soft_gate_targets", "gate_loss", "fit_gate",
+           "exit_loss_weights", "EXIT_WEIGHTS", "GATE_TARGETS", "SCENE_SWIN_HF"]
+
+EXIT_WEIGHTS = ("depth", "uniform")   # exit k's loss x k (official) / the plain sum over exits
+GATE_TARGETS = ("soft", "hard")       # MSE to softmax over exits of the utilities (official) / CE on argmax
 
 # HF Swin sized for 64 x 64 one-channel scenes: patch 4 -> stage strides 4/8/16/32 (Mask2Former's), window 4,
 # widths 24/48/96/192; the encoder sees the stride 8/16/32 maps (8x8 + 4x4 + 2x2 = 84 tokens).
@@ -66,8 +82,6 @@ def scene_config(backbone_name: str = "hf-swin", num_classes: int = 11, encoder_
 
 def _timm_strides(name: str, in_chans: int) -> list[int]:
     """The four stage strides of timm model `name` (features_only), refusing one without a pyramid."""
-    from ..checkpoint import create_model
-
     try:
         info = create_model(name, features_only=True, in_chans=in_chans, out_indices=(0, 1, 2, 3)).feature_info
     except Exception as e:  # noqa: BLE001 - timm raises several types for models without features_only
@@ -80,10 +94,14 @@ def _timm_strides(name: str, in_chans: int) -> list[int]:
     return strides
 
 
-def exit_loss_weights(num_exits: int) -> Tensor:
-    """alpha_k proportional to k, summing to 1: the paper's loss weights growing with the exit's depth."""
+def exit_loss_weights(num_exits: int, mode: str = "depth") -> Tensor:
+    """(K,) loss weight of exits 1..K: "depth" k, unnormalised (the official `losses[k] *= ... * i_exit`,
+    maskformer_model.py:266); "uniform" ones."""
+    if mode not in EXIT_WEIGHTS:
+        raise HeadError(f"eco-m2f: exit_weights={mode!r} is not one of {', '.join(EXIT_WEIGHTS)}; write "
+                        f"exit_weights=depth (exit k's loss x k, the official code's) or exit_weights=uniform")
     k = torch.arange(1, num_exits + 1, dtype=torch.float32)
-    return k / k.sum()
+    return k if mode == "depth" else torch.ones_like(k)
 
 
 @dataclass
@@ -151,17 +169,19 @@ class EcoMask2Former(nn.Module):
     "aux", "depths"}` (mask classification, K + 1 logits, masks at the finest pixel-decoder stride).
 
     `depth` chooses how many encoder layers run: None gives the gate's choice per image in eval mode (all exits in
-    training mode), an int a fixed depth for every image.
+    training mode, with `"loss_weights"`: exit K's weight for the output and each of its decoder aux outputs, exit
+    k's for early exit k, by `exit_weights`), an int a fixed depth for every image.
     """
 
     # read by vitlab.quant: one static graph is what calibration observes and int8 engines trace; this has many
     dynamic_graph = ("its encoder runs a per-image number of layers (the gate), so calibration does not observe "
                      "every layer and an int8 engine traces one depth")
 
-    def __init__(self, config, depth: int | None = None):
+    def __init__(self, config, depth: int | None = None, exit_weights: str = "depth"):
         from transformers import Mask2FormerForUniversalSegmentation
 
         super().__init__()
+        self.exit_weights = exit_loss_weights(config.encoder_layers, exit_weights).tolist()
         self.m2f = Mask2FormerForUniversalSegmentation(config)
         decoder = self.m2f.model.pixel_level_module.decoder
         self.encoder = EarlyExitEncoder(decoder.encoder)
@@ -206,7 +226,9 @@ class EcoMask2Former(nn.Module):
         if self.training and self.depth is None:
             outs = self.exits(image)
             early = [{k: out[k] for k in ("pred_logits", "pred_masks")} for out in outs[:-1]]
-            return {**outs[-1], "aux": early + outs[-1]["aux"]}
+            last = self.exit_weights[-1]
+            return {**outs[-1], "aux": early + outs[-1]["aux"],
+                    "loss_weights": [last, *self.exit_weights[:-1], *[last] * len(outs[-1]["aux"])]}
         features = self.backbone_maps(image)
         if self.depth is None:
             depths = self.gate(self.gate_input(features)).argmax(-1) + 1   # (B,) layers to run
@@ -216,27 +238,68 @@ class EcoMask2Former(nn.Module):
         return {**self.decode(features), "depths": depths}
 
 
-def ideal_depths(quality: Tensor, beta: float) -> Tensor:
-    """The derived dataset's labels: per image argmax_k (q_k - beta * k), k = 1..K, as depths 1..K.
+class ExitWeightedCriterion(MaskCriterion):
+    """`MaskCriterion` whose terms for the output and each aux output are scaled by `outputs["loss_weights"]`
+    (ECO-M2F's per-exit weights; all 1 when absent): same keys ("loss_ce", ..., "loss_ce_0", ...), same matching
+    and `num_masks` normalisation, so with unit weights it returns exactly what `MaskCriterion` does."""
+
+    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        segs = self.targets(targets)
+        num_masks = max(float(sum(len(labels) for labels, _ in segs)), 1.0)
+        entries = [outputs, *(outputs.get("aux") or [])]
+        weights = outputs.get("loss_weights") or [1.0] * len(entries)
+        losses: dict[str, Tensor] = {}
+        for i, (entry, weight) in enumerate(zip(entries, weights, strict=True)):
+            suffix = f"_{i - 1}" if i else ""
+            losses.update({f"{k}{suffix}": weight * self.weights[k] * v
+                           for k, v in self._losses(entry, segs, num_masks).items()})
+        return losses
+
+
+def gate_utilities(quality: Tensor, beta: float) -> Tensor:
+    """(N, K) utility u_k = q_k - beta * k of exit k = 1..K (official maskformer_model.py:403).
 
     Args:
-        quality: (N, K) per-image PQ of exit k (0-1).
+        quality: (N, K) per-image PQ of exit k (0-1, as the official per-image JSON holds it).
     """
     k = torch.arange(1, quality.shape[1] + 1, dtype=quality.dtype)
-    return (quality - beta * k).argmax(1) + 1
+    return quality - beta * k
 
 
-def fit_gate(gate: ExitGate, pooled: Tensor, depths: Tensor, steps: int = 300, lr: float = 1e-2,
-             weight_decay: float = 1e-4) -> ExitGate:
-    """Train `gate` on (pooled gate inputs (N, C), ideal depths (N,) in 1..K) with cross-entropy, full batch AdamW;
-    the inputs are standardised into the linear layer's weights so their scale does not matter."""
+def ideal_depths(quality: Tensor, beta: float) -> Tensor:
+    """(N,) the derived dataset's hard labels: argmax_k u_k as depths 1..K (ties: the shallowest)."""
+    return gate_utilities(quality, beta).argmax(1) + 1
+
+
+def soft_gate_targets(quality: Tensor, beta: float) -> Tensor:
+    """(N, K) the official soft targets: softmax over the exits of u_k, temperature 1 (maskformer_model.py:251,
+    over each image's exits; see the module docstring for the official dim 0)."""
+    return gate_utilities(quality, beta).softmax(1)
+
+
+def gate_loss(logits: Tensor, quality: Tensor, beta: float, target: str = "soft") -> Tensor:
+    """The gate's loss on (N, K) logits: "soft" mean squared error between softmax(logits) and
+    `soft_gate_targets` over the exits (official criterion.py:220); "hard" cross-entropy on `ideal_depths`."""
+    if target not in GATE_TARGETS:
+        raise HeadError(f"eco-m2f: gate target={target!r} is not one of {', '.join(GATE_TARGETS)}; use soft "
+                        f"(the official MSE to softmax utilities) or hard (cross-entropy on the ideal depths)")
+    if target == "soft":
+        return F.mse_loss(logits.softmax(1), soft_gate_targets(quality, beta).to(logits.dtype))
+    return F.cross_entropy(logits, ideal_depths(quality, beta) - 1)
+
+
+def fit_gate(gate: ExitGate, pooled: Tensor, quality: Tensor, beta: float, target: str = "soft", steps: int = 300,
+             lr: float = 1e-2, weight_decay: float = 1e-4) -> ExitGate:
+    """Train `gate` on the derived dataset (pooled gate inputs (N, C), per-image exit PQ `quality` (N, K)) with
+    `gate_loss`, full batch AdamW; the inputs are standardised into the linear layer's weights so their scale does
+    not matter."""
     mean, std = pooled.mean(0), pooled.std(0).clamp_min(1e-6)
     head = nn.Linear(pooled.shape[1], gate.head.out_features)
     nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     x = (pooled - mean) / std
     for _ in range(steps):
-        loss = F.cross_entropy(head(x), depths - 1)
+        loss = gate_loss(head(x), quality, beta, target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -248,13 +311,14 @@ def fit_gate(gate: ExitGate, pooled: Tensor, depths: Tensor, steps: int = 300, l
 
 def build_eco_m2f(backbone_name: str, num_classes: int, encoder_layers: int = 6, dim: int = 32,
                   decoder_layers: int = 4, num_queries: int = 16, heads: int = 4,
-                  depth: int = 0) -> EcoMask2Former:
+                  depth: int = 0, exit_weights: str = "depth") -> EcoMask2Former:
     """ECO-M2F for 64 px one-channel scenes on HF's Mask2Former (`backbone_name`: hf-swin, or a timm / vitlab model
-    with four pyramid stages); `depth` > 0 fixes the encoder depth, 0 lets the gate choose per image."""
+    with four pyramid stages); `depth` > 0 fixes the encoder depth, 0 lets the gate choose per image;
+    `exit_weights` weighs the exits' training losses (depth: exit k's x k, the official; uniform)."""
     if not 1 <= encoder_layers or not 0 <= depth <= encoder_layers:
         raise HeadError(f"eco-m2f: depth={depth} must be in 0..encoder_layers={encoder_layers} (0: the gate chooses)")
     config = scene_config(backbone_name, num_classes, encoder_layers, dim, decoder_layers, num_queries, heads)
-    return EcoMask2Former(config, depth=depth or None)
+    return EcoMask2Former(config, depth=depth or None, exit_weights=exit_weights)
 
 
 register_model_head("eco-m2f", tasks=("panoptic",), build=build_eco_m2f)
