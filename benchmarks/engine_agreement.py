@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from seed_models import SEED_MODELS, input_shape  # noqa: E402
 
 from vitlab.profiling.cpu import cpu_flags_text, cpu_name  # noqa: E402
-from vitlab.quant import W8A8, calibrate, quantize_  # noqa: E402
+from vitlab.quant import W8A8, calibrate, prepare_  # noqa: E402
 from vitlab.quant.deploy import TWIN_TOLERANCE, _ort_runner, compile_openvino, to_openvino  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def row(name: str) -> str:
     calib = [torch.randn(8, *shape) for _ in range(2)]
     x = torch.randn(8, *shape)
     float_model = copy.deepcopy(model)
-    quantize_(model, W8A8().ptq(), example=calib[0])
+    prepare_(model, W8A8().ptq(), example=calib[0])
     calibrate(model, calib)
     with torch.no_grad():
         twin, ref = model(x), float_model(x)

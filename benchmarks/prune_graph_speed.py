@@ -54,7 +54,7 @@ def prune_and_reload(name: str, target: float, folder: Path) -> tuple[torch.nn.M
     got = torch.tensor(json.loads(res.stdout.strip().splitlines()[-1]))
     reloaded = vitlab.create_model(str(out)).eval()
     facts = {"macs_before": model_macs(base), "macs_after": model_macs(reloaded),
-             "reload_max_diff": (got - want).abs().max().item(), "prune": pruned.vitlab_prune}
+             "reload_max_diff": (got - want).abs().max().item(), "prune": pruned.vitlab.prune}
     return base, reloaded, facts
 
 

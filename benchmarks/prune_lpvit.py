@@ -117,7 +117,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     ref = vitlab.create_model(REF)
-    pre = ref.vitlab_checkpoint["config"]["preprocessing"]
+    pre = ref.vitlab.checkpoint["config"]["preprocessing"]
     test = build_dataset("fashion-mnist", "test", img_size=tuple(pre["input_size"][1:]), in_chans=1,
                          mean=pre["mean"], std=pre["std"])
     images = torch.stack([test[i][0] for i in range(len(test))])
@@ -149,7 +149,7 @@ def main() -> None:
     lp = models["LPViT 16x16 (defaults: power term on)"]
     print("\nLPViT 16x16 per-layer pruned fraction (block: qkv / proj / fc1 / fc2):")
     for i in range(len(lp.blocks)):
-        row = [lp.vitlab_lpvit["layers"][f"blocks.{i}.{n}"] for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+        row = [lp.vitlab.lpvit["layers"][f"blocks.{i}.{n}"] for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
         print(f"- block {i}: " + " / ".join(f"{a:.2f}" for a in row))
 
     if args.recover_steps:

@@ -53,7 +53,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ref = vitlab.create_model(REF)
-    pre = ref.vitlab_checkpoint["config"]["preprocessing"]
+    pre = ref.vitlab.checkpoint["config"]["preprocessing"]
     sets = {s: build_dataset("fashion-mnist", s, img_size=tuple(pre["input_size"][1:]), in_chans=1, mean=pre["mean"],
                              std=pre["std"], data_dir=args.data_dir) for s in ("val", "test")}
     limit = 1000 if args.quick else None
@@ -70,9 +70,9 @@ def main() -> None:
         prune_(model, Prune(target_flops=target, importance=importance, blocks=blocks, **extra), calib=calib)
         row = dict(name=name, importance=importance, target=target, blocks=blocks, macs=model_macs(model),
                    macs_frac=model_macs(model) / ref_macs, prune_s=time.time() - t0,
-                   arch={k: model.vitlab_arch[k] for k in ("num_heads", "mlp_hidden")}, **extra)
-        row["arch"]["stem_widths"] = model.vitlab_arch["base_kwargs"].get("stem_widths")
-        row["arch"]["embed_dim"] = model.vitlab_arch["base_kwargs"].get("embed_dim")
+                   arch={k: model.vitlab.arch[k] for k in ("num_heads", "mlp_hidden")}, **extra)
+        row["arch"]["stem_widths"] = model.vitlab.arch["base_kwargs"].get("stem_widths")
+        row["arch"]["embed_dim"] = model.vitlab.arch["base_kwargs"].get("embed_dim")
         pruned_dir = out / f"{name}_pruned"
         vitlab.save_checkpoint(model, pruned_dir, preprocessing=pre)
         row["before"] = acc(vitlab.create_model(pruned_dir))

@@ -103,14 +103,14 @@ def main() -> None:
             print(f"(skipped {folder}: no checkpoint there)")
             continue
         pruned = vitlab.create_model(folder).eval()
-        arch = pruned.vitlab_arch
+        arch = pruned.vitlab.arch
         variants.append((f"{Path(folder).name} (heads {arch['num_heads']}, MLP {arch['mlp_hidden']}, stem "
                          f"{arch['base_kwargs'].get('stem_widths')})", pruned))
     out["reference"] = time_table(variants, x, args.rounds, args.min_time, stem=True)
     print_table("Reference vs pruned checkpoints (trained weights)", out["reference"])
 
     if args.results:
-        base_kwargs = ref.vitlab_arch
+        base_kwargs = ref.vitlab.arch
         variants = [(Path(args.reference).name, ref)]
         for line in Path(args.results).read_text().splitlines():
             r = json.loads(line)

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
             print(rows[-1], file=sys.stderr, flush=True)
     if not args.no_deploy:
         for cfg in (W8A8(threads=args.threads), W8A8(calibration="nncf", threads=args.threads)):
-            runner = vitlab.apply_(copy.deepcopy(model), cfg, calib=calib)
+            runner = vitlab.deploy(copy.deepcopy(model), cfg, calib=calib)
             note = "NNCF default int8 (model_type=TRANSFORMER)" if cfg.calibration == "nncf" else ""
             if runner.sim_module is not None:
                 agree = n = 0

@@ -110,7 +110,7 @@ def main(argv=None) -> None:
         if cfg.smooth:
             extra.append("SQ-b")
         if cfg.bits is not None:
-            bits = model.vitlab_bit_allocation
+            bits = model.vitlab.bit_allocation
             sizes = {name: module.weight.numel() for name, module in model.named_modules() if name in bits}
             average = sum(sizes[k] * b for k, b in bits.items()) / sum(sizes.values())
             extra.append(f"MP avg {average:.2f} b ({'/'.join(str(b) for b in bits.values())})")

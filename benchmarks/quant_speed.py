@@ -125,7 +125,7 @@ def _ov_float(model, x, calib, threads):
 
 def _w8a8(**kw):
     def build(model, x, calib, threads):
-        return vitlab.apply_(copy.deepcopy(model), W8A8(threads=threads, **kw), calib=calib)
+        return vitlab.deploy(copy.deepcopy(model), W8A8(threads=threads, **kw), calib=calib)
 
     return build
 
@@ -134,7 +134,7 @@ def _bf16(engine):
     def build(model, x, calib, threads):
         from vitlab.quant import BF16
 
-        return vitlab.apply_(copy.deepcopy(model), BF16(engine=engine, threads=threads))
+        return vitlab.deploy(copy.deepcopy(model), BF16(engine=engine, threads=threads))
 
     return build
 

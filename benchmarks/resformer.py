@@ -88,7 +88,7 @@ def main() -> None:
         train_s = time.perf_counter() - start
         model = vitlab.create_model(str(run))
         if test is None:
-            pre = model.vitlab_checkpoint["config"]["preprocessing"]
+            pre = model.vitlab.checkpoint["config"]["preprocessing"]
             data = build_dataset("fashion-mnist", "test", img_size=tuple(pre["input_size"][1:]), in_chans=1,
                                  mean=pre["mean"], std=pre["std"], data_dir=args.data_dir)
             n = min(len(data), args.test_limit or len(data))

@@ -11,6 +11,7 @@ import vitlab
 from seed_models import SEED_MODELS, build, input_shape
 from vitlab.profiling import count_flops
 from vitlab.runner import example_shape
+from vitlab.techniques import deploys
 
 WAVE1_TECHNIQUES = ["tome:r=1", "evit:keep_rate=0.5", "ats:keep_rate=0.5", "mctf:r=2", "expedit",
                     "prune:target_flops=0.8,importance=l1", "lpvit:sparsity=0.2", "ptq", "w8a8", "w8"]
@@ -147,7 +148,9 @@ def outcome(name: str, text: str) -> str:
     calib = [torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))]
     base = count_flops(model, x).macs if text.split(":")[0] in REDUCING else 0
     try:
-        result = vitlab.apply_(model, vitlab.parse_apply([text]), calib=calib)
+        configs = vitlab.parse_apply([text])
+        verb = vitlab.deploy if deploys(configs[0]) else vitlab.apply_   # an engine technique gives a runner
+        result = verb(model, configs, calib=calib)
     except vitlab.TechniqueNotApplicable as e:
         assert e.model_class == type(model).__name__ and str(e).startswith(text.split(":")[0]), str(e)
         assert "supports" in str(e) or "engine cannot run it" in str(e), str(e)   # says what it supports

@@ -106,12 +106,12 @@ def test_bad_folders_and_versions(tmp_path, tiny_model):
 
 
 def test_a_failed_write_leaves_no_file(tmp_path, tiny_model, monkeypatch):
-    import safetensors.torch
+    import vitlab.checkpoint
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(vitlab.checkpoint, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         _save(tiny_model, tmp_path / "ck")
     assert list((tmp_path / "ck").iterdir()) == []

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import vitlab
+from vitlab.record import update_record
 import vitlab.checkpoint as checkpoint
 from vitlab.techniques import (Kind, TechniqueError, needs_calibration, parse_apply, register_technique,
                                unregister_technique)
@@ -103,7 +104,7 @@ def test_quantized_and_resized_folders_load_in_a_fresh_process(tmp_path, tiny_mo
     pruned = vitlab.create_model("vl_test_vit", num_classes=10).eval()
     description = {"dropped": ["blocks.1"]}
     resize_(pruned, description)
-    pruned.vitlab_resized = description
+    update_record(pruned, resized=description)
     vitlab.save_checkpoint(pruned, tmp_path / "pruned")
     quantized = vitlab.apply_(tiny_model.eval(), PTQ(w=4, a=4), calib=[torch.randn(4, 1, 16, 16)])
     save_quantized(quantized, tmp_path / "quant")

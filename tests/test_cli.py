@@ -177,8 +177,8 @@ def _config_of(verb: str, argv: list[str], cls: type, monkeypatch):
     def built(*args, **kwargs):
         raise _Built(next(v for v in (*args, *kwargs.values()) if isinstance(v, cls)))
 
-    for target in ("vitlab.engine.train.fit", "vitlab.prune.prune_checkpoint", "vitlab.pareto.run_sweep",
-                   "vitlab.engine.ssl.pretrain", "vitlab.engine.edvit.split_checkpoint"):
+    for target in ("vitlab.cli.fit", "vitlab.cli.prune_checkpoint", "vitlab.cli.run_sweep", "vitlab.cli.pretrain",
+                   "vitlab.cli.split_checkpoint"):
         monkeypatch.setattr(target, built)
     with pytest.raises(_Built) as caught:
         cli.COMMANDS[verb](cli._parser().parse_args([verb, *argv]))

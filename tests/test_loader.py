@@ -75,3 +75,32 @@ def test_calibration_is_refused_on_the_test_split():
 def test_a_model_is_changed_in_place_and_returned():
     model = vitlab.create_model("vl_test_vit")
     assert loader.load(model, ["tome:r=1"]) is model and applied_techniques(model)
+
+
+def test_deploy_gives_a_runner_and_leaves_the_model_as_it_was(tiny_model):
+    """`vitlab.deploy` is the verb for engine techniques: the runner computes the int8 model, while the model passed
+    in keeps its float weights, no quantizers and its own technique stack; `apply_` refuses to deploy."""
+    from vitlab.quant import W8A8, is_quantized
+
+    model = tiny_model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(vitlab.TechniqueError, match=r"w8a8.*vitlab\.deploy\(model, 'w8a8"):
+        vitlab.apply_(model, W8A8(engine="onnxruntime", threads=1), calib=[x])
+    runner = vitlab.deploy(model, W8A8(engine="onnxruntime", threads=1), calib=[torch.randn(16, 1, 16, 16)])
+    assert isinstance(runner, vitlab.Runner) and runner.engine == "onnxruntime-int8"
+    assert runner.techniques[-1] == W8A8(engine="onnxruntime", threads=1)
+    assert not is_quantized(model) and applied_techniques(model) == ()
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        ref = model(x)
+    assert 0 < (runner(x) - ref).abs().max() < 0.5 * ref.abs().max()   # int8: close to the float model, not equal
+    with pytest.raises(ValueError, match="calib=\\[image batches\\]"):
+        vitlab.deploy(model, "w8a8")
+
+
+def test_deploy_of_a_pytorch_stack_is_a_torch_runner_of_the_changed_model(tiny_model):
+    runner = vitlab.deploy(tiny_model.eval(), ["tome:r=1"])
+    assert isinstance(runner, vitlab.TorchRunner) and runner.module is tiny_model
+    assert [vitlab.format_technique(t) for t in applied_techniques(tiny_model)] == ["tome:r=1"]

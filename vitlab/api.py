@@ -1,6 +1,8 @@
 """The verbs of the top-level `vitlab` namespace that live in heavier subpackages (`vitlab.measure`, `quantize_`,
 `calibrate`, `prune_`, `from_transformers`): thin wrappers that import their package on first call, so that
 `import vitlab` does not pull in the profiling, quantization and pruning stacks."""
+from .models import from_transformers as _from_transformers
+
 
 __all__ = ["measure", "quantize_", "calibrate", "prune_", "from_transformers"]
 
@@ -13,11 +15,12 @@ def measure(*args, **kwargs):
     return _measure(*args, **kwargs)
 
 
-def quantize_(model, cfg=None):
-    """See `vitlab.quant.quantize_`: put fake quantizers (mode off) into a model, in place; then `calibrate` it."""
+def quantize_(model, cfg=None, *, calib, num_images=None):
+    """See `vitlab.quant.quantize_`: quantize a model in place (fake quantizers at every site `cfg` asks for,
+    calibrated on the image batches `calib`)."""
     from .quant import quantize_ as _quantize_
 
-    return _quantize_(model, cfg)
+    return _quantize_(model, cfg, calib=calib, num_images=num_images)
 
 
 def calibrate(model, loader_or_batches, num_images=None):
@@ -27,15 +30,13 @@ def calibrate(model, loader_or_batches, num_images=None):
     return _calibrate(model, loader_or_batches, num_images=num_images)
 
 
-def prune_(model, cfg=None, **kwargs):
+def prune_(model, cfg=None, *, calib=None):
     """See `vitlab.prune.prune_`: structured pruning to a FLOPs / params target (imported lazily)."""
     from .prune import prune_ as _prune_
 
-    return _prune_(model, cfg, **kwargs)
+    return _prune_(model, cfg, calib=calib)
 
 
 def from_transformers(model_or_dir):
     """See `vitlab.models.from_transformers`: a HF transformers image model -> the vitlab model, weights copied."""
-    from .models import from_transformers as _from_transformers
-
     return _from_transformers(model_or_dir)

@@ -14,19 +14,26 @@ Loading trusts nothing in the folder: config.json is checked for types and keys,
 the folder (`checkpoint_file`: no absolute path, no "..", no symlink out), every tensor must have the model's
 name, shape and dtype, and pickle files are never unpickled (`vitlab convert ... --allow-pickle` reads tensors only).
 """
+import argparse
 import datetime
 import json
+import pickle
+import re
 import shlex
 from pathlib import Path
 from typing import Any, Callable
 
+import timm
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .errors import UserError
+from .record import record, update_record
 from .runner import model_input_size
-from .techniques import (_load_builtin_techniques, apply_, applied_techniques, reapply_on_load, technique_from_dict,
+from .techniques import (_load_builtin_techniques, applied_techniques, apply_stack, reapply_on_load, technique_from_dict,
                          technique_to_dict)
 from .utils.io import atomic_path, atomic_write_json
 
@@ -40,7 +47,6 @@ FORMAT = "vitlab-checkpoint"
 VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-SPEC_ATTR = "vitlab_model_spec"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")  # official releases use .pth.tar too
 
 
@@ -99,17 +105,17 @@ def is_checkpoint(path: str | Path) -> bool:
 def model_spec(model: nn.Module) -> dict:
     """{"name", "kwargs"} to rebuild `model`: recorded by create_model, else timm's architecture name with what the
     model records (vitlab families: every constructor kwarg; other timm models: their class count and channels)."""
-    spec = getattr(model, SPEC_ATTR, None)
+    spec = record(model).spec
     if spec is not None:
-        # vitlab models record every constructor kwarg (vitlab_arch), so a checkpoint survives changed defaults
-        return {"name": spec["name"], "kwargs": {**getattr(model, "vitlab_arch", {}), **spec["kwargs"]},
+        # vitlab models record every constructor kwarg (record.arch), so a checkpoint survives changed defaults
+        return {"name": spec["name"], "kwargs": {**(record(model).arch or {}), **spec["kwargs"]},
                 **_resized(model)}
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if arch is None:
         raise CheckpointError(
             f"{type(model).__name__} was not built by vitlab.create_model or timm.create_model; "
             "pass model_name= and model_kwargs= to save_checkpoint")
-    kwargs = getattr(model, "vitlab_arch", None)
+    kwargs = record(model).arch
     if kwargs is None:  # a timm model: keep what timm.create_model users change most
         chans, height, width = model_input_size(model)
         default = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, None, None)))
@@ -124,7 +130,7 @@ def model_spec(model: nn.Module) -> dict:
 
 def _resized(model: nn.Module) -> dict:
     """{"resized": ...} for a model pruned through the dependency graph (vitlab.prune.graph), else {}."""
-    resized = getattr(model, "vitlab_resized", None)
+    resized = record(model).resized
     return {"resized": resized} if resized else {}
 
 
@@ -150,7 +156,7 @@ def _inherited_preprocessing(model: nn.Module) -> dict | None:
     """The preprocessing (input size, mean/std, class names) of the checkpoint `model` was loaded from, if any, so
     a model saved again (quantized, exported by the Pareto lab) keeps its class names; None when the input size
     changed since (e.g. a model rebuilt at another img_size)."""
-    pre = (getattr(model, "vitlab_checkpoint", None) or {}).get("config", {}).get("preprocessing")
+    pre = record(model).config.get("preprocessing")
     if not isinstance(pre, dict):
         return None
     try:
@@ -172,11 +178,8 @@ def save_checkpoint(
         model_kwargs: dict | None = None,
 ) -> Path:
     """Write `model.safetensors` and `config.json` into `directory` (each atomically) and return the folder."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     spec = model_spec(model) if model_name is None else {"name": model_name, "kwargs": model_kwargs or {}}
-    import timm
 
     config = {
         "format": FORMAT,
@@ -314,7 +317,7 @@ def load_config(directory: str | Path) -> dict:
 
 def _convert_hint(path: Path, model: nn.Module | None) -> str:
     """The exact `vitlab convert` command that turns a trusted pickle file into a checkpoint."""
-    spec = (getattr(model, SPEC_ATTR, None) or {}) if model is not None else {}
+    spec = (record(model).spec or {}) if model is not None else {}
     name = spec.get("name") or ((getattr(model, "pretrained_cfg", None) or {}).get("architecture") if model else None)
     command = f"vitlab convert {shlex.quote(name) if name else 'MODEL'} {shlex.quote(str(path))}"
     if spec.get("kwargs"):
@@ -344,9 +347,6 @@ def _read_state_dict(path: Path, allow_pickle: bool, model: nn.Module | None = N
                         f"if you trust it: {_convert_hint(path.parent / pickles[0], model)})")
         raise CheckpointError(f"weights file {path} does not exist{hint}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -356,8 +356,6 @@ def _read_state_dict(path: Path, allow_pickle: bool, model: nn.Module | None = N
             raise CheckpointError(
                 f"{path} is a pickle file, and vitlab does not unpickle files (loading a pickle can run any code in "
                 f"it); if you trust it, convert it once: {_convert_hint(path, model)}")
-        import argparse
-        import pickle
 
         try:
             # training scripts (timm, DeiT) store their argparse.Namespace beside the weights: a plain data class
@@ -435,8 +433,6 @@ def create_model(name_or_checkpoint: str | Path, *, pretrained: bool = False, re
     For a folder, `kwargs` override the saved constructor kwargs; the saved technique stack is re-applied where the
     technique asks for it (token reduction), unless `reapply=False`.
     """
-    import timm
-
     if Path(str(name_or_checkpoint)).is_dir() or "/" in str(name_or_checkpoint):
         directory = Path(name_or_checkpoint)
         config = load_config(directory)
@@ -451,13 +447,13 @@ def create_model(name_or_checkpoint: str | Path, *, pretrained: bool = False, re
             load_weights(model, checkpoint_file(directory, WEIGHTS))
         model.eval()
         if stack:
-            object.__setattr__(model, "vitlab_techniques", tuple(t for t in stack if not reapply_on_load(t)))
+            update_record(model, techniques=tuple(t for t in stack if not reapply_on_load(t)))
             if reapply:
-                model = apply_(model, [t for t in stack if reapply_on_load(t)])
+                model = apply_stack(model, [t for t in stack if reapply_on_load(t)])
         if early:
             load_weights(model, checkpoint_file(directory, WEIGHTS))
             model.eval()
-        model.vitlab_checkpoint = {"path": str(directory), "config": config}
+        update_record(model, checkpoint={"path": str(directory), "config": config})
         return model
     name = str(name_or_checkpoint)
     if not timm.is_model(name):
@@ -471,7 +467,7 @@ def create_model(name_or_checkpoint: str | Path, *, pretrained: bool = False, re
         if not kwargs:
             raise
         raise UserError(f"{name} cannot be built with kwargs {json.dumps(_jsonable_or_repr(kwargs))}: {e}") from None
-    setattr(model, SPEC_ATTR, {"name": name, "kwargs": dict(kwargs)})
+    update_record(model, spec={"name": name, "kwargs": dict(kwargs)})
     return model
 
 
@@ -480,9 +476,6 @@ def _timm_create(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     function fixes itself (timm's volo_d1_224 passes layers=, embed_dims=, num_heads= to the class, so passing them
     again is a TypeError "got multiple values"): those are merged over the function's own, at the
     `build_model_with_cfg` call every timm family makes. The model records all of `kwargs`, so it rebuilds the same."""
-    import re
-
-    import timm
 
     rest, fixed = dict(kwargs), {}
     while True:
@@ -510,7 +503,6 @@ class _arch_overrides:
     def __enter__(self):
         if not self.overrides:
             return self
-        import timm
 
         self.module = timm.models.model_entrypoint(self.name).__globals__
         self.original = self.module.get("build_model_with_cfg")
@@ -543,8 +535,6 @@ def _jsonable_or_repr(value: Any) -> Any:
 
 def _build_from_config(directory: Path, config: dict, overrides: dict) -> nn.Module:
     """The model config.json names, built with its kwargs (and `overrides`); errors name config.json's keys."""
-    import timm
-
     name = config["model"]["name"]
     path = directory / CONFIG
     if not timm.is_model(name):

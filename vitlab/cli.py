@@ -1,21 +1,52 @@
 """`vitlab <verb>`: each verb parses its arguments, calls one library function, and prints or writes the result."""
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
+import shlex
 import sys
+import traceback
 from pathlib import Path
 
+import torch
+from timm.models import model_entrypoint
+
+from .record import record
 from ._version import __version__
-from .engine.edvit import Split
+from .engine.edvit import Split, split_checkpoint
+from .engine.progressive import size_list
 from .engine.speed import PRECISIONS
-from .engine.ssl import METHODS, PretrainConfig
+from .engine.ssl import METHODS, PretrainConfig, pretrain
 from . import loader
-from .engine.train import TrainConfig
-from .pareto import SweepConfig
-from .prune import CRITERIA, Prune
+from .engine.train import TrainConfig, fit
+from .pareto import SweepConfig, run_sweep
+from .prune import CRITERIA, Prune, prune_checkpoint, stem_time_weights
 from .utils.args import (below_one, fraction, non_negative_int, positive_float, positive_int,
                          probability)
 from .utils.cli_fields import ConfigFlags, Flag, arg
+from .checkpoint import create_model, load_weights, refuse_out_over_source, save_checkpoint
+from .data import build_dense_dataset
+from .data.transforms import check_source_classes, dataset_for_model, display_name, resolve_preprocessing
+from .engine.evaluate import evaluate, plot_confusion
+from .errors import UserError, is_user_error, one_line
+from .explain import explain, image_format, method_names, plot_token_sources, token_source_map
+from .models.listing import list_models
+from .pareto.sweep import metric_label, score, unit_label
+from .profiling import tune_allocator
+from .prune.lpvit import prunable_linears
+from .techniques import Kind, format_technique, parse_apply, technique_kind
+from .utils.io import atomic_write_json, atomic_write_text
+from .utils.lock import check_writable
+from .recipes import recipe_class, recipe_names
+from .engine.fastkd import save_teacher_logits
+from .engine.video_predict import (PredictTrainConfig, evaluate_predict, fit_predict, is_predict_checkpoint,
+                                   load_predictor, predict_datasets)
+from .explain.gradcam import CAM_METHODS
+from .explain.heads import analyze_heads, write_heads_html
+from .explain.plot import plot_explanations
+from .explain.robustness import DEFAULT_SEVERITIES, format_rows, robustness
+from .predict import load_image, predict
 
 __all__ = ["main"]
 
@@ -24,8 +55,6 @@ class _Parser(argparse.ArgumentParser):
     """argparse with vitlab's error format: one line, `vitlab VERB: error: MESSAGE (see vitlab VERB --help)`, exit 2."""
 
     def error(self, message: str):
-        from .errors import one_line
-
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
     def parse_args(self, args=None, namespace=None):
@@ -135,6 +164,9 @@ _TRAIN = ConfigFlags(TrainConfig, {
                                                "measures it faster on this machine (default: %(default)s)"),
     "compile": Flag(help="torch.compile the training forward (falls back to eager, with a warning, where it fails)"),
     "channels_last": Flag(help="channels-last memory format (convolutions)"),
+    "progressive_sizes": Flag(type=size_list, metavar="PX,PX,...",
+                              help="train equal phases of the run at these image sides, e.g. 20,24,28 (the model "
+                                   "must take any size)"),
     "recipe": Flag(metavar="NAME[:key=value,...]", help="a training recipe that changes each step's loss "
                                                         "(vitlab.engine.recipes; `vitlab models --recipes` lists "
                                                         "them)"),
@@ -556,24 +588,18 @@ def _version() -> str:
 
 def _threads(n: int | None) -> None:
     if n:
-        import torch
-
         torch.set_num_threads(n)
 
 
 def _check_out(out: str) -> None:
     """An --out folder that cannot be written is an error before any work (train, prune and pareto check it when
     they lock it)."""
-    from .utils.lock import check_writable
-
     check_writable(out, "--out")
 
 
 def _engine_trial(args):
     """engine=auto's trial runs at the batch this verb will run (--batch, else --batch-size) with --engine-trial."""
     if not hasattr(args, "engine_trial"):   # a verb that deploys nothing
-        import contextlib
-
         return contextlib.nullcontext()
     from .quant.engine_choice import engine_trial
 
@@ -597,9 +623,6 @@ def _given_flags(args, verb: str) -> set[str] | None:
 
 
 def cmd_train(args) -> int:
-    from .engine.train import fit
-    from .errors import UserError
-
     if args.task == "predict" or (args.resume and _is_predict(args.resume)):
         return _train_predict(args)
     if args.task != "classify" or (args.resume and _is_dense(args.resume)):
@@ -650,8 +673,6 @@ def _given_train_flags(args) -> set[str]:
 
 def _refuse_flags_on_resume(args, given: set[str], what: str) -> None:
     """A step-budgeted run (dense, prediction) resumes with its saved settings: any other flag given is refused."""
-    from .errors import UserError
-
     extra = sorted(given - {"resume"})
     if extra:
         raise UserError(f"--resume {args.resume}: a {what} run continues with its own settings; drop "
@@ -670,7 +691,6 @@ def _train_dense(args) -> int:
     """`vitlab train --task panoptic|semantic|detection --head NAME`: vitlab.dense.engine.fit_dense."""
     from .dense.engine import DenseTrainConfig, fit_dense
     from .dense.heads import head_names
-    from .errors import UserError
 
     given = _given_train_flags(args)
     if args.resume:
@@ -700,16 +720,11 @@ _PREDICT_TRAIN_FIELDS = {"model": "model", "model_kwargs": "model_kwargs", "data
 
 def _is_predict(checkpoint: str) -> bool:
     """Whether `checkpoint` is a frame-prediction checkpoint (vitlab train --task predict)."""
-    from .engine.video_predict import is_predict_checkpoint
-
     return is_predict_checkpoint(checkpoint)
 
 
 def _train_predict(args) -> int:
     """`vitlab train --task predict`: vitlab.engine.video_predict.fit_predict (MSE on the next frames)."""
-    from .engine.video_predict import PredictTrainConfig, fit_predict
-    from .errors import UserError
-
     given = _given_train_flags(args)
     if args.resume:
         _refuse_flags_on_resume(args, given, "prediction")
@@ -729,16 +744,11 @@ def _train_predict(args) -> int:
 
 def _eval_predict(args) -> int:
     """`vitlab eval` of a prediction checkpoint: MSE / MAE per frame and SSIM on --data (default: its own data)."""
-    import torch
-
-    from .engine.video_predict import evaluate_predict, load_predictor, predict_datasets
-    from .utils.io import atomic_write_json
-
     _threads(args.threads)
     if args.out:
         _check_out(args.out)
     model = load_predictor(args.checkpoint)
-    config = model.vitlab_checkpoint
+    config = record(model).config
     given = _given_flags(args, "eval")
     data = args.data if given is None or "data" in given else config["data"].get("spec", args.data)
     (dataset,) = predict_datasets(model, data, (args.split,), args.data_dir)
@@ -765,8 +775,6 @@ def _eval_predict(args) -> int:
 
 
 def cmd_distill_logits(args) -> int:
-    from .engine.fastkd import save_teacher_logits
-
     _threads(args.threads)
     m = save_teacher_logits(args.teacher, args.out, data=args.data, data_dir=args.data_dir, epochs=args.epochs,
                             batch_size=args.batch_size, seed=args.seed, topk=args.topk, hflip=args.hflip,
@@ -790,24 +798,18 @@ def _load_runner(source, apply: list[str], calib_args=None):
 
 
 def cmd_prune(args) -> int:
-    from .checkpoint import refuse_out_over_source
-    from .prune import prune_checkpoint
-
     _threads(args.threads)
     refuse_out_over_source(args.out, args.checkpoint)
     if args.apply:
         return _prune_with_technique(args)
     settings = _PRUNE.values(args)
     if settings["stem_weight"] == "auto":
-        from .checkpoint import create_model
-        from .prune import stem_time_weights
-
         settings["stem_weight"] = stem_time_weights(create_model(args.checkpoint))
         print(f"stem weights (CPU time per MAC vs the rest, measured): {list(settings['stem_weight'])}")
     cfg = Prune(**settings)
     model, s = prune_checkpoint(args.checkpoint, args.out, cfg, data=args.data, split=args.split,
                                 num_images=args.calib_images, data_dir=args.data_dir)
-    arch = model.vitlab_arch
+    arch = record(model).arch
     print(f"{args.checkpoint} -> {args.out}: {s['target']} {s['before']:,} -> {s['after']:,} "
           f"({s['after'] / s['before']:.3f}), importance {s['importance']}, {s['removed']} units removed")
     print(f"  depth {len(arch['num_heads'])}  heads {arch['num_heads']}  mlp hidden {arch['mlp_hidden']}"
@@ -817,10 +819,6 @@ def cmd_prune(args) -> int:
 
 def _prune_with_technique(args) -> int:
     """`vitlab prune CKPT --apply lpvit:... --out DIR`: any registered pruning technique, calibrated and saved."""
-    from .prune import prune_checkpoint
-    from .prune.lpvit import prunable_linears
-    from .techniques import Kind, format_technique, parse_apply, technique_kind
-
     configs = parse_apply([args.apply])
     if len(configs) != 1 or technique_kind(configs[0]) != Kind.STRUCTURE:
         raise ValueError(f"--apply {args.apply!r}: give one pruning technique (e.g. lpvit:sparsity=0.5); "
@@ -835,10 +833,6 @@ def _prune_with_technique(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data.transforms import check_source_classes, dataset_for_model
-    from .engine.evaluate import evaluate, plot_confusion
-    from .utils.io import atomic_write_json
-
     if _is_dense(args.checkpoint):
         return _eval_dense(args)
     if _is_predict(args.checkpoint):
@@ -878,16 +872,13 @@ def _is_dense(checkpoint: str) -> bool:
 
 def _eval_dense(args) -> int:
     """`vitlab eval` of a dense checkpoint: PQ / mIoU / AP on --data (default: the scenes it was trained on)."""
-    from .data import build_dense_dataset
     from .dense.engine import evaluate_dense, load_dense
-    from .errors import UserError
-    from .utils.io import atomic_write_json
 
     _threads(args.threads)
     if args.out:
         _check_out(args.out)
     model = load_dense(args.checkpoint)
-    info, config = model.vitlab_dense, model.vitlab_checkpoint["config"]
+    info, config = record(model).dense, record(model).config
     given = _given_flags(args, "eval")
     data = args.data if given is None or "data" in given else config["data"].get("spec", args.data)
     dataset = build_dense_dataset(data, args.split, data_dir=args.data_dir, in_chans=info["in_chans"])
@@ -933,7 +924,6 @@ def cmd_bench(args) -> int:
 
 def cmd_measure(args) -> int:
     from .bench.measure import measure, print_rows
-    from .utils.io import atomic_write_text
 
     rows = []
     for source in args.models:
@@ -952,14 +942,10 @@ def cmd_measure(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .data.transforms import display_name
-    from .predict import predict
-
     calib_args = args if args.data else None
     if _is_dense(args.checkpoint):
         from .dense.engine import load_dense
         from .dense.predict import predict_files
-        from .errors import UserError
 
         if not args.out:
             raise UserError(f"{args.checkpoint} is a dense checkpoint: give --out FILE.png (a folder for several "
@@ -969,7 +955,6 @@ def cmd_predict(args) -> int:
         for path in predict_files(model, args.images, args.out, threshold=args.threshold, runner=runner):
             print(f"wrote {path}")
         return 0
-    from .checkpoint import create_model
 
     model = create_model(args.checkpoint)
     results = predict(model, args.images, top=args.top, runner=_load_runner(model, args.apply, calib_args))
@@ -983,14 +968,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    import torch
-
-    from .data.transforms import display_name, resolve_preprocessing
-    from .explain import explain, image_format, method_names, plot_token_sources, token_source_map
-    from .explain.gradcam import CAM_METHODS
-    from .explain.plot import plot_explanations
-    from .predict import load_image
-
     if args.tokens and args.method not in (None, "sources"):
         raise ValueError(f"--tokens is --method sources; it cannot be combined with --method {args.method}")
     method = "sources" if args.tokens else args.method or "rollout"
@@ -1033,10 +1010,6 @@ def cmd_explain(args) -> int:
 
 
 def cmd_robustness(args) -> int:
-    from .data.transforms import check_source_classes, dataset_for_model
-    from .explain.robustness import DEFAULT_SEVERITIES, format_rows, robustness
-    from .utils.io import atomic_write_json
-
     severities = None  # all of DEFAULT_SEVERITIES
     if args.perturbations:
         unknown = sorted(set(args.perturbations) - set(DEFAULT_SEVERITIES))
@@ -1061,14 +1034,6 @@ def cmd_robustness(args) -> int:
 
 
 def cmd_heads(args) -> int:
-    import dataclasses
-    import shlex
-
-    import torch
-
-    from .data.transforms import check_source_classes, dataset_for_model
-    from .explain.heads import analyze_heads, write_heads_html
-
     _threads(args.threads)
     if not args.out.endswith((".html", ".htm")) or Path(args.out).is_dir():
         raise ValueError(f"--out {args.out}: give an .html file name, e.g. heads.html")
@@ -1100,10 +1065,6 @@ def _json_arg(text: str, flag: str) -> dict:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint import create_model, load_weights, refuse_out_over_source, save_checkpoint
-
-    from timm.models import model_entrypoint
-
     refuse_out_over_source(args.out, args.weights)
     model = create_model(args.model, **_json_arg(args.model_kwargs, "--model-kwargs"))
     # a vitlab family's checkpoint_filter_fn maps its official checkpoints to vitlab's layout; timm models load as
@@ -1117,9 +1078,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_pareto(args) -> int:
-    from .checkpoint import refuse_out_over_source
-    from .pareto import run_sweep
-
     refuse_out_over_source(args.out, args.model, *args.candidates)
     cfg = SweepConfig(**_PARETO.values(args))
     summary = run_sweep(cfg, progress=not args.no_progress and sys.stderr.isatty())
@@ -1131,7 +1089,6 @@ def _print_pareto(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .pareto.sweep import metric_label, score, unit_label
 
     rows = summary["rows"]
     metric, unit = metric_label(rows), unit_label(rows)
@@ -1186,11 +1143,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models.listing import list_models
-
     if args.recipes:
-        from .recipes import recipe_class, recipe_names
-
         for name in recipe_names():
             doc = (recipe_class(name).__doc__ or "").strip().splitlines()
             print(f"{name:<16} {doc[0] if doc else ''}")
@@ -1228,8 +1181,6 @@ COMMANDS["distill-logits"] = cmd_distill_logits
 
 
 def cmd_split(args) -> int:
-    from .engine.edvit import split_checkpoint
-
     _threads(args.threads)
     cfg = Split(**_SPLIT.values(args))
     _, s = split_checkpoint(args.checkpoint, args.out, cfg, data=args.data, data_dir=args.data_dir,
@@ -1246,8 +1197,6 @@ COMMANDS["split"] = cmd_split
 
 
 def cmd_pretrain(args) -> int:
-    from .engine.ssl import pretrain
-
     cfg = PretrainConfig(**_PRETRAIN.values(args))
     out = pretrain(cfg, overwrite=args.overwrite)
     print(f"backbone checkpoint: {out} (fine-tune it with `vitlab train --init {out} ...`)")
@@ -1304,10 +1253,7 @@ def main(argv: list[str] | None = None) -> int:
     (a traceback). `--debug` or VITLAB_DEBUG=1 prints the traceback of a user error too."""
     args = _parser().parse_args(argv)
     args._argv = list(sys.argv[1:] if argv is None else argv)   # which flags were given (train --resume)
-    import traceback
 
-    from .errors import is_user_error, one_line
-    from .profiling import tune_allocator
 
     debug = args.debug or os.environ.get("VITLAB_DEBUG", "") not in ("", "0")
     tune_allocator()   # keep freed memory in the process: see vitlab.profiling.allocator

@@ -1,7 +1,9 @@
-"""`vl_dense`: a dense-prediction model (a backbone with stage features + a registered head, vitlab.dense) as a
-timm entrypoint, so `vitlab.create_model(CHECKPOINT)` rebuilds the models `vitlab train --task ...` saves.
+"""timm entrypoints for models that units above `vitlab.models` build, registered when `import vitlab` runs and
+importing their unit only when called, so `import vitlab` stays light.
 
-Its kwargs are what `vitlab.dense.build_dense_model` takes; a checkpoint's config.json records them.
+`vl_dense`: a dense-prediction model (a backbone with stage features + a registered head, vitlab.dense), so
+`vitlab.create_model(CHECKPOINT)` rebuilds the models `vitlab train --task ...` saves. Its kwargs are what
+`vitlab.dense.build_dense_model` takes; a checkpoint's config.json records them.
 """
 from typing import Any
 
@@ -17,7 +19,7 @@ def vl_dense(pretrained: bool = False, backbone: str = "vl_vit_fmnist", head: st
              head_options: dict[str, Any] | None = None, backbone_kwargs: dict[str, Any] | None = None,
              pretrained_cfg_overlay: dict | None = None, **timm_kwargs) -> nn.Module:
     """Backbone + head for a dense task (default: vl_vit_fmnist with Semantic FPN, 11 classes at 64 px)."""
-    from ..dense.heads import build_dense_model   # vitlab.dense imports vitlab.models: import at call time
+    from .dense.heads import build_dense_model   # at call time: vitlab.dense loads the contract and profiling
 
     unknown = sorted(set(timm_kwargs) - {"pretrained_cfg", "cache_dir"})   # what timm.create_model adds
     if unknown:

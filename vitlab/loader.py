@@ -4,6 +4,7 @@ made (or the engine runner it deployed), calibrated on images where the stack ne
     model = vitlab.load("checkpoints/fashion-mnist-reference-v2", ["tome:r=4"])
     runner = vitlab.load_runner("checkpoints/fashion-mnist-reference-v2", ["w8a8"],
                                 calibration=Calibration("fashion-mnist"))
+    runner = vitlab.deploy(model, W8A8(), calib=batches)        # a model in hand + its own calibration batches
 
 Every verb of the CLI and the Python API that loads a model with `--apply` goes through `load`: what a stack means,
 which images a calibrating stack sees and what a missing `--data` says are decided here once. Calibration images are
@@ -20,9 +21,9 @@ from torch import nn
 from .checkpoint import create_model
 from .data.calibration import calibration_batches
 from .runner import Runner, as_runner
-from .techniques import apply_, format_technique, needs_calibration, parse_apply
+from .techniques import apply_stack, format_technique, needs_calibration, parse_apply
 
-__all__ = ["Calibration", "load", "load_runner", "stack_needs_calibration"]
+__all__ = ["Calibration", "deploy", "load", "load_runner", "stack_needs_calibration"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def load(source: str | nn.Module, apply: Sequence[Any] = (), *, calibration: Cal
         if calibration is None or (isinstance(calibration, Calibration) and calibration.data is None):
             raise missing_data(" + ".join(map(format_technique, configs)))
         calib = calibration.batches(model) if isinstance(calibration, Calibration) else calibration(model)
-    return apply_(model, configs, calib=calib)
+    return apply_stack(model, configs, calib=calib)
 
 
 def load_runner(source: str | nn.Module, apply: Sequence[Any] = (), *, calibration: CalibrationSource | None = None,
@@ -88,3 +89,18 @@ def load_runner(source: str | nn.Module, apply: Sequence[Any] = (), *, calibrati
     deployed engine runner is returned as it is."""
     result = load(source, apply, calibration=calibration, model_kwargs=model_kwargs, missing_data=missing_data)
     return as_runner(result, **runner_options) if isinstance(result, nn.Module) else as_runner(result)
+
+
+def deploy(model: nn.Module, apply: Any | Sequence[Any] = (), *, calib: Any = None, **runner_options) -> Runner:
+    """Turn `model` into a runner with the stack `apply` (configs or `--apply` text; one config alone is fine): a
+    stack ending in an engine technique (w8a8, w8, bf16) gives that engine's runner, any other stack the model with
+    it applied in place, wrapped as a `TorchRunner` with `runner_options`. `calib`: calibration image batches, for
+    stacks that need them. The verb beside `apply_`, which only ever changes a model in place."""
+    configs = _configs(apply if isinstance(apply, (list, tuple)) else [apply])
+    return load_runner(model, configs, calibration=None if calib is None else (lambda m: calib),
+                       missing_data=_missing_calib, **runner_options)
+
+
+def _missing_calib(stack: str) -> Exception:
+    return ValueError(f"{stack} calibrates on images: pass calib=[image batches] (preprocessed for the model), or use "
+                      "vitlab.load_runner(source, stack, calibration=vitlab.Calibration(DATA))")

@@ -19,6 +19,7 @@ augmentation is seeded per image — so a recipe can precompute something per im
 teacher logits).
 """
 import dataclasses
+import importlib
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -86,8 +87,6 @@ def register_recipe(name: str) -> Callable[[type], type]:
 
 def _load_builtin_recipes() -> None:
     """Import the modules that register vitlab's own recipes."""
-    import importlib
-
     for module in _BUILTIN_MODULES:
         importlib.import_module(module, __package__)
 

@@ -14,10 +14,11 @@ the function that carries it out is registered separately, by config type (torch
     vitlab.apply_(model, parse_apply(["tome:r=13"]))
 
 Stacks apply in a fixed order of kinds: structure (pruning) -> tokens -> quantization/deployment. The stack
-applied so far is recorded on the model (`model.vitlab_techniques`), saved in checkpoints and measurement rows.
+applied so far is recorded on the model (`model.vitlab.techniques`), saved in checkpoints and measurement rows.
 """
 import dataclasses
 import enum
+import importlib
 import inspect
 import types
 import typing
@@ -25,14 +26,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .errors import TechniqueNotApplicable as _NotApplicable
 from .errors import UserError
+from .record import record, update_record
 
 __all__ = [
     "Kind", "TechniqueError", "TechniqueNotApplicable", "register_technique", "register_handler", "unregister_technique", "technique_names",
     "get_technique", "parse_technique", "parse_apply", "format_technique", "technique_to_dict",
-    "technique_from_dict", "check_stack_order", "applied_techniques", "apply_", "needs_calibration",
+    "technique_from_dict", "check_stack_order", "applied_techniques", "apply_", "apply_stack", "needs_calibration",
+    "deploys",
 ]
-
-STACK_ATTR = "vitlab_techniques"
 
 
 class Kind(enum.IntEnum):
@@ -67,6 +68,7 @@ class _Entry:
     reapply_on_load: bool
     help: str
     needs_calibration: bool | Callable[[Any], bool] = False
+    deploys: bool = False
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -75,7 +77,8 @@ _HANDLERS: dict[type, Callable] = {}
 
 
 def register_technique(name: str, kind: Kind, *, reapply_on_load: bool | None = None,
-                       needs_calibration: bool | Callable[[Any], bool] = False) -> Callable[[type], type]:
+                       needs_calibration: bool | Callable[[Any], bool] = False,
+                       deploys: bool = False) -> Callable[[type], type]:
     """Class decorator: register a frozen dataclass as technique `name` (a CLI name) of `kind`.
 
     `reapply_on_load`: whether `create_model(checkpoint)` re-applies it (default: tokens yes; structure no, since
@@ -83,6 +86,8 @@ def register_technique(name: str, kind: Kind, *, reapply_on_load: bool | None = 
     `needs_calibration`: whether applying it reads calibration images (`apply_(..., calib=)`): a bool, or a function
     of the config where that depends on its fields (a pruning criterion that scores on images); see
     `needs_calibration(cfg)`.
+    `deploys`: applying it hands the model to an inference engine and gives back a runner (w8a8, w8, bf16), so it
+    runs through `vitlab.deploy` (or `vitlab.load_runner`), never `apply_`, which changes a model in place.
     """
     name = name.lower()
 
@@ -93,7 +98,7 @@ def register_technique(name: str, kind: Kind, *, reapply_on_load: bool | None = 
             raise TechniqueError(f"technique name {name!r} is already registered by {_REGISTRY[name].cls.__name__}")
         reapply = (kind == Kind.TOKENS) if reapply_on_load is None else reapply_on_load
         entry = _Entry(name, cls, Kind(kind), reapply, (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
-                       needs_calibration)
+                       needs_calibration, deploys)
         _REGISTRY[name] = entry
         _BY_CLASS[cls] = entry
         return cls
@@ -144,8 +149,6 @@ def get_technique(name: str) -> _Entry:
 
 def _load_builtin_techniques() -> None:
     """Import the packages that register vitlab's techniques (they register on import)."""
-    import importlib
-
     for module in ("vitlab.tokens", "vitlab.quant", "vitlab.prune"):
         try:
             importlib.import_module(module)
@@ -284,6 +287,11 @@ def needs_calibration(cfg: Any) -> bool:
     return bool(flag(cfg) if callable(flag) else flag)
 
 
+def deploys(cfg: Any) -> bool:
+    """Whether applying `cfg` turns the model into an engine runner (its registration's `deploys`)."""
+    return _entry_for(cfg).deploys
+
+
 def check_stack_order(configs: Sequence[Any]) -> None:
     """Raise if kinds are out of order (structure -> tokens -> quantization/deployment)."""
     for prev, cfg in zip(configs, configs[1:]):
@@ -300,7 +308,7 @@ def check_stack_order(configs: Sequence[Any]) -> None:
 
 def applied_techniques(model: Any) -> tuple:
     """The techniques applied to `model` so far, in order (empty for an untouched model)."""
-    return tuple(getattr(model, STACK_ATTR, ()))
+    return tuple(record(model).techniques)
 
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -310,16 +318,34 @@ def _accepts(fn: Callable, name: str) -> bool:
         return False
 
 
-def apply_(model: Any, configs: Any | Sequence[Any], *, calib: Any = None) -> Any:
-    """Apply one config or a list of configs in order, in place; return the model (or a runner, after deployment).
+def _as_list(configs: Any | Sequence[Any] | None) -> list:
+    return [] if configs is None else list(configs) if isinstance(configs, (list, tuple)) else [configs]
 
-    The stack already applied to the model counts: adding tokens after quantization is refused.
+
+def apply_(model: Any, configs: Any | Sequence[Any], *, calib: Any = None) -> Any:
+    """Apply one config or a list of configs to `model` in order, in place; return the same model.
+
+    The stack already applied to the model counts: adding tokens after quantization is refused. A technique that
+    deploys the model to an inference engine (w8a8, w8, bf16) gives a runner, not a changed model: it is refused
+    here, naming `vitlab.deploy`, which runs it.
     `calib`: calibration images for techniques that need them (post-training quantization): an iterable of image
     batches (tensors already preprocessed for the model), passed to every handler that takes a `calib` argument.
     """
-    if configs is None:
-        return model
-    configs = list(configs) if isinstance(configs, (list, tuple)) else [configs]
+    configs = _as_list(configs)
+    for cfg in configs:
+        if deploys(cfg):
+            text = " + ".join(map(format_technique, configs))
+            raise TechniqueError(
+                f"{format_technique(cfg)} deploys the model to an inference engine and returns a runner, while apply_ "
+                f"changes a model in place: runner = vitlab.deploy(model, {text!r}, calib=...) (or "
+                "vitlab.load_runner(source, stack, calibration=...))")
+    return apply_stack(model, configs, calib=calib)
+
+
+def apply_stack(model: Any, configs: Any | Sequence[Any], *, calib: Any = None) -> Any:
+    """`apply_` for a stack that may end in a deployment: returns the model, or the runner the last technique
+    deployed. What `vitlab.deploy`, the loader and checkpoint loading run; users call `apply_` or `vitlab.deploy`."""
+    configs = _as_list(configs)
     stack = list(applied_techniques(model))
     check_stack_order(stack + configs)
     for cfg in configs:
@@ -330,7 +356,7 @@ def apply_(model: Any, configs: Any | Sequence[Any], *, calib: Any = None) -> An
         model = model if result is None else result
         stack.append(cfg)
         try:
-            setattr(model, STACK_ATTR, tuple(stack))
+            update_record(model, techniques=tuple(stack))
         except AttributeError:  # a runner that does not take attributes keeps its own record
             pass
     return model

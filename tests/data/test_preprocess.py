@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import vitlab
+from vitlab.record import update_record
 from vitlab.cli import main
 from vitlab.data import DataError, build_dataset
 from vitlab.data.transforms import (Preprocessing, check_classes, dataset_for_model, image_transform,
@@ -113,14 +114,14 @@ def test_resolve_preprocessing_sources(reference):
     assert cvt.mean == pytest.approx((0.485, 0.456, 0.406)) and cvt.class_names is None
     # the checkpoint's config overrides the model's, and a runner's actual size wins
     model = vitlab.create_model("vl_test_vit")
-    model.vitlab_checkpoint = {"path": "x", "config": {"preprocessing": {
-        "interpolation": "bicubic", "crop_pct": 0.9, "mean": [0.5], "std": [0.25], "class_names": list("abcdefghij")}}}
+    update_record(model, checkpoint={"path": "x", "config": {"preprocessing": {
+        "interpolation": "bicubic", "crop_pct": 0.9, "mean": [0.5], "std": [0.25], "class_names": list("abcdefghij")}}})
     pre = resolve_preprocessing(vitlab.TorchRunner(model))
     assert (pre.interpolation, pre.crop_pct, pre.mean, pre.std) == ("bicubic", 0.9, (0.5,), (0.25,))
     assert pre.input_size == (1, 16, 16) and pre.class_names == tuple("abcdefghij")
     for bad, needle in [({"interpolation": "cubic"}, "'cubic'"), ({"crop_pct": 0}, "crop_pct 0"),
                         ({"crop_mode": "fill"}, "'fill'")]:
-        model.vitlab_checkpoint["config"]["preprocessing"] = bad
+        update_record(model, checkpoint={"path": "x", "config": {"preprocessing": bad}})
         with pytest.raises(DataError, match=needle) as e:
             resolve_preprocessing(model)
         assert "\n" not in str(e.value)

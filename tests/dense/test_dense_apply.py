@@ -111,7 +111,7 @@ def test_w8a8_engine_returns_the_output_dict(runs, task):
     x = _calib(model)[0]
     with torch.no_grad():
         ref = _tensors(model(x))
-    runner = vitlab.apply_(model, parse_apply(["w8a8:engine=onnxruntime"]), calib=_calib(model))
+    runner = vitlab.deploy(model, parse_apply(["w8a8:engine=onnxruntime"]), calib=_calib(model))
     assert isinstance(runner, DenseEngineRunner) and runner.engine == "onnxruntime-int8"
     out = runner(x)
     assert set(out) == set(ref) - {"aux"}   # the training-only auxiliary outputs are not exported
@@ -128,12 +128,12 @@ def test_other_deployments_return_the_output_dict(runs, technique):
     model = _model(runs, "detection")
     if technique.startswith("bf16") and not has_bf16():   # refused by name, never emulated (slower than fp32)
         with pytest.raises(Exception, match="native bf16"):
-            vitlab.apply_(model, parse_apply([technique]))
+            vitlab.deploy(model, parse_apply([technique]))
         return
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         ref = _tensors(model(x))
-    out = vitlab.apply_(model, parse_apply([technique]))(x)
+    out = vitlab.deploy(model, parse_apply([technique]))(x)
     assert set(out) == {"pred_logits", "pred_boxes"}
     for k, v in out.items():
         assert v.shape == ref[k].shape and ((v - ref[k]).norm() / ref[k].norm()).item() < 0.1, k

@@ -145,7 +145,7 @@ def test_model_head_gets_the_data_size_and_refuses_backbone_kwargs():
         assert list(get_head("toy-wrap").options()) == ["width"]     # img_size comes from the data
         model = build_dense_model("vl_test_vit", "toy-wrap", "semantic", 11, img_size=48, head_options={"width": 8})
         assert seen == {"backbone": "vl_test_vit", "num_classes": 11, "img_size": 48, "width": 8}
-        assert model.vitlab_dense["head"] == "toy-wrap" and model.pretrained_cfg["input_size"] == (1, 48, 48)
+        assert model.vitlab.dense["head"] == "toy-wrap" and model.pretrained_cfg["input_size"] == (1, 48, 48)
         with pytest.raises(HeadError, match="drop the backbone kwargs"):
             build_dense_model("vl_test_vit", "toy-wrap", "semantic", 11, backbone_kwargs={"depth": 1})
         with pytest.raises(HeadError, match="unknown option 'img_size'; options are width"):
@@ -241,7 +241,7 @@ def test_cli_semantic_and_detection_train_eval_predict(tmp_path, capsys):
     model = vitlab.create_model(str(tmp_path / "det"))
     config = json.loads((tmp_path / "det" / "config.json").read_text())
     assert config["model"]["name"] == "vl_dense" and config["model"]["kwargs"]["head"] == "detr-lite"
-    assert model.vitlab_dense["head_options"] == {"num_queries": 8, "dim": 32}
+    assert model.vitlab.dense["head_options"] == {"num_queries": 8, "dim": 32}
 
     out = tmp_path / "pred.png"
     assert main(["predict", str(tmp_path / "sem"), str(tmp_path / "scene.png"), "--out", str(out)]) == 0
@@ -276,7 +276,7 @@ def test_cli_semantic_and_detection_train_eval_predict(tmp_path, capsys):
     quant = apply_(sem, parse_apply(["ptq"]), calib=calibration_batches(sem, "fmnist-scenes:n=16", "train", 8))
     with Image.open(tmp_path / "scene.png") as original:
         want = draw_prediction(original, predict_dense(quant, x[None, None], "semantic")[0], "semantic",
-                               list(sem.vitlab_checkpoint["config"]["preprocessing"]["class_names"]), model_size=64)
+                               list(sem.vitlab.checkpoint["config"]["preprocessing"]["class_names"]), model_size=64)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "q.png").convert("RGB")), np.asarray(want.convert("RGB")))
 
 

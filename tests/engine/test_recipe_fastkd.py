@@ -258,12 +258,12 @@ def test_writing_refuses_and_is_atomic(tmp_path, synth_store, monkeypatch):
     with pytest.raises(FastKDError, match="predicts 4 classes but --data fashion-mnist has 10"):
         save_teacher_logits(teacher, tmp_path / "s", topk=2, **{**kw, "data": "fashion-mnist"})
 
-    import safetensors.torch
+    import vitlab.engine.fastkd as fastkd
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(fastkd, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         save_teacher_logits(teacher, tmp_path / "s", topk=2, **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]   # nothing half-written left behind

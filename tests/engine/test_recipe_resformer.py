@@ -124,7 +124,7 @@ def test_glpe_checkpoint_round_trip_and_default_unchanged(tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
     plain = vitlab.create_model("vl_vit_fmnist", **TINY)
     assert type(plain).__name__ == "VisionTransformer" and plain.pos_embed.shape == (1, 50, 32)
-    assert "pos_embed" not in plain.vitlab_arch and "global_pos.conv.weight" not in plain.state_dict()
+    assert "pos_embed" not in plain.vitlab.arch and "global_pos.conv.weight" not in plain.state_dict()
 
 
 def test_glpe_refuses_token_reduction():

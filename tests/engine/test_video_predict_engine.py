@@ -50,7 +50,7 @@ def test_metrics_match_hand_computation():
 
 
 def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
-    import vitlab.utils.lock as lock
+    import vitlab.engine.video_predict as video_predict
 
     cfg = dict(model="vl_test_predformer", data=DATA, steps=4, batch_size=4, eval_every=2, threads=1, progress=False)
     fit_predict(PredictTrainConfig(out=str(tmp_path / "straight"), **cfg))
@@ -58,7 +58,7 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
     def stop(name: str) -> None:
         if name == "predict-step-2":
             raise KeyboardInterrupt
-    monkeypatch.setattr(lock, "kill_point", stop)
+    monkeypatch.setattr(video_predict, "kill_point", stop)
     with pytest.raises(KeyboardInterrupt):
         fit_predict(PredictTrainConfig(out=str(tmp_path / "resumed"), **cfg))
     monkeypatch.undo()

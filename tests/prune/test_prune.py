@@ -32,7 +32,7 @@ def test_target_one_is_identity():
         before = {k: v.clone() for k, v in model.state_dict().items()}
         out = model(x)
         prune_(model, Prune(target_flops=1.0, importance=importance), calib=_calib())
-        assert model.vitlab_prune["removed"] == 0
+        assert model.vitlab.prune["removed"] == 0
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         assert torch.equal(model(x), out)
 
@@ -40,7 +40,7 @@ def test_target_one_is_identity():
 def test_pruned_geometry_and_fused_equals_manual():
     model = _tiny(depth=3, num_heads=4, embed_dim=32)
     prune_(model, Prune(target_flops=0.6, importance="l1", blocks=True))
-    heads = model.vitlab_arch["num_heads"]
+    heads = model.vitlab.arch["num_heads"]
     assert heads != [4] * len(heads)
     for blk, h in zip(model.blocks, heads):
         attn = blk.attn
@@ -180,7 +180,7 @@ def test_apply_stack_and_measure_calibration():
 
     assert needs_calibration(["prune:importance=hessian"]) and not needs_calibration(["prune:importance=l1"])
     model = vitlab.apply_(_tiny(), vitlab.parse_apply(["prune:target_flops=0.7,importance=taylor"]), calib=_calib())
-    assert vitlab.format_technique(model.vitlab_techniques[0]).startswith("prune:")
+    assert vitlab.format_technique(model.vitlab.techniques[0]).startswith("prune:")
     assert model_macs(model) <= 0.7 * model_macs(_tiny())
 
 
@@ -202,7 +202,7 @@ def test_plain_timm_vit_base_prunes_and_reloads(tmp_path):
     model = vitlab.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
                                 num_classes=10, in_chans=1).eval()
     prune_(model, Prune(target_flops=0.6, importance="l2"))
-    assert model.vitlab_arch["base"] == "vit_tiny_patch16_224" and model.vitlab_arch["base_kwargs"]["embed_dim"] == 64
+    assert model.vitlab.arch["base"] == "vit_tiny_patch16_224" and model.vitlab.arch["base_kwargs"]["embed_dim"] == 64
     vitlab.save_checkpoint(model, tmp_path / "ck")
     x = torch.randn(2, 1, 32, 32)
     torch.testing.assert_close(vitlab.create_model(tmp_path / "ck")(x), model(x))

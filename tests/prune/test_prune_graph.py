@@ -59,7 +59,7 @@ def pruned(tmp_path_factory):
             logits = model(x)
         vitlab.save_checkpoint(model, root / name)
         torch.save(x, root / name / "x.pt")
-        out[name] = (model_macs(model) / before, logits, model.vitlab_prune, root / name)
+        out[name] = (model_macs(model) / before, logits, model.vitlab.prune, root / name)
     return out
 
 
@@ -93,7 +93,7 @@ def test_target_one_changes_nothing():
     with torch.no_grad():
         want = model(x)
     model = vitlab.apply_(model, [Prune(target_flops=1.0, importance="l1")])
-    assert model.vitlab_prune["removed"] == 0 and not getattr(model, "vitlab_resized", None)
+    assert model.vitlab.prune["removed"] == 0 and not model.vitlab.resized
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(x), want)
@@ -106,7 +106,7 @@ def test_swin_heads_equal_masked_heads_fused_and_manual():
     model = create("swin_tiny_patch4_window7_224")
     model = vitlab.apply_(model, [Prune(target_flops=0.95, importance="l1", mlp=False)])
     attn = model.layers[1].blocks[0].attn
-    assert model.vitlab_prune["units"]["head"] >= 1 and attn.num_heads == 1
+    assert model.vitlab.prune["units"]["head"] >= 1 and attn.num_heads == 1
     assert attn.relative_position_bias_table.shape[-1] == 1 and attn.qkv.out_features == 3 * attn.proj.in_features
     x = _x(model)
     with torch.no_grad():
@@ -121,7 +121,7 @@ def test_blocks_dropped_and_rebuilt(tmp_path):
     model = create("convnext_atto")
     model = vitlab.apply_(model, [Prune(target_flops=0.7, importance="l1", blocks=True, mlp=False)])
     dropped = [n for n, m in model.named_modules() if isinstance(m, DroppedBlock)]
-    assert dropped and model.vitlab_resized["dropped"] == dropped
+    assert dropped and model.vitlab.resized["dropped"] == dropped
     vitlab.save_checkpoint(model, tmp_path / "c")
     again = vitlab.create_model(str(tmp_path / "c"))
     x = _x(model)
@@ -134,7 +134,7 @@ def test_taylor_with_calibration_and_heads_kept_where_forward_reshapes():
     model = create("pvt_v2_b0")
     calib = [_x(model, 4)]
     model = vitlab.apply_(model, [Prune(target_flops=0.8, importance="taylor")], calib=calib)
-    assert model.vitlab_prune["heads_kept_by"] == ["Attention"] and model.vitlab_prune["units"]["head"] == 0
+    assert model.vitlab.prune["heads_kept_by"] == ["Attention"] and model.vitlab.prune["units"]["head"] == 0
 
 
 def test_refusals_name_what_prune_supports():

@@ -48,8 +48,8 @@ def test_whole_aligned_blocks_and_target_met(tiny_model, target):
         assert not zero_blocks.all(), f"{name}: every block removed"
     reached = _zero_fraction(model)
     assert abs(reached - target) <= 0.01, (reached, target)
-    assert model.vitlab_lpvit["sparsity"] == pytest.approx(reached)
-    assert len(set(model.vitlab_lpvit["layers"].values())) > 1       # a per-layer allocation, not uniform
+    assert model.vitlab.lpvit["sparsity"] == pytest.approx(reached)
+    assert len(set(model.vitlab.lpvit["layers"].values())) > 1       # a per-layer allocation, not uniform
 
 
 def test_distortion_equals_explicit_second_order_form():

@@ -41,7 +41,7 @@ def test_ratio_zero_is_identity_with_stem_and_embed():
         out = model(x)
         prune_(model, Prune(target_flops=1.0, importance=importance, stem=True, embed=True, blocks=True),
                calib=_calib())
-        assert model.vitlab_prune["removed"] == 0
+        assert model.vitlab.prune["removed"] == 0
         assert model.state_dict().keys() == before.keys()
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
         assert torch.equal(model(x), out)
@@ -68,7 +68,7 @@ def test_removing_stem_groups_equals_zeroing_their_groupnorm():
     backbone = model.patch_embed.backbone
     assert [backbone[i].out_channels for i in (0, 3)] == [12, 12]
     assert [backbone[i].num_groups for i in (1, 4)] == [3, 2]  # 4 channels and 6 channels per group, as before
-    kwargs = model.vitlab_arch["base_kwargs"]
+    kwargs = model.vitlab.arch["base_kwargs"]
     assert kwargs["stem_widths"] == [12, 12] and kwargs["stem_groups"] == [3, 2]
 
 
@@ -78,10 +78,10 @@ def test_stem_units_are_whole_groups_and_widths_respect_them():
     stem_units = [u for u in units(w, stem=True) if u.kind == "stem"]
     assert len(stem_units) == 8 and {len(u.channels) for u in stem_units if u.block == 0} == {4}
     prune_(model, Prune(target_flops=0.6, importance="taylor", stem=True, stem_weight=(20.0, 1.0)), calib=_calib())
-    kw = model.vitlab_arch["base_kwargs"]
+    kw = model.vitlab.arch["base_kwargs"]
     assert kw["stem_widths"] != [16, 24], "the stem weight of 20 should make layer 0's groups go"
     assert [c // g for c, g in zip(kw["stem_widths"], kw["stem_groups"])] == [4, 6]
-    assert model.vitlab_prune["stem_widths"] == kw["stem_widths"]
+    assert model.vitlab.prune["stem_widths"] == kw["stem_widths"]
     assert model_macs(model) <= 0.6 * model_macs(_tiny())
 
 
@@ -104,7 +104,7 @@ def test_embed_pruning_slices_every_consumer_and_fused_equals_manual():
     model = _tiny()
     prune_(model, Prune(target_flops=0.7, importance="l1", embed=True, heads=False, mlp=False, embed_group=8))
     dim = model.embed_dim
-    assert dim in (8, 16, 24) and model.vitlab_arch["base_kwargs"]["embed_dim"] == dim
+    assert dim in (8, 16, 24) and model.vitlab.arch["base_kwargs"]["embed_dim"] == dim
     assert model.pos_embed.shape[-1] == dim and model.cls_token.shape[-1] == dim
     assert model.patch_embed.proj.out_channels == dim and model.head.in_features == dim
     for blk in model.blocks:

@@ -29,7 +29,7 @@ def _x(n=16):
 def test_refused_without_native_bf16(model, monkeypatch, flags):
     monkeypatch.setenv("VITLAB_CPU_FLAGS", flags)
     with pytest.raises(vitlab.TechniqueError, match="bf16 needs a CPU with native bf16.*use w8a8"):
-        vitlab.apply_(model, vitlab.parse_apply(["bf16"]))
+        vitlab.deploy(model, vitlab.parse_apply(["bf16"]))
 
 
 @pytest.mark.parametrize("engine,name", [("torch", "torch-bf16"), ("openvino", "openvino-bf16")])
@@ -38,7 +38,7 @@ def test_bf16_engines_stay_within_bf16_rounding(model, monkeypatch, engine, name
     x = _x()
     with torch.no_grad():
         ref = model(x)
-    runner = vitlab.apply_(copy.deepcopy(model), BF16(engine=engine, threads=1))
+    runner = vitlab.deploy(copy.deepcopy(model), BF16(engine=engine, threads=1))
     assert runner.engine == name and runner.techniques == (BF16(engine=engine, threads=1),)
     out = runner(x)
     assert out.dtype == torch.float32 and out.shape == ref.shape
@@ -50,7 +50,7 @@ def test_bf16_engines_stay_within_bf16_rounding(model, monkeypatch, engine, name
 
 def test_auto_times_both_and_records_the_choice(model, monkeypatch):
     monkeypatch.setenv("VITLAB_CPU_FLAGS", BF16_FLAGS)
-    runner = vitlab.apply_(copy.deepcopy(model), BF16(threads=1))
+    runner = vitlab.deploy(copy.deepcopy(model), BF16(threads=1))
     choice = runner.engine_choice
     assert choice["how"] == "trial" and set(choice["timings_ms"]) == {"torch", "openvino"}
     assert runner.engine == f"{min(choice['timings_ms'], key=choice['timings_ms'].get)}-bf16"
@@ -58,7 +58,7 @@ def test_auto_times_both_and_records_the_choice(model, monkeypatch):
 
 def test_saved_bf16_reloads_as_bf16(model, monkeypatch, tmp_path):
     monkeypatch.setenv("VITLAB_CPU_FLAGS", BF16_FLAGS)
-    runner = vitlab.apply_(copy.deepcopy(model), BF16(engine="openvino", threads=1))
+    runner = vitlab.deploy(copy.deepcopy(model), BF16(engine="openvino", threads=1))
     save_quantized(runner, tmp_path / "b")
     assert not list((tmp_path / "b").glob("*.xml"))    # float weights only: nothing engine-specific on disk
     again = vitlab.create_model(tmp_path / "b")

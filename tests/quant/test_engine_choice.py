@@ -10,6 +10,7 @@ import torch
 import vitlab
 from vitlab.quant import W8A8
 from vitlab.quant import engine_choice as ec
+from vitlab.quant import deploy
 from vitlab.quant.deploy import OnnxRuntimeRunner, OpenVINORunner
 
 
@@ -42,7 +43,7 @@ def test_auto_keeps_the_engine_the_trial_measured_fastest(model, monkeypatch, wi
     loser = {"onnxruntime": "openvino", "openvino": "onnxruntime"}[winner]
     calls = _fake_timings(monkeypatch, {winner: 1.0, loser: 3.0})
     with ec.engine_trial(batch=8):
-        runner = vitlab.apply_(copy.deepcopy(model), W8A8(threads=1), calib=_calib())
+        runner = vitlab.deploy(copy.deepcopy(model), W8A8(threads=1), calib=_calib())
     assert calls == [(["onnxruntime", "openvino"], (8, 1, 16, 16))]   # both engines, at the caller's batch
     assert isinstance(runner, OnnxRuntimeRunner if winner == "onnxruntime" else OpenVINORunner)
     choice = runner.engine_choice
@@ -52,7 +53,7 @@ def test_auto_keeps_the_engine_the_trial_measured_fastest(model, monkeypatch, wi
 
 
 def test_real_trial_times_both_engines_and_keeps_the_faster(model):
-    runner = vitlab.apply_(copy.deepcopy(model), W8A8(threads=1), calib=_calib())
+    runner = vitlab.deploy(copy.deepcopy(model), W8A8(threads=1), calib=_calib())
     t = runner.engine_choice["timings_ms"]
     assert set(t) == {"onnxruntime", "openvino"} and all(v > 0 for v in t.values())
     assert runner.engine_choice["engine"] == min(t, key=t.get)
@@ -63,9 +64,9 @@ def test_real_trial_times_both_engines_and_keeps_the_faster(model):
 def test_choice_is_cached_per_cpu_model_batch_and_threads(model, monkeypatch):
     calls = _fake_timings(monkeypatch, {"onnxruntime": 2.0, "openvino": 1.0})
     with ec.engine_trial(batch=8):
-        first = vitlab.apply_(copy.deepcopy(model), W8A8(threads=1), calib=_calib())
+        first = vitlab.deploy(copy.deepcopy(model), W8A8(threads=1), calib=_calib())
         _fake_timings(monkeypatch, {"onnxruntime": 1.0, "openvino": 2.0})   # would flip the choice if re-timed
-        again = vitlab.apply_(copy.deepcopy(model), W8A8(threads=1), calib=_calib(seed=5))
+        again = vitlab.deploy(copy.deepcopy(model), W8A8(threads=1), calib=_calib(seed=5))
     assert len(calls) == 1 and again.engine_choice["how"] == "cached"
     assert again.engine_choice["engine"] == first.engine_choice["engine"] == "openvino"
     assert isinstance(again, OpenVINORunner)
@@ -73,14 +74,14 @@ def test_choice_is_cached_per_cpu_model_batch_and_threads(model, monkeypatch):
     assert list(cache) == [first.engine_choice["key"]] and cache[first.engine_choice["key"]]["engine"] == "openvino"
     # another batch, thread count, CPU flag set or model shape is another key: timed again
     with ec.engine_trial(batch=16):
-        assert vitlab.apply_(copy.deepcopy(model), W8A8(threads=1), calib=_calib()).engine_choice["how"] == "trial"
+        assert vitlab.deploy(copy.deepcopy(model), W8A8(threads=1), calib=_calib()).engine_choice["how"] == "trial"
     with ec.engine_trial(batch=8):
-        assert vitlab.apply_(copy.deepcopy(model), W8A8(threads=2), calib=_calib()).engine_choice["how"] == "trial"
+        assert vitlab.deploy(copy.deepcopy(model), W8A8(threads=2), calib=_calib()).engine_choice["how"] == "trial"
         monkeypatch.setenv("VITLAB_CPU_FLAGS", "avx2")
-        assert vitlab.apply_(copy.deepcopy(model), W8A8(threads=1), calib=_calib()).engine_choice["how"] == "trial"
+        assert vitlab.deploy(copy.deepcopy(model), W8A8(threads=1), calib=_calib()).engine_choice["how"] == "trial"
         monkeypatch.delenv("VITLAB_CPU_FLAGS")
         wide = vitlab.create_model("vl_test_vit", num_classes=10, embed_dim=64).eval()
-        assert vitlab.apply_(wide, W8A8(threads=1), calib=_calib()).engine_choice["how"] == "trial"
+        assert vitlab.deploy(wide, W8A8(threads=1), calib=_calib()).engine_choice["how"] == "trial"
     assert len(json.loads(ec.cache_path().read_text())) == 5
 
 
@@ -91,22 +92,22 @@ def test_trial_off_uses_the_isa_rule(model, monkeypatch, flags, expected):
     calls = _fake_timings(monkeypatch, {"onnxruntime": 1.0, "openvino": 1.0})
     monkeypatch.setenv("VITLAB_CPU_FLAGS", flags)
     with ec.engine_trial(enabled=False):
-        runner = vitlab.apply_(copy.deepcopy(model), W8A8(threads=1), calib=_calib())
+        runner = vitlab.deploy(copy.deepcopy(model), W8A8(threads=1), calib=_calib())
     assert not calls and runner.engine_choice["how"] == "rule" and runner.engine_choice["engine"] == expected
     monkeypatch.setenv("VITLAB_ENGINE_TRIAL", "off")   # the environment says the same
-    assert vitlab.apply_(copy.deepcopy(model), W8A8(threads=1), calib=_calib()).engine_choice["how"] == "rule"
+    assert vitlab.deploy(copy.deepcopy(model), W8A8(threads=1), calib=_calib()).engine_choice["how"] == "rule"
 
 
 def test_one_installed_engine_is_used_without_a_trial(model, monkeypatch):
     calls = _fake_timings(monkeypatch, {"onnxruntime": 1.0, "openvino": 1.0})
-    monkeypatch.setattr(ec, "installed_engines", lambda c: [e for e in c if e != "onnxruntime"])
-    runner = vitlab.apply_(copy.deepcopy(model), W8A8(threads=1), calib=_calib())
+    monkeypatch.setattr(deploy, "installed_engines", lambda c: [e for e in c if e != "onnxruntime"])
+    runner = vitlab.deploy(copy.deepcopy(model), W8A8(threads=1), calib=_calib())
     assert not calls and isinstance(runner, OpenVINORunner) and runner.engine_choice["how"] == "only"
 
 
 def test_named_engine_skips_the_choice(model, monkeypatch):
     calls = _fake_timings(monkeypatch, {"onnxruntime": 1.0, "openvino": 1.0})
-    runner = vitlab.apply_(copy.deepcopy(model), W8A8(engine="onnxruntime", threads=1), calib=_calib())
+    runner = vitlab.deploy(copy.deepcopy(model), W8A8(engine="onnxruntime", threads=1), calib=_calib())
     assert not calls and runner.engine_choice is None and runner.engine == "onnxruntime-int8"
 
 

@@ -4,7 +4,7 @@ import torch
 
 import vitlab
 from vitlab.quant import (PTQ, QUANTIZERS, CalibrationError, QuantAttention, QuantizerError, QuantLinear,
-                          UniformQuantizer, calibrate, make_quantizer, quantize_, quantizers)
+                          UniformQuantizer, calibrate, make_quantizer, prepare_, quantizers)
 from vitlab.techniques import TechniqueError, parse_apply
 
 
@@ -140,7 +140,7 @@ def test_quantize_wraps_every_site_and_starts_off(tiny_model):
     tiny_model.eval()
     x = _x()
     ref = tiny_model(x)
-    quantize_(tiny_model, PTQ())
+    prepare_(tiny_model, PTQ())
     names = dict(quantizers(tiny_model))
     linears = [m for m in tiny_model.blocks.modules() if isinstance(m, QuantLinear)]
     assert len(linears) == 4 * len(tiny_model.blocks)
@@ -150,13 +150,13 @@ def test_quantize_wraps_every_site_and_starts_off(tiny_model):
     assert type(tiny_model.head) is torch.nn.Linear  # first / last layers stay float
     torch.testing.assert_close(tiny_model(x), ref, atol=1e-5, rtol=0)  # mode "off": same model
     with pytest.raises(QuantizerError, match="already quantized"):
-        quantize_(tiny_model, PTQ())
+        prepare_(tiny_model, PTQ())
 
 
 def test_calibrate_refuses_nothing_observed(tiny_model):
     with pytest.raises(CalibrationError, match="no quantizers"):
         calibrate(tiny_model, [_x()])
-    quantize_(tiny_model, PTQ())
+    prepare_(tiny_model, PTQ())
     with pytest.raises(CalibrationError, match="no images"):
         calibrate(tiny_model, [])
     with pytest.raises(CalibrationError, match="needs images"):
@@ -219,3 +219,18 @@ def test_lower_bits_lose_more():
             vitlab.apply_(m, PTQ(w=bits, a=bits), calib=calib)
             errs.append((m(x) - ref).pow(2).mean().item())
     assert errs[0] < errs[1] < errs[2]
+
+
+def test_quantize_quantizes_in_one_call(tiny_model):
+    """`vitlab.quantize_` = `prepare_` + `calibrate`: afterwards every quantizer is on and the output moves; without
+    images it refuses, naming the two-step form."""
+    tiny_model.eval()
+    x = _x()
+    ref = tiny_model(x)
+    with pytest.raises(CalibrationError, match="prepare_"):
+        vitlab.quantize_(tiny_model, PTQ(w=4, a=4), calib=None)
+    assert not list(quantizers(tiny_model))                      # refused before anything changed
+    assert vitlab.quantize_(tiny_model, PTQ(w=4, a=4), calib=[x]) is tiny_model
+    assert {q.mode for _, q in quantizers(tiny_model)} == {"quant"}
+    assert tiny_model.vitlab.calibration == {"images": len(x)}
+    assert not torch.allclose(tiny_model(x), ref, atol=1e-3)    # 4-bit: the output changes

@@ -187,12 +187,12 @@ def test_twin_quantizer_searches_m_and_beats_uniform_on_softmax():
 # ----------------------------------------------------------------------------------------------- MPTQ-ViT
 
 def _tiny_quantized(tiny_model, **kwargs):
-    from vitlab.quant import PTQ, quantize_
+    from vitlab.quant import PTQ, prepare_
 
     torch.manual_seed(0)
     model = tiny_model.eval()
     cfg = PTQ(**kwargs)
-    quantize_(model, cfg)
+    prepare_(model, cfg)
     calib = [torch.randn(8, *model.pretrained_cfg["input_size"]) for _ in range(2)]
     return model, cfg, calib
 
@@ -211,7 +211,7 @@ def test_sqb_smoothing_leaves_float_function_unchanged_and_centres_channels(tiny
     with torch.no_grad():
         after = model(x)
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
-    assert set(model.vitlab_smoothing) and all(0.0 <= a <= 1.0 for a in model.vitlab_smoothing.values())
+    assert set(model.vitlab.smoothing) and all(0.0 <= a <= 1.0 for a in model.vitlab.smoothing.values())
     # the smoothed qkv input is centred per channel on the calibration images (max = -min)
     seen = []
     hook = model.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))

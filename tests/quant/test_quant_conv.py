@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import vitlab
 from vitlab.errors import UserError
 from vitlab.quant import (PTQ, W8, W8A8, QuantConv2d, QuantLinear, QuantAttentionOps, QuantWindowAttention,
-                          QuantWindowAttentionV2, calibrate, quant_layers, quant_mac_fraction_of, quantize_)
+                          QuantWindowAttentionV2, calibrate, quant_layers, prepare_, quant_mac_fraction_of)
 from vitlab.quant.base import make_quantizer
 
 
@@ -89,14 +89,14 @@ def test_quant_mac_fraction_is_exact_on_a_known_low_case():
     # and head excluded from both sides, so without the attention matmuls the fraction is 12 D / (12 D + 2 N).
     n_tokens, dim = 17, 64
     low = 12 * dim / (12 * dim + 2 * n_tokens)
-    assert quantize_(_vit(), PTQ(attn=False)).quant_mac_fraction == pytest.approx(low, rel=1e-12)
-    assert quantize_(_vit(), PTQ()).quant_mac_fraction == 1.0
+    assert prepare_(_vit(), PTQ(attn=False)).quant_mac_fraction == pytest.approx(low, rel=1e-12)
+    assert prepare_(_vit(), PTQ()).quant_mac_fraction == 1.0
 
 
 @pytest.mark.slow
 def test_w8_fraction_leaves_attention_matmuls_out():
     low = 12 * 64 / (12 * 64 + 2 * 17)            # as above: weight-only int8 runs no attention matmul in int8
-    runner = vitlab.apply_(_vit(), W8(threads=1))
+    runner = vitlab.deploy(_vit(), W8(threads=1))
     assert quant_mac_fraction_of(runner) == pytest.approx(low, rel=1e-12)
 
 
@@ -107,7 +107,7 @@ def test_swin_window_attention_is_quantized_and_off_mode_matches_float():
                       ("swinv2_tiny_window8_256", QuantWindowAttentionV2)):
         model = timm.create_model(name, **kw).eval()
         ref, x = copy.deepcopy(model), _x(8, seed=3)
-        quantize_(model, PTQ())
+        prepare_(model, PTQ())
         attns = [m for m in model.modules() if isinstance(m, cls)]
         assert len(attns) == 3 and model.quant_mac_fraction >= 0.95
         with torch.no_grad():
@@ -133,7 +133,7 @@ def test_layer_the_forward_never_calls_stays_float():
 def test_quant_mac_fraction_of_hierarchical_models(name, kw):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, **kw).eval()
-    quantize_(model, PTQ(), example=_x(1, 224 if name == "efficientformer_l1" else 64))   # its attention bias: 224
+    prepare_(model, PTQ(), example=_x(1, 224 if name == "efficientformer_l1" else 64))   # its attention bias: 224
     assert any(isinstance(m, QuantConv2d) for m in model.modules())
     assert model.quant_mac_fraction >= 0.95
 
@@ -144,8 +144,8 @@ def test_hand_written_attention_matmuls_are_quantized_too():
     torch.manual_seed(0)
     model = timm.create_model("tnt_s_patch16_224", img_size=32, depth=2, num_classes=10).eval()
     # its pretrained_cfg still says 224 px, which this instance refuses: without an example there is no count
-    assert quantize_(copy.deepcopy(model), PTQ()).quant_mac_fraction is None
-    quantize_(model, PTQ(), example=_x(1, 32))
+    assert prepare_(copy.deepcopy(model), PTQ()).quant_mac_fraction is None
+    prepare_(model, PTQ(), example=_x(1, 32))
     ops = [m for m in model.modules() if isinstance(m, QuantAttentionOps)]
     assert len(ops) == 4 and all(len(m.matmul_quants) == 2 and not len(m.sdpa_quants) for m in ops)
     assert model.quant_mac_fraction == 1.0 and model.quant_input_size == (3, 32, 32)
@@ -153,7 +153,7 @@ def test_hand_written_attention_matmuls_are_quantized_too():
 
     from vitlab.quant.coverage import _own_macs, module_macs
 
-    model = quantize_(timm.create_model("tnt_s_patch16_224", img_size=32, depth=2, num_classes=10).eval(),
+    model = prepare_(timm.create_model("tnt_s_patch16_224", img_size=32, depth=2, num_classes=10).eval(),
                       PTQ(attn=False), example=_x(1, 32))
     total, macs = module_macs(model, _x(1, 32))
     counted = total - macs["pixel_embed.proj"] - macs["head"]
@@ -165,7 +165,7 @@ def test_sdpa_adapter_matches_sdpa_in_off_mode_and_counts_call_sites():
     torch.manual_seed(0)
     model = timm.create_model("pvt_v2_b0", depths=(1, 1, 1, 1), num_classes=10).eval()
     ref, x = copy.deepcopy(model), _x(4, 64, seed=8)
-    quantize_(model, PTQ(), example=x[:1])
+    prepare_(model, PTQ(), example=x[:1])
     attns = [m for m in model.modules() if isinstance(m, QuantAttentionOps)]
     assert len(attns) == 4 and all(len(m.sdpa_quants) == 1 and not len(m.matmul_quants) for m in attns)
     with torch.no_grad():
@@ -196,7 +196,7 @@ def test_quant_sdpa_math_is_sdpa(case):
 @pytest.fixture(scope="module")
 def deployed():
     model = _convnext()
-    runner = vitlab.apply_(copy.deepcopy(model), W8A8(engine="openvino", threads=1), calib=[_x(16, seed=1)])
+    runner = vitlab.deploy(copy.deepcopy(model), W8A8(engine="openvino", threads=1), calib=[_x(16, seed=1)])
     return model, runner
 
 
@@ -256,7 +256,7 @@ def test_onnx_graph_feeds_convolutions_from_dequantize(deployed):
     import onnx
 
     model, _ = deployed
-    runner = vitlab.apply_(copy.deepcopy(model), W8A8(engine="onnxruntime", threads=1), calib=[_x(16, seed=1)])
+    runner = vitlab.deploy(copy.deepcopy(model), W8A8(engine="onnxruntime", threads=1), calib=[_x(16, seed=1)])
     graph = onnx.load_model_from_string(runner.onnx_model).graph
     producer = {o: n.op_type for n in graph.node for o in n.output}
     convs = [[producer.get(i, "initializer") for i in n.input[:2]] for n in graph.node if n.op_type == "Conv"]

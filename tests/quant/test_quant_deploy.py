@@ -18,7 +18,7 @@ def deployed():
     torch.manual_seed(0)
     model = vitlab.create_model("vl_test_vit", num_classes=10).eval()
     calib = [torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(1))]
-    runner = vitlab.apply_(copy.deepcopy(model), W8A8(engine="openvino", threads=1), calib=calib)
+    runner = vitlab.deploy(copy.deepcopy(model), W8A8(engine="openvino", threads=1), calib=calib)
     return model, runner
 
 
@@ -116,7 +116,7 @@ def test_deployed_agrees_with_simulated_twin(deployed):
 def test_w8_weight_only_uses_vitlab_scales():
     torch.manual_seed(0)
     model = vitlab.create_model("vl_test_vit", num_classes=10).eval()
-    runner = vitlab.apply_(copy.deepcopy(model), W8(threads=1))
+    runner = vitlab.deploy(copy.deepcopy(model), W8(threads=1))
     assert runner.engine == "openvino-w8"
     assert len(weight_scales(runner.ov_model)) == 8 + 2 and not fake_quant_ranges(runner.ov_model)
     x = _x()
@@ -143,7 +143,7 @@ def test_saved_simulated_model_reloads_and_reproduces_logits(tmp_path):
     x = _x()
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), atol=0, rtol=0)
-    assert vitlab.format_technique(again.vitlab_techniques[-1]) == "ptq:w=6,a=6,quantizer=mse"
+    assert vitlab.format_technique(again.vitlab.techniques[-1]) == "ptq:w=6,a=6,quantizer=mse"
 
 
 def test_saved_w8a8_reloads_as_the_same_engine_graph(deployed, tmp_path):
@@ -200,7 +200,7 @@ def test_deploy_refuses_a_graph_that_does_not_reproduce_the_model(monkeypatch):
     real_call = deploy.OpenVINORunner.__call__
     monkeypatch.setattr(deploy.OpenVINORunner, "__call__", lambda self, x: real_call(self, x) * float("nan"))
     with pytest.raises(vitlab.TechniqueError, match="computes something else than the calibrated model"):
-        vitlab.apply_(model, vitlab.parse_apply(["w8a8:engine=openvino,threads=1"]), calib=[_x(32, seed=5)])
+        vitlab.deploy(model, vitlab.parse_apply(["w8a8:engine=openvino,threads=1"]), calib=[_x(32, seed=5)])
 
 
 def test_an_engine_off_its_twin_is_refused_and_auto_takes_the_other(monkeypatch):
@@ -213,9 +213,9 @@ def test_an_engine_off_its_twin_is_refused_and_auto_takes_the_other(monkeypatch)
     real_call = deploy.OpenVINORunner.__call__
     monkeypatch.setattr(deploy.OpenVINORunner, "__call__", lambda self, x: real_call(self, x) * 1.1)
     with pytest.raises(vitlab.TechniqueError, match=r"relative logit error 0\.10 against the simulated twin.*CPU flags"):
-        vitlab.apply_(copy.deepcopy(model), vitlab.parse_apply(["w8a8:engine=openvino,threads=1"]),
+        vitlab.deploy(copy.deepcopy(model), vitlab.parse_apply(["w8a8:engine=openvino,threads=1"]),
                       calib=[_x(32, seed=5)])
-    runner = vitlab.apply_(model, vitlab.parse_apply(["w8a8:threads=1"]), calib=[_x(32, seed=5)])
+    runner = vitlab.deploy(model, vitlab.parse_apply(["w8a8:threads=1"]), calib=[_x(32, seed=5)])
     assert runner.engine == "onnxruntime-int8"
     assert "against the simulated twin" in runner.engine_choice["failed"]["openvino"]
 
@@ -234,7 +234,7 @@ def test_deployed_int8_reproduces_its_twin_on_models_engines_get_wrong(name):
     model = SEED_MODELS[name]().eval()
     shape = input_shape(name, model)
     calib = [torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))]
-    runner = vitlab.apply_(model, vitlab.parse_apply(["w8a8:threads=1"]), calib=calib)
+    runner = vitlab.deploy(model, vitlab.parse_apply(["w8a8:threads=1"]), calib=calib)
     x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         twin = runner.sim_module(x)
@@ -245,5 +245,5 @@ def test_token_merged_model_deploys_to_int8():
     # ToMe + w8a8 converts (the merge takes its gather/scatter form under tracing) and passes the conversion check
     torch.manual_seed(0)
     model = vitlab.create_model("vl_test_vit", num_classes=10).eval()
-    runner = vitlab.apply_(model, vitlab.parse_apply(["tome:r=2", "w8a8:engine=openvino,threads=1"]), calib=[_x(32, seed=5)])
+    runner = vitlab.deploy(model, vitlab.parse_apply(["tome:r=2", "w8a8:engine=openvino,threads=1"]), calib=[_x(32, seed=5)])
     assert runner.engine == "openvino-int8" and torch.isfinite(runner(_x(4, seed=6))).all()

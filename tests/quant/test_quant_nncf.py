@@ -17,7 +17,7 @@ def test_nncf_int8_with_synthetic_calibration():
     torch.manual_seed(0)
     model = vitlab.create_model("vl_test_vit", num_classes=10).eval()
     calib = [torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    runner = vitlab.apply_(copy.deepcopy(model), W8A8(calibration="nncf", threads=1), calib=calib)
+    runner = vitlab.deploy(copy.deepcopy(model), W8A8(calibration="nncf", threads=1), calib=calib)
     assert isinstance(runner, OpenVINORunner) and runner.engine == "openvino-int8" and runner.sim_module is None
     assert len(fake_quant_ranges(runner.ov_model)) >= 2 * 4     # NNCF put int8 quantizers on every block's matmuls
     x = torch.randn(8, 1, 16, 16)
@@ -31,7 +31,7 @@ def test_nncf_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "nncf", None)          # import nncf -> ImportError
     model = vitlab.create_model("vl_test_vit", num_classes=10).eval()
     with pytest.raises(vitlab.TechniqueError, match=r"calibration=nncf needs NNCF: pip install nncf==3.4.0"):
-        vitlab.apply_(model, W8A8(calibration="nncf"), calib=[torch.randn(4, 1, 16, 16)])
+        vitlab.deploy(model, W8A8(calibration="nncf"), calib=[torch.randn(4, 1, 16, 16)])
 
 
 def test_nncf_int8_keeps_reference_accuracy_on_real_data(capsys):

@@ -19,7 +19,7 @@ from vitlab.runner import Runner
 def deployed():
     torch.manual_seed(0)
     model = vitlab.create_model("vl_test_vit", num_classes=10).eval()
-    runner = vitlab.apply_(copy.deepcopy(model), W8A8(engine="onnxruntime", threads=1), calib=[_calib()])
+    runner = vitlab.deploy(copy.deepcopy(model), W8A8(engine="onnxruntime", threads=1), calib=[_calib()])
     return model, runner
 
 
@@ -72,7 +72,7 @@ def test_engine_agrees_with_the_twin_and_with_openvino(deployed):
     # two engines running the same scales compute the same int8 model: they differ only where f32 rounding before a
     # quantizer flips a code by one step, a small part of the quantization error itself (measured 0.15 of it on an
     # AVX-512 VNNI CPU); a bound in units of that error holds whatever kernels the CPU's ISA selects
-    ov = vitlab.apply_(copy.deepcopy(model), W8A8(engine="openvino", threads=1), calib=[_calib()])
+    ov = vitlab.deploy(copy.deepcopy(model), W8A8(engine="openvino", threads=1), calib=[_calib()])
     assert (out - ov(x)).abs().max() <= 0.5 * (sim - flt).abs().max()
 
 
@@ -91,7 +91,7 @@ def test_saved_runner_reloads(deployed, tmp_path):
 def test_nncf_calibration_is_openvinos():
     model = vitlab.create_model("vl_test_vit", num_classes=10).eval()
     with pytest.raises(vitlab.TechniqueError, match="calibration=nncf"):
-        vitlab.apply_(model, W8A8(engine="onnxruntime", calibration="nncf"), calib=[_x(8)])
+        vitlab.deploy(model, W8A8(engine="onnxruntime", calibration="nncf"), calib=[_x(8)])
 
 
 def test_token_merged_model_runs_on_onnx_runtime_without_log_spam(capfd):
@@ -99,7 +99,7 @@ def test_token_merged_model_runs_on_onnx_runtime_without_log_spam(capfd):
     ORT's per-call "VerifyOutputSizes" shape warnings (it did in every Pareto run before log_severity_level=3)."""
     torch.manual_seed(0)
     model = vitlab.create_model("vl_test_vit", num_classes=10).eval()
-    runner = vitlab.apply_(model, vitlab.parse_apply(["tome:r=2", "w8a8:engine=onnxruntime,threads=1"]),
+    runner = vitlab.deploy(model, vitlab.parse_apply(["tome:r=2", "w8a8:engine=onnxruntime,threads=1"]),
                            calib=[_calib()])
     out = runner(torch.randn(4, 1, 16, 16))
     assert runner.engine == "onnxruntime-int8" and out.shape == (4, 10) and torch.isfinite(out).all()

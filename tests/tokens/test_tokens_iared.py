@@ -144,7 +144,7 @@ def test_checkpoint_round_trip_keeps_the_trained_interpreters(tmp_path):
     x = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(again(x), model(x))
     assert again.token_state.counts == model.token_state.counts
-    assert again.vitlab_techniques == (IARED(locations=(0.0, 0.5)),)
+    assert again.vitlab.techniques == (IARED(locations=(0.0, 0.5)),)
 
 
 def test_vitlab_train_policy_phase_keeps_the_backbone_frozen_and_saves_the_interpreters(tmp_path):

@@ -127,7 +127,7 @@ def test_trains_and_save_load_round_trip(tmp_path):
         ref = model(x)
     save_checkpoint(model, tmp_path / "ckpt")
     loaded = vitlab.create_model(tmp_path / "ckpt")
-    assert format_technique(loaded.vitlab_techniques[0]) == "lookupvit:tokens=4"
+    assert format_technique(loaded.vitlab.techniques[0]) == "lookupvit:tokens=4"
     with torch.no_grad():
         assert torch.equal(loaded(x), ref)
 

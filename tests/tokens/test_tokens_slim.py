@@ -121,7 +121,7 @@ def test_checkpoint_round_trip_keeps_the_trained_tsms(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(again(x), model(x))
     assert again.token_state.counts == model.token_state.counts == [65, 33, 33, 17]
-    assert again.vitlab_techniques == (Slim(keep_rate=0.5, locations=(0.25, 0.75)),)
+    assert again.vitlab.techniques == (Slim(keep_rate=0.5, locations=(0.25, 0.75)),)
 
 
 def test_frd_loss_terms_and_one_step_trains_the_tsm_and_reverse_tsm():
@@ -177,5 +177,5 @@ def test_vitlab_train_fine_tunes_with_frd_and_the_checkpoint_reloads_slimmed(tmp
     assert code in (0, None)
     model = vitlab.create_model(tmp_path / "run")
     model(torch.randn(2, 1, 16, 16))
-    assert model.vitlab_techniques == (Slim(keep_rate=0.5, locations=(0.5,)),)
+    assert model.vitlab.techniques == (Slim(keep_rate=0.5, locations=(0.5,)),)
     assert model.token_state.counts == [17, 9]                    # 16 patches -> 8 at block 1

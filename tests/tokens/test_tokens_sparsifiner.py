@@ -156,7 +156,7 @@ def test_save_load_round_trip(tmp_path):
         ref = model(x)
     save_checkpoint(model, tmp_path / "ckpt")
     loaded = vitlab.create_model(tmp_path / "ckpt")
-    assert vitlab.techniques.format_technique(loaded.vitlab_techniques[0]) == "sparsifiner:keep_rate=0.4"
+    assert vitlab.techniques.format_technique(loaded.vitlab.techniques[0]) == "sparsifiner:keep_rate=0.4"
     with torch.no_grad():
         assert torch.equal(loaded(x), ref)
 
@@ -175,6 +175,6 @@ def test_vitlab_train_with_the_recipe_trains_the_predictor_and_reloads(tmp_path)
     weights = load_file(str(run / "model.safetensors"))
     assert any(k.endswith("attn.predictor.proj_back_n") for k in weights)
     loaded = vitlab.create_model(run)
-    assert vitlab.techniques.format_technique(loaded.vitlab_techniques[0]) == "sparsifiner:keep_rate=0.5"
+    assert vitlab.techniques.format_technique(loaded.vitlab.techniques[0]) == "sparsifiner:keep_rate=0.5"
     before = _sparse("sparsifiner:keep_rate=0.5").blocks[0].attn.predictor.proj_back_n
     assert not torch.equal(loaded.blocks[0].attn.predictor.proj_back_n, before)

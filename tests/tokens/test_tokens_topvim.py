@@ -176,7 +176,7 @@ def test_checkpoint_round_trip_reapplies_the_pruning(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x))
     assert again.token_state.counts == model.token_state.counts == [40, 40, 25, 25]
-    assert again.vitlab_techniques == (cfg,)
+    assert again.vitlab.techniques == (cfg,)
 
 
 def test_pruned_model_trains():

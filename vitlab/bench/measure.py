@@ -6,11 +6,18 @@ from pathlib import Path
 
 import torch
 
+from ..record import record
 from .. import loader
 from ..data.calibration import calibration_batches  # re-exported: it moved to vitlab.data
 from ..profiling import count_flops, environment, num_threads, peak_memory_mb, time_callable
 from ..runner import item_shape
 from ..techniques import format_technique
+from ..data.transforms import dataset_for_model
+from ..engine.evaluate import evaluate
+from ..quant import quant_mac_fraction_of
+from ..quant.engine_choice import EngineChoice, engine_trial as trial, trial_settings
+from ..data import build_dense_dataset
+from ..dense.engine import TASK_METRIC, evaluate_dense
 
 __all__ = ["MeasureRow", "measure", "print_rows", "build_runner", "dataset_for", "calibration_batches",
            "needs_calibration", "task_accuracy", "throughput_unit", "item_noun", "IMAGE_UNIT", "CLIP_UNIT"]
@@ -84,16 +91,12 @@ def task_accuracy(runner, data: str, split: str, *, data_dir: str | None = None,
     A classifier scores top-1 (and gives top5 and loss); a dense model (vitlab.dense) its task metric, "pq", "miou"
     or "ap", on the scenes of `data`, with that metric's other fields (sq, rq, ap50, ...) beside it."""
     module = runner if isinstance(runner, torch.nn.Module) else getattr(runner, "module", None)
-    dense = getattr(module, "vitlab_dense", None)
+    dense = record(module).dense
     if dense is not None:
-        from ..data import build_dense_dataset
-        from ..dense.engine import TASK_METRIC, evaluate_dense
-
         scenes = build_dense_dataset(data, split, data_dir=data_dir, in_chans=dense["in_chans"])
         result = evaluate_dense(runner, scenes, dense["task"], limit=limit)
         metric = TASK_METRIC[dense["task"]]
         return {**result, "metric": metric, "score": result[metric]}
-    from ..engine.evaluate import evaluate
 
     result = evaluate(runner, dataset_for(runner, data, split, data_dir=data_dir), limit=limit, progress=False)
     return {**result, "metric": "top1", "score": result["top1"]}
@@ -109,8 +112,6 @@ def build_runner(source: str, apply=(), img_size: int | None = None, dtype: str 
     `engine_batch` / `engine_trial`: the batch engine=auto times its trial at, and whether it times one
     (`vitlab.quant.engine_choice.engine_trial`; None keeps the caller's setting).
     """
-    from ..quant.engine_choice import engine_trial as trial, trial_settings
-
     settings = trial_settings()
     with trial(batch=engine_batch or settings.batch, enabled=settings.enabled if engine_trial is None else engine_trial,
                rounds=settings.rounds):
@@ -131,14 +132,12 @@ def _build_runner(source, apply, img_size, dtype, channels_last, compile, calib_
 def dataset_for(runner, data: str, split: str, *, data_dir: str | None = None, strict: bool = False):
     """The dataset `data`/`split`, preprocessed as the runner's checkpoint (or model) says, its classes checked
     against the model's (`vitlab.data.transforms.dataset_for_model`: the preprocessing every verb uses)."""
-    from ..data.transforms import dataset_for_model
-
     return dataset_for_model(runner, data, split, data_dir=data_dir, strict=strict)
 
 
 def _model_name(runner, source: str) -> str:
     module = getattr(runner, "module", None)
-    spec = getattr(module, "vitlab_model_spec", None)
+    spec = record(module).spec
     return spec["name"] if spec else Path(source).name
 
 
@@ -155,15 +154,12 @@ def measure(source: str, *, apply=(), data: str | None = None, split: str = "tes
     A stack with quantization calibrates on `calib_images` images of `calib_data` (default: `data`) from
     `calib_split` (train or val; never test).
     """
-    from ..quant import quant_mac_fraction_of
-
     apply = list(apply or [])
     batches = [batch] if isinstance(batch, int) else list(batch)
     rows = []
     with num_threads(threads):
         calib_data = calib_data or data
         calib = dict(calib_data=calib_data, calib_split=calib_split, calib_images=calib_images, data_dir=data_dir)
-        from ..quant.engine_choice import trial_settings
 
         # engine=auto times its trial at the first batch measured (unless the caller set one), and the memory
         # subprocess builds with the same settings (a cached choice there: only the winning engine is built)
@@ -246,7 +242,6 @@ def print_rows(rows: list[MeasureRow]) -> None:
                       f"{r.latency_ms:.2f}", f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "-")
     console = Console(width=max(160, Console().width))
     console.print(table)
-    from ..quant.engine_choice import EngineChoice
 
     for choice in {json.dumps(r.engine_choice, sort_keys=True) for r in rows if r.engine_choice}:
         console.print(EngineChoice(**json.loads(choice)).describe(), highlight=False, markup=False)

@@ -4,6 +4,7 @@ import os
 
 import torch
 
+from .events import MovingFashionMNISTEvents
 from .fashion_mnist import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, NATIVE_SHAPE, FashionMNIST
 from .imagefolder import ImageFolderDataset, find_classes, resolve_root
 from .scenes import CLASS_NAMES, CocoScenes, FmnistScenes
@@ -11,6 +12,8 @@ from .spec import DENSE_KINDS, DataError, DataSpec, check_aug, check_split, to_s
 from .synthetic import SyntheticDataset
 from .transforms import display_name
 from .video import CANVAS, CLS_CLASSES, INTERACTION_CLASSES, MovingFashionMNIST
+from .video_pose import MovingFashionMNISTPose
+from .videofolder import VideoFolderDataset, video_classes
 
 __all__ = ["build_dataset", "dataset_info", "build_dense_dataset"]
 
@@ -75,18 +78,15 @@ def build_dataset(
                             aug=aug, data_dir=data_dir, seed=seed, imbalance=spec.option("imbalance"),
                             percent=spec.option("percent"))
     if spec.kind == "moving-fashion-mnist-pose":  # items (clip, label, keypoints): see video_pose.py
-        from .video_pose import MovingFashionMNISTPose
         return MovingFashionMNISTPose(split, img_size=img_size, in_chans=in_chans, mean=mean, std=std,
                                       train_aug=train_aug, aug=aug, data_dir=data_dir, seed=seed,
                                       clips=spec.option("clips"), frames=spec.option("frames"))
     if spec.kind == "moving-fashion-mnist-events":  # event counts (2, T, H, W): see events.py
-        from .events import MovingFashionMNISTEvents
         return MovingFashionMNISTEvents(split, img_size=img_size, in_chans=in_chans, mean=mean, std=std,
                                         train_aug=train_aug, aug=aug, data_dir=data_dir, seed=seed,
                                         clips=spec.option("clips"), frames=spec.option("frames"),
                                         threshold=spec.option("threshold"))
     if spec.kind == "videofolder":  # users' clips (C, T, H, W) decoded with PyAV: see videofolder.py
-        from .videofolder import VideoFolderDataset
         return VideoFolderDataset(spec, split, img_size=img_size, in_chans=in_chans, mean=mean, std=std,
                                   train_aug=train_aug, aug=aug, seed=seed, frames=spec.option("frames"),
                                   classes=classes)
@@ -124,7 +124,6 @@ def dataset_info(spec: str | DataSpec, data_dir: str | os.PathLike | None = None
     elif spec.kind == "moving-fashion-mnist-events":  # 2 channels: positive and negative event counts
         classes, shape = list(CLS_CLASSES), (2, CANVAS, CANVAS)
     elif spec.kind == "videofolder":
-        from .videofolder import video_classes
         classes, shape = video_classes(spec), None
     elif spec.kind.startswith("moving-fashion-mnist"):  # the prediction set has no classes; shape is per frame
         classes, shape = (list(CLS_CLASSES) if spec.kind.endswith(("-cls", "-pose")) else []), (1, CANVAS, CANVAS)

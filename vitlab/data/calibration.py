@@ -12,6 +12,7 @@ the same order whether labels are asked for or not. The test split is refused: i
 import torch
 import torch.nn as nn
 
+from ..record import record
 from ..runner import model_input_size
 from .build import build_dense_dataset
 from .spec import DENSE_KINDS, DataError, DataSpec
@@ -61,6 +62,6 @@ def calibration_batches(model: nn.Module, data: str, split: str = "train", num_i
 def _dense_calibration_set(model: nn.Module, data: str, split: str, data_dir: str | None):
     """The scenes of a dense data spec (fmnist-scenes, coco:PATH) for calibrating a dense model (vitlab.dense),
     items (image, target dict); None otherwise (a classifier given scenes gets the data module's own refusal)."""
-    if getattr(model, "vitlab_dense", None) is None or DataSpec.parse(data).kind not in DENSE_KINDS:
+    if record(model).dense is None or DataSpec.parse(data).kind not in DENSE_KINDS:
         return None
     return build_dense_dataset(data, split, data_dir=data_dir, in_chans=model_input_size(model)[0])

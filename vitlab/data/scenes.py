@@ -15,6 +15,8 @@ within its fixed 5,000-image hold-out, `test` from the t10k file. Canvas k of a 
 `CocoScenes`: a user's small COCO-format instances set, read with pycocotools, resized to `size` and labelled the
 same way (categories remapped to 0..K-1 in id order, background K).
 """
+import contextlib
+import io
 import json
 import os
 import warnings
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.ops import masks_to_boxes
 
 from .fashion_mnist import FMNIST_CLASSES, FMNIST_DIR, FMNIST_MEAN, FMNIST_STD, VAL_SIZE, load_split
@@ -166,8 +169,6 @@ def _read_coco(path: str | os.PathLike) -> "tuple[object, Path]":
         from pycocotools.coco import COCO
     except ImportError as e:
         raise DataError("coco:PATH needs pycocotools: pip install 'vitlab[dense]'") from e
-    import contextlib
-    import io
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -237,8 +238,6 @@ class CocoScenes(VisionDataset):
         return len(self.image_ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from PIL import Image
-
         info = self.coco.imgs[self.image_ids[index]]
         with Image.open(self.root / "images" / info["file_name"]) as file:
             pixels = np.asarray(file.convert(self._mode), dtype=np.float32) / 255.0

@@ -19,8 +19,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps
+from timm.data import create_transform
 
+from ..record import record
 from ..checkpoint import default_preprocessing, is_checkpoint, load_config
 from .spec import DataError, DataSpec, to_stats
 
@@ -82,7 +86,7 @@ def resolve_preprocessing(model_or_runner) -> Preprocessing:
     """
     config, pretrained, base, size, num_classes = {}, {}, None, None, None
     for m in _modules(model_or_runner):
-        config = config or (getattr(m, "vitlab_checkpoint", None) or {}).get("config", {})
+        config = config or record(m).config
         pretrained = pretrained or dict(getattr(m, "pretrained_cfg", None) or {})
         if base is None and isinstance(m, torch.nn.Module):
             try:
@@ -95,8 +99,8 @@ def resolve_preprocessing(model_or_runner) -> Preprocessing:
     values = {**(base or {}), **{k: v for k, v in saved.items() if v is not None}}
     source, name = "", ""
     for m in _modules(model_or_runner):
-        source = source or str((getattr(m, "vitlab_checkpoint", None) or {}).get("path") or "")
-        name = name or str((getattr(m, "vitlab_model_spec", None) or {}).get("name") or "")
+        source = source or str((record(m).checkpoint or {}).get("path") or "")
+        name = name or str((record(m).spec or {}).get("name") or "")
     source = f"checkpoint {source}" if source else f"model {name}" if name else "the model"
 
     size = tuple(int(v) for v in (size or (base or saved).get("input_size") or ()))  # the model's actual size
@@ -147,9 +151,6 @@ def to_channels(im, in_chans: int):
     transparent index) is composited on white, CMYK / YCbCr / LAB / palette images are converted, and the EXIF
     orientation is applied.
     """
-    import numpy as np
-    from PIL import Image, ImageOps
-
     if in_chans not in (1, 3):
         raise DataError(f"image files are read as grayscale (in_chans=1) or RGB (in_chans=3), not in_chans={in_chans}:"
                         f" create the model with in_chans=1 or 3")
@@ -174,8 +175,6 @@ def to_channels(im, in_chans: int):
 def image_transform(model_or_pre):
     """PIL image (any mode) -> normalized float tensor (C, H, W), as the model's data config says (timm's eval
     transform after `to_channels`)."""
-    from timm.data import create_transform
-
     pre = _as_preprocessing(model_or_pre)
     c, h, w = pre.input_size
     tf = create_transform(input_size=(c, h, w), is_training=False, mean=pre.mean, std=pre.std,
@@ -194,8 +193,6 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 def load_image_tensor(path: str | os.PathLike, model_or_pre, transform=None) -> torch.Tensor:
     """One image file -> normalized float tensor (C, H, W); a missing, empty or undecodable file is a one-line
     DataError naming it."""
-    from PIL import Image
-
     path = Path(path)
     shown = display_name(str(path))
     if path.is_dir():

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..record import record, update_record
 from ..contract import ModelSpec, StageSpec, describe, register_adapter
 from ..prune.apply import register_dense_prune
 from ..quant.handlers import register_dense_deploy
@@ -73,7 +74,7 @@ class FlatOutputs(nn.Module):
         self.shapes = {k: tuple(out[k].shape[1:]) for k in self.keys}
         # what the quantization machinery reads off the model it is given (input size, techniques so far)
         self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-        self.vitlab_techniques = tuple(getattr(model, "vitlab_techniques", ()))
+        update_record(self, techniques=tuple(record(model).techniques))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.model(images)
@@ -94,7 +95,7 @@ def _flat_spec(model: FlatOutputs) -> ModelSpec:
 
 class DenseEngineRunner:
     """An engine runner (OpenVINO / ONNX Runtime) of a `FlatOutputs` export, as a dense runner: images -> the
-    output dict. `module` is the float dense model (FLOP counts, `vitlab_dense` for the task metric)."""
+    output dict. `module` is the float dense model (FLOP counts, `vitlab.dense` for the task metric)."""
 
     def __init__(self, inner: Any, flat: FlatOutputs, float_module: nn.Module):
         self.inner, self.flat, self.float_module = inner, flat, float_module
@@ -137,7 +138,7 @@ def deploy_dense(model: nn.Module, deploy: Callable[[nn.Module], Any], example: 
 def prune_dense_(model: nn.Module, cfg: Any, prune: Callable[[nn.Module], Any]) -> nn.Module:
     """The `prune` handler on a dense model: `prune(backbone_model)` (the registered handler on the wrapped timm /
     vitlab model) under the rules of the module docstring; refuses what would change a stage width or score units
-    with the unused classifier. Returns `model` with `vitlab_prune` (the backbone's summary)."""
+    with the unused classifier. Returns `model` with `vitlab.prune` (the backbone's summary)."""
     name = format_technique(cfg)
     if not isinstance(model, DenseModel):
         raise TechniqueNotApplicable(name, model, "its head builds the whole model (backbone included); on dense "
@@ -152,7 +153,7 @@ def prune_dense_(model: nn.Module, cfg: Any, prune: Callable[[nn.Module], Any]) 
                                      "reads; on dense models prune supports heads, mlp, blocks and stem")
     backbone = model.backbone.model
     prune(backbone)
-    model.vitlab_prune = {**getattr(backbone, "vitlab_prune", {}), "scope": "backbone.model"}
+    update_record(model, prune={**(record(backbone).prune or {}), "scope": "backbone.model"})
     return model
 
 

@@ -19,18 +19,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm.optim
+import timm.scheduler
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import load_config, save_checkpoint
+from ..record import record, update_record
+from ..checkpoint import create_model, is_checkpoint, load_config, save_checkpoint
 from ..errors import UserError
 from .heads import TASKS, format_head, parse_head
+from . import matching
+from ..data import build_dense_dataset
+from ..data.scenes import collate_scenes
+from ..engine.runtime import rng_state, seed_everything, set_rng_state, setup_runtime
+from ..engine.train import (METRICS_FILE, STATE_FILE, _Aside, _Progress, _append_line, _delete_replaced, _existing_run,
+                            _load_state, _save_state)
+from ..utils.lock import kill_point, lock_folder
+from .matching import inference
+from .metrics import DenseMetrics
+from .eco_m2f import ExitWeightedCriterion
+from .kmax_loss import KMaXCriterion
 
 __all__ = ["DenseTrainConfig", "fit_dense", "evaluate_dense", "predict_dense", "build_model", "dense_loss",
            "make_criterion", "load_dense", "is_dense_checkpoint", "DENSE_MODEL", "TASK_METRIC"]
 
-DENSE_MODEL = "vl_dense"                     # the timm entrypoint dense checkpoints name (vitlab/models/dense.py)
+DENSE_MODEL = "vl_dense"                     # the timm entrypoint dense checkpoints name (vitlab/entrypoints.py)
 TASK_METRIC = {"panoptic": "pq", "semantic": "miou", "detection": "ap"}   # the headline number of each task
 
 
@@ -90,8 +104,6 @@ def _num_classes(task: str, dataset) -> int:
 def build_model(cfg: DenseTrainConfig, dataset) -> nn.Module:
     """The `vl_dense` model of `cfg` for `dataset`'s input size and classes (via `vitlab.create_model`, which
     records the constructor kwargs the checkpoint needs)."""
-    from ..checkpoint import create_model
-
     entry, options = parse_head(cfg.head, cfg.task)
     in_chans, size = dataset.input_size[0], dataset.input_size[-1]
     if cfg.init and (saved := load_config(cfg.init)["preprocessing"]["in_chans"]) != in_chans:
@@ -101,7 +113,7 @@ def build_model(cfg: DenseTrainConfig, dataset) -> nn.Module:
                          task=cfg.task, num_classes=_num_classes(cfg.task, dataset), in_chans=in_chans,
                          img_size=size, head_options=options, backbone_kwargs=cfg.backbone_kwargs)
     # record the architecture, not the --init folder: the checkpoint rebuilds without it
-    model.vitlab_model_spec = {"name": DENSE_MODEL, "kwargs": dict(model.vitlab_dense)}
+    update_record(model, spec={"name": DENSE_MODEL, "kwargs": dict(record(model).dense)})
     return model
 
 
@@ -119,12 +131,10 @@ def dense_loss(outputs: dict[str, Any], targets: list[dict[str, torch.Tensor]],
 
 def make_criterion(outputs: dict[str, Any], task: str, num_classes: int) -> nn.Module | None:
     """The matched criterion for a head's output kind (None for per-pixel logits)."""
-    from . import matching
-
     if "pixel_feature" in outputs:  # a kMaX head with loss=kmax: kMaX-DeepLab's own criterion
-        from .kmax_loss import KMaXCriterion
-
         return KMaXCriterion(num_classes, task=task)
+    if "loss_weights" in outputs:  # ECO-M2F's early exits: each exit's losses weighted (by its depth)
+        return ExitWeightedCriterion(num_classes, task=task)
     if "pred_masks" in outputs:
         return matching.MaskCriterion(num_classes, task=task)
     if "pred_boxes" in outputs:
@@ -136,8 +146,6 @@ def make_criterion(outputs: dict[str, Any], task: str, num_classes: int) -> nn.M
 def predict_dense(model: Any, images: torch.Tensor, task: str) -> Any:
     """Predictions at image resolution: semantic [B, S, S] class ids, panoptic [B, S, S, 2] (class, instance),
     detection a list of {boxes xyxy px, scores, labels} per image."""
-    from .matching import inference
-
     return inference(model(images), task, tuple(images.shape[-2:]))
 
 
@@ -145,9 +153,6 @@ def evaluate_dense(model: Any, dataset, task: str, *, batch_size: int = 32, limi
                    progress: bool = False) -> dict[str, float]:
     """PQ / SQ / RQ (panoptic), mIoU (semantic) or AP / AP50 / AP75 (detection) of `model` (a module or a vitlab
     runner) on `dataset`, with the shared torchmetrics-based `DenseMetrics`; plus `n`, the number of scenes."""
-    from ..data.scenes import collate_scenes
-    from .metrics import DenseMetrics
-
     n = len(dataset) if limit is None else min(limit, len(dataset))
     metrics = DenseMetrics(task, len(dataset.classes))   # things + background, whatever the task
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
@@ -177,16 +182,12 @@ def _maybe_progress(loader, enabled: bool, what: str):
 
 def is_dense_checkpoint(path: str | Path) -> bool:
     """Whether `path` is a vitlab checkpoint of a dense model (`vitlab train --task ...`)."""
-    from ..checkpoint import is_checkpoint
-
     return is_checkpoint(path) and load_config(path)["model"]["name"] == DENSE_MODEL
 
 
 def load_dense(path: str | Path) -> nn.Module:
-    """The dense model of checkpoint folder `path`, in eval mode, with `vitlab_dense` (task, head, ...) and
-    `vitlab_checkpoint` (its config: class names, preprocessing) set."""
-    from ..checkpoint import create_model
-
+    """The dense model of checkpoint folder `path`, in eval mode, with `vitlab.dense` (task, head, ...) and
+    `vitlab.checkpoint` (its config: class names, preprocessing) set."""
     if not is_dense_checkpoint(path):
         raise UserError(f"{path} is not a dense checkpoint (written by vitlab train --task panoptic|semantic|"
                         "detection); classification checkpoints go to vitlab eval / predict without --task")
@@ -209,9 +210,6 @@ def fit_dense(cfg: DenseTrainConfig | None = None, *, resume: str | None = None,
 
     A new run refuses an `out` that already holds a run (`RunExists`) unless `overwrite`, which replaces it once
     the new run has finished (vitlab/engine/train.py's `_Aside`)."""
-    from ..engine.train import STATE_FILE, _Aside, _delete_replaced, _existing_run, _load_state
-    from ..utils.lock import lock_folder
-
     if resume is not None:
         if cfg is not None:
             raise ValueError("give a DenseTrainConfig or resume=RUN_DIR, not both")
@@ -236,22 +234,13 @@ def fit_dense(cfg: DenseTrainConfig | None = None, *, resume: str | None = None,
 
 
 def _fit(cfg: DenseTrainConfig, state: dict | None) -> None:
-    import timm.optim
-    import timm.scheduler
-
-    from ..data import build_dense_dataset
-    from ..data.scenes import collate_scenes
-    from ..engine.runtime import rng_state, seed_everything, set_rng_state, setup_runtime
-    from ..engine.train import METRICS_FILE, STATE_FILE, _append_line, _Progress, _save_state
-    from ..utils.lock import kill_point
-
     setup_runtime(device="cpu", threads=cfg.threads)
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     train_set = build_dense_dataset(cfg.data, "train", data_dir=cfg.data_dir)
     val_set = build_dense_dataset(cfg.data, "val", data_dir=cfg.data_dir)
     model = build_model(cfg, train_set)
-    task, num_classes = cfg.task, model.vitlab_dense["num_classes"]
+    task, num_classes = cfg.task, record(model).dense["num_classes"]
     optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = cfg.warmup_steps
     scheduler = timm.scheduler.CosineLRScheduler(
@@ -275,11 +264,11 @@ def _fit(cfg: DenseTrainConfig, state: dict | None) -> None:
     progress = _Progress(enabled=cfg.progress, total=cfg.steps, done=step, every=max(1, cfg.steps // 20))
     criterion, loss_sum, seen, trained, start = None, 0.0, 0, 0, time.perf_counter()
 
-    def save(record: dict) -> None:
-        metrics = {k: v for k, v in record.items() if k.startswith("val_")}
+    def save(row: dict) -> None:
+        metrics = {k: v for k, v in row.items() if k.startswith("val_")}
         save_checkpoint(model, out, preprocessing=pre, data={"spec": str(cfg.data), "split": "train"},
                         metrics=metrics, training={**dataclasses.asdict(cfg), "head": head_text, "step": step},
-                        model_name=DENSE_MODEL, model_kwargs=model.vitlab_model_spec["kwargs"])
+                        model_name=DENSE_MODEL, model_kwargs=record(model).spec["kwargs"])
         _save_state(out / STATE_FILE, config=dataclasses.asdict(cfg), model=model.state_dict(),
                     optimizer=optimizer.state_dict(), step=step, rng=rng_state())
 
@@ -305,14 +294,14 @@ def _fit(cfg: DenseTrainConfig, state: dict | None) -> None:
             progress.update(step, epoch, loss.item(), optimizer.param_groups[0]["lr"],
                             trained / (time.perf_counter() - start))
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-                record: dict[str, Any] = {"step": step, "train_loss": loss_sum / seen,
+                row: dict[str, Any] = {"step": step, "train_loss": loss_sum / seen,
                                           "lr": optimizer.param_groups[0]["lr"],
                                           "elapsed_s": time.perf_counter() - start}
                 val = evaluate_dense(model, val_set, task, batch_size=cfg.batch_size, limit=cfg.eval_images)
-                record.update({f"val_{name}": value for name, value in val.items()})
-                progress.log(record)
-                save(record)
-                _append_line(out / METRICS_FILE, record)
+                row.update({f"val_{name}": value for name, value in val.items()})
+                progress.log(row)
+                save(row)
+                _append_line(out / METRICS_FILE, row)
                 loss_sum, seen = 0.0, 0
             kill_point(f"dense-step-{step}")
     finally:

@@ -31,7 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..record import update_record
 from ..errors import UserError
+from ..techniques import TechniqueError, _coerce
+from .backbone import Backbone
 
 __all__ = [
     "TASKS", "HeadError", "HeadEntry", "register_head", "register_model_head", "head_names", "get_head",
@@ -153,8 +156,6 @@ def get_head(name: str, task: str | None = None) -> HeadEntry:
 
 def parse_head(text: str, task: str | None = None) -> tuple[HeadEntry, dict[str, Any]]:
     """Parse `NAME` or `NAME:key=value,...` into (entry, options), values typed by the constructor's annotations."""
-    from ..techniques import TechniqueError, _coerce  # the --apply grammar's typed coercion
-
     name, _, rest = text.strip().partition(":")
     entry = get_head(name, task)
     options, hints = entry.options(), entry.hints()
@@ -197,12 +198,10 @@ def build_dense_model(backbone: str | nn.Module, head: str, task: str, num_class
                       backbone_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Backbone + registered head for `task` (or the whole model a `register_model_head` head builds).
 
-    The model records what rebuilds it: `vitlab_dense` = {task, head, head_options, backbone, backbone_kwargs,
+    The model records what rebuilds it: `vitlab.dense` = {task, head, head_options, backbone, backbone_kwargs,
     num_classes, in_chans, img_size}, with the backbone's architecture (name + kwargs) in place of a checkpoint
     folder it was initialised from, and a `pretrained_cfg` with its input size (vitlab's runners read it).
     """
-    from .backbone import Backbone
-
     entry = get_head(head, task)
     options = dict(head_options or {})
     unknown = sorted(set(options) - set(entry.options()))
@@ -223,8 +222,8 @@ def build_dense_model(backbone: str | nn.Module, head: str, task: str, num_class
         stages = Backbone(backbone, in_chans=in_chans, img_size=img_size, model_kwargs=backbone_kwargs)
         model = DenseModel(stages, entry.target(stages.channels, stages.strides, num_classes, **options))
         arch = {"backbone": stages.spec["name"], "backbone_kwargs": stages.spec["kwargs"]}
-    model.vitlab_dense = {"task": task, "head": entry.name, "head_options": options, **arch,
-                          "num_classes": num_classes, "in_chans": in_chans, "img_size": img_size}
+    update_record(model, dense={"task": task, "head": entry.name, "head_options": options, **arch,
+                                "num_classes": num_classes, "in_chans": in_chans, "img_size": img_size})
     model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}),
                             "input_size": (in_chans, img_size, img_size), "num_classes": num_classes}
     model.in_chans, model.num_classes = in_chans, num_classes

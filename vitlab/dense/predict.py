@@ -15,8 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
+from ..record import record
 from ..errors import UserError
+from ..data.transforms import load_image_tensor, to_channels
+from ..utils.io import atomic_path
+from .engine import load_dense, predict_dense
 
 __all__ = ["class_colour", "draw_prediction", "predict_files", "ALPHA", "MIN_SIDE"]
 
@@ -48,8 +53,6 @@ def draw_prediction(image, prediction: Any, task: str, class_names: list[str], *
     named at its centre; detection {boxes, scores, labels}: boxes scoring >= `threshold` with name + score.
     The last class name is the background (fmnist-scenes, coco:PATH).
     """
-    from PIL import Image, ImageDraw
-
     image = image.convert("RGB")
     factor = max(1, math.ceil(MIN_SIDE / max(image.size)))
     width, height = image.width * factor, image.height * factor
@@ -98,14 +101,8 @@ def predict_files(checkpoint, images: list[str | Path], out: str | Path, *, thre
     the drawn PNGs: to `out` itself for one image, else into folder `out` as `<image stem>.png`. `runner`: what to
     run instead of the checkpoint's own model, e.g. it with an `--apply` stack (`vitlab.apply_`). Returns the
     written paths."""
-    from PIL import Image
-
-    from ..data.transforms import load_image_tensor, to_channels
-    from ..utils.io import atomic_path
-    from .engine import load_dense, predict_dense
-
     model = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_dense(checkpoint)
-    info, config = model.vitlab_dense, model.vitlab_checkpoint["config"]
+    info, config = record(model).dense, record(model).config
     pre = config["preprocessing"]
     names = list(pre["class_names"])
     mean = torch.tensor(pre["mean"], dtype=torch.float32)[:, None, None]

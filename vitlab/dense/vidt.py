@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock
 
+from ..checkpoint import create_model
 from .heads import HeadError, register_model_head
 from .msda import MSDeformAttn, level_start_index
 
@@ -290,8 +291,6 @@ class ViDT(nn.Module):
 def _scene_swin(backbone_name: str) -> SwinTransformer:
     """A timm Swin for 64 x 64 one-channel scenes: a vitlab checkpoint of one (resized to 64 px, window 4), or a
     timm Swin name built with `SCENE_SWIN`."""
-    from ..checkpoint import create_model
-
     if Path(backbone_name).is_dir() or "/" in backbone_name:
         model = create_model(backbone_name)
         if isinstance(model, SwinTransformer):

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from ..errors import UserError
 from .distill import DistillTokenViT
 from ..recipes import Recipe, RecipeError, Step, register_recipe
+from ..checkpoint import create_model, default_preprocessing
+from .train import _item_seed
 
 __all__ = ["DRW", "DeiTLT", "drw_weights", "deitlt_loss", "strong_augment", "two_head_model", "weighted_ce"]
 
@@ -167,8 +169,6 @@ class DeiTLT(Recipe):
             raise ValueError("mixup, cutmix and magnitude must be >= 0 and re_prob in [0, 1]")
 
     def setup(self, model: nn.Module, train_set: Any, cfg: Any, rt: Any) -> None:
-        from ..checkpoint import create_model, default_preprocessing
-
         if not isinstance(model, DistillTokenViT):
             raise RecipeError(f"--recipe deitlt trains a distillation token: run it with --teacher CKPT --distill "
                               f"token (got {'--distill ' + cfg.distill if cfg.distill else 'no --distill'})")
@@ -190,8 +190,6 @@ class DeiTLT(Recipe):
         self.drw_step = _drw_step(self.drw, cfg, train_set)
 
     def _rngs(self, step: Step) -> list[np.random.Generator]:
-        from .train import _item_seed
-
         return [np.random.default_rng(_item_seed(self.seed, step.epoch, index, _STREAM)) for index in step.indices]
 
     def _mix(self, images: torch.Tensor, targets: torch.Tensor, rngs: list[np.random.Generator]
@@ -278,8 +276,6 @@ class DRW(Recipe):
 def two_head_model(run: str | Path) -> DistillTokenViT:
     """The two-head model of a `--distill token` run (its last saved state; the EMA weights if --ema), in eval mode:
     its output is the average of the class and distillation heads' logits, DeiT-LT's inference."""
-    from ..checkpoint import create_model
-
     run = Path(run)
     state = torch.load(run / "train_state.pt", map_location="cpu", weights_only=True)
     weights = state["ema"] if state.get("ema") is not None else state["model"]

@@ -30,8 +30,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from ..checkpoint import create_model, model_spec, refuse_out_over_source
+from ..data.transforms import dataset_for_model
 from ..errors import UserError
+from ..prune import CRITERIA, Prune, model_macs, prune_
+from ..prune.applicable import check_prunable
+from ..utils.io import atomic_path, atomic_write_json
+from ..utils.lock import check_writable
 
 __all__ = ["Split", "EdViT", "EdViTError", "partition_classes", "subset_targets", "class_head", "prune_for_classes",
            "finetune_part_", "train_fusion_", "split_checkpoint", "load_split"]
@@ -60,8 +67,6 @@ class Split:
     seed: int = 0
 
     def __post_init__(self):
-        from ..prune import CRITERIA
-
         if self.parts < 2:
             raise EdViTError(f"--parts {self.parts}: a split needs at least 2 sub-models")
         if not 0 < self.target_flops <= 1:
@@ -114,8 +119,6 @@ def _set_head_(model: nn.Module, head: nn.Linear) -> nn.Module:
 def prune_for_classes(model: nn.Module, subset: list[int], calib: list, cfg: Split) -> nn.Module:
     """A pruned copy of `model` for `subset`: importance scored on `calib` ((images, labels) batches of the subset's
     classes, original labels), then the head cut to the subset + "other"."""
-    from ..prune import Prune, prune_
-
     part = copy.deepcopy(model)
     if cfg.target_flops < 1:
         prune_(part, Prune(target_flops=cfg.target_flops, importance=cfg.importance), calib=calib)
@@ -211,12 +214,6 @@ def split_checkpoint(source: str, out: str, cfg: Split, *, data: str, data_dir: 
     """Split `source` into `cfg.parts` class-wise pruned, fine-tuned sub-models and a fusion MLP, save to `out`
     (split.json + split.safetensors), and return (model, summary with each part's MACs and the fused and original
     top-1 on `eval_split`)."""
-    from ..checkpoint import create_model, model_spec, refuse_out_over_source
-    from ..data.transforms import dataset_for_model
-    from ..prune import model_macs
-    from ..prune.applicable import check_prunable
-    from ..utils.lock import check_writable
-
     refuse_out_over_source(out, source)
     check_writable(out)
     model = create_model(source).eval()
@@ -250,10 +247,6 @@ def split_checkpoint(source: str, out: str, cfg: Split, *, data: str, data_dir: 
 
 
 def _save(model: EdViT, out: str, summary: dict) -> None:
-    from safetensors.torch import save_file
-
-    from ..utils.io import atomic_path, atomic_write_json
-
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(Path(out) / SPLIT_WEIGHTS) as tmp:
         save_file(state, str(tmp))
@@ -262,10 +255,6 @@ def _save(model: EdViT, out: str, summary: dict) -> None:
 
 def load_split(directory: str) -> EdViT:
     """Rebuild a saved split (each part from its recorded spec, its head cut to its subset + "other")."""
-    from safetensors.torch import load_file
-
-    from ..checkpoint import create_model
-
     path = Path(directory) / SPLIT_CONFIG
     if not path.is_file():
         raise EdViTError(f"{directory} has no {SPLIT_CONFIG}: give a folder written by `vitlab split`")

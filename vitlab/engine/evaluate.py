@@ -4,7 +4,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..data import DataError
+from ..data.imagefolder import Skipped
 from ..runner import as_runner
+from ..utils.io import atomic_path
 
 __all__ = ["evaluate", "check_input_shape", "check_num_classes", "plot_confusion"]
 
@@ -17,8 +20,6 @@ def check_input_shape(images: torch.Tensor, runner) -> None:
     if expected and frames is not None:
         expected = (expected[0], int(frames), *expected[1:])
     if expected and got != expected:
-        from ..data import DataError
-
         raise DataError(
             f"data gives images of shape {'x'.join(map(str, got))} but the model expects "
             f"{'x'.join(map(str, expected))}: build the data with the model's input size and in_chans")
@@ -41,8 +42,6 @@ class _Items(torch.utils.data.Dataset):
 
 def _collate(batch):
     """(indices, images, targets, skipped): items that could not be read are dropped and listed, never replaced."""
-    from ..data.imagefolder import Skipped
-
     kept = [(i, item) for i, item in batch if not isinstance(item, Skipped)]
     skipped = [item for _, item in batch if isinstance(item, Skipped)]
     if not kept:
@@ -53,8 +52,6 @@ def _collate(batch):
 
 def check_num_classes(runner, dataset) -> None:
     """A runner whose outputs are not one per class of the dataset is an error naming both (before any image)."""
-    from ..data import DataError
-
     classes = list(getattr(dataset, "classes", None) or [])
     num_classes = int(getattr(runner, "num_classes", 0) or 0)
     if classes and num_classes and num_classes != len(classes):
@@ -107,8 +104,6 @@ def evaluate(model_or_runner, dataset, *, batch_size: int = 256, progress: bool 
         if bar:
             bar[0].stop()
     if n == 0:
-        from ..data import DataError
-
         if skipped:
             raise DataError(f"none of the {len(skipped)} images could be read (e.g. {skipped[0]}): check the files")
         raise DataError("the dataset is empty: nothing to evaluate")
@@ -151,7 +146,6 @@ def plot_confusion(result: dict, path: str | Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..utils.io import atomic_path
 
     confusion = torch.tensor(result["confusion"], dtype=torch.float64)
     rates = confusion / confusion.sum(1, keepdim=True).clamp(min=1)

@@ -32,9 +32,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from ..record import record
 from ..errors import UserError
 from ..recipes import Recipe, Step, register_recipe
+from ..checkpoint import WEIGHTS, create_model, default_preprocessing
+from ..data import dataset_info
+from ..utils.io import atomic_dir
+from .runtime import Runtime
+from .train import DATA_ORDER, TrainConfig, _EpochBatches, _SeededItems, _datasets
 
 __all__ = ["FastKD", "FastKDError", "StoreMismatch", "dense_targets", "load_store", "replay_settings",
            "save_teacher_logits", "soft_target_cross_entropy", "sparse_topk"]
@@ -82,8 +89,6 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
 def replay_settings(cfg: Any, preprocessing: dict, train_images: int) -> dict:
     """The settings that decide which augmented image sits at each (epoch, step, position) of a run of `cfg` (a
     TrainConfig): a store serves only a run whose settings are all equal to the ones it was written with."""
-    from .train import DATA_ORDER
-
     return {"data": str(cfg.data), "train_images": int(train_images), "seed": int(cfg.seed),
             "batch_size": int(cfg.batch_size), "epochs": float(cfg.epochs), "hflip": float(cfg.hflip),
             "crop_padding": cfg.crop_padding, "re_prob": float(cfg.re_prob), "mixup": float(cfg.mixup),
@@ -107,10 +112,8 @@ def _sha256(path: Path) -> str:
 
 
 def _teacher_identity(teacher: str, model: nn.Module) -> dict:
-    from ..checkpoint import WEIGHTS
-
     path = Path(teacher)
-    identity = {"source": teacher, "model": getattr(model, "vitlab_model_spec", {}).get("name", type(model).__name__)}
+    identity = {"source": teacher, "model": (record(model).spec or {}).get("name", type(model).__name__)}
     if (path / WEIGHTS).is_file():
         identity.update(source=str(path.resolve()), weights_sha256=_sha256(path / WEIGHTS))
     return identity
@@ -126,10 +129,6 @@ def save_teacher_logits(teacher: str, out: str | Path, *, data: str = "fashion-m
     """Run `teacher` (a checkpoint folder or model name) once over the images of every step of a run with these
     settings (`vitlab train --seed/--batch-size/--epochs/--hflip/--crop-padding/--re-prob`, no mixup) and write
     its top-k probabilities to the store folder `out`. Returns the manifest."""
-    from ..checkpoint import create_model
-    from ..data import dataset_info
-    from .train import TrainConfig, _datasets
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise FastKDError(f"--out {out} already exists; choose another --out or pass --overwrite")
@@ -169,9 +168,6 @@ def _teacher_rows(model: nn.Module, train_set: Any, total: int, batch_size: int,
                   progress: bool) -> tuple[dict[str, torch.Tensor], int]:
     """The store's tensors for the first `total` steps of the engine's data order (and how many of those images the
     teacher classifies correctly): each step's images loaded exactly as `fit` loads them."""
-    from .runtime import Runtime
-    from .train import _EpochBatches, _SeededItems
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     steps_per_epoch = len(train_set) // batch_size
@@ -200,10 +196,6 @@ def _teacher_rows(model: nn.Module, train_set: Any, total: int, batch_size: int,
 
 
 def _write_store(out: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
-    from safetensors.torch import save_file
-
-    from ..utils.io import atomic_dir
-
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / LOGITS_FILE), metadata={"format": FORMAT})
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -211,8 +203,6 @@ def _write_store(out: Path, tensors: dict[str, torch.Tensor], manifest: dict) ->
 
 def load_store(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(manifest, tensors) of a store folder, checked for shape and format."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / MANIFEST_FILE).is_file() or not (path / LOGITS_FILE).is_file():
         raise FastKDError(f"store={path} holds no teacher-logit store ({MANIFEST_FILE} + {LOGITS_FILE}); write one "
@@ -253,8 +243,6 @@ class FastKD(Recipe):
             raise ValueError(f"alpha={self.alpha} must be in [0, 1] (1: only the stored teacher, as TinyViT)")
 
     def setup(self, model: nn.Module, train_set: Any, cfg: Any, rt: Any) -> None:
-        from ..checkpoint import default_preprocessing
-
         if cfg.teacher or cfg.l1 > 0:
             raise FastKDError(f"--recipe {self.name} replays a stored teacher and replaces the step's loss: it "
                               "cannot be combined with --teacher or --l1; drop them")

@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 
 __all__ = ["top_similar_patches", "patch_boxes", "similarity_boxes", "crop_resize", "GLSimViT", "mean_logits",
            "fit_aggregator_", "train_aggregator_"]
@@ -83,8 +84,6 @@ class GLSimViT(nn.Module):
     """A timm ViT with GLSim: logits = head(norm(block([CLS_image, CLS_crop])))[first token]."""
 
     def __init__(self, backbone: nn.Module, top_k: int = 8):
-        from timm.models.vision_transformer import Block
-
         super().__init__()
         self.backbone, self.top_k = backbone, top_k
         dim = int(backbone.embed_dim)

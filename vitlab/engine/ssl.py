@@ -41,14 +41,21 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import timm.optim
+import timm.scheduler
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 
 from ..checkpoint import create_model, default_preprocessing, is_checkpoint, save_checkpoint
+from ..data import build_dataset, dataset_info
 from ..errors import UserError
+from ..models.videomae import VideoMAE, VideoMAEPretrainer
 from ..utils.io import atomic_write_text
 from ..utils.lock import lock_folder
+from .runtime import seed_everything
+from .train import _Progress
 
 __all__ = ["METHODS", "PretrainConfig", "PretrainError", "pretrain", "vicreg_terms", "vicreg_loss", "off_diagonal",
            "nt_xent", "uncertainty_weighted", "rotate", "corrupt", "motion_sequences", "order_verification_batch",
@@ -223,8 +230,6 @@ def order_verification_batch(reps: torch.Tensor, gen: torch.Generator) -> tuple[
 
 
 def _check_vit(model: nn.Module, method: str) -> None:
-    from timm.models.vision_transformer import VisionTransformer
-
     why = None
     if not isinstance(model, VisionTransformer):
         why = f"{type(model).__name__} is not a timm VisionTransformer"
@@ -370,7 +375,6 @@ class VideoMAEMethod(nn.Module):
     def __init__(self, backbone: nn.Module, mask_ratio: float = 0.9, decoder_depth: int = 4,
                  decoder_mask_ratio: float = 0.0):
         super().__init__()
-        from ..models.videomae import VideoMAE, VideoMAEPretrainer
 
         if not isinstance(backbone, VideoMAE):
             method = "videomae2" if decoder_mask_ratio else "videomae"
@@ -395,8 +399,6 @@ class VideoMAEMethod(nn.Module):
 
 def _build(cfg: PretrainConfig) -> tuple[nn.Module, nn.Module, torch.utils.data.Dataset, dict]:
     """(backbone, method module, unlabelled train split, preprocessing)."""
-    from ..data import build_dataset, dataset_info
-
     info = dataset_info(cfg.data, data_dir=cfg.data_dir)
     kwargs = dict(cfg.model_kwargs)
     if not is_checkpoint(cfg.model):
@@ -414,12 +416,6 @@ def _build(cfg: PretrainConfig) -> tuple[nn.Module, nn.Module, torch.utils.data.
 def pretrain(cfg: PretrainConfig, overwrite: bool = False) -> Path:
     """Pretrain `cfg.model` with `cfg.method` on the images of `cfg.data`'s train split (labels unused); write the
     backbone's checkpoint (each epoch, atomically) and `pretrain.jsonl` (the loss terms per epoch) into `cfg.out`."""
-    import timm.optim
-    import timm.scheduler
-
-    from .runtime import seed_everything
-    from .train import _Progress
-
     cfg.validate()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise PretrainError("vitlab pretrain runs in one process: launch it without torchrun")

@@ -23,24 +23,37 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import timm.data
+import timm.optim
+import timm.scheduler
+import timm.utils
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..record import record, update_record
 from ..checkpoint import CONFIG, WEIGHTS, CheckpointError, create_model, default_preprocessing, save_checkpoint
 from ..errors import UserError
 from .. import loader as model_loader
 from ..utils.io import atomic_path, atomic_write_text
 from ..utils.lock import kill_point, lock_folder
 from ..recipes import Step, parse_recipe
+from .progressive import check_sizes, make_any_size, phase_size
+from .resformer import resize_batch
 from .runtime import Runtime, rng_state, seed_everything, set_rng_state, setup_runtime
 from .speed import PRECISIONS, autocast, choose_precision, compile_forward
+from ..data import DataError, build_dataset, dataset_info
+from .distill import add_distill_token, distill_loss
+from .evaluate import evaluate
+from .sam import SAM
 
 __all__ = ["TrainConfig", "fit", "TrainInterrupted", "RunExists", "RESUME_CHANGEABLE"]
 
@@ -101,6 +114,7 @@ class TrainConfig:
     precision: str = "fp32"                 # fp32 | bf16 | auto (bf16 autocast where measured faster; engine/speed.py)
     compile: bool = False                   # torch.compile the training forward (eager fallback on failure)
     channels_last: bool = False             # channels-last memory format for the model and the images
+    progressive_sizes: list[int] = field(default_factory=list)  # image sides of equal phases (engine/progressive.py)
 
     def validate(self) -> None:
         if not self.model and not self.init:
@@ -116,6 +130,12 @@ class TrainConfig:
             raise ValueError(f"--token-consistency {self.token_consistency} must be >= 0 (0: off; official 3.0)")
         if self.token_consistency > 0 and (self.teacher or self.opt == "sam" or self.l1 > 0):
             raise ValueError("--token-consistency cannot be combined with --teacher, --opt sam or --l1; drop one")
+        if any(int(s) < 1 for s in self.progressive_sizes):
+            raise ValueError(f"--progressive-sizes {self.progressive_sizes}: every image side must be >= 1, "
+                             "e.g. 20,24,28")
+        if self.progressive_sizes and self.compile:   # inductor fails on the resampled pos_embed's backward
+            raise ValueError("--progressive-sizes cannot be combined with --compile (torch.compile fails on the "
+                             "position embedding resampled to each size); drop --compile")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.recipe:
@@ -135,11 +155,12 @@ class RunExists(UserError):
 def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if cfg.init:
         model = create_model(cfg.init, **cfg.model_kwargs)
-        if cfg.model and model.vitlab_model_spec["name"] != cfg.model:
-            raise ValueError(f"--model {cfg.model} differs from the --init checkpoint's {model.vitlab_model_spec['name']}")
+        spec = record(model).spec
+        if cfg.model and spec["name"] != cfg.model:
+            raise ValueError(f"--model {cfg.model} differs from the --init checkpoint's {spec['name']}")
         if getattr(model, "num_classes", num_classes) != num_classes:
             model.reset_classifier(num_classes)
-            model.vitlab_model_spec["kwargs"]["num_classes"] = num_classes
+            update_record(model, spec={**spec, "kwargs": {**spec["kwargs"], "num_classes": num_classes}})
     else:
         kwargs = dict(cfg.model_kwargs)
         kwargs.setdefault("num_classes", num_classes)
@@ -160,7 +181,7 @@ def _zero_masks(cfg: TrainConfig, model: nn.Module) -> list[tuple[torch.Tensor, 
     block-sparse while it is fine-tuned, as LPViT's recovery does."""
     keep = cfg.keep_zeros
     if keep is None:
-        pruned = getattr(model, "vitlab_checkpoint", {}).get("config", {}).get("training", {}).get("pruned", {})
+        pruned = record(model).config.get("training", {}).get("pruned", {})
         keep = str(pruned.get("technique", "")).startswith("lpvit")
     if not keep:
         return []
@@ -173,8 +194,6 @@ def _zero_masks(cfg: TrainConfig, model: nn.Module) -> list[tuple[torch.Tensor, 
 
 
 def _datasets(cfg: TrainConfig, model: nn.Module):
-    from ..data import build_dataset
-
     pre = default_preprocessing(model)
     c, h, w = pre["input_size"]
     common = dict(img_size=(h, w), in_chans=c, mean=pre["mean"], std=pre["std"], data_dir=cfg.data_dir)
@@ -281,8 +300,6 @@ def _existing_run(out: Path) -> RunExists | None:
 
 def _check_new_run(cfg: TrainConfig, overwrite: bool) -> None:
     """Everything about a new run that can be refused without reading an image (before the folder is touched)."""
-    from ..data import DataError, dataset_info
-
     out = Path(cfg.out)
     for flag, other in (("--init", cfg.init), ("--teacher", cfg.teacher)):
         if other and Path(other).exists() and Path(other).resolve() == out.resolve():
@@ -396,8 +413,6 @@ class _Aside:
         self.out, self.folder = out, None
         names = [n for n in RUN_FILES if (out / n).exists() or (out / n).is_symlink()]
         if names:
-            import tempfile
-
             self.folder = Path(tempfile.mkdtemp(prefix=REPLACED_PREFIX, dir=out))
             for name in names:
                 os.replace(out / name, self.folder / name)
@@ -407,7 +422,6 @@ class _Aside:
         """The new run failed: delete its files and put the old run's back."""
         if self.folder is None:
             return
-        import shutil
 
         for name in RUN_FILES:
             target = self.out / name
@@ -421,8 +435,6 @@ class _Aside:
 
 
 def _delete_replaced(out: Path) -> None:
-    import shutil
-
     for entry in out.iterdir():
         if entry.name.startswith(REPLACED_PREFIX) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
@@ -487,18 +499,12 @@ def fit(cfg: TrainConfig | None = None, *, resume: str | None = None, overwrite:
 
 
 def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_epochs: float | None) -> Path:
-    import timm.data
-    import timm.optim
-    import timm.scheduler
-    import timm.utils
-
     rt = setup_runtime(threads=cfg.threads)
     if cfg.batch_size % rt.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {rt.world_size} processes")
     seed_everything(cfg.seed)
     out = Path(cfg.out)
 
-    from ..data import dataset_info
 
     num_classes = dataset_info(cfg.data, data_dir=cfg.data_dir)["num_classes"]
     model = _build_model(cfg, num_classes)
@@ -507,12 +513,14 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
     train_set, val_set, pre = _datasets(cfg, model)
     pre["class_names"] = list(train_set.classes)
     model.to(rt.device)
+    if cfg.progressive_sizes:   # the training copy takes any size; the checkpoint keeps the model's fixed grid
+        make_any_size(model)
+        check_sizes(model, cfg.progressive_sizes, pre["input_size"][0], pre["input_size"][-1])
 
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(train_set)} training images")
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    from .distill import add_distill_token, distill_loss
 
     teacher = None
     if cfg.teacher:
@@ -524,8 +532,6 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
         recipe = parse_recipe(cfg.recipe)
         recipe.setup(model, train_set, cfg, rt)
     if cfg.opt == "sam":
-        from .sam import SAM
-
         base_opt = timm.optim.create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
         optimizer = SAM(model.parameters(), base_opt, rho=cfg.sam_rho)
     else:
@@ -627,6 +633,8 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
             ips_seen, epoch_start = 0, time.perf_counter()   # images/s counts the images of this process's run
             for images, targets in loader:
                 images, targets = images.to(rt.device), targets.to(rt.device)
+                if cfg.progressive_sizes:   # this step's phase size (val stays at the dataset's size)
+                    images = resize_batch(images, phase_size(cfg.progressive_sizes, global_step, total_steps))
                 if cfg.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 if precision is None:   # the first step: engine flags decided on the run's own first batch
@@ -719,8 +727,6 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
             _checkpoint_state = checkpoint_state()
             if rt.is_main:
                 if val_set is not None:
-                    from .evaluate import evaluate
-
                     # the evaluation's DataLoader draws its seed from torch's RNG: it must not move the training's
                     # (the state was taken before it, so a run resumed from an epoch's end would draw differently)
                     with torch.random.fork_rng(devices=[]):

@@ -23,12 +23,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm.optim
+import timm.scheduler
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import load_config, save_checkpoint
+from ..record import update_record
+from ..checkpoint import create_model, default_preprocessing, is_checkpoint, load_config, save_checkpoint
 from ..errors import UserError
+from ..data import build_dataset
+from ..data.spec import DataSpec
+from ..engine.runtime import rng_state, seed_everything, set_rng_state, setup_runtime
+from ..engine.train import (METRICS_FILE, STATE_FILE, _Aside, _Progress, _append_line, _delete_replaced, _existing_run,
+                            _load_state, _save_state)
+from ..utils.lock import kill_point, lock_folder
 
 __all__ = ["PredictTrainConfig", "fit_predict", "evaluate_predict", "is_predict_checkpoint", "load_predictor",
            "build_predictor", "predict_datasets", "TASK"]
@@ -60,8 +69,6 @@ class PredictTrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        from ..data.spec import DataSpec
-
         kind = DataSpec.parse(self.data).kind
         if kind != "moving-fashion-mnist":
             raise UserError(f"--task predict needs --data moving-fashion-mnist[:clips=N,frames=T] (input + target "
@@ -81,9 +88,6 @@ class PredictTrainConfig:
 
 def build_predictor(cfg: PredictTrainConfig) -> nn.Module:
     """The model of `cfg` with the data's clip length (via `vitlab.create_model`, which records its kwargs)."""
-    from ..checkpoint import create_model
-    from ..data.spec import DataSpec
-
     kwargs = {"num_frames": DataSpec.parse(cfg.data).option("frames"), **cfg.model_kwargs}
     try:
         model = create_model(cfg.model, **kwargs)
@@ -98,9 +102,6 @@ def build_predictor(cfg: PredictTrainConfig) -> nn.Module:
 
 def predict_datasets(model: nn.Module, data: str, splits: tuple[str, ...], data_dir: str | None = None) -> list:
     """`data`'s splits at the model's frame size, normalized with its preprocessing's mean / std."""
-    from ..checkpoint import default_preprocessing
-    from ..data import build_dataset
-
     pre = default_preprocessing(model)
     sets = [build_dataset(data, split, img_size=tuple(pre["input_size"][1:]), in_chans=pre["in_chans"],
                           mean=pre["mean"], std=pre["std"], data_dir=data_dir) for split in splits]
@@ -169,19 +170,15 @@ def _maybe_progress(items, enabled: bool, what: str):
 
 def is_predict_checkpoint(path: str | Path) -> bool:
     """Whether `path` is a vitlab checkpoint written by `vitlab train --task predict`."""
-    from ..checkpoint import is_checkpoint
-
     return is_checkpoint(path) and load_config(path).get("training", {}).get("task") == TASK
 
 
 def load_predictor(path: str | Path) -> nn.Module:
-    """The frame predictor of checkpoint folder `path`, in eval mode, with `vitlab_checkpoint` (its config) set."""
-    from ..checkpoint import create_model
-
+    """The frame predictor of checkpoint folder `path`, in eval mode, with `vitlab.checkpoint` (its config) set."""
     if not is_predict_checkpoint(path):
         raise UserError(f"{path} is not a prediction checkpoint (written by vitlab train --task predict)")
     model = create_model(path)
-    model.vitlab_checkpoint = load_config(path)
+    update_record(model, checkpoint={"path": str(path), "config": load_config(path)})
     return model
 
 
@@ -191,9 +188,6 @@ def fit_predict(cfg: PredictTrainConfig | None = None, *, resume: str | None = N
                 overwrite: bool = False) -> Path:
     """Train as `cfg` says (or continue the run in folder `resume` with its saved settings); return the folder.
     A new run refuses an `out` that holds a run unless `overwrite` (replaced once the new run has finished)."""
-    from ..engine.train import STATE_FILE, _Aside, _delete_replaced, _existing_run, _load_state
-    from ..utils.lock import lock_folder
-
     if resume is not None:
         if cfg is not None:
             raise ValueError("give a PredictTrainConfig or resume=RUN_DIR, not both")
@@ -218,14 +212,6 @@ def fit_predict(cfg: PredictTrainConfig | None = None, *, resume: str | None = N
 
 
 def _fit(cfg: PredictTrainConfig, state: dict | None) -> None:
-    import timm.optim
-    import timm.scheduler
-
-    from ..checkpoint import default_preprocessing
-    from ..engine.runtime import rng_state, seed_everything, set_rng_state, setup_runtime
-    from ..engine.train import METRICS_FILE, STATE_FILE, _append_line, _Progress, _save_state
-    from ..utils.lock import kill_point
-
     setup_runtime(device="cpu", threads=cfg.threads)
     seed_everything(cfg.seed)
     out = Path(cfg.out)

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 
 from ..contract import ATTENTION_KINDS, describe
 from ..techniques import TechniqueNotApplicable
+from ..utils.io import atomic_write_text
+from .attention import capture_attention
 from .core import ExplainError, explained_module
 
 __all__ = ["HeadMixer", "LayerHeads", "HeadReport", "head_mixers", "head_mask",
@@ -276,8 +278,6 @@ def _attention_stats(module: nn.Module, images: torch.Tensor, batch_size: int,
     each batch contributed. Probabilities come from `vitlab.explain.attention.capture_attention`; a token-reduced
     layer's distance is measured on its attention mapped back to the input patches (`AttentionLayer.patch_space`),
     a window attention's within its window."""
-    from .attention import capture_attention
-
     index = {m.name: i for i, m in enumerate(mixers)}
     sums = {k: [torch.zeros(m.num_heads, dtype=torch.float64) for m in mixers] for k in ("dist", "ent")}
     counts = {k: [0] * len(mixers) for k in ("dist", "ent")}
@@ -465,8 +465,6 @@ SORT_JS = """
 def write_heads_html(report: HeadReport, path: str | Path) -> Path:
     """Write `report` as one self-contained HTML page (inline SVG heatmaps layer x head per metric, a sortable
     table, summary, the command), atomically."""
-    from ..utils.io import atomic_write_text
-
     nheads = sum(layer.num_heads for layer in report.layers)
     summary = [
         ("model", html.escape(report.model)),

@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import TechniqueNotApplicable
 
@@ -31,8 +32,6 @@ SUPPORTED = "timm VisionTransformers of pre-norm Blocks (ls1/ls2 branches) with 
 
 
 def _check(model: nn.Module) -> None:
-    from timm.models.vision_transformer import Block, VisionTransformer
-
     if not isinstance(model, VisionTransformer):
         raise TechniqueNotApplicable("paths", model, f"it is not a timm VisionTransformer; paths supports {SUPPORTED}")
     if model.global_pool not in ("token", "avg") or getattr(model, "attn_pool", None) is not None:

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from ..utils.io import atomic_path
 from .core import Explanation
 from .tokens import image_format
 
@@ -25,7 +26,6 @@ def plot_explanations(images: torch.Tensor, explanations: Sequence[Explanation],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..utils.io import atomic_path
 
     B, C, H, W = images.shape
     for e in explanations:

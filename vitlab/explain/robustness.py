@@ -24,6 +24,9 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
+from ..contract import describe
+from ..data.transforms import resolve_preprocessing
+from ..runner import as_runner
 from .core import ExplainError, explained_module
 
 __all__ = ["patch_grid", "patch_drop", "patch_shuffle", "occlude", "expected_calibration_error", "fit_temperature",
@@ -44,8 +47,6 @@ def patch_grid(model: Any, input_size: tuple[int, int, int]) -> tuple[int, int]:
     """(gh, gw): the token grid the model's first block sees for an input of `input_size` (C, H, W), from the model
     contract: the block's (B, N, C) sequence less its prefix tokens, or its NHWC / NCHW map. For a plain ViT this is
     the patch grid, for a hierarchical model (Swin, PVT) the first stage's grid, for a conv-stem ViT the stem's."""
-    from ..contract import describe
-
     module = explained_module(model)
     name = type(module).__name__
     try:
@@ -254,9 +255,6 @@ def robustness(model: Any, test_set, val_set, *, severities: dict[str, Iterable[
     model expects (`vitlab.data.transforms.dataset_for_model`). Batch b of every perturbation draws its patches from
     a generator seeded with (seed, b), so two models (a base and its compressed variant) see the same perturbed
     images."""
-    from ..data.transforms import resolve_preprocessing
-    from ..runner import as_runner
-
     runner = as_runner(model)
     images, labels = _stack(test_set, limit)
     grid = patch_grid(model, tuple(images.shape[1:]))

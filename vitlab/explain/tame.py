@@ -31,8 +31,16 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from .core import ExplainError, register_method
+from ..checkpoint import create_model
+from ..contract import NoAdapter, describe
+from ..data.transforms import dataset_for_model, resolve_preprocessing
+from ..record import record
+from ..tokens.patch import TokenReducingModel
+from .core import ExplainError, normalize_maps, register_method
+from .faithfulness import average_drop_increase, pixel_baseline
 
 __all__ = ["TameConfig", "TameAttention", "TameExplainer", "tame_layers", "area_loss", "variation_loss",
            "tame_loss", "tame_step_loss", "train_tame", "save_tame", "load_tame",
@@ -79,8 +87,6 @@ class TameAttention(nn.Module):
 def tame_layers(model: nn.Module, num_layers: int = 3) -> list[tuple[str, str, int]]:
     """(qualified block name, layout, prefix tokens) of the blocks T-TAME taps: the last block of each of the last
     `num_layers` stages, topped up from the last stage's last blocks when the model has fewer stages."""
-    from ..contract import NoAdapter, describe
-
     try:
         spec = describe(model, "T-TAME")
     except NoAdapter as e:
@@ -108,8 +114,6 @@ def _tapped(model: nn.Module, layers: Sequence[tuple[str, str, int]], image_hw: 
             ) -> Iterator[list[torch.Tensor]]:
     """Forward hooks on the tapped blocks; yields the list that each forward fills with (B, C, h, w) maps, in
     `layers` order. A token-reduced model's merged tokens are copied back to the patches they stand for."""
-    from ..tokens.patch import TokenReducingModel
-
     modules = dict(model.named_modules())
     missing = [name for name, _, _ in layers if name not in modules]
     if missing:
@@ -164,7 +168,7 @@ class TameExplainer(nn.Module):
             model.train(was_training)
         h = min(MAX_MAP_SIZE, max(f.shape[2] for f in features))
         w = min(MAX_MAP_SIZE, max(f.shape[3] for f in features))
-        spec = getattr(model, "vitlab_model_spec", None) or {}
+        spec = record(model).spec or {}
         return cls(TameConfig(tuple(n for n, _, _ in layers), tuple(lay for _, lay, _ in layers),
                               tuple(p for _, _, p in layers), tuple(f.shape[1] for f in features), (h, w),
                               logits.shape[-1], spec.get("name", type(model).__name__)))
@@ -250,8 +254,6 @@ def train_tame(model: nn.Module, data: torch.utils.data.Dataset, *, epochs: floa
     weight decay 5e-4) with a one-cycle schedule peaking at `lr`, as the official code. `mask`: "pixels" masks the
     raw pixels (the model's preprocessing undone and redone: what AD/IC measure; official "renormalize" policy),
     "input" the preprocessed image (official default "new"); see `_masked_forward`."""
-    from ..data.transforms import resolve_preprocessing
-
     if mask not in ("pixels", "input"):
         raise ExplainError(f"T-TAME masks 'pixels' or 'input' (the preprocessed image), not {mask!r}")
     pre = resolve_preprocessing(model)
@@ -324,8 +326,6 @@ class _Bar:
 
 def save_tame(explainer: TameExplainer, path: str | Path) -> Path:
     """Write the explainer's weights and config to one safetensors file (config as JSON metadata)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in explainer.state_dict().items()}
@@ -335,9 +335,6 @@ def save_tame(explainer: TameExplainer, path: str | Path) -> Path:
 
 def load_tame(path: str | Path) -> TameExplainer:
     """The explainer `save_tame` wrote (a file, or a folder holding explainer.safetensors)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if path.is_dir():
         path = path / "explainer.safetensors"
@@ -382,9 +379,6 @@ def tame_ad_ic(model: nn.Module, explainer: TameExplainer, data: torch.utils.dat
                batch_size: int = 100, mean: Sequence[float], std: Sequence[float]) -> dict[str, float]:
     """AD and IC (%) of the explainer on the first `limit` images of `data`: each image masked by its top-1 class's
     map (logits min-max normalised per image, bilinear to the image; official evaluation at 0 % thresholding)."""
-    from .core import normalize_maps
-    from .faithfulness import average_drop_increase, pixel_baseline
-
     n = min(limit, len(data))
     images, maps, targets = [], [], []
     for start in range(0, n, batch_size):
@@ -406,9 +400,6 @@ def train_tame_checkpoint(source: str, data: str, out: str | Path, *, data_dir: 
     """`vitlab train-tame`: train an explainer for the model at `source` on `data`'s train split, write
     OUT/explainer.safetensors and OUT/metrics.json (train time, AD/IC on the first `eval_images` test images).
     `mask`: "pixels" masks the raw pixels in training (as AD/IC do), "input" the preprocessed image."""
-    from ..checkpoint import create_model
-    from ..data.transforms import dataset_for_model, resolve_preprocessing
-
     model = create_model(source).eval()
     pre = resolve_preprocessing(model)
     train = dataset_for_model(model, data, "train", data_dir=data_dir)

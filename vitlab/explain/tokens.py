@@ -1,9 +1,12 @@
 """Token-source maps: which input patches each surviving token of a token-reduced ViT stands for."""
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import UserError
+from ..utils.io import atomic_path
 
 __all__ = ["token_source_map", "plot_token_sources", "image_format", "IMAGE_FORMATS"]
 
@@ -65,10 +68,7 @@ def plot_token_sources(image: torch.Tensor, labels: torch.Tensor, path: str | Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-    import torch.nn.functional as F
 
-    from ..utils.io import atomic_path
 
     c, h, w = image.shape
     scale = max(1, 224 // max(h, w))  # draw small images larger so token outlines stay thin

@@ -6,6 +6,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg
 
+from ..record import update_record
+
 __all__ = ["BUILDER_KWARGS", "arch_kwargs", "as_lists", "build_vitlab_model", "imagenet_cfg"]
 
 # keys timm's create_model / build_model_with_cfg pass along that describe loading or wrapping, not the architecture
@@ -34,7 +36,7 @@ def imagenet_cfg(**kwargs) -> dict:
 
 def build_vitlab_model(model_cls, variant: str, pretrained: bool, *, filter_fn=None, default_out_indices=None,
                        feature_cfg: dict | None = None, exclude=(), **kwargs):
-    """`timm.models.build_model_with_cfg` plus `model.vitlab_arch` (every constructor kwarg, so checkpoints do not
+    """`timm.models.build_model_with_cfg` plus `model.vitlab.arch` (every constructor kwarg, so checkpoints do not
     depend on a family file's defaults).
 
     Families with `forward_intermediates` pass `default_out_indices` (e.g. every stage): `features_only` then serves
@@ -45,7 +47,7 @@ def build_vitlab_model(model_cls, variant: str, pretrained: bool, *, filter_fn=N
         feature_cfg = dict(out_indices=kwargs.pop("out_indices", default_out_indices), feature_cls="getter")
     model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn,
                                  feature_cfg=feature_cfg, **kwargs)
-    model.vitlab_arch = arch
+    update_record(model, arch=arch)
     return model
 
 

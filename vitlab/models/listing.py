@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import timm
 import torch
 
 from ..utils.io import atomic_write_json
@@ -18,8 +19,6 @@ def _cache_path() -> Path:
 
 def count_params_meta(name: str) -> int | None:
     """Parameter count of timm model `name`, built on the meta device (no memory is allocated, so any size is fine)."""
-    import timm
-
     try:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False)
@@ -30,9 +29,6 @@ def count_params_meta(name: str) -> int | None:
 
 def list_models(pattern: str = "*", *, params: bool = True, progress: bool = True) -> list[tuple[str, int | None]]:
     """[(name, params or None)] for timm and vitlab models whose name matches the glob `pattern`."""
-    import timm
-
-
     names = sorted(n for n in timm.list_models() if fnmatch.fnmatch(n, pattern))
     if not params:
         return [(n, None) for n in names]

@@ -5,7 +5,7 @@ timm's `VisionTransformer` builds every block with one width (`num_heads`, `embe
 its own number of heads and MLP channels, so `vl_pruned_vit` builds the *base* model by name (any timm ViT or a
 vitlab hybrid such as `vl_vit_fmnist` with its conv stem), with the base's own kwargs (pruned `embed_dim`, `depth`,
 stem widths go there), then gives block i `num_heads[i]` heads of `head_dim[i]` channels and `mlp_hidden[i]` MLP
-channels. Every constructor kwarg is recorded in `model.vitlab_arch`, so `vitlab.create_model(DIR)` rebuilds a
+channels. Every constructor kwarg is recorded in `model.vitlab.arch`, so `vitlab.create_model(DIR)` rebuilds a
 pruned checkpoint from its config.json alone.
 
 Head geometry is re-derived on each `timm.layers.Attention`: `num_heads`, `head_dim`, `attn_dim` and
@@ -20,6 +20,8 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from ._builder import arch_kwargs
+from ..record import record, update_record
+from . import vit_fmnist
 
 __all__ = ["vl_pruned_vit", "set_block_widths", "block_widths"]
 
@@ -89,8 +91,6 @@ def vl_pruned_vit(pretrained: bool = False, base: str = "vl_vit_fmnist", base_kw
                   num_heads: Sequence[int] = (), head_dim: Sequence[int] = (), mlp_hidden: Sequence[int] = (),
                   **kwargs) -> VisionTransformer:
     """A timm ViT `base` (built with `base_kwargs`) whose block i has its own heads, head_dim and MLP width."""
-    from . import vit_fmnist  # noqa: F401  (vitlab bases are registered)
-
     if pretrained:
         raise ValueError("vl_pruned_vit has no pretrained weights: rebuild it from a checkpoint folder")
     base_kwargs = {**(base_kwargs or {}), **arch_kwargs(kwargs)}  # e.g. num_classes from `vitlab train`
@@ -100,7 +100,6 @@ def vl_pruned_vit(pretrained: bool = False, base: str = "vl_vit_fmnist", base_kw
     widths = block_widths(model)
     set_block_widths(model, list(num_heads) or widths["num_heads"], list(head_dim) or widths["head_dim"],
                      list(mlp_hidden) or widths["mlp_hidden"])
-    base_arch = getattr(model, "vitlab_arch", None)
-    model.vitlab_arch = {"base": base, "base_kwargs": {**(base_arch or {}), **base_kwargs},
-                         **{k: list(v) for k, v in block_widths(model).items()}}
+    update_record(model, arch={"base": base, "base_kwargs": {**(record(model).arch or {}), **base_kwargs},
+                               **{k: list(v) for k, v in block_widths(model).items()}})
     return model

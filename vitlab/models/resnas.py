@@ -32,6 +32,7 @@ from timm.models._builder import build_model_with_cfg
 from timm.models.vision_transformer import Attention, Block
 
 from .vit_fmnist import FMNIST_MEAN, FMNIST_STD, ConvStem
+from ..record import update_record
 
 __all__ = ["ResNAS", "ResidualSpatialReduction", "check_network_def", "pad_channels", "EMBED", "BLOCK", "REDUCE",
            "HEAD", "DEFAULT_NETWORK_DEF"]
@@ -224,14 +225,15 @@ def _cfg(**kwargs) -> dict:
 default_cfgs = generate_default_cfgs({"vl_resnas": _cfg(), "vl_test_resnas": _cfg(input_size=(1, 16, 16))})
 
 
-_ARCH_KWARGS = ("img_size", "in_chans", "stem_widths", "stem_strides", "stem_groups", "drop_path_rate", "global_pool")
+_ARCH_KWARGS = ("img_size", "in_chans", "num_classes", "stem_widths", "stem_strides", "stem_groups", "drop_path_rate",
+                "global_pool")
 
 
 def _create_resnas(variant: str, pretrained: bool = False, **kwargs) -> ResNAS:
     model = build_model_with_cfg(ResNAS, variant, pretrained, **kwargs)
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (model.in_chans, model.img_size, model.img_size)}
     arch = {k: v for k, v in kwargs.items() if k in _ARCH_KWARGS}  # not timm's pretrained_cfg and the like
-    model.vitlab_arch = {**arch, "network_def": [list(e) for e in model.network_def]}  # rebuilds from a checkpoint
+    update_record(model, arch={**arch, "network_def": [list(e) for e in model.network_def]})  # rebuilds from a checkpoint
     return model
 
 

@@ -29,9 +29,9 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, QuickGELU, get_act_layer, trunc_normal_
+from timm.layers import DropPath, Mlp, PatchEmbed, QuickGELU, get_act_layer, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import UserError
 from ..checkpoint import create_model
@@ -323,9 +323,6 @@ def arm_image_vit(image_model: nn.Module | str, num_frames: int = 8, return_list
     their zero init, so the model's logits are the image model's head on the class token averaged over frames
     (every second frame with `temporal_downsample`). `return_list` defaults to the last min(4, depth) blocks, as
     the official B/16 and L/14 configs. `kwargs` go to the UniFormerV2 constructor (e.g. `decoder_heads`)."""
-    from timm.layers import PatchEmbed
-    from timm.models.vision_transformer import VisionTransformer
-
     vit = create_model(image_model) if isinstance(image_model, str) else image_model
     why = None
     if not isinstance(vit, VisionTransformer):

@@ -19,6 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _timm_vit_filter
 
 from ._builder import arch_kwargs
+from ..record import update_record
 from ._glpe import GLPEVisionTransformer
 
 __all__ = ["ConvStem", "vl_vit_fmnist", "vl_test_vit"]
@@ -114,7 +115,7 @@ def _create_hybrid_vit(
         embed_layer=embed_layer,
         **kwargs,
     )
-    model.vitlab_arch = arch  # every constructor kwarg, so checkpoints do not depend on this file's defaults
+    update_record(model, arch=arch)  # every constructor kwarg, so checkpoints do not depend on this file's defaults
     return model
 
 

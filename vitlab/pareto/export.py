@@ -4,7 +4,13 @@ from pathlib import Path
 import torch
 
 from .. import loader
+from ..checkpoint import create_model, load_config, save_checkpoint
+from ..data.transforms import dataset_for_model, resolve_preprocessing
+from ..explain import ExplainError, explain
+from ..explain.plot import plot_explanations
+from ..quant import save_quantized
 from ..techniques import Kind, parse_apply, technique_kind
+from ..utils.io import atomic_dir
 
 __all__ = ["export_point"]
 
@@ -12,8 +18,6 @@ __all__ = ["export_point"]
 def export_point(cfg, row: dict, directory: str | Path) -> Path:
     """Rebuild the point and save it in `directory`, built in a fresh folder that then replaces `directory`: no file
     of an earlier export (a model.onnx of another recommendation) stays beside the new one."""
-    from ..utils.io import atomic_dir
-
     directory = Path(directory)
     with atomic_dir(directory) as fresh:
         _export_into(cfg, row, fresh)
@@ -27,8 +31,6 @@ def _export_into(cfg, row: dict, directory: str | Path) -> Path:
     A quantization technique is saved by `vitlab.quant.save_quantized` (its calibrated scales, and the engine graph
     for deployed int8), calibrated exactly as in the sweep (same images, same seed).
     """
-    from ..checkpoint import create_model, load_config, save_checkpoint
-
     directory = Path(directory)
     configs = parse_apply(row["apply"])
     torch.manual_seed(0)        # as in the sweep, for a model given by name
@@ -43,7 +45,6 @@ def _export_into(cfg, row: dict, directory: str | Path) -> Path:
         return save_checkpoint(model, directory, preprocessing=source_config.get("preprocessing"),
                                data=source_config.get("data"), metrics=metrics,
                                training=source_config.get("training"))
-    from ..quant import save_quantized
 
     result = loader.load(model, configs, calibration=loader.Calibration(cfg.data, "train", cfg.calib_images,
                                                                          cfg.data_dir))
@@ -57,13 +58,6 @@ def explain_point(directory: str | Path, data: str, out: str | Path, *, data_dir
                   images: int = 4) -> tuple[Path, str]:
     """Draw the exported model at `directory` explaining its top-1 class on the first `images` validation images of
     `data`, with the first of EXPLAIN_METHODS that applies to it; returns (the picture, the method)."""
-    import torch
-
-    from ..checkpoint import create_model
-    from ..data.transforms import dataset_for_model, resolve_preprocessing
-    from ..explain import ExplainError, explain
-    from ..explain.plot import plot_explanations
-
     model = create_model(str(directory))
     val = dataset_for_model(model, data, "val", data_dir=data_dir)
     x = torch.stack([val[i][0] for i in range(min(images, len(val)))])         # (B, C, H, W) normalized

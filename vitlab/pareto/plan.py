@@ -12,8 +12,11 @@ Without `--techniques`, `default_stacks` below decides, from the model's token c
 """
 from dataclasses import dataclass
 
+from ..profiling.cpu import cpu_flags_text, has_bf16
+from ..record import record
 from ..techniques import (Kind, TechniqueError, check_stack_order, format_technique, parse_apply, technique_kind,
                           technique_names)
+from .claims import SIMULATED
 
 __all__ = ["Point", "parse_stacks", "default_stacks", "plan_points", "stack_text"]
 
@@ -109,7 +112,7 @@ def default_stacks(model) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]],
         tokens = _token_stacks(model)
     except ImportError:
         notes.append("token reduction unavailable (vitlab.tokens did not import)")
-    if getattr(model, "vitlab_dense", None) is not None:
+    if record(model).dense is not None:
         notes.append("token reduction: no dense head has been checked with reduced tokens (refused by name), no token "
                      "points")
     elif not tokens:
@@ -120,7 +123,6 @@ def default_stacks(model) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]],
     ptq = "ptq" in names
     if not ptq:
         notes.append("ptq (simulated low-bit PTQ) is not available in this install: no W6A6/W4A4 points")
-    from ..profiling.cpu import cpu_flags_text, has_bf16
 
     bf16 = "bf16" in names and has_bf16()
     if "bf16" in names and not bf16:
@@ -150,8 +152,6 @@ def plan_points(source: str, candidates, base_stacks, candidate_stacks) -> list[
 
 def is_simulated(apply) -> bool:
     """Whether a stack ends in simulated (fake-quant) quantization, whose speed is not a deployment speed."""
-    from .claims import SIMULATED
-
     for text in apply:
         cfgs = parse_apply([text])
         if technique_kind(cfgs[0]) == Kind.QUANTIZATION and text.split(":")[0] in SIMULATED:

@@ -19,6 +19,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import create_model
+from ..data import DENSE_KINDS, DataSpec
+from ..data.spec import VIDEO_KINDS
+from ..explain.robustness import robustness
+from ..profiling import environment, num_threads, time_callable
 from ..runner import item_shape
 from ..techniques import TechniqueError
 from ..utils.io import atomic_write_json, atomic_write_text
@@ -199,7 +204,6 @@ def _progress(enabled: bool, total: int, done: int):
 
 def _test_accuracy(cfg: SweepConfig, row: dict) -> dict:
     from ..bench.measure import build_runner, task_accuracy
-    from ..profiling import num_threads
 
     with num_threads(cfg.threads):
         torch.manual_seed(0)
@@ -215,8 +219,6 @@ def _test_accuracy(cfg: SweepConfig, row: dict) -> dict:
 def _robustness(cfg: SweepConfig, row: dict) -> dict:
     """Val top-1 and ECE of the point with ROBUSTNESS_DROP of its patches dropped, on ROBUSTNESS_IMAGES images."""
     from ..bench.measure import build_runner, dataset_for
-    from ..explain.robustness import robustness
-    from ..profiling import num_threads
 
     with num_threads(cfg.threads):
         torch.manual_seed(0)
@@ -231,7 +233,6 @@ def _robustness(cfg: SweepConfig, row: dict) -> dict:
 def _retime(cfg: SweepConfig, row: dict) -> float:
     """The base's throughput measured again now, over the one in its row (how much the machine drifted)."""
     from ..bench.measure import build_runner
-    from ..profiling import num_threads, time_callable
 
     with num_threads(cfg.threads):
         torch.manual_seed(0)
@@ -246,7 +247,6 @@ def _confirm_speed(cfg: SweepConfig, rows: list[dict]) -> str | None:
     keep the median of the rounds as its throughput (the first, single pass moves as `img_per_s_first`). A machine that
     drifts during the sweep then slows all points alike instead of whichever ran at the time. Returns a note."""
     from ..bench.measure import build_runner
-    from ..profiling import num_threads, time_callable
 
     todo = [r for r in rows if r.get("status") == "ok" and not r["simulated"] and "img_per_s_first" not in r]
     if not todo:
@@ -289,8 +289,6 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, log=print, _stop_after
 
 
 def _run_sweep(cfg: SweepConfig, *, progress: bool, log, _stop_after: int | None) -> dict:
-    from ..checkpoint import create_model
-
     if cfg.max_drop_pt < 0:
         raise SweepError(f"--max-drop-pt must be >= 0, got {cfg.max_drop_pt}")
     if cfg.budget_minutes is not None and cfg.budget_minutes <= 0:
@@ -438,9 +436,6 @@ def _run_sweep(cfg: SweepConfig, *, progress: bool, log, _stop_after: int | None
 
 def _is_video_data(data: str) -> bool:
     """Whether `data` holds clips (C, T, H, W) rather than images."""
-    from ..data import DataSpec
-    from ..data.spec import VIDEO_KINDS
-
     spec = DataSpec.parse(data)
     return spec.kind in (*VIDEO_KINDS, "videofolder") or (spec.kind == "synthetic" and spec.option("frames") > 0)
 
@@ -448,7 +443,6 @@ def _is_video_data(data: str) -> bool:
 def _check_task_data(cfg: SweepConfig) -> None:
     """A dense checkpoint is measured on scenes (its task metric), a classifier on images: refuse a mismatch before
     any point is measured."""
-    from ..data import DENSE_KINDS, DataSpec
     from ..dense.engine import is_dense_checkpoint
 
     dense_data = DataSpec.parse(cfg.data).kind in DENSE_KINDS
@@ -463,8 +457,6 @@ def _check_task_data(cfg: SweepConfig) -> None:
 
 
 def _environment(cfg: SweepConfig) -> dict:
-    from ..profiling import environment, num_threads
-
     with num_threads(cfg.threads):
         env = environment()
     return {k: v for k, v in env.items() if isinstance(v, (str, int, float, bool, type(None)))}

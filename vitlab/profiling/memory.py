@@ -16,6 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import timm
+import torch
+
 __all__ = ["peak_memory_mb"]
 
 _DTYPES = ("fp32", "bf16")
@@ -84,7 +87,6 @@ def peak_memory_mb(
 
 def _demo_factory(name: str = "deit_tiny_patch16_224", **kwargs):
     """A timm model in eval mode: `timm.create_model(name, **kwargs).eval()` (for tests and examples)."""
-    import timm
     return timm.create_model(name, **kwargs).eval()
 
 
@@ -122,8 +124,6 @@ def _load_factory(factory: str):
 
 
 def _measure(spec: dict) -> dict:
-    import torch
-
     torch.set_num_threads(spec["threads"])
     import_mb = _status_mb("VmRSS")
     runner = _load_factory(spec["factory"])(**spec.get("factory_kwargs", {}))

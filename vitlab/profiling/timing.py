@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import timm
 import torch
 
 from .._version import __version__ as vitlab_version
@@ -102,14 +103,9 @@ def _cpu_name() -> str:
 
 def environment() -> dict:
     """Versions and hardware a measurement ran on, for storing next to the numbers."""
-    try:
-        import timm
-        timm_version = timm.__version__
-    except ImportError:
-        timm_version = "unknown"
     return {
         "torch": torch.__version__,
-        "timm": timm_version,
+        "timm": timm.__version__,
         "vitlab": vitlab_version,
         "threads": torch.get_num_threads(),
         "allocator": allocator_state(),

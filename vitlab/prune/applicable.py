@@ -8,8 +8,12 @@ model-contract work; see README, "Techniques and models").
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+from timm.layers import Mlp, SwiGLUPacked
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
+from ..checkpoint import CheckpointError, create_model, model_spec
 from ..techniques import TechniqueNotApplicable
 
 __all__ = ["check_prunable"]
@@ -20,9 +24,6 @@ SUPPORTED = ("timm VisionTransformer models built from timm Blocks with Attentio
 
 def check_prunable(model: nn.Module, technique: str = "prune") -> None:
     """Raise `TechniqueNotApplicable` unless `prune` can cut `model` and rebuild it from its name and kwargs."""
-    from timm.layers import Mlp, SwiGLUPacked
-    from timm.models.vision_transformer import Attention, Block, VisionTransformer
-
     def refuse(why: str):
         raise TechniqueNotApplicable(technique, model, f"{why}; it supports {SUPPORTED}")
 
@@ -48,10 +49,6 @@ def check_prunable(model: nn.Module, technique: str = "prune") -> None:
 def _check_rebuild(model: nn.Module, refuse) -> None:
     """The pruned model is rebuilt from `model_spec(model)`: that spec must rebuild this very architecture (a timm
     model built with kwargs vitlab does not know, e.g. another patch size or depth, would come back different)."""
-    import torch
-
-    from ..checkpoint import CheckpointError, create_model, model_spec
-
     try:
         spec = model_spec(model)
     except CheckpointError as e:

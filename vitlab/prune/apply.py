@@ -1,10 +1,10 @@
 """`prune_`: a plain timm ViT pruned in place to a `Prune` plan; and the `prune` technique's handler, which sends a dense
 model to its backbone and any other family with a contract adapter to the dependency graph (vitlab.prune.graph)."""
-import dataclasses
 from typing import Any, Callable
 
 import torch.nn as nn
 
+from ..record import record, update_record
 from ..contract import has_adapter
 from ..techniques import TechniqueNotApplicable, format_technique, register_handler
 from .applicable import check_prunable
@@ -16,21 +16,20 @@ from .structure import keep_channels, keep_indices, model_widths, prune_model_
 __all__ = ["prune_"]
 
 
-def prune_(model: nn.Module, cfg: Prune | None = None, *, calib=None, **kwargs) -> nn.Module:
-    """Prune `model` (a timm VisionTransformer) in place to `cfg`'s target; return it.
+def prune_(model: nn.Module, cfg: Prune | None = None, *, calib=None) -> nn.Module:
+    """Prune `model` (a timm VisionTransformer) in place to `cfg`'s target (default `Prune()`); return it.
 
-    `calib`: image batches (or (images, labels) pairs) for the taylor / hessian / ablation criteria. `kwargs`
-    override `cfg`'s fields (``prune_(model, target_flops=0.5, importance="l1")``). The model afterwards records
-    `vitlab_arch` of a `vl_pruned_vit` and `vitlab_prune` (the plan's summary).
+    `calib`: image batches (or (images, labels) pairs) for the taylor / hessian / ablation criteria. The model
+    afterwards records `vitlab.arch` of a `vl_pruned_vit` and `vitlab.prune` (the plan's summary).
     """
-    cfg = dataclasses.replace(cfg or Prune(), **kwargs)
+    cfg = cfg or Prune()
     removed, summary = plan(model, cfg, calib)
     if removed:
         w = model_widths(model)
         keep_blocks, heads, hidden = keep_indices(w, removed)
         stem, embed = keep_channels(w, removed)
         prune_model_(model, keep_blocks, heads, hidden, stem=stem, embed=embed)
-    model.vitlab_prune = summary
+    update_record(model, prune=summary)
     return model
 
 
@@ -46,7 +45,7 @@ def register_dense_prune(prune: Callable[[nn.Module, Prune, Callable[[nn.Module]
 
 @register_handler(Prune)
 def _apply_prune(model, cfg: Prune, calib=None):
-    if getattr(model, "vitlab_dense", None) is not None:   # a dense model: its backbone (vitlab.dense.apply)
+    if record(model).dense is not None:   # a dense model: its backbone (vitlab.dense.apply)
         return _DENSE["prune"](model, cfg, lambda backbone: _apply_prune(backbone, cfg, calib=calib))
     technique = format_technique(cfg)
     try:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from ..record import record
 from ..checkpoint import create_model, save_checkpoint
 from ..data.calibration import CalibrationError, calibration_batches
 from .. import loader
@@ -50,13 +51,13 @@ def prune_checkpoint(source: str, out: str, cfg, *, data: str | None = None, spl
             raise PruneError(f"--out {out} holds a training run ({', '.join(run)}): a pruned checkpoint there would "
                              "mix with it; choose another --out")
         model = create_model(source)
-        config = getattr(model, "vitlab_checkpoint", {}).get("config", {})
+        config = record(model).config
         hint = ", or use --importance l1 / l2" if isinstance(cfg, Prune) else ""
         model = loader.load(model, [cfg], calibration=None if data is None else (
             lambda m: labelled_calibration(m, data, split, num_images, data_dir=data_dir)),
             missing_data=lambda stack: PruneError(f"{stack} scores with images: give --data SPEC (with --split "
                                                   f"train){hint}"))
-        summary = dict(getattr(model, "vitlab_prune", {}), technique=format_technique(cfg), source=str(source),
+        summary = dict(record(model).prune or {}, technique=format_technique(cfg), source=str(source),
                        data=data, split=split, calib_images=num_images)
         staging = staging_folder(out_dir)
         try:

@@ -42,8 +42,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import efficientvit_msra
 
+from ..checkpoint import CheckpointError, create_model, model_spec
+from ..contract import describe
+from ..models import rmt
+from ..profiling.flops import per_module_macs
+from ..record import record, update_record
+from ..runner import example_shape
 from ..techniques import TechniqueNotApplicable
+from .importance import calib_pairs
 from .plan import model_macs
 
 __all__ = ["GraphUnit", "graph_prune_", "graph_plan", "resized_description", "resize_", "DroppedBlock",
@@ -82,8 +90,6 @@ def _opaque_mixers() -> dict[type, object]:
     for ~45 s per residual-width group on a tiny instance (minutes at full size). Its heads are not units either way
     (the input is chunked by the head count and every head feeds the next, so no head can go exactly): as a 1x1 conv on
     the residual stream it couples nothing, and its block's FFNs prune as usual."""
-    from timm.models import efficientvit_msra
-
     return {efficientvit_msra.CascadedGroupAttention:
             lambda m: (m.qkvs[0].conv.in_channels * len(m.qkvs), m.proj[-1].conv.out_channels)}
 
@@ -140,8 +146,6 @@ class GraphUnit:
 # ------------------------------------------------------------------------------------------------ the graph
 
 def _example(model: nn.Module) -> torch.Tensor:
-    from ..runner import example_shape
-
     return torch.randn(2, *example_shape(model), generator=torch.Generator().manual_seed(0))
 
 
@@ -160,15 +164,11 @@ def _graph(model: nn.Module, x: torch.Tensor):
 def _plain_formulas():
     """Fast paths that hide a layer from a trace run their plain formulas while the graph and the per-module MACs are
     taken: RMT folds its residual depthwise convs into F.conv2d on a computed kernel (the module is never called)."""
-    from ..models import rmt
-
     return rmt.plain_formulas()
 
 
 def _module_macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     """MACs per image of every module (a parent's count includes its children's), attention and SDPA counted."""
-    from ..profiling.flops import per_module_macs
-
     with _plain_formulas():
         return per_module_macs(model, x[:1])[1]
 
@@ -238,8 +238,6 @@ class _Model:
     """The model, its contract, its graph, and per-module MACs."""
 
     def __init__(self, model: nn.Module, technique: str, macs: bool = True):
-        from ..contract import describe
-
         self.model, self.technique = model, technique
         self.spec = describe(model, technique)
         self.x = _example(model)
@@ -474,8 +472,6 @@ def _unit_dot(units: list[GraphUnit], fn, grads: dict | None = None) -> torch.Te
 
 def scores(model: nn.Module, units: list[GraphUnit], criterion: str, calib=None) -> torch.Tensor:
     """One importance per unit, as vitlab.prune.importance defines the criteria (l1, l2, taylor, hessian)."""
-    from .importance import calib_pairs
-
     if criterion == "l1":
         return _unit_dot(units, lambda w, _: w.abs())
     if criterion == "l2":
@@ -643,9 +639,6 @@ def _refuse(g_or_model, technique: str, why: str):
 
 def check_graph_prunable(model: nn.Module, technique: str) -> dict:
     """The model's {"name", "kwargs"} if the graph path can prune it and rebuild the result; else refuse."""
-    from ..checkpoint import CheckpointError, create_model, model_spec
-    from ..contract import describe
-
     family = describe(model, technique).family   # NoAdapter: a TechniqueNotApplicable naming what it supports
     if family in SLOW_GRAPH_FAMILIES:
         _refuse(model, technique, SLOW_GRAPH_FAMILIES[family])
@@ -656,8 +649,8 @@ def check_graph_prunable(model: nn.Module, technique: str) -> dict:
     try:
         with torch.device("meta"):
             base = create_model(spec["name"], **spec["kwargs"])
-        if hasattr(model, "vitlab_resized"):
-            resize_(base, model.vitlab_resized)
+        if record(model).resized:
+            resize_(base, record(model).resized)
     except Exception as e:  # noqa: BLE001 - any failure to rebuild means the same refusal
         _refuse(model, technique, f"it cannot be rebuilt from {spec['name']} with {spec['kwargs']} "
                 f"({type(e).__name__}: {e})")
@@ -683,7 +676,7 @@ def graph_prune_(model: nn.Module, cfg, technique: str, calib=None) -> nn.Module
         _refuse(model, technique, f"counting its MACs fails ({type(e).__name__}: {e})")
     summary = {"importance": cfg.importance, "target": "macs", "before": total, "path": "dependency_graph"}
     if cfg.target_flops >= 1.0:
-        model.vitlab_prune = {**summary, "after": total, "removed": 0}
+        update_record(model, prune={**summary, "after": total, "removed": 0})
         return model
     was_training = model.training
     model.eval()
@@ -716,11 +709,11 @@ def graph_prune_(model: nn.Module, cfg, technique: str, calib=None) -> nn.Module
     masked = _masked(model, g, removed)
     _apply(g, removed)
     _check_same(model, masked, g.x, technique)
-    model.vitlab_resized = resized_description(model, spec)
+    update_record(model, resized=resized_description(model, spec))
     after = model_macs(model)
     model.train(was_training)
-    model.vitlab_prune = {**summary, "after": after, "removed": len(removed),
-                          "units": {k: sum(1 for u in removed if u.kind == k) for k in ("head", "channels", "block")}}
+    update_record(model, prune={**summary, "after": after, "removed": len(removed),
+                                "units": {k: sum(1 for u in removed if u.kind == k) for k in ("head", "channels", "block")}})
     return model
 
 
@@ -760,8 +753,6 @@ def _safe_head_classes(g: _Model, heads: list[GraphUnit]) -> set[type]:
 def resized_description(model: nn.Module, spec: dict) -> dict:
     """What differs from the base model `spec` builds: {"tensors": {name: shape}, "attrs": {module: {attr: value}},
     "dropped": [block names]}: enough to re-shape a freshly built base before its weights load."""
-    from ..checkpoint import create_model
-
     with torch.device("meta"):
         base = create_model(spec["name"], **spec["kwargs"])
     base_mods = dict(base.named_modules())
@@ -792,8 +783,6 @@ def _plain(value) -> bool:
 def resize_(model: nn.Module, description: dict, where: str = "model.resized") -> nn.Module:
     """Re-shape `model` (its base, just built) as `description` says: empty tensors of the saved shapes, the saved
     attributes, dropped blocks. Everything is checked (a config.json is untrusted); the weights are loaded after."""
-    from ..checkpoint import CheckpointError
-
     def bad(what: str):
         raise CheckpointError(f"{where}: {what}; the checkpoint is damaged or was edited by hand")
 
@@ -830,5 +819,5 @@ def resize_(model: nn.Module, description: dict, where: str = "model.resized") -
                     or type(have) is not type(value) or not _plain(value):
                 bad(f"attribute {name}.{key}={value!r} cannot be set (it must exist, with the same plain type)")
             setattr(module, key, value)
-    model.vitlab_resized = description
+    update_record(model, resized=description)
     return model

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .structure import Unit, Widths
+from .structure import Unit, Widths, _BLOCK_EMBED_DIM, _OUTER_EMBED_DIM, stem_layers
 
 __all__ = ["CRITERIA", "unit_scores", "unit_dot", "calib_pairs", "model_unit_slices"]
 
@@ -69,8 +69,6 @@ def model_unit_slices(model: nn.Module, unit: Unit, widths: Widths) -> list[tupl
     """(parameter, index) pairs that make up `unit` in `model`: heads / MLP groups / blocks inside their block; a
     stem group's conv rows, GroupNorm weight and bias and the next conv's (or the patch projection's) input columns;
     an embedding group's slice of every parameter indexed by the residual width."""
-    from .structure import _BLOCK_EMBED_DIM, _OUTER_EMBED_DIM, stem_layers
-
     ch = list(unit.channels)
     if unit.kind == "stem":
         layers = stem_layers(model)

@@ -51,7 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..techniques import Kind, TechniqueError, register_handler, register_technique
+from ..record import update_record
+from ..techniques import Kind, TechniqueError, TechniqueNotApplicable, register_handler, register_technique
 
 __all__ = ["LPViT", "LPViTError", "lpvit_prune_", "prunable_linears", "block_scores", "block_mask",
            "kept_blocks", "distortion", "distortion_curve", "smooth_curve", "derivative", "allocate",
@@ -267,8 +268,6 @@ def prunable_linears(model: nn.Module, layers=LAYERS) -> list[tuple[str, nn.Line
     """(name, module) of the chosen Linear layers of every transformer block (`model.blocks[i].attn/.mlp`)."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        from ..techniques import TechniqueNotApplicable
-
         raise TechniqueNotApplicable("lpvit", model, "it has no `blocks`; lpvit supports models whose `blocks` hold "
                                      "attn.qkv/proj and mlp.fc1/fc2 Linear layers (timm VisionTransformer, vl_* ViTs)")
     out = []
@@ -279,8 +278,6 @@ def prunable_linears(model: nn.Module, layers=LAYERS) -> list[tuple[str, nn.Line
             if isinstance(mod, nn.Linear):
                 out.append((f"blocks.{i}.{'attn' if name in ('qkv', 'proj') else 'mlp'}.{name}", mod))
     if not out:
-        from ..techniques import TechniqueNotApplicable
-
         raise TechniqueNotApplicable("lpvit", model, f"no Linear layers named {'/'.join(layers)} in its `blocks`; "
                                      "lpvit supports models whose `blocks` hold attn.qkv/proj and mlp.fc1/fc2 Linear "
                                      "layers (timm VisionTransformer, vl_* ViTs)")
@@ -334,14 +331,14 @@ def lpvit_prune_(model: nn.Module, cfg: LPViT | None = None, *, calib=None, **kw
     """Zero whole weight blocks of `model`'s block Linear layers by LPViT (in place); return the model.
 
     `calib`: image batches or (images, labels) pairs (needed unless sparsity=0). `kwargs` override `cfg`'s fields.
-    Records `model.vitlab_lpvit`: per-layer pruned fractions, the reached sparsity and beta.
+    Records `model.vitlab.lpvit`: per-layer pruned fractions, the reached sparsity and beta.
     """
     cfg = dataclasses.replace(cfg or LPViT(), **kwargs)
     block = tuple(int(b) for b in cfg.block)
     linears = prunable_linears(model, cfg.layers)
     _check_block(linears, block)
     if cfg.sparsity == 0:
-        model.vitlab_lpvit = {"sparsity": 0.0, "layers": {n: 0.0 for n, _ in linears}}
+        update_record(model, lpvit={"sparsity": 0.0, "layers": {n: 0.0 for n, _ in linears}})
         return model
     if calib is None:
         raise LPViTError("lpvit needs calibration images for its gradients: pass calib= (CLI: vitlab bench/measure "
@@ -366,8 +363,8 @@ def lpvit_prune_(model: nn.Module, cfg: LPViT | None = None, *, calib=None, **kw
         for (_, mod), g, a in zip(linears, grads, chosen):
             scores = block_scores(mod.weight.detach(), g, block, cfg.ranking)   # float64, as in the curve
             mod.weight.mul_(block_mask(scores, a, block).to(mod.weight.dtype))
-    model.vitlab_lpvit = {"sparsity": _reached(chosen, n_blocks, sizes), "target": cfg.sparsity, "beta": beta,
-                          "layers": {n: a for (n, _), a in zip(linears, chosen)}}
+    update_record(model, lpvit={"sparsity": _reached(chosen, n_blocks, sizes), "target": cfg.sparsity, "beta": beta,
+                                "layers": {n: a for (n, _), a in zip(linears, chosen)}})
     return model
 
 

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..models.pruned_vit import block_widths
+from ..record import record, update_record
+from ..models.pruned_vit import block_widths, vl_pruned_vit
+from ..checkpoint import model_spec
+from ..models.vit_fmnist import ConvStem
 
 __all__ = ["Unit", "Widths", "model_widths", "block_macs", "block_params", "units", "keep_indices", "keep_channels",
            "remove_unit", "stem_macs", "variable_macs", "variable_params", "stem_layers", "prune_model_"]
@@ -68,8 +71,6 @@ class Widths:
 
 def stem_layers(model: nn.Module) -> list[tuple[nn.Conv2d, nn.GroupNorm]]:
     """(conv, norm) pairs of a vitlab ConvStem feeding the patch projection; [] for any other patch embedding."""
-    from ..models.vit_fmnist import ConvStem
-
     backbone = getattr(model.patch_embed, "backbone", None)
     if not isinstance(backbone, ConvStem):
         return []
@@ -309,11 +310,8 @@ def prune_model_(model: nn.Module, keep_blocks: list[int], heads: dict[int, list
     The sliced weights are loaded (strictly) into a `vl_pruned_vit` built from the new config alone, whose modules
     then replace `model`'s: so the pruned model is, by construction, what `create_model(DIR)` rebuilds after
     `save_checkpoint`. `stem`: kept channels per ConvStem layer (whole GroupNorm groups); `embed`: kept embedding
-    channels. Afterwards `model.vitlab_arch` describes the `vl_pruned_vit`.
+    channels. Afterwards `model.vitlab.arch` describes the `vl_pruned_vit`.
     """
-    from ..checkpoint import SPEC_ATTR, model_spec
-    from ..models.pruned_vit import vl_pruned_vit
-
     spec = model_spec(model)
     if spec["name"] == "vl_pruned_vit":
         base, base_kwargs = spec["kwargs"]["base"], dict(spec["kwargs"]["base_kwargs"])
@@ -341,9 +339,8 @@ def prune_model_(model: nn.Module, keep_blocks: list[int], heads: dict[int, list
     new.load_state_dict(state, strict=True)
     ref = next(model.parameters())
     new.to(device=ref.device, dtype=ref.dtype).train(model.training)
-    keep = {k: v for k, v in vars(model).items() if k.startswith("vitlab_") and k not in ("vitlab_arch", SPEC_ATTR)}
+    kept = record(model)              # e.g. its checkpoint (the source's preprocessing)
     model.__dict__.clear()
     model.__dict__.update(vars(new))  # same object for callers; its modules are the rebuilt model's
-    model.__dict__.update(keep)       # e.g. vitlab_checkpoint (the source's preprocessing)
-    setattr(model, SPEC_ATTR, {"name": "vl_pruned_vit", "kwargs": {}})
+    update_record(model, **{**vars(kept), "arch": record(new).arch, "spec": {"name": "vl_pruned_vit", "kwargs": {}}})
     return model

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 import abc
+import importlib
 import inspect
 import math
 from typing import Any, Callable, ClassVar
@@ -258,8 +259,6 @@ def quantizer_names() -> list[str]:
 
 
 def _load_builtin_quantizers() -> None:
-    import importlib
-
     for module in ("vitlab.quant.logquant", "vitlab.quant.twin"):
         try:
             importlib.import_module(module)

@@ -1,7 +1,9 @@
-"""The two steps of post-training quantization as verbs: `quantize_` puts fake quantizers (mode "off") at every
-site a `PTQ` config asks for, `calibrate` observes images, finalizes every quantizer and switches them on.
+"""Post-training quantization as verbs: `quantize_` quantizes a model in one call; its two steps are `prepare_`,
+which puts fake quantizers (mode "off") at every site a `PTQ` config asks for, and `calibrate`, which observes
+images, finalizes every quantizer and switches them on.
 
-    vitlab.quantize_(model, PTQ(w=6, a=6, quantizer="percentile"))   # quantizers at every site, mode "off"
+    vitlab.quantize_(model, PTQ(w=6, a=6, quantizer="percentile"), calib=calib_batches)   # quantized, in place
+    prepare_(model, PTQ(w=6, a=6))                                   # or in two steps: quantizers, mode "off"
     vitlab.calibrate(model, calib_batches, num_images=256)           # observe, finalize, switch to "quant"
 """
 from __future__ import annotations
@@ -11,12 +13,13 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from ..record import update_record
 from ..techniques import TechniqueError
 from .configs import PTQ
 from .coverage import settle_
 from .sim import is_quantized, quant_layers, quantizers, set_quant_mode, wrap_model
 
-__all__ = ["CalibrationError", "quantize_", "calibrate", "quant_mac_fraction_of"]
+__all__ = ["CalibrationError", "prepare_", "quantize_", "calibrate", "quant_mac_fraction_of"]
 
 
 class CalibrationError(TechniqueError):
@@ -34,7 +37,18 @@ def quant_mac_fraction_of(model_or_runner) -> float | None:
     return None
 
 
-def quantize_(model: nn.Module, cfg: PTQ | None = None, *, example: torch.Tensor | None = None) -> nn.Module:
+def quantize_(model: nn.Module, cfg: PTQ | None = None, *, calib: Any, num_images: int | None = None,
+              example: torch.Tensor | None = None) -> nn.Module:
+    """Quantize `model` in place with `cfg` (default `PTQ()`): `prepare_` it, then `calibrate` it on `calib` (image
+    batches, preprocessed for the model; up to `num_images` of them). Returns the model, computing in the quantized
+    form. For an int8 engine instead of simulated quantization, `vitlab.deploy(model, W8A8(), calib=...)`."""
+    if calib is None:
+        raise CalibrationError("quantize_ calibrates on images: pass calib=[image batches] (preprocessed for the "
+                               "model); to insert the quantizers alone, vitlab.quant.prepare_(model, cfg)")
+    return calibrate(prepare_(model, cfg, example=example), calib, num_images=num_images)
+
+
+def prepare_(model: nn.Module, cfg: PTQ | None = None, *, example: torch.Tensor | None = None) -> nn.Module:
     """Put fake quantizers at every site `cfg` (default `PTQ()`) asks for, in place, in mode "off" (the model
     still computes exactly what it did); then `calibrate` it. Returns the model, with `model.quant_mac_fraction`
     (the share of its MACs, stem and head excluded, that quantized ops run: `vitlab.quant.coverage`), counted on
@@ -42,10 +56,10 @@ def quantize_(model: nn.Module, cfg: PTQ | None = None, *, example: torch.Tensor
     cfg = PTQ() if cfg is None else cfg
     if not isinstance(cfg, PTQ):
         raise TechniqueError(f"quantize_ takes a PTQ config, got {type(cfg).__name__}; deploy with "
-                             "vitlab.apply_(model, W8A8(), calib=...)")
+                             "vitlab.deploy(model, W8A8(), calib=...)")
     wrap_model(model, cfg)
     settle_(model, example)
-    model.vitlab_quant_config = cfg
+    update_record(model, quant_config=cfg)
     return model
 
 
@@ -66,7 +80,8 @@ def calibrate(model: nn.Module, loader_or_batches: Any, num_images: int | None =
     Refuses a model without quantizers, an empty image source, and a quantizer that observed nothing.
     """
     if not is_quantized(model):
-        raise CalibrationError("calibrate: the model has no quantizers; call vitlab.quantize_(model, PTQ(...)) first")
+        raise CalibrationError("calibrate: the model has no quantizers; call vitlab.quant.prepare_(model, PTQ(...)) "
+                               "first (or quantize in one call: vitlab.quantize_(model, PTQ(...), calib=...))")
     if loader_or_batches is None:
         raise CalibrationError("calibration needs images: pass --data SPEC (calibration images come from its "
                                "--calib-split, default train) or calib=[image batches]")
@@ -105,5 +120,5 @@ def calibrate(model: nn.Module, loader_or_batches: Any, num_images: int | None =
     for name, q in sorted(named, key=lambda item: bool(getattr(item[1], "finalize_last", False))):
         q.finalize()
     set_quant_mode(model, "quant")
-    model.vitlab_calibration = {"images": seen}
+    update_record(model, calibration={"images": seen})
     return model

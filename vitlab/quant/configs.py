@@ -64,7 +64,7 @@ class PTQ:
             raise ValueError(f"bits={self.bits} (average bit budget) must be in 2..16")
 
 
-@register_technique("w8a8", Kind.QUANTIZATION, needs_calibration=True)
+@register_technique("w8a8", Kind.QUANTIZATION, needs_calibration=True, deploys=True)
 @dataclass(frozen=True)
 class W8A8:
     """Real int8 inference of weights and activations on a CPU engine; the result is a runner, not a module.
@@ -105,7 +105,7 @@ class W8A8:
         return PTQ(w=8, a=8, quantizer=self.quantizer, attn=self.attn, post_gelu=True, act_quantizer=self.quantizer,
                    qkv_symmetric=True)
 
-@register_technique("w8", Kind.QUANTIZATION)
+@register_technique("w8", Kind.QUANTIZATION, deploys=True)
 @dataclass(frozen=True)
 class W8:
     """Weight-only int8 on a CPU engine (per-output-channel symmetric weights, activations in f32); a runner."""
@@ -119,7 +119,7 @@ class W8:
         return PTQ(w=8, a=8, quantizer="minmax", attn=False, post_gelu=False, act_quantizer="minmax")
 
 
-@register_technique("bf16", Kind.QUANTIZATION, reapply_on_load=True)
+@register_technique("bf16", Kind.QUANTIZATION, reapply_on_load=True, deploys=True)
 @dataclass(frozen=True)
 class BF16:
     """bf16 inference on a CPU with native bf16 (AVX512_BF16 or AMX); weights and activations in bfloat16.

@@ -13,14 +13,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..profiling.flops import per_module_macs
+from ..runner import example_shape
+from .sim import (QuantAttentionOps, _QuantWeight, float_layer_names, quant_layers, quantizes_attention_matmuls,
+                  unwrap_uncalled_)
+
 __all__ = ["module_macs", "quant_mac_fraction", "settle_"]
 
 
 def module_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, dict[str, int]]:
     """(total MACs, {module name: MACs of its calls, children included}) of `model(example)` in eval mode; a
     module that ran no counted op is absent."""
-    from ..profiling.flops import per_module_macs
-
     was_training = model.training
     model.eval()
     try:
@@ -47,8 +50,6 @@ def _own_macs(name: str, module: nn.Module, macs: dict[str, int]) -> int:
 def quant_mac_fraction(model: nn.Module, total: int, macs: dict[str, int]) -> float | None:
     """Quantized MACs / all MACs of a wrapped model, stem and head excluded (`module_macs` gives total, macs);
     None for a model whose MACs are all in its stem and head."""
-    from .sim import QuantAttentionOps, _QuantWeight, float_layer_names, quantizes_attention_matmuls
-
     stem, head = float_layer_names(model)
     modules = dict(model.named_modules())
     counted = total - sum(_macs_of(n, modules[n], macs) for n in stem + head)
@@ -70,9 +71,6 @@ def settle_(model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
     Without an example, a model whose input size is unknown, or whose forward refuses the size its config names (a model
     built for another img_size that does not say so), keeps its layers, gets no attention call sites and a
     quant_mac_fraction of None."""
-    from ..runner import example_shape
-    from .sim import QuantAttentionOps, quant_layers, unwrap_uncalled_
-
     guessed = example is None
     try:
         if guessed:

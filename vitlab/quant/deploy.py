@@ -20,6 +20,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import shutil
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,8 +31,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..runner import example_shape, model_input_size
-from ..techniques import TechniqueError, applied_techniques
+from ..errors import UserError
+from ..profiling.cpu import cpu_flags_text, cpu_name, has_bf16
+from ..record import update_record
+from ..runner import TorchRunner, example_shape, model_input_size
+from ..techniques import TechniqueError, TechniqueNotApplicable, applied_techniques, format_technique
+from ..utils.io import atomic_path
+from .calibration import calibrate, prepare_
+from .engine_choice import EngineFailure, choose_engine, installed_engines
+from .sim import quant_layers
 
 __all__ = ["OpenVINORunner", "OnnxRuntimeRunner", "to_onnx", "deploy_w8a8", "deploy_w8", "deploy_bf16", "to_openvino", "compile_openvino", "fake_quant_ranges",
            "weight_scales", "ov_config", "int8_weight_form"]
@@ -64,8 +74,6 @@ def int8_weight_form(model: nn.Module) -> Iterator[nn.Module]:
     OpenVINO's compressed-weight pattern Constant(i8) -> Convert -> Multiply, which it keeps (a folded
     fake-quantized f32 weight would lose the scales) and runs as the i8 operand of its int8 kernels (FullyConnected,
     Convolution, GroupConvolution)."""
-    from .sim import quant_layers
-
     layers = [m for _, m in quant_layers(model) if m.weight_quant.mode == "quant"]
     try:
         for m in layers:
@@ -142,9 +150,6 @@ def weight_scales(ov_model) -> dict[str, dict]:
 def save_ir(ov_model, directory: str | Path, name: str = "model") -> Path:
     """Save an OpenVINO model as `directory/name.xml` + `.bin` without fp16 compression; the files appear only
     when both are complete (written in a temporary folder beside them, then renamed, .bin first)."""
-    import shutil
-    import tempfile
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=directory))
@@ -263,8 +268,6 @@ class OnnxRuntimeRunner:
 
     def save(self, directory: str | Path, name: str = "model") -> Path:
         """Write the ONNX graph this runner runs into `directory` as `name.onnx`."""
-        from ..utils.io import atomic_path
-
         path = Path(directory) / f"{name}.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
@@ -278,10 +281,6 @@ class OnnxRuntimeRunner:
 def to_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
     """Export `model` (float or simulated-quantized: its fake-quant ops become QuantizeLinear / DequantizeLinear with
     vitlab's scales and zero points) to ONNX with a dynamic batch dimension."""
-    import warnings
-
-    from ..utils.io import atomic_path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp:
@@ -301,8 +300,6 @@ def _example(model: nn.Module, calib: list[torch.Tensor] | None) -> torch.Tensor
 def _ort_runner(sim: nn.Module, float_module: nn.Module, techniques: tuple, threads: int | None,
                 example: torch.Tensor) -> "OnnxRuntimeRunner":
     """The calibrated twin exported as QDQ ONNX and run by ONNX Runtime."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="vitlab-ort-") as tmp:
         graph = to_onnx(sim, example, Path(tmp) / "model.onnx").read_bytes()
     return OnnxRuntimeRunner(graph, float_module, techniques, "onnxruntime-int8", threads, sim)
@@ -312,9 +309,6 @@ def deploy_w8a8(model: nn.Module, cfg, calib: list[torch.Tensor]):
     """The w8a8 handler: calibrate (vitlab or NNCF), convert, compile; returns an OnnxRuntimeRunner or an
     OpenVINORunner. `engine=auto` builds both from the same calibrated twin and keeps the one that is faster here
     (`vitlab.quant.engine_choice`; the runner's `engine_choice` says how it was chosen)."""
-    from ..techniques import format_technique
-    from . import calibrate, quantize_
-
     stack = applied_techniques(model)
     techniques = stack + (cfg,)
     float_module = copy.deepcopy(model).eval()
@@ -334,7 +328,8 @@ def deploy_w8a8(model: nn.Module, cfg, calib: list[torch.Tensor]):
         runner = OpenVINORunner(ov_model, float_module, techniques, "openvino-int8", cfg.threads, None)
         _check_conversion(runner, float_module, calib[0][:16], "w8a8")
         return runner
-    quantize_(model, cfg.ptq(), example=example)
+    model = copy.deepcopy(float_module)   # the calibrated twin: the caller's model stays as it was
+    prepare_(model, cfg.ptq(), example=example)
     calibrate(model, calib)
     check = calib[0][:16]
     builders = {
@@ -353,9 +348,6 @@ def _checked(build, reference: nn.Module, images: torch.Tensor, name: str, twin:
     (`twin`: `reference` is the calibrated twin the engine must reproduce, see `_check_conversion`); an engine that
     cannot convert or run the model raises EngineFailure with its reason (a vitlab user error, e.g. a conversion
     that computes something else, passes through)."""
-    from ..errors import UserError
-    from .engine_choice import EngineFailure
-
     def builder():
         try:
             runner = build()
@@ -381,9 +373,6 @@ def _run_builders(builders: dict, cfg, model: nn.Module, input_shape: tuple, def
                   engines: tuple, kind: str = "int8"):
     """Build the named engine, or for engine=auto the fastest installed one (`choose_engine`); an engine that
     cannot run the model ends in TechniqueNotApplicable naming the engine and its reason."""
-    from ..techniques import TechniqueNotApplicable, format_technique
-    from .engine_choice import EngineFailure, choose_engine, installed_engines
-
     try:
         if cfg.engine != "auto":
             return builders[cfg.engine]()
@@ -427,8 +416,6 @@ def _check_conversion(runner: OpenVINORunner, reference: nn.Module, images: torc
         runner.close()
         stack = " + ".join(type(t).__name__ for t in runner.techniques)
         if twin:
-            from ..profiling.cpu import cpu_flags_text
-
             raise TechniqueError(
                 f"{name}: {runner.engine} computes something else than the calibrated model it was given ({stack}; "
                 f"finite: {finite}, relative logit error {rel:.2f} against the simulated twin, above "
@@ -445,10 +432,6 @@ def _check_conversion(runner: OpenVINORunner, reference: nn.Module, images: torc
 def deploy_w8(model: nn.Module, cfg) -> OpenVINORunner:
     """The w8 handler: int8 weights with vitlab's per-channel symmetric min-max scales (computed from the weights,
     no images needed), f32 activations; OpenVINO runs the compressed-weight form."""
-    from ..techniques import TechniqueNotApplicable, format_technique
-    from . import quantize_
-    from .sim import quant_layers
-
     try:
         model_input_size(model)
     except ValueError as e:   # no calibration images to take the size from: the model must know it
@@ -457,7 +440,8 @@ def deploy_w8(model: nn.Module, cfg) -> OpenVINORunner:
                                      "patch_embed.img_size)") from None
     stack = applied_techniques(model)
     float_module = copy.deepcopy(model).eval()
-    quantize_(model, cfg.ptq())
+    model = copy.deepcopy(float_module)   # the weight-quantized twin: the caller's model stays as it was
+    prepare_(model, cfg.ptq())
     for _, m in quant_layers(model):
         m.weight_quant.observe(m.weight)
         m.weight_quant.finalize()
@@ -472,10 +456,6 @@ def deploy_w8(model: nn.Module, cfg) -> OpenVINORunner:
 def deploy_bf16(model: nn.Module, cfg):
     """The bf16 handler: refuse a CPU without native bf16; else a torch autocast runner or an OpenVINO bf16 runner
     (`engine=auto`: the faster here, `vitlab.quant.engine_choice`)."""
-    from ..profiling.cpu import cpu_flags_text, cpu_name, has_bf16
-    from ..runner import TorchRunner
-    from ..techniques import format_technique
-
     if not isinstance(model, nn.Module):
         raise TechniqueError(f"bf16 deploys a PyTorch model; got {type(model).__name__} (apply bf16 instead of, not "
                              "after, another deployment)")
@@ -491,7 +471,7 @@ def deploy_bf16(model: nn.Module, cfg):
 
     def torch_runner():
         module = copy.deepcopy(float_module)
-        module.vitlab_techniques = techniques
+        update_record(module, techniques=techniques)
         return TorchRunner(module, dtype="bf16", engine="torch-bf16")
 
     check = torch.randn(8, *example_shape(float_module), generator=torch.Generator().manual_seed(0))

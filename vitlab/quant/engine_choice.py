@@ -24,12 +24,14 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from ..profiling.cpu import cpu_flags_text, cpu_name, has_amx, has_vnni
+from ..utils.io import atomic_write_json
 
 __all__ = ["EngineChoice", "EngineFailure", "engine_trial", "trial_settings", "choose_engine", "isa_rule", "installed_engines",
            "model_signature", "cache_path"]
@@ -139,8 +141,6 @@ def cache_path() -> Path:
 
 
 def _versions(engines: list[str]) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = []
     for e in engines:
         try:
@@ -164,8 +164,6 @@ def _read_cache() -> dict:
 
 
 def _write_cache(key: str, entry: dict) -> None:
-    from ..utils.io import atomic_write_json
-
     cache = _read_cache()
     cache[key] = entry
     try:

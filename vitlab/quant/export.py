@@ -15,15 +15,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..record import update_record
 from ..checkpoint import (CheckpointError, _build_from_config, _read_state_dict, check_state_dict, checkpoint_file,
                           create_model, load_config, model_spec, refuse_out_over_source, register_format,
                           save_checkpoint, techniques_from_config)
 from ..errors import UserError, one_line
 from ..runner import example_shape
 from .. import loader
-from ..techniques import Kind, TechniqueError, apply_, parse_apply, reapply_on_load, technique_kind
+from ..techniques import Kind, TechniqueError, apply_stack, parse_apply, reapply_on_load, technique_kind
 from ..utils.io import atomic_write_json
-from .calibration import quantize_
+from .calibration import prepare_
 from .configs import BF16, PTQ
 from .deploy import OnnxRuntimeRunner, OpenVINORunner, _ov, save_ir, to_onnx, to_openvino
 from .sim import is_quantized, quantizers
@@ -50,13 +51,13 @@ def save_quantized(model_or_runner: Any, directory: str | Path, **checkpoint_kwa
     if stack and isinstance(stack[-1], BF16):
         # bf16 has no state of its own: the float weights, with bf16 in the stack, re-deployed when they load
         module = getattr(model_or_runner, "float_module", None) or model_or_runner.module
-        object.__setattr__(module, "vitlab_techniques", stack)
+        update_record(module, techniques=stack)
         return save_checkpoint(module, directory, **checkpoint_kwargs)
     if isinstance(model_or_runner, (OpenVINORunner, OnnxRuntimeRunner)):
         runner = model_or_runner
         module = runner.sim_module if runner.sim_module is not None else runner.float_module
         spec = model_spec(runner.float_module)
-        object.__setattr__(module, "vitlab_techniques", tuple(runner.techniques))
+        update_record(module, techniques=tuple(runner.techniques))
         save_checkpoint(module, directory, model_name=spec["name"], model_kwargs=spec["kwargs"], **checkpoint_kwargs)
         graph = runner.save(directory, Path(IR).stem).name  # model.xml (OpenVINO) or model.onnx (ONNX Runtime)
         kind = "onnxruntime" if isinstance(runner, OnnxRuntimeRunner) else "openvino"
@@ -94,7 +95,7 @@ def load_quantized(directory: str | Path, **kwargs):
 
     def build() -> nn.Module:  # the float model with the techniques that re-apply on load (token reduction)
         m = _build_from_config(directory, config, kwargs).eval()
-        return apply_(m, [t for t in stack if reapply_on_load(t)])
+        return apply_stack(m, [t for t in stack if reapply_on_load(t)])
 
     model = build()
     quant_cfg = stack[-1] if stack else None
@@ -123,7 +124,7 @@ def load_quantized(directory: str | Path, **kwargs):
         except (TypeError, ValueError):
             raise CheckpointError(f"{config_path}: \"quantization.input_size\" is {size!r}, not (C, H, W); the "
                                   "checkpoint is damaged: re-create it with vitlab quantize") from None
-        quantize_(model, twin_cfg, example=example)
+        prepare_(model, twin_cfg, example=example)
         try:
             bits = section.get("bits", {})
             for name, q in quantizers(model):
@@ -143,11 +144,10 @@ def load_quantized(directory: str | Path, **kwargs):
                 q.set_mode(modes.get(name, "quant"))
         except UserError as e:
             raise CheckpointError(f"{config_path}: \"quantization.modes\": {one_line(e)}") from None
-        object.__setattr__(model, "vitlab_techniques", stack)
-        model.vitlab_checkpoint = {"path": str(directory), "config": config}
+        update_record(model, techniques=stack, checkpoint={"path": str(directory), "config": config})
         sim = model
         model = float_model
-    model.vitlab_checkpoint = {"path": str(directory), "config": config}
+    update_record(model, checkpoint={"path": str(directory), "config": config})
     if kind == "simulated":
         return sim
     threads = getattr(quant_cfg, "threads", None)

@@ -14,9 +14,11 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
+from ..record import record
 from ..runner import example_shape
-from ..techniques import TechniqueError, TechniqueNotApplicable, format_technique, register_handler
-from .calibration import CalibrationError, calibrate, quantize_
+from ..techniques import TechniqueNotApplicable, format_technique, register_handler
+from . import mptq
+from .calibration import CalibrationError, calibrate, prepare_
 from .configs import BF16, PTQ, W8, W8A8
 from .deploy import deploy_bf16, deploy_w8, deploy_w8a8
 
@@ -25,17 +27,6 @@ def _require_calib(cfg: Any, calib: Any) -> None:
     if calib is None:
         raise CalibrationError(f"{format_technique(cfg)} calibrates on images: pass --data SPEC (calibration images, "
                                "from --calib-split train or val) or apply_(..., calib=[image batches])")
-
-
-def _mptq():
-    try:
-        from . import mptq
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.mptq":
-            raise
-        raise TechniqueError("ptq: bits= (mixed precision) and smooth= need vitlab.quant.mptq, which this vitlab "
-                             "does not have") from None
-    return mptq
 
 
 @contextlib.contextmanager
@@ -71,7 +62,7 @@ def register_dense_deploy(deploy: Callable[[nn.Module, Callable[[nn.Module], Any
 
 def _dense(model: Any) -> bool:
     """Whether `model` is a dense-prediction model (its forward returns a dict: vitlab.dense)."""
-    return isinstance(model, nn.Module) and getattr(model, "vitlab_dense", None) is not None
+    return isinstance(model, nn.Module) and record(model).dense is not None
 
 
 @register_handler(PTQ)
@@ -80,12 +71,12 @@ def _apply_ptq(model: nn.Module, cfg: PTQ, calib=None) -> nn.Module:
     _require_calib(cfg, calib)
     calib = list(calib)
     with _named(cfg):
-        quantize_(model, cfg, example=calib[0][:1])
+        prepare_(model, cfg, example=calib[0][:1])
     if cfg.smooth:
-        _mptq().smooth_(model, calib, cfg)
+        mptq.smooth_(model, calib, cfg)
     calibrate(model, calib)
     if cfg.bits is not None:
-        _mptq().allocate_bits(model, calib, cfg)
+        mptq.allocate_bits(model, calib, cfg)
     return model
 
 

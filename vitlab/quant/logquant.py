@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Quantizer, QuantizerError, register_quantizer
+from .sim import quant_linears
 
 __all__ = [
     "ADALOG_R", "GELU_SHIFT", "log2_quantize", "adalog_quantize", "adalog_table", "search_adalog_base",
@@ -494,8 +495,6 @@ def reparameterize_post_gelu_(model: nn.Module) -> nn.Module:
     (AdaLog / log2 at post_gelu) gets -W_q @ (shift 1) in its bias (W_q: its fake-quantized weight, what it computes
     with), and the quantizer then emits the non-negative Q(x + shift). The outputs do not change. Returns `model`.
     """
-    from .sim import quant_linears
-
     for _, layer in quant_linears(model):
         quantizer = layer.input_quant
         if not isinstance(quantizer, _LogBase) or bool(quantizer.bias_reparameterized) or float(quantizer.shift) == 0:

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..record import update_record
 from .base import QuantizerError
 from .sim import QuantLinear, quant_linears, quantizers
 
@@ -114,7 +115,7 @@ def smooth_(model: nn.Module, calib: Iterable[Tensor], cfg: Any, *, grid: Sequen
     """SQ-b on every LayerNorm -> Linear pair, alpha searched per layer; in place, float function unchanged.
 
     Call before calibration (quantizers "off"); `cfg.w` / `cfg.a` are the bit widths the search scores at.
-    Records {layer: alpha} in `model.vitlab_smoothing`.
+    Records {layer: alpha} in `model.vitlab.smoothing`.
     """
     if any(q.mode != "off" for _, q in quantizers(model)):
         raise QuantizerError("smooth_ runs before calibration (quantizers in mode 'off'): it changes the weights "
@@ -147,7 +148,7 @@ def smooth_(model: nn.Module, calib: Iterable[Tensor], cfg: Any, *, grid: Sequen
         shift, scale = sqb_factors(x_min, x_max, linear.weight.float(), alpha)
         smooth_pair_(norm, linear, shift.to(linear.weight.dtype), scale.to(linear.weight.dtype))
         chosen[name] = alpha
-    model.vitlab_smoothing = chosen
+    update_record(model, smoothing=chosen)
     return model
 
 
@@ -220,7 +221,7 @@ def allocate_bits(model: nn.Module, calib: Iterable[Tensor], cfg: Any, *, choice
     """MPTQ's Greedy MP on a calibrated model: per-layer bits from `choices` under the average budget `cfg.bits`.
 
     Each QuantLinear's weight and input quantizers get the layer's bits and are re-finalized on their kept
-    observations. Returns {layer name: bits} and records it as `model.vitlab_bit_allocation`.
+    observations. Returns {layer name: bits} and records it as `model.vitlab.bit_allocation`.
     """
     if cfg.bits is None:
         raise ValueError("allocate_bits needs an average bit budget: ptq:bits=5.5 (for example)")
@@ -262,6 +263,5 @@ def allocate_bits(model: nn.Module, calib: Iterable[Tensor], cfg: Any, *, choice
             states.use(name, b)
     finally:
         model.train(was_training)
-    model.vitlab_bit_allocation = allocation
-    model.vitlab_bit_sensitivity = sensitivity
+    update_record(model, bit_allocation=allocation, bit_sensitivity=sensitivity)
     return allocation

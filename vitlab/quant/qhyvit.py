@@ -49,8 +49,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import PTQ, calibrate, prepare_
+from ..contract import ATTENTION_KINDS, describe
+from ..record import update_record
 from ..techniques import Kind, TechniqueNotApplicable, format_technique, register_handler, register_technique
 from .base import MinMaxQuantizer, Quantizer
+from .handlers import _named, _require_calib
 from .logquant import Log2Quantizer, log2_quantize
 from .sim import QuantConv2d, QuantLinear, quant_layers, quantizers
 
@@ -184,8 +188,6 @@ def bridge_blocks(model: nn.Module, technique: str = "qhyvit") -> list:
     """The contract blocks (`vitlab.contract.BlockSpec`) where the model turns from convolutions to attention: an
     attention block whose input is an NCHW map, or whose previous block has no attention mixer. Refuses (with what
     it supports) a model without any."""
-    from ..contract import ATTENTION_KINDS, describe
-
     spec = describe(model, technique)
     found, previous_attention = [], None
     for block in spec.blocks:
@@ -324,12 +326,10 @@ def qhyvit_(model: nn.Module, cfg: QHyViT, calib: list[Tensor]) -> nn.Module:
     """Apply Q-HyViT to a float model in place (steps 1-5 of the module docstring); returns the model, with
     `quant_mac_fraction` and `qhyvit_report` (bridge blocks and their output MSE with min-max / after
     reconstruction, the scheme counts, the zero-point overflows avoided)."""
-    from . import PTQ, calibrate, quantize_
-
     name = format_technique(cfg)
     bridges = [b.name for b in bridge_blocks(model, name)]
     base = PTQ(w=cfg.w, a=cfg.a, quantizer="minmax", weight_quantizer="mse", act_quantizer="minmax")
-    quantize_(model, base, example=calib[0][:1])
+    prepare_(model, base, example=calib[0][:1])
     calibrate(model, calib)
     images = torch.cat(calib)[:cfg.search_images]
     acts = _activation_quantizers(model)
@@ -363,7 +363,7 @@ def qhyvit_(model: nn.Module, cfg: QHyViT, calib: list[Tensor]) -> nn.Module:
             args, kwargs, _ = quant_io[b]
             recon[b] = reconstruct_block_(model, b, names, options, inputs, args, kwargs,
                                           _first(float_io[b][2]), cfg.a, cfg.rounds)
-    model.vitlab_quant_config = base
+    update_record(model, quant_config=base)
     model.qhyvit_report = {"bridge_blocks": bridges, "block_mse": recon, "schemes": schemes,
                            "zero_point_overflow": overflow}
     return model
@@ -371,8 +371,6 @@ def qhyvit_(model: nn.Module, cfg: QHyViT, calib: list[Tensor]) -> nn.Module:
 
 @register_handler(QHyViT)
 def _apply_qhyvit(model: nn.Module, cfg: QHyViT, calib=None) -> nn.Module:
-    from .handlers import _named, _require_calib
-
     _require_calib(cfg, calib)
     with _named(cfg):
         return qhyvit_(model, cfg, list(calib))

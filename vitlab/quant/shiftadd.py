@@ -37,7 +37,9 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.vision_transformer import Attention
 
+from ..contract import describe
 from ..recipes import Recipe, Step, register_recipe
 from ..techniques import Kind, TechniqueNotApplicable, format_technique, register_handler, register_technique
 
@@ -283,15 +285,11 @@ def _binary_class(base: type) -> type:
 # ----------------------------------------------------------------------------------------------- apply
 
 def _timm_attention_class() -> type:
-    from timm.models.vision_transformer import Attention
-
     return Attention
 
 
 def shiftadd_(model: nn.Module, cfg: ShiftAdd) -> nn.Module:
     """Reparameterize `model` in place as `cfg` says (through the model contract); returns it."""
-    from ..contract import describe
-
     text = format_technique(cfg)
     spec = describe(model, text)
     attention_cls = _timm_attention_class()

@@ -44,6 +44,7 @@ from timm.models.swin_transformer_v2 import WindowAttention as SwinV2WindowAtten
 
 from ..attention import (ATTN_SITES, AttentionSeam, SeamAttention, attention_ops_quantized, in_seam,
                          quantized_attention_scope, to_seam_)
+from ..contract import ATTENTION_KINDS, describe
 from ..techniques import TechniqueNotApplicable
 from .base import Quantizer, QuantizerError, make_quantizer
 
@@ -380,10 +381,8 @@ def _names(value) -> tuple[str, ...]:
 def _spec(model: nn.Module):
     """The model contract's description of `model`, or None (no contract, or no adapter for this model)."""
     try:
-        from ..contract import describe
-
         return describe(model)
-    except (ImportError, TechniqueNotApplicable):
+    except TechniqueNotApplicable:
         return None
 
 
@@ -405,8 +404,6 @@ def float_layer_names(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...
 def _contract_attention(model: nn.Module) -> set[int]:
     """ids of the modules the contract names as attention mixers (ConViT's GPSA / MHSA, whose class names do not
     say attention)."""
-    from ..contract import ATTENTION_KINDS
-
     spec = _spec(model)
     blocks = spec.blocks if spec is not None else ()
     return {id(m.module) for b in blocks for m in b.mixers if m.kind in ATTENTION_KINDS}

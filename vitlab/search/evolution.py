@@ -16,7 +16,10 @@ evaluated net: {"method", "index", "network_def", "cost", "accuracy"}.
 import random
 from typing import Callable
 
+import torch
+
 from ..errors import UserError
+from ..profiling import num_threads, time_callable
 from .space import SearchSpace, def_key
 
 __all__ = ["evolutionary_search", "random_search", "nsga2_search", "pareto_front", "LatencyCost", "check_budget"]
@@ -150,10 +153,6 @@ class LatencyCost:
         self.cache: dict[str, float] = {}
 
     def __call__(self, network_def: list) -> float:
-        import torch
-
-        from ..profiling import num_threads, time_callable
-
         key = def_key(network_def)
         if key not in self.cache:
             model = self.build(network_def).eval()

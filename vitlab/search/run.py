@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..checkpoint import save_checkpoint
 from ..errors import UserError
@@ -21,8 +22,6 @@ METHODS = {"evolution": evolutionary_search, "random": random_search, "nsga2": n
 
 def save_supernet(supernet: Supernet, directory: Path, space_name: str, training: list[dict]) -> Path:
     """supernet.safetensors + supernet.json (space name, training log) in `directory`."""
-    from safetensors.torch import save_file
-
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / "supernet.safetensors") as tmp:
         save_file({k: v.detach().contiguous() for k, v in supernet.state_dict().items()}, str(tmp))
@@ -32,8 +31,6 @@ def save_supernet(supernet: Supernet, directory: Path, space_name: str, training
 
 def load_supernet(directory: str | Path) -> tuple[Supernet, str]:
     """The supernet saved by `save_supernet` (or by `vitlab search --out`, in its supernet/ folder)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if (directory / "supernet").is_dir() and not (directory / "supernet.json").is_file():
         directory = directory / "supernet"

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import create_model
+from ..data import build_dataset
+from ..data.fashion_mnist import FMNIST_MEAN, FMNIST_STD, load_split
 from ..models.resnas import BLOCK, REDUCE, ResidualSpatialReduction, ResNAS, pad_channels
 from .space import SearchSpace
 
@@ -157,9 +159,6 @@ def fmnist_tensors(split: str, limit: int | None = None, seed: int = 0,
                    img_size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised Fashion-MNIST images (N, 1, img_size, img_size) and labels of a split (vitlab.data's
     train/val/test), the first `limit` of a seeded shuffle when `limit` is given; resized as vitlab.data does."""
-    from ..data import build_dataset
-    from ..data.fashion_mnist import FMNIST_MEAN, FMNIST_STD, load_split
-
     ds = build_dataset("fashion-mnist", split)  # its `indices`: the split's rows of the source file
     source_images, source_labels = load_split(ds.data_dir, "test" if split == "test" else "train")
     rows = ds.indices

@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 
 from ..techniques import TechniqueError
+from .mctf import MCTFReduction
+from .patch import ReducingBlockMixin, ToMeReduction
 
 __all__ = ["TokenConsistency", "consistency_term", "reduction_r", "draw_teacher_r", "consistency_loss_step"]
 
@@ -76,9 +78,6 @@ def consistency_term(student_feat: torch.Tensor, teacher_feat: torch.Tensor, stu
 
 
 def _r_reductions(model: nn.Module) -> list:
-    from .mctf import MCTFReduction
-    from .patch import ReducingBlockMixin, ToMeReduction
-
     reductions = [m.reduction for m in model.modules() if isinstance(m, ReducingBlockMixin)]
     found = [red for red in reductions if isinstance(red, (MCTFReduction, ToMeReduction))]
     if not found:

@@ -52,9 +52,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import to_2tuple
+from timm.models import pvt_v2
 from timm.models.swin_transformer import WindowAttention, get_relative_position_index, window_partition, \
     window_reverse
 
+from ..contract import NoAdapter, describe
+from ..models import cvt, favit, soft, svt
 from ..techniques import Kind, TechniqueError, TechniqueNotApplicable, format_technique, register_handler, \
     register_technique
 
@@ -314,9 +317,6 @@ _WINDOWED = frozenset({"swin", "swinv2"})
 
 
 def _hw_argument_blocks() -> tuple[type, ...]:
-    from timm.models import pvt_v2
-
-    from ..models import cvt, favit, soft, svt
     return cvt.Block, pvt_v2.Block, favit.FaViTBlock, soft.SoftBlock, svt.SVTBlock
 
 
@@ -332,8 +332,6 @@ _GRID_ARGS: dict[str, Callable[[nn.Module], Callable[[tuple[int, int], torch.Ten
 
 def _describe(model: nn.Module):
     """The model's contract spec; TechniqueNotApplicable when no adapter describes it."""
-    from ..contract import NoAdapter, describe
-
     try:
         return describe(model, "expedit")
     except NoAdapter:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import fcntl
 import json
 import os
 import re
@@ -35,6 +36,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import UserError
+from .io import atomic_write_json
 
 __all__ = ["FolderLocked", "OutputNotWritable", "FolderLock", "lock_folder", "check_writable", "commit_staged",
            "staging_folder", "abandon_staged", "kill_point", "LOCK_NAME"]
@@ -137,8 +139,6 @@ class FolderLock:
         self.created = False      # the folder did not exist: removed again on release if nothing was written
 
     def acquire(self) -> "FolderLock":
-        import fcntl
-
         try:
             self.created = not self.folder.exists()
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -257,7 +257,6 @@ def commit_staged(folder: str | os.PathLike, staging: str | os.PathLike) -> None
     interrupted commit from it, and deletes a staging folder that has no journal (its writer died before it)."""
     folder, staging = Path(folder), Path(staging)
     names = sorted(p.name for p in staging.iterdir())
-    from .io import atomic_write_json
 
     atomic_write_json(folder / JOURNAL_NAME, {"staging": staging.name, "files": names})
     kill_point("commit-journaled")
