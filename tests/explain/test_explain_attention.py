@@ -196,3 +196,18 @@ def test_real_photos_smoke():
         assert e.maps.shape == (3, 224, 224) and e.maps.isfinite().all()
     out = plot_explanations(images, explanations, "/tmp/explain_smoke.png", titles=["astronaut", "chelsea", "coffee"])
     assert out.stat().st_size > 10_000
+
+
+def test_an_int8_graph_without_a_simulated_twin_is_refused_not_explained_as_float():
+    """NNCF's w8a8 runs a graph vitlab has no twin of: explaining its float module would describe another model."""
+    from types import SimpleNamespace
+
+    from vitlab.explain.core import ExplainError, explained_module
+
+    float_model = vitlab.create_model("vl_test_vit")
+    nncf_like = SimpleNamespace(engine="openvino-int8", sim_module=None, module=float_model, float_module=float_model)
+    with pytest.raises(ExplainError, match="no simulated twin"):
+        explained_module(nncf_like)
+    twin = vitlab.create_model("vl_test_vit")
+    assert explained_module(SimpleNamespace(engine="openvino-int8", sim_module=twin, module=float_model)) is twin
+    assert explained_module(vitlab.TorchRunner(float_model)) is float_model

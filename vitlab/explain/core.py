@@ -9,6 +9,7 @@ the method and what would work instead.
 """
 from __future__ import annotations
 
+import importlib
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -55,8 +56,6 @@ def method_names() -> list[str]:
 
 
 def _load_builtin_methods() -> None:
-    import importlib
-
     for module in ("attention", "gradcam", "tame", "tokens", "iared"):
         try:
             importlib.import_module(f"{__package__}.{module}")
@@ -70,6 +69,12 @@ def explained_module(model_or_runner: Any) -> nn.Module:
     model whose numbers the engine reproduces) or its torch module."""
     if isinstance(model_or_runner, nn.Module):
         return model_or_runner
+    engine = str(getattr(model_or_runner, "engine", ""))
+    if "int8" in engine and getattr(model_or_runner, "sim_module", "absent") is None:
+        raise ExplainError(f"{engine} runs a graph with no simulated twin (NNCF's calibration): its attention and "
+                           "gradients cannot be read and its float module is not what it runs; deploy with vitlab's "
+                           "calibration (--apply w8a8) to explain it through its twin, or explain the checkpoint "
+                           "before deployment")
     for attr in ("sim_module", "module", "float_module"):
         module = getattr(model_or_runner, attr, None)
         if isinstance(module, nn.Module):

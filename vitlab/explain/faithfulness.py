@@ -15,6 +15,11 @@ dataset mean (`mean_baseline` computes it from data); `pixel_baseline(0, mean, s
 pixels, as T-TAME's official AD / IC code does); `blurred` gives RISE's blurred-image baseline for insertion.
 `random_maps` and `centre_gaussian_maps` are the maps an explanation method has to beat.
 
+A runner (w8a8 / w8 deployed to ONNX Runtime or OpenVINO) is scored as it runs: the probabilities come from the
+engine's own forward, not from its simulated twin, so the scores are those of the deployed int8 model; the maps
+may still come from the twin (`vitlab.explain` looks into `runner.sim_module`, which has the attention and the
+gradients an engine does not expose).
+
     scores = faithfulness(model, images, vitlab.explain(model, images, method="rollout").maps)
     scores.deletion_auc, scores.insertion_auc, scores.average_drop, scores.increase_in_confidence
 """
@@ -22,15 +27,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from torchvision.transforms.functional import gaussian_blur
 
 from .core import ExplainError, explained_module
 
-__all__ = ["FaithfulnessScores", "faithfulness", "perturbation_curves", "auc", "deletion_auc", "insertion_auc",
-           "average_drop", "increase_in_confidence", "average_drop_increase", "mean_baseline", "pixel_baseline",
-           "blurred", "random_maps", "centre_gaussian_maps"]
+Scored = Callable[[torch.Tensor], torch.Tensor]     # images (N, C, H, W) -> logits (N, classes)
+
+__all__ = ["FaithfulnessScores", "faithfulness", "scored_forward", "perturbation_curves", "auc", "deletion_auc",
+           "insertion_auc", "average_drop", "increase_in_confidence", "average_drop_increase", "mean_baseline",
+           "pixel_baseline", "blurred", "random_maps", "centre_gaussian_maps"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,17 @@ class FaithfulnessScores:
     steps: int
 
 
-def _target_probs(module: nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def scored_forward(model: Any) -> Scored:
+    """What the scores run: an nn.Module in eval mode, or a runner as deployed (its engine's `__call__`; a runner
+    without one is looked into as `vitlab.explain` does)."""
+    if isinstance(model, nn.Module):
+        return model.eval()
+    if callable(model):
+        return model
+    return explained_module(model).eval()
+
+
+def _target_probs(module: Scored, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(N,) softmax probability of `target` (N,) for `inputs` (N, C, H, W)."""
     return module(inputs).float().softmax(-1).gather(1, target[:, None].long())[:, 0]
 
@@ -59,7 +78,7 @@ def _saliency_ranks(maps: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def _check(module: nn.Module, images: torch.Tensor, maps: torch.Tensor, what: str) -> None:
+def _check(module: Scored, images: torch.Tensor, maps: torch.Tensor, what: str) -> None:
     if images.dim() != 4 or maps.shape != (images.shape[0], *images.shape[-2:]):
         raise ExplainError(f"{what} of {type(module).__name__}: needs images (B, C, H, W) and maps (B, H, W) of the "
                            f"same B, H, W, got {tuple(images.shape)} and {tuple(maps.shape)}; pass "
@@ -71,7 +90,7 @@ def perturbation_curves(model, start: torch.Tensor, end: torch.Tensor, maps: tor
     """(B, steps + 1) target probability as the pixels of `start` (B, C, H, W) are replaced by those of `end`
     (broadcastable to `start`) in order of decreasing `maps` (B, H, W); column k has round(k * H * W / steps)
     pixels replaced. `batch_size` bounds the images per forward pass (whole curves: at least one curve a pass)."""
-    module = explained_module(model).eval()
+    module = scored_forward(model)
     _check(module, start, maps, "perturbation_curves")
     if steps < 1:
         raise ExplainError(f"steps={steps}: the curve needs at least 1 step (RISE moves 224 pixels a step, i.e. 224 "
@@ -124,7 +143,7 @@ def increase_in_confidence(probs: torch.Tensor, masked_probs: torch.Tensor) -> f
 def average_drop_increase(model, images: torch.Tensor, maps: torch.Tensor, target: torch.Tensor,
                           baseline: torch.Tensor | float = 0.0, batch_size: int = 512) -> tuple[float, float]:
     """(AD %, IC %) of the [0, 1] `maps` (B, H, W): the image kept where the map is 1, `baseline` where it is 0."""
-    module = explained_module(model).eval()
+    module = scored_forward(model)
     _check(module, images, maps, "average_drop_increase")
     baseline = torch.as_tensor(baseline, dtype=images.dtype).expand_as(images)
     masked = baseline + maps[:, None].to(images.dtype) * (images - baseline)    # (B, C, H, W)
@@ -142,8 +161,8 @@ def faithfulness(model, images: torch.Tensor, maps: torch.Tensor, target: torch.
                  mask_baseline: torch.Tensor | float = 0.0, steps: int = 20,
                  batch_size: int = 512) -> FaithfulnessScores:
     """Deletion and insertion AUC, AD and IC of `maps` (B, H, W in [0, 1]) explaining `target` (default: the
-    model's top-1) on `images`, averaged over the images."""
-    module = explained_module(model).eval()
+    model's top-1) on `images`, averaged over the images; `model`: an nn.Module or a runner (scored as deployed)."""
+    module = scored_forward(model)
     if target is None:
         with torch.inference_mode():
             target = torch.cat([module(images[i:i + batch_size]).argmax(-1)
@@ -169,8 +188,6 @@ def pixel_baseline(value: float, mean: tuple[float, ...], std: tuple[float, ...]
 def blurred(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """`images` (B, C, H, W) blurred by a Gaussian of `sigma` pixels (kernel 2 * ceil(3 sigma) + 1, reflected
     borders): RISE's insertion baseline."""
-    from torchvision.transforms.functional import gaussian_blur
-
     size = 2 * math.ceil(3 * sigma) + 1
     return gaussian_blur(images, [size, size], [sigma, sigma])
 
