@@ -16,14 +16,11 @@ from vitlab.checkpoint import load_weights
 from vitlab.models.activator import ActivatorBlock, TokenGatedMLP, activator_params_per_block, checkpoint_filter_fn
 from vitlab.profiling import count_flops
 
+from _zoo_common import meta_model
+
 PARAMS = {"vl_activator_tiny": 6_175_768, "vl_activator_small": 22_504_024, "vl_activator_base": 87_011_032,
           "vl_test_activator": 109_480}
 WIDTH = {"vl_activator_tiny": 192, "vl_activator_small": 384, "vl_activator_base": 768}
-
-
-def _meta_model(name, **kwargs):
-    with torch.device("meta"):
-        return timm.create_model(name, **kwargs).eval()
 
 
 def _formula(dim, depth, tokens, patch=16, in_chans=3, classes=1000, mlp_ratio=4.0):
@@ -33,7 +30,7 @@ def _formula(dim, depth, tokens, patch=16, in_chans=3, classes=1000, mlp_ratio=4
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_param_count(name):
-    model = _meta_model(name)
+    model = meta_model(name)
     count = sum(p.numel() for p in model.parameters())
     assert count == PARAMS[name]
     if name in WIDTH:
@@ -48,7 +45,7 @@ def test_macs_match_analytic(name):
     per_block = N * 3 * C * D + D * N * N  # fc_value, fc_gate, fc2 per token; token_proj per hidden channel
     analytic = 12 * per_block + N * 3 * 256 * C + C * 1000
     with torch.device("meta"):
-        macs = count_flops(_meta_model(name), torch.empty(1, 3, 224, 224)).macs
+        macs = count_flops(meta_model(name), torch.empty(1, 3, 224, 224)).macs
     assert macs == pytest.approx(analytic, rel=0.005)
 
 

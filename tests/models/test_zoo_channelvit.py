@@ -15,6 +15,8 @@ from vitlab.models.listing import count_params_meta
 from vitlab.profiling import count_flops
 from vitlab.tokens import ToMe, token_schedule
 
+from _zoo_common import assert_filter_is_identity
+
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "zoo" / "channelvit"
 
 # sum(p.numel() for p in model.parameters()) of the official constructors (commit 1077a10), 1000 classes, 3 channels
@@ -89,11 +91,7 @@ def test_official_hcs_training_batch_equals_its_channel_subset():
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = _test_model()
-    state = model.state_dict()
-    filtered = checkpoint_filter_fn(state, model)
-    assert filtered.keys() == state.keys()
-    assert all(filtered[k] is state[k] for k in state)
+    assert_filter_is_identity(_test_model(), checkpoint_filter_fn)
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))

@@ -1,119 +1,273 @@
-"""The model contract every zoo family keeps (so techniques and verbs treat every family alike), checked the same way
-on each family's `vl_test_*` model.
+"""The contract every vitlab model family keeps, driven by timm's registry: each `vl_*` name belongs to a family (the
+`vitlab.models` module that registers it, or its own entrypoint in `vitlab.entrypoints`), carries a timm
+`pretrained_cfg`, and each family's tiny variant behaves like a timm family (the classifier API, `in_chans=1` and
+another input size, `features_only` where the family has feature maps, a vitlab checkpoint round trip).
 
-Family files test what is particular to each (official parity, parameter counts, MACs, converters); this file
-checks the timm API a user relies on whatever the family: the classifier API, `in_chans=1`, input sizes other than
-the default, `features_only` / `forward_intermediates` for the hierarchical ones, and a vitlab checkpoint round trip.
+Families come from `timm.list_models("vl_*")` at collection time, so a new family is checked without being listed
+here; the tables below only say how a family differs from the image-classifier default, and every key must be a
+registered family (`test_every_registered_name_belongs_to_a_covered_family`). Family files test what is particular
+to each (official parity, parameter counts, MACs, converters).
 """
+from typing import Callable
+
 import pytest
 import timm
 import torch
+import torch.nn as nn
+from timm.models import get_pretrained_cfg, model_entrypoint
 
 import vitlab
 
-# family -> (its vl_test model, an input size other than the default that the architecture allows)
-# SpectFormer's global filters and T2T-ViT's position embedding are sized to the grid at build time: those two are
-# built for the other size (img_size=...); the others take it as it comes.
-FIXED_SIZE = {"spectformer", "t2t_vit", "gmm_vit", "fcaformer", "ggem", "activator", "svt"}
-FAMILIES = {
-    "cvt": ("vl_test_cvt", (40, 56)),
-    "pvt": ("vl_test_pvt", (96, 64)),
-    "dinat": ("vl_test_dinat", (96, 64)),
-    "t2t_vit": ("vl_test_t2t_vit", (96, 64)),
-    "hornet": ("vl_test_hornet", (96, 64)),
-    "uniformer": ("vl_test_uniformer", (96, 64)),
-    "crossformer": ("vl_test_crossformer", (96, 64)),
-    "rmt": ("vl_test_rmt", (96, 64)),
-    "spectformer": ("vl_test_spectformer", (48, 64)),
-    "sret": ("vl_test_sret", (96, 64)),
-    "channelvit": ("vl_test_channelvit", (64, 48)),
-    "gmm_vit": ("vl_test_gmm_vit", (48, 64)),
-    "ggem": ("vl_test_ggem", (48, 64)),
-    "fcaformer": ("vl_test_fcaformer", (96, 64)),
-    "favit": ("vl_test_favit", (96, 64)),
-    "vir": ("vl_test_vir", (48, 64)),
-    "soft": ("vl_test_soft", (96, 64)),
-    "activator": ("vl_test_activator", (48, 64)),
-    "hyena_nd": ("vl_test_hyena_nd", (48, 64)),
-    "svt": ("vl_test_svt", (96, 64)),
-    "sgformer": ("vl_test_sgformer", (112, 56)),
-    "msvmamba": ("vl_test_msvmamba", (88, 56)),
-    "maformer": ("vl_test_maformer", (72, 56)),
-    "fmvit": ("vl_test_fmvit", (96, 64)),
-    "dualtoken_vit": ("vl_test_dualtoken_vit", (96, 64)),
-    "turbovit": ("vl_test_turbovit", (96, 64)),
-    "tic": ("vl_test_tic", (96, 64)),
-    "uniformer_light": ("vl_test_uniformer_light", (96, 64)),
-    "crossformer_pp": ("vl_test_crossformer_pp", (96, 64)),
-    "stvit": ("vl_test_stvit", (84, 60)),
+_PACKAGE, _ENTRYPOINTS = "vitlab.models.", "vitlab.entrypoints"
+
+
+def _family(name: str) -> str:
+    """The module below vitlab.models that registers `name`; an entrypoint in vitlab.entrypoints (a model that a unit
+    above vitlab.models builds) is a family of its own, named after it; anything else is returned as its module."""
+    module = model_entrypoint(name).__module__
+    if module == _ENTRYPOINTS:
+        return name.removeprefix("vl_")
+    return module.removeprefix(_PACKAGE) if module.startswith(_PACKAGE) else module
+
+
+def _registry() -> dict[str, list[str]]:
+    """{family: its registered names}, from timm's registry."""
+    families: dict[str, list[str]] = {}
+    for name in timm.list_models("vl_*"):
+        families.setdefault(_family(name), []).append(name)
+    return families
+
+
+REGISTRY = _registry()
+FAMILIES = sorted(f for f in REGISTRY if "." not in f)  # a dotted "family" is a module outside vitlab: an error
+
+# Families whose tiny variant is not `vl_test_<family>`: (name, constructor kwargs).
+TINY = {
+    "vit_fmnist": ("vl_test_vit", {}),  # the library's own hybrid ViT (vl_vit_fmnist); its tiny one predates the rule
+    # composed around a registered base (below): the tiny base, with its own widths per block
+    "pruned_vit": ("vl_pruned_vit", {"base": "vl_test_vit", "num_heads": (1, 2), "head_dim": (8, 4),
+                                     "mlp_hidden": (16, 24)}),
+    "dense": ("vl_dense", {"backbone": "vl_test_vit", "img_size": 32}),
 }
-HIERARCHICAL = {"cvt", "pvt", "dinat", "hornet", "uniformer", "crossformer", "rmt", "sret", "fcaformer", "favit",
-                "soft", "svt", "sgformer", "msvmamba", "maformer", "fmvit",
-                "dualtoken_vit", "turbovit", "tic", "uniformer_light", "crossformer_pp", "stvit"}
+# Composed families: built around another registered model, whose pretrained_cfg (or the input size they are built
+# for) the instance takes, so their registry entries have none; timm.create_model's instance does not save as a
+# vitlab checkpoint on its own (see test_composed_models_built_by_timm_save_a_checkpoint), vitlab.create_model's does.
+COMPOSED = {"dense", "pruned_vit"}
+# Dense prediction: `image -> {"sem_logits" | "pred_logits", ...}` (docs/dense.md), no pooled classifier.
+NOT_CLASSIFIERS = {"dense"}
+# Frame predictors (num_classes=0 in their cfgs): the head predicts the next frames, and reset_classifier(0) goes
+# back to predicting frames instead of returning pooled features.
+FRAME_PREDICTORS = {"convlstm", "predformer"}
+# No 2-D conv takes the pixels, so timm cannot adapt `first_conv` to another in_chans (first_conv=None).
+NO_FIRST_CONV = {
+    "t2t_vit": "the soft split is an nn.Unfold followed by a Linear",
+    "vivit": "the tubelet embedding is a Conv3d",
+    "eventtransact": "the tubelet embedding is a Conv3d (ViViT's)",
+}
+# Families that refuse features_only=True (test_families_without_features_only_say_so checks that they do), and why.
+NO_FEATURES_ONLY = {
+    # clip models: their tokens are spatio-temporal; timm's features_only builds 2-D maps of images
+    "deform3d": "clip model", "eventtransact": "clip model", "paab": "clip model", "stprivacy": "clip model",
+    "uniformerv2": "clip model", "videomae": "clip model", "vivit": "clip model",
+    "convlstm": "frame predictor", "predformer": "frame predictor",
+    "vim": "VisionMamba has no forward_intermediates yet",
+    "resnas": "ResNAS has no forward_intermediates yet",
+    # plain ViTs whose feature_info lists their blocks, but whose entrypoints do not pass timm's
+    # feature_cfg=dict(feature_cls="getter") (forward_intermediates), so timm hooks module names that do not exist
+    "ggem": "no feature_cls='getter'", "gmm_vit": "no feature_cls='getter'", "vit_fmnist": "no feature_cls='getter'",
+    "dense": "a backbone with a head already: the backbone is what gives the feature maps",
+    "pruned_vit": "composed: features_only belongs to the base (vl_test_vit here)",
+}
+# An input size other than the default that the architecture allows. Families in FIXED_SIZE fix their grid (position
+# embeddings, global filters) at build time and are built for it (img_size=...); square-only ones get an int.
+OTHER_SIZE = {
+    "activator": (48, 64), "channelvit": (64, 48), "convlstm": (48, 64), "crossformer": (96, 64),
+    "crossformer_pp": (96, 64), "cvt": (40, 56), "deform3d": (48, 64), "dinat": (96, 64), "dualtoken_vit": (96, 64),
+    "eventtransact": (48, 64), "favit": (96, 64), "fcaformer": (96, 64), "fmvit": (96, 64), "ggem": (48, 64),
+    "gmm_vit": (48, 64), "hornet": (96, 64), "hyena_nd": (48, 64), "maformer": (72, 56), "msvmamba": (88, 56),
+    "paab": (48, 64), "predformer": (48, 64), "pruned_vit": (24, 32), "pvt": (96, 64), "resnas": (24, 24),
+    "rmt": (96, 64), "sgformer": (112, 56), "soft": (96, 64), "spectformer": (48, 64), "sret": (96, 64),
+    "stprivacy": (48, 64), "stvit": (84, 60), "svt": (96, 64), "t2t_vit": (96, 64), "tic": (96, 64),
+    "turbovit": (96, 64), "uniformer": (96, 64), "uniformer_light": (96, 64), "uniformerv2": (48, 48),
+    "videomae": (48, 64), "vim": (32, 48), "vir": (48, 64), "vit_fmnist": (24, 32), "vivit": (48, 64),
+}
+FIXED_SIZE = {"spectformer", "t2t_vit", "gmm_vit", "fcaformer", "ggem", "activator", "svt", "vim", "resnas",
+              "vit_fmnist", "pruned_vit", "convlstm", "deform3d", "eventtransact", "paab", "predformer", "stprivacy",
+              "uniformerv2", "videomae", "vivit"}
+# Gaps this contract finds in the model files, as strict xfails: fixing one makes its test pass (and fail as XPASS),
+# then its entry goes. {(test, family): what is wrong}
+KNOWN_GAPS = {
+    ("test_families_without_features_only_say_so", "pruned_vit"): "vl_pruned_vit drops features_only=True and "
+                                                                   "returns the classifier",
+}
+TABLES = {"TINY": TINY, "COMPOSED": COMPOSED, "NOT_CLASSIFIERS": NOT_CLASSIFIERS, "FRAME_PREDICTORS": FRAME_PREDICTORS,
+          "NO_FIRST_CONV": NO_FIRST_CONV, "NO_FEATURES_ONLY": NO_FEATURES_ONLY, "OTHER_SIZE": OTHER_SIZE,
+          "FIXED_SIZE": FIXED_SIZE, "KNOWN_GAPS": {f for _, f in KNOWN_GAPS}}
 
 
-def _model(family, **kwargs):
+def _params(test: str, families) -> list:
+    """`families`, sorted, with KNOWN_GAPS[test, family] as a strict xfail."""
+    return [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[test, f]))
+            if (test, f) in KNOWN_GAPS else f for f in sorted(families)]
+
+
+def _tiny(family: str) -> tuple[str, dict]:
+    return TINY.get(family, (f"vl_test_{family}", {}))
+
+
+def _model(family: str, build: Callable[..., nn.Module] = timm.create_model, **kwargs) -> nn.Module:
+    """The family's tiny model in eval mode, seeded, with 7 classes (a classifier) and `kwargs`."""
+    name, tiny_kwargs = _tiny(family)
     torch.manual_seed(0)
-    return timm.create_model(FAMILIES[family][0], num_classes=7, **kwargs).eval()
+    defaults = {} if family in NOT_CLASSIFIERS else {"num_classes": 7}
+    return build(name, **{**tiny_kwargs, **defaults, **kwargs}).eval()
 
 
-def _default_input(model, batch=2):
-    return torch.randn(batch, *model.pretrained_cfg["input_size"])
+def _input(model: nn.Module, batch: int = 2, size: tuple[int, int] | None = None,
+           in_chans: int | None = None) -> torch.Tensor:
+    """Images (B, C, H, W) of the model's pretrained_cfg input size, or clips (B, C, T, H, W) of its num_frames."""
+    chans, height, width = model.pretrained_cfg["input_size"]
+    frames = getattr(model, "num_frames", None)
+    return torch.randn(batch, in_chans or chans, *((frames,) if frames else ()), *(size or (height, width)))
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+def _names(field) -> tuple[str, ...]:
+    return (field,) if isinstance(field, str) else tuple(field)
+
+
+def test_every_registered_name_belongs_to_a_covered_family():
+    outside = {name: family for family, names in REGISTRY.items() if family not in FAMILIES for name in names}
+    assert not outside, f"registered outside {_PACKAGE}* and {_ENTRYPOINTS} (one family per module): {outside}"
+    untested = {f: REGISTRY[f] for f in FAMILIES if _tiny(f)[0] not in REGISTRY[f]}
+    assert not untested, f"families without a vl_test_<family> variant (or a TINY entry): {untested}"
+    missing = sorted(set(FAMILIES) - set(OTHER_SIZE) - NOT_CLASSIFIERS)
+    assert not missing, f"families with no OTHER_SIZE entry (an input size their architecture allows): {missing}"
+    for table, keys in TABLES.items():
+        stale = sorted(set(keys) - set(FAMILIES))
+        assert not stale, f"{table} names families the registry does not have: {stale}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pretrained_cfgs_carry_timm_fields(family):
+    # read from the registry: the full-size models are not built
+    for name in REGISTRY[family]:
+        cfg = get_pretrained_cfg(name)
+        if family in COMPOSED:
+            assert cfg is None, f"{name} has a pretrained_cfg: take {family} out of COMPOSED"
+            continue
+        assert cfg is not None, f"{name} has no pretrained_cfg (generate_default_cfgs in {_PACKAGE}{family})"
+        chans, height, width = cfg.input_size
+        assert isinstance(cfg.num_classes, int) and cfg.num_classes >= 0, name
+        assert min(chans, height, width) > 0 and len(cfg.mean) == len(cfg.std) == chans, name
+        assert all(s > 0 for s in cfg.std), name
+        assert cfg.classifier and all(isinstance(c, str) and c for c in _names(cfg.classifier)), name
+        if family in NO_FIRST_CONV:
+            assert cfg.first_conv is None, f"{name} has first_conv {cfg.first_conv}: take {family} out of NO_FIRST_CONV"
+        else:
+            assert cfg.first_conv and all(isinstance(c, str) and c for c in _names(cfg.first_conv)), name
+    predicts_frames = all(get_pretrained_cfg(n) and get_pretrained_cfg(n).num_classes == 0 for n in REGISTRY[family])
+    assert predicts_frames == (family in FRAME_PREDICTORS), family
+
+
+@pytest.mark.parametrize("family", _params("test_pretrained_cfg_names_modules_of_the_tiny_model", FAMILIES))
+def test_pretrained_cfg_names_modules_of_the_tiny_model(family):
+    model = _model(family)
+    cfg = model.pretrained_cfg
+    assert len(cfg["input_size"]) == 3 and cfg["num_classes"] >= 0
+    if family in COMPOSED:
+        return  # the instance carries the cfg of what it was composed around; its module names are the base's
+    for name in _names(cfg["classifier"]):
+        assert isinstance(model.get_submodule(name), nn.Module)
+    assert model.get_classifier() is model.get_submodule(_names(cfg["classifier"])[0])
+    for name in _names(cfg["first_conv"] or ()):
+        assert isinstance(model.get_submodule(name).weight, nn.Parameter), name
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - NOT_CLASSIFIERS))
 def test_classifier_api(family):
     model = _model(family)
-    x = _default_input(model)
+    x = _input(model)
     with torch.no_grad():
         logits = model(x)
         assert logits.shape == (2, 7) and torch.isfinite(logits).all()
-        torch.testing.assert_close(model.forward_head(model.forward_features(x)), logits)
-        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        features = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(features), logits)
+        pooled = model.forward_head(features, pre_logits=True)
         assert pooled.shape == (2, model.num_features)
         assert model.get_classifier() is not None
         model.reset_classifier(0)
-        torch.testing.assert_close(model(x), pooled)  # no head: forward returns the pooled features
-        model.reset_classifier(3)
-        assert model(x).shape == (2, 3)
+        if family in FRAME_PREDICTORS:
+            assert model(x).shape == x.shape  # back to predicting the clip's frames
+        else:
+            torch.testing.assert_close(model(x), pooled)  # no head: forward returns the pooled features
+        model.reset_classifier(5)
+        assert model.get_classifier().out_features == 5 and model.forward_head(features).shape == (2, 5)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - NOT_CLASSIFIERS))
 def test_one_channel_and_another_input_size(family):
-    h, w = FAMILIES[family][1]
-    model = _model(family, in_chans=1, **({"img_size": (h, w)} if family in FIXED_SIZE else {}))
-    with torch.no_grad():
-        assert model(torch.randn(1, 1, h, w)).shape == (1, 7)
-    assert model(torch.randn(2, 1, h, w)).sum().backward() is None  # gradients flow at that size too
+    h, w = OTHER_SIZE[family]
+    size = {"img_size": h if h == w else (h, w)} if family in FIXED_SIZE else {}
+    model = _model(family, in_chans=1, **size)
+    logits = model(_input(model, 1, (h, w), in_chans=1))
+    assert logits.shape == (1, 7)
+    logits.sum().backward()  # gradients flow at that size too
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("family", sorted(HIERARCHICAL))
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(NO_FEATURES_ONLY)))
 def test_features_only_matches_forward_intermediates(family):
     model = _model(family)
-    x = _default_input(model)
+    x = _input(model)
+    levels = tuple(range(len(model.feature_info)))  # every stage (every block of a plain ViT)
+    torch.manual_seed(0)  # the same initial weights as _model's
+    backbone = timm.create_model(_tiny(family)[0], num_classes=7, features_only=True, out_indices=levels).eval()
     with torch.no_grad():
-        maps = model.forward_intermediates(x, intermediates_only=True)
-        torch.manual_seed(0)  # the same initial weights as _model's
-        feats = timm.create_model(FAMILIES[family][0], num_classes=7, features_only=True).eval()(x)
+        maps = model.forward_intermediates(x, indices=list(levels), intermediates_only=True)
+        feats = backbone(x)
     assert len(feats) == len(maps) >= 2
-    assert [f.shape for f in feats] == [m.shape for m in maps]
     assert all(f.ndim == 4 and f.shape[0] == 2 for f in feats)
-    backbone = timm.create_model(FAMILIES[family][0], features_only=True)
     assert backbone.feature_info.channels() == [f.shape[1] for f in feats]
     for got, want in zip(feats, maps):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", _params("test_families_without_features_only_say_so", NO_FEATURES_ONLY))
+def test_families_without_features_only_say_so(family):
+    # a family that learns features_only must leave NO_FEATURES_ONLY and be tested above
+    name, kwargs = _tiny(family)
+    with pytest.raises((AttributeError, AssertionError, IndexError, TypeError, ValueError)):
+        timm.create_model(name, **kwargs, features_only=True)
+
+
+@pytest.mark.parametrize("family", _params("test_checkpoint_round_trip", FAMILIES))
 def test_checkpoint_round_trip(family, tmp_path):
-    model = _model(family, in_chans=1)
-    x = torch.randn(2, 1, *model.pretrained_cfg["input_size"][1:])
+    build = vitlab.create_model if family in COMPOSED else timm.create_model
+    model = _model(family, build, in_chans=1)
+    x = _input(model, in_chans=1)
     vitlab.save_checkpoint(model, tmp_path / family)
     again = vitlab.create_model(tmp_path / family).eval()
     assert type(again) is type(model)
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x))
+
+
+@pytest.mark.xfail(strict=True, reason="timm.create_model's instance of a composed family records neither its own "
+                                       "name (dense) nor how to rebuild it from its base's (pruned_vit)")
+@pytest.mark.parametrize("family", sorted(COMPOSED))
+def test_composed_models_built_by_timm_save_a_checkpoint(family, tmp_path):
+    model = _model(family, in_chans=1)
+    vitlab.save_checkpoint(model, tmp_path / family)
+    assert type(vitlab.create_model(tmp_path / family)) is type(model)
+
+
+def test_dense_model_predicts_per_pixel_classes():
+    model = _model("dense")
+    x = _input(model)
+    with torch.no_grad():
+        out = model(x)
+    assert out["sem_logits"].shape[:2] == (2, model.num_classes) and out["sem_logits"].isfinite().all()
+    assert out["sem_logits"].shape[2:] == (x.shape[-2] // 4, x.shape[-1] // 4)  # Semantic FPN's stride-4 output
 
 
 @pytest.mark.parametrize("name", ["vl_test_crossformer", "vl_test_dinat"])

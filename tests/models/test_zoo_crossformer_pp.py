@@ -9,11 +9,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vitlab
-from vitlab.checkpoint import load_weights, save_checkpoint
 from vitlab.contract import describe
 from vitlab.models.crossformer import CrossFormer, CrossFormerBlock
 from vitlab.models.crossformer_pp import CooledCrossFormerBlock, acl_positions, checkpoint_filter_fn
 from vitlab.profiling import count_flops
+
+from _zoo_common import assert_file_converts
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "crossformer_pp"
 
@@ -57,13 +58,8 @@ def test_official_file_loads_through_timm_and_convert(tmp_path):
     x, expected = tensors["__input__"], tensors["__logits__"]
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=0)
-    # what `vitlab convert vl_test_crossformer_pp official.pth --allow-pickle --out DIR` does, through the library
-    converted = load_weights(vitlab.create_model("vl_test_crossformer_pp", **cfg), path, allow_pickle=True,
-                             filter_fn=checkpoint_filter_fn)
-    reloaded = vitlab.create_model(save_checkpoint(converted, tmp_path / "ckpt")).eval()
+    reloaded = assert_file_converts(tmp_path, "vl_test_crossformer_pp", path, checkpoint_filter_fn, x, expected, **cfg)
     assert isinstance(reloaded.stages[1].blocks[2], CooledCrossFormerBlock)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(x), expected, atol=1e-4, rtol=0)
 
 
 def test_in_chans_1_adapts_rgb_weights(tmp_path):

@@ -1,12 +1,10 @@
 """CvT (vitlab/models/cvt.py): official parameter counts and MACs, parity with HF transformers and with the official
 code (fixture), the official-checkpoint loaders, and the backbone interface."""
-import json
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
 from timm.layers import GELU, QuickGELU
 
 import vitlab
@@ -16,13 +14,13 @@ from vitlab.models.cvt import checkpoint_filter_fn
 from vitlab.models.listing import count_params_meta
 from vitlab.profiling import count_flops
 
+from _zoo_common import assert_filter_is_identity, assert_setting_keeps_output, official_fixture
+
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "zoo" / "cvt"
 
 
 def _official_fixture():
-    tensors = load_file(str(FIXTURE / "official_tiny.safetensors"))
-    x, logits = tensors.pop("__input__"), tensors.pop("__logits__")
-    info = json.loads((FIXTURE / "official_tiny.json").read_text())
+    info, x, logits, tensors = official_fixture("cvt")
     return tensors, x, logits, info
 
 
@@ -122,10 +120,7 @@ def test_parity_with_official_code_fixture():
 
 
 def test_checkpoint_filter_is_identity_on_vitlab_layout():
-    model = timm.create_model("vl_test_cvt")
-    state = model.state_dict()
-    filtered = checkpoint_filter_fn(state, model)
-    assert filtered.keys() == state.keys() and all(filtered[k] is state[k] for k in state)
+    assert_filter_is_identity(timm.create_model("vl_test_cvt"), checkpoint_filter_fn)
 
 
 def test_official_pth_converts_to_a_vitlab_checkpoint(tmp_path):
@@ -154,26 +149,23 @@ def test_pretrained_file_adapts_rgb_weights_to_in_chans_1(tmp_path):
     assert gray(torch.randn(2, 1, 40, 40)).shape == (2, 10)
 
 
+def _blocks(model):
+    return [b for stage in model.stages for b in stage.blocks]
+
+
 def test_fused_and_manual_attention_agree():
     torch.manual_seed(0)
     model = timm.create_model("vl_test_cvt").eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        fused = model(x)
-        for block in (b for stage in model.stages for b in stage.blocks):
-            block.attn.fused_attn = False
-        torch.testing.assert_close(model(x), fused, atol=1e-5, rtol=1e-5)
+    assert_setting_keeps_output(model, torch.randn(2, 3, 32, 32),
+                                [b.attn for b in _blocks(model)], "fused_attn", False)
 
 
 def test_chunked_mlp_inference_equals_the_plain_mlp():
     torch.manual_seed(0)
     model = timm.create_model("vl_test_cvt").eval()
-    x = torch.randn(3, 3, 64, 64)
-    with torch.no_grad():
-        plain = model(x)
-        for block in (b for stage in model.stages for b in stage.blocks):
-            block.mlp_chunk_elems = 1000  # force several chunks in every stage
-        torch.testing.assert_close(model(x), plain, atol=1e-5, rtol=1e-5)
+    # mlp_chunk_elems=1000 forces several chunks in every stage
+    assert_setting_keeps_output(model, torch.randn(3, 3, 64, 64),
+                                _blocks(model), "mlp_chunk_elems", 1000)
 
 
 def test_any_input_size_and_in_chans_1():

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import vitlab
-from vitlab.checkpoint import load_weights, save_checkpoint
 from vitlab.models.dinat import (_natten_ops, checkpoint_filter_fn, neighborhood_attention_2d,
                                  neighborhood_attention_2d_gather)
 from vitlab.profiling import count_flops
+
+from _zoo_common import assert_file_converts
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "dinat"
 
@@ -128,12 +129,7 @@ def test_official_file_loads_through_timm_and_convert(tmp_path):
     model = vitlab.create_model("vl_test_dinat", pretrained=True, pretrained_cfg_overlay=overlay, **cfg).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=0)
-    # what `vitlab convert vl_test_dinat official.pth --allow-pickle --out DIR` does, through the library
-    converted = load_weights(vitlab.create_model("vl_test_dinat", **cfg), path, allow_pickle=True,
-                             filter_fn=checkpoint_filter_fn)
-    reloaded = vitlab.create_model(save_checkpoint(converted, tmp_path / "ckpt")).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(x), expected, atol=1e-4, rtol=0)
+    assert_file_converts(tmp_path, "vl_test_dinat", path, checkpoint_filter_fn, x, expected, **cfg)
 
 
 def test_in_chans_1_adapts_rgb_weights(tmp_path):

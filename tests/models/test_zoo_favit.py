@@ -1,5 +1,4 @@
 """FaViT (vitlab/models/favit.py) against the official code: fixture, parameter counts, MACs, FaSA's pieces."""
-import json
 import sys
 from pathlib import Path
 
@@ -7,11 +6,10 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.models.swin_transformer import WindowAttention
 
 import vitlab
-from vitlab.checkpoint import load_weights, save_checkpoint
 from vitlab.models.favit import (FactorizationAttention, FaViT, checkpoint_filter_fn, dilated_windows, group_dims,
                                  mirror_pad, pool_windows)
 from vitlab.models.listing import count_params_meta
@@ -20,6 +18,8 @@ from vitlab.profiling import count_flops
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "favit"
 sys.path.insert(0, str(FIXTURES))
 from make_fixture import enlarge  # noqa: E402  (the stored input is enlarged 4x, as when the fixture was made)
+
+from _zoo_common import assert_filter_is_identity, assert_official_file_converts, official_fixture
 
 # exact counts of the official constructors (FaViT/classification/favit.py at 529b46b, 1000 classes)
 OFFICIAL_PARAMS = {
@@ -32,9 +32,8 @@ B0_STAGES_AT_224 = [(56, 32, 1, 8), (28, 64, 2, 4), (14, 128, 4, 2), (7, 256, 8,
 
 
 def _fixture():
-    meta = json.loads((FIXTURES / "official_tiny.json").read_text())
-    state = load_file(str(FIXTURES / "official_tiny.safetensors"))
-    return meta, enlarge(state.pop("__input__")), state.pop("__logits__"), state
+    meta, x, logits, state = official_fixture("favit")
+    return meta, enlarge(x), logits, state
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
@@ -52,10 +51,7 @@ def test_logits_match_official_code():
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = vitlab.create_model("vl_test_favit")
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(vitlab.create_model("vl_test_favit"), checkpoint_filter_fn)
 
 
 def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_path):
@@ -76,15 +72,10 @@ def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_
 
 
 def test_official_file_converts_to_a_vitlab_checkpoint(tmp_path):
-    # what `vitlab convert vl_test_favit official.pth --out DIR --allow-pickle` runs, minus the CLI's module lookup
     meta, x, logits, official_state = _fixture()
-    path = tmp_path / "official.pth"
-    torch.save({"model": {f"module.{k}": v for k, v in official_state.items()}}, path)  # as saved under DDP
-    model = vitlab.create_model("vl_test_favit", **meta["vitlab_kwargs"])
-    load_weights(model, path, allow_pickle=True, filter_fn=checkpoint_filter_fn)
-    save_checkpoint(model, tmp_path / "ckpt")
-    with torch.no_grad():
-        torch.testing.assert_close(vitlab.create_model(str(tmp_path / "ckpt"))(x), logits, atol=1e-4, rtol=0)
+    ddp = {f"module.{k}": v for k, v in official_state.items()}  # as saved under DDP
+    assert_official_file_converts(tmp_path, "vl_test_favit", {"model": ddp}, checkpoint_filter_fn, x, logits,
+                                  **meta["vitlab_kwargs"])
 
 
 def test_macs_at_224():

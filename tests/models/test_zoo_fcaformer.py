@@ -1,20 +1,17 @@
 """FcaFormer (vitlab/models/fcaformer.py) against the official code: fixture, parameter counts, MACs, cross tokens."""
 import itertools
-import json
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import vitlab
-from vitlab.checkpoint import load_weights, save_checkpoint
 from vitlab.models.fcaformer import FcaBlock, FcaFormer, FcaStage, checkpoint_filter_fn, position_bias_index
 from vitlab.models.listing import count_params_meta
 from vitlab.profiling import count_flops
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "fcaformer"
+from _zoo_common import assert_filter_is_identity, assert_official_file_converts, official_fixture
 
 # exact counts of the official constructors (image_classification/models/fcaformer.py at 7dcd8e0, 1000 classes)
 OFFICIAL_PARAMS = {
@@ -26,10 +23,8 @@ OFFICIAL_PARAMS = {
 
 
 def _fixture():
-    meta = json.loads((FIXTURES / "official_tiny.json").read_text())
-    state = load_file(str(FIXTURES / "official_tiny.safetensors"))
-    x, logits = state.pop("__input__").float(), state.pop("__logits__")
-    return meta, x, logits, state
+    meta, x, logits, state = official_fixture("fcaformer")
+    return meta, x.float(), logits, state
 
 
 def _fixture_model(meta, state) -> FcaFormer:
@@ -57,10 +52,7 @@ def test_logits_match_official_code():
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = vitlab.create_model("vl_test_fcaformer")
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(vitlab.create_model("vl_test_fcaformer"), checkpoint_filter_fn)
 
 
 def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_path):
@@ -81,15 +73,9 @@ def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_
 
 
 def test_official_file_converts_to_a_vitlab_checkpoint(tmp_path):
-    # what `vitlab convert vl_test_fcaformer official.pth --out DIR --allow-pickle` runs, minus the CLI's lookup
     meta, x, logits, official_state = _fixture()
-    path = tmp_path / "official.pth"
-    torch.save({"model": official_state}, path)
-    model = vitlab.create_model("vl_test_fcaformer", **meta["vitlab_kwargs"])
-    load_weights(model, path, allow_pickle=True, filter_fn=checkpoint_filter_fn)
-    save_checkpoint(model, tmp_path / "ckpt")
-    with torch.no_grad():
-        torch.testing.assert_close(vitlab.create_model(str(tmp_path / "ckpt")).eval()(x), logits, atol=1e-4, rtol=0)
+    assert_official_file_converts(tmp_path, "vl_test_fcaformer", {"model": official_state},
+                                  checkpoint_filter_fn, x, logits, **meta["vitlab_kwargs"])
 
 
 def test_l1_params_match_the_paper():

@@ -1,20 +1,16 @@
 """GMM-ViT (vitlab/models/gmm_vit.py) against the official code: fixture, parameter counts, MACs, the mask."""
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.layers import Attention
 
 import vitlab
-from vitlab.checkpoint import load_weights, save_checkpoint
 from vitlab.models.gmm_vit import (GaussianMixtureAttention, GMMViT, checkpoint_filter_fn, gaussian_mixture_mask,
                                    squared_grid_distances)
 from vitlab.models.listing import count_params_meta
 from vitlab.profiling import count_flops
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "gmm_vit"
+from _zoo_common import assert_filter_is_identity, assert_official_file_converts, official_fixture
 
 # exact trainable-parameter counts of the official constructors (models/create_model.py at b06b199, is_GMM=True,
 # num_kernals=5, 32 px, 1000 classes)
@@ -32,9 +28,7 @@ OFFICIAL_PARAMS = {
 
 
 def _fixture():
-    meta = json.loads((FIXTURES / "official_tiny.json").read_text())
-    state = load_file(str(FIXTURES / "official_tiny.safetensors"))
-    return meta, state.pop("__input__"), state.pop("__logits__"), state
+    return official_fixture("gmm_vit")
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
@@ -64,10 +58,7 @@ def test_logits_match_official_code():
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = vitlab.create_model("vl_test_gmm_vit")
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(vitlab.create_model("vl_test_gmm_vit"), checkpoint_filter_fn)
 
 
 def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_path):
@@ -86,13 +77,8 @@ def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_
 
 def test_official_file_converts_to_a_vitlab_checkpoint(tmp_path):
     meta, x, logits, official_state = _fixture()
-    path = tmp_path / "official.pth"
-    torch.save(official_state, path)  # the official main.py's final checkpoint.pth: a plain state dict
-    model = vitlab.create_model("vl_test_gmm_vit")
-    load_weights(model, path, allow_pickle=True, filter_fn=checkpoint_filter_fn)
-    save_checkpoint(model, tmp_path / "ckpt")
-    with torch.no_grad():
-        torch.testing.assert_close(vitlab.create_model(str(tmp_path / "ckpt")).eval()(x), logits, atol=1e-4, rtol=0)
+    # the official main.py's final checkpoint.pth: a plain state dict
+    assert_official_file_converts(tmp_path, "vl_test_gmm_vit", official_state, checkpoint_filter_fn, x, logits)
 
 
 def test_macs_at_32_px_and_the_readme_count():

@@ -3,14 +3,14 @@ import json
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from safetensors.torch import load_file, save_file
 
 import vitlab
-from vitlab.checkpoint import load_weights, save_checkpoint
 from vitlab.models.hornet import GnConv, checkpoint_filter_fn
 from vitlab.profiling import count_flops
+
+from _zoo_common import assert_file_converts, assert_filter_is_identity, meta_model
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "zoo" / "hornet"
 # the official tiny configuration of the fixture, in vitlab's arguments (official_tiny.json has the official ones)
@@ -25,11 +25,6 @@ OFFICIAL_PARAMS = {
 }
 
 
-def _meta_model(name, **kwargs):
-    with torch.device("meta"):
-        return timm.create_model(name, **kwargs).eval()
-
-
 @pytest.fixture(scope="module")
 def official():
     tensors = load_file(str(FIXTURE / "official_tiny.safetensors"))
@@ -39,13 +34,13 @@ def official():
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
 def test_param_count_equals_official(name):
-    assert sum(p.numel() for p in _meta_model(name).parameters()) == OFFICIAL_PARAMS[name]
+    assert sum(p.numel() for p in meta_model(name).parameters()) == OFFICIAL_PARAMS[name]
 
 
 @pytest.mark.parametrize("name, published", [("vl_hornet_tiny_7x7", 4.0e9), ("vl_hornet_tiny_gf", 3.9e9)])
 def test_macs_match_readme(name, published):
     with torch.device("meta"):
-        count = count_flops(_meta_model(name), torch.empty(1, 3, 224, 224))
+        count = count_flops(meta_model(name), torch.empty(1, 3, 224, 224))
     assert abs(count.macs / published - 1) < 0.05, count.macs
     fft = sum(v for op, v in count.by_op.items() if "fft" in op)
     if name.endswith("_gf"):  # 18 stage-3 + 2 stage-4 filters, each an rfft2 and an irfft2 (2.5 n log2 n per channel)
@@ -80,10 +75,7 @@ def test_filter_resized_at_load_equals_runtime_interpolation(official):
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = vitlab.create_model("vl_test_hornet")
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(vitlab.create_model("vl_test_hornet"), checkpoint_filter_fn)
 
 
 def test_official_file_loads_through_timm_and_convert(official, tmp_path):
@@ -95,13 +87,8 @@ def test_official_file_loads_through_timm_and_convert(official, tmp_path):
     model = vitlab.create_model("vl_test_hornet", pretrained=True, pretrained_cfg_overlay=overlay, **TINY).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(extras["__input__"]), extras["__logits__"], atol=1e-4, rtol=0)
-    # what `vitlab convert vl_test_hornet official.pth --allow-pickle --out DIR` does, through the library
-    converted = load_weights(vitlab.create_model("vl_test_hornet", **TINY), path, allow_pickle=True,
-                             filter_fn=checkpoint_filter_fn)
-    out = save_checkpoint(converted, tmp_path / "ckpt")
-    with torch.no_grad():
-        torch.testing.assert_close(vitlab.create_model(out)(extras["__input__"]), extras["__logits__"], atol=1e-4,
-                                   rtol=0)
+    assert_file_converts(tmp_path, "vl_test_hornet", path, checkpoint_filter_fn, extras["__input__"],
+                         extras["__logits__"], **TINY)
 
 
 def test_in_chans_1_adapts_rgb_weights(tmp_path):

@@ -1,6 +1,5 @@
 """MSVMamba (vitlab/models/msvmamba.py) against the official code: the selective scan against the official reference
 scan, a logits fixture, parameter counts, the multi-scale scan routes, interfaces."""
-import json
 from pathlib import Path
 
 import pytest
@@ -9,13 +8,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vitlab
-from vitlab.checkpoint import load_weights, save_checkpoint
 from vitlab.models import msvmamba
 from vitlab.models.listing import count_params_meta
 from vitlab.models.msvmamba import (MSVMamba, MultiScaleSS2D, SelectiveSSM, checkpoint_filter_fn, merge_down_routes,
                                     multiscale_routes, selective_scan, selective_scan_parallel,
                                     selective_scan_sequential)
 from vitlab.profiling import count_flops
+
+from _zoo_common import assert_filter_is_identity, assert_official_file_converts, official_fixture
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "msvmamba"
 COMMIT = "c39401918e94f11eb29e4932b901b3fd139f1377"
@@ -30,9 +30,7 @@ SCANS = {"sequential": selective_scan_sequential, "parallel": selective_scan_par
 
 
 def _fixture():
-    meta = json.loads((FIXTURES / "official_tiny.json").read_text())
-    state = load_file(str(FIXTURES / "official_tiny.safetensors"))
-    return meta, state.pop("__input__"), state.pop("__logits__"), state
+    return official_fixture("msvmamba")
 
 
 def _random_scan_inputs(length: int, groups: int = 2, channels: int = 8, d_state: int = 3, seed: int = 0) -> dict:
@@ -127,10 +125,7 @@ def test_logits_match_official_code():
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = vitlab.create_model("vl_test_msvmamba")
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(vitlab.create_model("vl_test_msvmamba"), checkpoint_filter_fn)
 
 
 def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_path):
@@ -152,13 +147,8 @@ def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_
 
 def test_official_file_converts_to_a_vitlab_checkpoint(tmp_path):
     meta, x, logits, official_state = _fixture()
-    path = tmp_path / "official.pth"
-    torch.save({"model": official_state}, path)
-    model = vitlab.create_model("vl_test_msvmamba", **meta["vitlab_kwargs"])
-    load_weights(model, path, allow_pickle=True, filter_fn=checkpoint_filter_fn)
-    save_checkpoint(model, tmp_path / "ckpt")
-    with torch.no_grad():
-        torch.testing.assert_close(vitlab.create_model(str(tmp_path / "ckpt"))(x), logits, atol=1e-4, rtol=0)
+    assert_official_file_converts(tmp_path, "vl_test_msvmamba", {"model": official_state},
+                                  checkpoint_filter_fn, x, logits, **meta["vitlab_kwargs"])
 
 
 def test_routes_one_full_resolution_and_three_half_resolution_orders():

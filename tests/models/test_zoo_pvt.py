@@ -15,6 +15,8 @@ from vitlab.models.listing import count_params_meta
 from vitlab.models.pvt import checkpoint_filter_fn
 from vitlab.profiling import count_flops
 
+from _zoo_common import assert_filter_is_identity, assert_setting_keeps_output
+
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "zoo" / "pvt"
 
 
@@ -126,10 +128,7 @@ def test_checkpoint_filter_resizes_pos_embed_to_the_model_img_size():
 
 
 def test_checkpoint_filter_is_identity_on_vitlab_layout():
-    model = timm.create_model("vl_test_pvt")
-    state = model.state_dict()
-    filtered = checkpoint_filter_fn(state, model)
-    assert filtered.keys() == state.keys() and all(filtered[k] is state[k] for k in state)
+    assert_filter_is_identity(timm.create_model("vl_test_pvt"), checkpoint_filter_fn)
 
 
 def test_official_pth_converts_to_a_vitlab_checkpoint(tmp_path):
@@ -158,26 +157,23 @@ def test_pretrained_file_adapts_rgb_weights_to_in_chans_1(tmp_path):
     assert gray(torch.randn(2, 1, 64, 64)).shape == (2, 10)
 
 
+def _blocks(model):
+    return [b for stage in model.stages for b in stage.blocks]
+
+
 def test_fused_and_manual_attention_agree():
     torch.manual_seed(0)
     model = timm.create_model("vl_test_pvt").eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        fused = model(x)
-        for block in (b for stage in model.stages for b in stage.blocks):
-            block.attn.fused_attn = False
-        torch.testing.assert_close(model(x), fused, atol=1e-5, rtol=1e-5)
+    assert_setting_keeps_output(model, torch.randn(2, 3, 64, 64),
+                                [b.attn for b in _blocks(model)], "fused_attn", False)
 
 
 def test_chunked_mlp_inference_equals_the_plain_mlp():
     torch.manual_seed(0)
     model = timm.create_model("vl_test_pvt").eval()
-    x = torch.randn(3, 3, 64, 64)
-    with torch.no_grad():
-        plain = model(x)
-        for block in (b for stage in model.stages for b in stage.blocks):
-            block.mlp_chunk_elems = 1000  # force several chunks in every stage
-        torch.testing.assert_close(model(x), plain, atol=1e-5, rtol=1e-5)
+    # mlp_chunk_elems=1000 forces several chunks in every stage
+    assert_setting_keeps_output(model, torch.randn(3, 3, 64, 64),
+                                _blocks(model), "mlp_chunk_elems", 1000)
 
 
 def test_any_input_size_and_in_chans_1():

@@ -1,21 +1,17 @@
 """RMT (vitlab/models/rmt.py) against the official code: fixture, parameter counts, MACs, decay masks, interfaces."""
-import json
-from pathlib import Path
-
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import vitlab
-from vitlab.checkpoint import load_weights, save_checkpoint
 from vitlab.models.listing import count_params_meta
 from vitlab.models.rmt import (RMT, ManhattanSelfAttention, _plus_dwconv, apply_rotary, axis_decay_mask,
                                checkpoint_filter_fn, decay_rates, manhattan_decay_mask, rotary_sin_cos,
                                rotate_every_two)
 from vitlab.profiling import count_flops
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "rmt"
+from _zoo_common import assert_filter_is_identity, assert_official_file_converts, official_fixture
 
 # exact counts of the official constructors (classfication_release/RMT.py at 32ea214, 1000 classes)
 OFFICIAL_PARAMS = {
@@ -27,9 +23,7 @@ OFFICIAL_PARAMS = {
 
 
 def _fixture():
-    meta = json.loads((FIXTURES / "official_tiny.json").read_text())
-    state = load_file(str(FIXTURES / "official_tiny.safetensors"))
-    return meta, state.pop("__input__"), state.pop("__logits__"), state
+    return official_fixture("rmt")
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
@@ -47,10 +41,7 @@ def test_logits_match_official_code():
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = vitlab.create_model("vl_test_rmt")
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(vitlab.create_model("vl_test_rmt"), checkpoint_filter_fn)
 
 
 def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_path):
@@ -72,15 +63,9 @@ def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_
 
 
 def test_official_file_converts_to_a_vitlab_checkpoint(tmp_path):
-    # what `vitlab convert vl_test_rmt official.pth --out DIR --allow-pickle` runs, minus the CLI's module lookup
     meta, x, logits, official_state = _fixture()
-    path = tmp_path / "official.pth"
-    torch.save({"model": official_state}, path)
-    model = vitlab.create_model("vl_test_rmt", **meta["vitlab_kwargs"])
-    load_weights(model, path, allow_pickle=True, filter_fn=checkpoint_filter_fn)
-    save_checkpoint(model, tmp_path / "ckpt")
-    with torch.no_grad():
-        torch.testing.assert_close(vitlab.create_model(str(tmp_path / "ckpt"))(x), logits, atol=1e-4, rtol=0)
+    assert_official_file_converts(tmp_path, "vl_test_rmt", {"model": official_state},
+                                  checkpoint_filter_fn, x, logits, **meta["vitlab_kwargs"])
 
 
 def _uninitialised(name: str, **kwargs) -> torch.nn.Module:

@@ -16,6 +16,8 @@ from vitlab.models.sgformer import (TOKEN_GROUPS, HybridScaleAttention, SGFormer
                                     token_assignment)
 from vitlab.profiling import count_flops
 
+from _zoo_common import assert_filter_is_identity
+
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "sgformer"
 COMMIT = "b982803ceb0af70ff20f42784ddac51212ef954e"
 
@@ -52,10 +54,7 @@ def test_logits_match_official_code(name):
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = vitlab.create_model("vl_test_sgformer")
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(vitlab.create_model("vl_test_sgformer"), checkpoint_filter_fn)
 
 
 def _narrow(meta) -> dict:

@@ -1,21 +1,17 @@
 """SOFT (vitlab/models/soft.py) against the official code: fixture, parameter counts, MACs, the Newton-Raphson
 inverse, the Nystrom approximation, linear cost, interfaces."""
-import json
-from pathlib import Path
-
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import vitlab
-from vitlab.checkpoint import load_weights, save_checkpoint
 from vitlab.models.listing import count_params_meta
 from vitlab.models.soft import (SoftmaxFreeAttention, _NewtonInverse, checkpoint_filter_fn, gaussian_kernel,
                                 newton_inverse, nystrom_attention)
 from vitlab.profiling import count_flops
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "soft"
+from _zoo_common import assert_filter_is_identity, assert_official_file_converts, official_fixture
 
 # exact counts of the official constructors (models/softmax_free_vision_transformer.py at d3febc3, 1000 classes)
 OFFICIAL_PARAMS = {
@@ -28,9 +24,8 @@ OFFICIAL_PARAMS = {
 
 
 def _fixture():
-    meta = json.loads((FIXTURES / "official_tiny.json").read_text())
-    state = load_file(str(FIXTURES / "official_tiny.safetensors"))
-    return meta, state.pop("__input__").float(), state.pop("__logits__"), state
+    meta, x, logits, state = official_fixture("soft")
+    return meta, x.float(), logits, state
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
@@ -48,10 +43,7 @@ def test_logits_match_official_code():
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = vitlab.create_model("vl_test_soft")
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(vitlab.create_model("vl_test_soft"), checkpoint_filter_fn)
 
 
 def test_filter_resizes_position_embeddings_for_another_img_size():
@@ -79,15 +71,10 @@ def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_
 
 
 def test_official_file_converts_to_a_vitlab_checkpoint(tmp_path):
-    # what `vitlab convert vl_test_soft official.pth --out DIR --allow-pickle` runs, minus the CLI's module lookup
     meta, x, logits, official_state = _fixture()
-    path = tmp_path / "official.pth"
-    torch.save({"epoch": 299, "state_dict": {f"module.{k}": v for k, v in official_state.items()}}, path)  # from DDP
-    model = vitlab.create_model("vl_test_soft", **meta["vitlab_kwargs"])
-    load_weights(model, path, allow_pickle=True, filter_fn=checkpoint_filter_fn)
-    save_checkpoint(model, tmp_path / "ckpt")
-    with torch.no_grad():
-        torch.testing.assert_close(vitlab.create_model(str(tmp_path / "ckpt"))(x), logits, atol=1e-4, rtol=0)
+    ddp = {f"module.{k}": v for k, v in official_state.items()}  # from DDP
+    assert_official_file_converts(tmp_path, "vl_test_soft", {"epoch": 299, "state_dict": ddp}, checkpoint_filter_fn,
+                                  x, logits, **meta["vitlab_kwargs"])
 
 
 def test_filter_takes_the_ema_weights_of_an_official_training_file():

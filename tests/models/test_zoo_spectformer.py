@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -12,6 +11,8 @@ import vitlab
 from vitlab.cli import main
 from vitlab.models.spectformer import SpectralGatingNetwork, checkpoint_filter_fn
 from vitlab.profiling import count_flops
+
+from _zoo_common import assert_filter_is_identity, meta_model
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "zoo" / "spectformer"
 # the official tiny configuration of the fixture (alpha = 4 and 6 heads are hard-coded in the official code)
@@ -27,11 +28,6 @@ OFFICIAL_PARAMS = {
 }
 
 
-def _meta_model(name, **kwargs):
-    with torch.device("meta"):
-        return timm.create_model(name, **kwargs).eval()
-
-
 @pytest.fixture(scope="module")
 def official():
     tensors = load_file(str(FIXTURE / "official_tiny.safetensors"))
@@ -41,16 +37,16 @@ def official():
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
 def test_param_count_equals_official(name):
-    assert sum(p.numel() for p in _meta_model(name).parameters()) == OFFICIAL_PARAMS[name]
+    assert sum(p.numel() for p in meta_model(name).parameters()) == OFFICIAL_PARAMS[name]
 
 
 @pytest.mark.parametrize("name, published", [("vl_spectformer_tiny", 1.8e9), ("vl_spectformer_xs", 4.0e9)])
 def test_macs_match_readme(name, published):
     with torch.device("meta"):
-        count = count_flops(_meta_model(name), torch.empty(1, 3, 224, 224))
+        count = count_flops(meta_model(name), torch.empty(1, 3, 224, 224))
     assert abs(count.macs / published - 1) < 0.05, count.macs
     fft = sum(v for op, v in count.by_op.items() if "fft" in op)
-    width = _meta_model(name).embed_dim
+    width = meta_model(name).embed_dim
     # 4 spectral blocks, each an rfft2 and an irfft2 over 14x14 tokens per channel at 2.5 n log2 n
     assert fft == pytest.approx(4 * 2 * 2.5 * 196 * torch.log2(torch.tensor(196.0)).item() * width, rel=1e-6)
 
@@ -87,10 +83,7 @@ def test_other_size_matches_official_finetune_resize(official):
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = vitlab.create_model("vl_test_spectformer")
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(vitlab.create_model("vl_test_spectformer"), checkpoint_filter_fn)
 
 
 def test_official_file_loads_through_timm_and_cli(official, tmp_path):

@@ -13,6 +13,8 @@ from vitlab.models.listing import count_params_meta
 from vitlab.models.sret import SReT, checkpoint_filter_fn, slice_tokens, unslice_tokens
 from vitlab.profiling import count_flops
 
+from _zoo_common import assert_filter_is_identity
+
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "zoo" / "sret"
 
 # sum(p.numel() for p in model.parameters()) of the official constructors (commit af6db0a), 1000 classes; recursion
@@ -60,9 +62,7 @@ def test_filter_keeps_each_shared_block_once_and_is_identity_on_vitlab_layout():
     # the official dict repeats stage 0's block 0 at positions 0 and 2 (recursion): same tensor
     assert torch.equal(official["transformers.0.blocks.0.attn.qkv.weight"],
                        official["transformers.0.blocks.2.attn.qkv.weight"])
-    state = model.state_dict()
-    filtered = checkpoint_filter_fn(state, model)
-    assert filtered.keys() == state.keys() and all(filtered[k] is state[k] for k in state)
+    assert_filter_is_identity(model, checkpoint_filter_fn)
 
 
 def test_eval_shuffle():

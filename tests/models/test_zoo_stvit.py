@@ -1,22 +1,18 @@
 """STViT (vitlab/models/stvit.py) against the official code: fixture, parameter counts, MACs, super token attention."""
-import json
-from pathlib import Path
-
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.layers import Attention
 
 import vitlab
-from vitlab.checkpoint import load_weights, save_checkpoint
 from vitlab.models.listing import count_params_meta
 from vitlab.models.stvit import (STViT, SuperTokenAttention, association, checkpoint_filter_fn, fold_neighbours,
                                  neighbour_super_tokens, sample_super_tokens)
 from vitlab.profiling import count_flops
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "stvit"
+from _zoo_common import assert_filter_is_identity, assert_official_file_converts, official_fixture
 
 # exact trainable-parameter counts of the official constructors (models/stvit.py at c9ed9a4, 1000 classes)
 OFFICIAL_PARAMS = {
@@ -27,9 +23,7 @@ OFFICIAL_PARAMS = {
 
 
 def _fixture():
-    meta = json.loads((FIXTURES / "official_tiny.json").read_text())
-    state = load_file(str(FIXTURES / "official_tiny.safetensors"))
-    return meta, state.pop("__input__"), state.pop("__logits__"), state
+    return official_fixture("stvit")
 
 
 def _test_kwargs(meta: dict) -> dict:
@@ -53,10 +47,7 @@ def test_logits_match_official_code():
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = vitlab.create_model("vl_test_stvit")
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(vitlab.create_model("vl_test_stvit"), checkpoint_filter_fn)
 
 
 def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_path):
@@ -77,15 +68,9 @@ def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_
 
 
 def test_official_file_converts_to_a_vitlab_checkpoint(tmp_path):
-    # what `vitlab convert vl_test_stvit official.pth --out DIR --allow-pickle` runs, minus the CLI's module lookup
     meta, x, logits, official_state = _fixture()
-    path = tmp_path / "official.pth"
-    torch.save({"model": official_state}, path)
-    model = vitlab.create_model("vl_test_stvit", **_test_kwargs(meta))
-    load_weights(model, path, allow_pickle=True, filter_fn=checkpoint_filter_fn)
-    save_checkpoint(model, tmp_path / "ckpt")
-    with torch.no_grad():
-        torch.testing.assert_close(vitlab.create_model(str(tmp_path / "ckpt"))(x), logits, atol=1e-4, rtol=0)
+    assert_official_file_converts(tmp_path, "vl_test_stvit", {"model": official_state},
+                                  checkpoint_filter_fn, x, logits, **_test_kwargs(meta))
 
 
 @pytest.mark.slow

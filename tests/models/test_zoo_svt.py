@@ -1,6 +1,5 @@
 """SVT (vitlab/models/svt.py) against the official code and pytorch_wavelets: fixtures, parameter counts, MACs,
 the DTCWT and its perfect reconstruction, the complex gating, interfaces."""
-import json
 from pathlib import Path
 
 import pytest
@@ -9,11 +8,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vitlab
-from vitlab.checkpoint import load_weights, save_checkpoint
 from vitlab.models.listing import count_params_meta
 from vitlab.models.svt import (SVT, SpectralScattering, _one_node, checkpoint_filter_fn, complex_block_mlp,
                                dtcwt_forward, dtcwt_inverse, near_sym_b_filters)
 from vitlab.profiling import count_flops
+
+from _zoo_common import assert_filter_is_identity, assert_official_file_converts, official_fixture
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "svt"
 
@@ -26,9 +26,7 @@ OFFICIAL_PARAMS = {
 
 
 def _fixture():
-    meta = json.loads((FIXTURES / "official_tiny.json").read_text())
-    state = load_file(str(FIXTURES / "official_tiny.safetensors"))
-    return meta, state.pop("__input__"), state.pop("__logits__"), state
+    return official_fixture("svt")
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
@@ -46,10 +44,7 @@ def test_logits_match_official_code():
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = vitlab.create_model("vl_test_svt")
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(vitlab.create_model("vl_test_svt"), checkpoint_filter_fn)
 
 
 def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_path):
@@ -70,15 +65,9 @@ def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_
 
 
 def test_official_file_converts_to_a_vitlab_checkpoint(tmp_path):
-    # what `vitlab convert vl_test_svt official.pth --out DIR --allow-pickle` runs, minus the CLI's module lookup
     meta, x, logits, official_state = _fixture()
-    path = tmp_path / "official.pth"
-    torch.save({"model": official_state}, path)
-    model = vitlab.create_model("vl_test_svt", **meta["vitlab_kwargs"])
-    load_weights(model, path, allow_pickle=True, filter_fn=checkpoint_filter_fn)
-    save_checkpoint(model, tmp_path / "ckpt")
-    with torch.no_grad():
-        torch.testing.assert_close(vitlab.create_model(str(tmp_path / "ckpt"))(x), logits, atol=1e-4, rtol=0)
+    assert_official_file_converts(tmp_path, "vl_test_svt", {"model": official_state},
+                                  checkpoint_filter_fn, x, logits, **meta["vitlab_kwargs"])
 
 
 def test_converter_resizes_the_low_pass_filter_to_another_grid():

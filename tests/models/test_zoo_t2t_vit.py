@@ -13,6 +13,8 @@ from vitlab.models.listing import count_params_meta
 from vitlab.models.t2t_vit import T2TViT, checkpoint_filter_fn, sinusoid_pos_embed, soft_split_sizes
 from vitlab.profiling import count_flops
 
+from _zoo_common import assert_filter_is_identity
+
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "zoo" / "t2t_vit"
 
 # sum(p.numel() for p in model.parameters()) of the official constructors (commit 0f63dc9), 1000 classes
@@ -55,11 +57,7 @@ def test_position_embedding_is_the_official_sinusoid():
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = _test_model()
-    state = model.state_dict()
-    filtered = checkpoint_filter_fn(state, model)
-    assert filtered.keys() == state.keys()
-    assert all(filtered[k] is state[k] for k in state)
+    assert_filter_is_identity(_test_model(), checkpoint_filter_fn)
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))

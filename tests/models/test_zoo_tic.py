@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import vitlab
-from vitlab.checkpoint import load_weights, save_checkpoint
 from vitlab.models.listing import count_params_meta
 from vitlab.models.tic import (MSAConv2d, TiC, checkpoint_filter_fn, cyclic_shift, mdcs_shifts, msa_conv_attention,
                                window_validity)
 from vitlab.profiling import count_flops
+
+from _zoo_common import assert_filter_is_identity, assert_official_file_converts
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "tic"
 
@@ -67,10 +68,7 @@ def test_logits_match_official_code():
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = vitlab.create_model("vl_test_tic")
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(vitlab.create_model("vl_test_tic"), checkpoint_filter_fn)
 
 
 def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_path):
@@ -93,14 +91,8 @@ def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_
 
 def test_official_file_converts_to_a_vitlab_checkpoint(tmp_path):
     meta, arrays, _, official_state = _fixture()
-    path = tmp_path / "official.pth"
-    torch.save({"model": official_state}, path)
-    model = vitlab.create_model("vl_test_tic", **meta["vitlab_kwargs"])
-    load_weights(model, path, allow_pickle=True, filter_fn=checkpoint_filter_fn)
-    save_checkpoint(model, tmp_path / "ckpt")
-    with torch.no_grad():
-        out = vitlab.create_model(str(tmp_path / "ckpt"))(arrays["__input__"])
-    torch.testing.assert_close(out, arrays["__logits__"], atol=1e-4, rtol=0)
+    assert_official_file_converts(tmp_path, "vl_test_tic", {"model": official_state}, checkpoint_filter_fn,
+                                  arrays["__input__"], arrays["__logits__"], **meta["vitlab_kwargs"])
 
 
 @pytest.mark.slow

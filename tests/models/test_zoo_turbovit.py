@@ -15,6 +15,8 @@ from vitlab.models.listing import count_params_meta
 from vitlab.models.turbovit import TurboViT, checkpoint_filter_fn, grid_order, mask_unit_order
 from vitlab.profiling import count_flops
 
+from _zoo_common import assert_filter_is_identity
+
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "turbovit"
 # a tiny Hiera: 16-32-64-128 channels (Hiera doubles width and heads per stage), depths 1-2-2-2, a non-square
 # 64 x 96 input (16 x 24 tokens: 2 x 3 mask units of 8 x 8), layer scale
@@ -158,10 +160,7 @@ def test_pooling_stage_must_change_width():
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = _tiny()
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(_tiny(), checkpoint_filter_fn)
 
 
 def test_official_hiera_file_loads_through_timm_builder_and_in_gray(tmp_path):

@@ -1,19 +1,15 @@
 """UniFormer (vitlab/models/uniformer.py) against the official code: fixtures, parameter counts, MACs, interfaces."""
-import json
-from pathlib import Path
-
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import vitlab
-from vitlab.checkpoint import load_weights, save_checkpoint
 from vitlab.models.listing import count_params_meta
 from vitlab.models.uniformer import UniFormer, checkpoint_filter_fn
 from vitlab.profiling import count_flops
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "uniformer"
+from _zoo_common import assert_filter_is_identity, assert_official_file_converts, official_fixture
 
 # exact counts of the official constructors (image_classification/models/uniformer.py at 52a0415, 1000 classes)
 OFFICIAL_PARAMS = {
@@ -26,9 +22,7 @@ OFFICIAL_PARAMS = {
 
 
 def _fixture(name: str):
-    meta = json.loads((FIXTURES / f"{name}.json").read_text())
-    state = load_file(str(FIXTURES / f"{name}.safetensors"))
-    return meta, state.pop("__input__"), state.pop("__logits__"), state
+    return official_fixture("uniformer", name)
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
@@ -47,10 +41,7 @@ def test_logits_match_official_code(fixture):
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = vitlab.create_model("vl_test_uniformer")
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(vitlab.create_model("vl_test_uniformer"), checkpoint_filter_fn)
 
 
 def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_path):
@@ -71,16 +62,10 @@ def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_
 
 
 def test_official_file_converts_to_a_vitlab_checkpoint(tmp_path):
-    # what `vitlab convert vl_test_uniformer official.pth --out DIR --allow-pickle` runs, minus the CLI's module lookup
     meta, x, logits, official_state = _fixture("official_tiny_convstem_ls")
-    path = tmp_path / "official.pth"
-    torch.save({"model": official_state}, path)  # the official files wrap the state dict in {"model": ...}
-    model = vitlab.create_model("vl_test_uniformer", **meta["vitlab_kwargs"])
-    load_weights(model, path, allow_pickle=True, filter_fn=checkpoint_filter_fn)
-    save_checkpoint(model, tmp_path / "ckpt")
-    again = vitlab.create_model(str(tmp_path / "ckpt"))
-    with torch.no_grad():
-        torch.testing.assert_close(again(x), logits, atol=1e-4, rtol=0)
+    # the official files wrap the state dict in {"model": ...}
+    assert_official_file_converts(tmp_path, "vl_test_uniformer", {"model": official_state}, checkpoint_filter_fn, x,
+                                  logits, **meta["vitlab_kwargs"])
 
 
 def test_macs_at_224_match_readme():

@@ -1,23 +1,20 @@
 """UniFormer-light (vitlab/models/uniformer_light.py) against the official code: fixture, parameter counts, MACs, the
 Evo-ViT token pruning's properties, converters and interfaces."""
-import json
-from pathlib import Path
-
 import pytest
 import timm
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.models.vision_transformer import Block
 
 import vitlab
-from vitlab.checkpoint import load_weights, save_checkpoint
 from vitlab.models.listing import count_params_meta
 from vitlab.models.uniformer_light import (TokenPruningBlock, UniFormerLight, checkpoint_filter_fn, merge_dropped,
                                            pool_scores)
 from vitlab.profiling import count_flops
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "uniformer_light"
+from _zoo_common import assert_filter_is_identity, assert_official_file_converts, official_fixture
+
 COMMIT = "52a0415e4e0dda880fab8ffbc710e4d8e171149d"
 
 # exact counts of the official constructors (image_classification/models/uniformer_light.py at 52a0415, 1000
@@ -32,9 +29,7 @@ README_MACS = [pytest.param("vl_uniformer_xxs", 224, 1.3e9, marks=pytest.mark.sl
 
 
 def _fixture():
-    meta = json.loads((FIXTURES / "official_tiny.json").read_text())
-    state = load_file(str(FIXTURES / "official_tiny.safetensors"))
-    return meta, state.pop("__input__"), state.pop("__logits__"), state
+    return official_fixture("uniformer_light")
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
@@ -55,10 +50,7 @@ def test_logits_match_official_code():
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = vitlab.create_model("vl_test_uniformer_light")
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(vitlab.create_model("vl_test_uniformer_light"), checkpoint_filter_fn)
 
 
 def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_path):
@@ -83,14 +75,10 @@ def test_official_file_loads_through_timm_builder_and_adapts_to_one_channel(tmp_
 
 def test_official_file_converts_to_a_vitlab_checkpoint(tmp_path):
     meta, x, logits, official_state = _fixture()
-    path = tmp_path / "official.pth"
-    torch.save({"model": official_state}, path)  # the official files wrap the state dict in {"model": ...}
-    model = vitlab.create_model("vl_test_uniformer_light", **meta["vitlab_kwargs"])
-    load_weights(model, path, allow_pickle=True, filter_fn=checkpoint_filter_fn)
-    save_checkpoint(model, tmp_path / "ckpt")
-    again = vitlab.create_model(str(tmp_path / "ckpt")).eval()
+    # the official files wrap the state dict in {"model": ...}
+    again = assert_official_file_converts(tmp_path, "vl_test_uniformer_light", {"model": official_state},
+                                          checkpoint_filter_fn, x, logits, **meta["vitlab_kwargs"])
     with torch.no_grad():
-        torch.testing.assert_close(again(x), logits, atol=1e-4, rtol=0)
         main, token = again.forward_token_head(x)  # the official training pair: both heads
     torch.testing.assert_close(main, logits, atol=1e-4, rtol=0)
     assert token.shape == logits.shape and not torch.allclose(token, main, atol=1e-2)

@@ -18,6 +18,8 @@ from vitlab.models.vir import (Retention, VisionRetention, checkpoint_filter_fn,
                                retention_chunkwise, retention_parallel, retention_recurrent)
 from vitlab.profiling import count_flops
 
+from _zoo_common import assert_filter_is_identity
+
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "zoo" / "vir"
 
 # exact counts of the reviewer-code constructors (anom63931/ViR models/vir.py at d91fd8b, img_size (224, 224),
@@ -167,10 +169,7 @@ def test_logits_match_reviewer_code_in_every_mode():
 
 
 def test_filter_is_identity_on_vitlab_layout():
-    model = vitlab.create_model("vl_test_vir")
-    state = model.state_dict()
-    out = checkpoint_filter_fn(state, model)
-    assert out.keys() == state.keys() and all(out[k] is state[k] for k in state)
+    assert_filter_is_identity(vitlab.create_model("vl_test_vir"), checkpoint_filter_fn)
 
 
 def test_official_file_loads_through_timm_and_converts(tmp_path):

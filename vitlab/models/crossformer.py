@@ -331,7 +331,8 @@ def _cfg(**kwargs) -> dict:
 default_cfgs = generate_default_cfgs({
     "vl_crossformer_tiny": _cfg(paper_ids="arXiv:2108.00154"),
     "vl_crossformer_small": _cfg(paper_ids="arXiv:2108.00154"),
-    "vl_test_crossformer": _cfg(input_size=(3, 64, 64), pool_size=(8, 8), num_classes=10),
+    "vl_test_crossformer": _cfg(input_size=(3, 64, 64), pool_size=(8, 8), num_classes=10,
+                                first_conv=("patch_embed.projs.0", "patch_embed.projs.1")),   # its 2 patch sizes
 })
 
 

@@ -125,7 +125,8 @@ default_cfgs = generate_default_cfgs({
     "vl_crossformer_pp_b": _cfg(paper_ids="arXiv:2303.06908"),
     "vl_crossformer_pp_l": _cfg(paper_ids="arXiv:2303.06908"),
     "vl_crossformer_pp_h": _cfg(paper_ids="arXiv:2303.06908"),
-    "vl_test_crossformer_pp": _cfg(input_size=(3, 64, 64), pool_size=(8, 8), num_classes=10),
+    "vl_test_crossformer_pp": _cfg(input_size=(3, 64, 64), pool_size=(8, 8), num_classes=10,
+                                   first_conv=("patch_embed.projs.0", "patch_embed.projs.1")),   # its 2 patch sizes
 })
 
 # the released configs: PGS group sizes and LDA intervals per stage
