@@ -45,7 +45,7 @@ def sources(tmp_path_factory):
                       ("ov", W8A8(engine="openvino", threads=1))):
         torch.manual_seed(0)
         model = vitlab.create_model("vl_test_vit", num_classes=CLASSES).eval()
-        save_quantized(vitlab.apply_(model, cfg, calib=calib), root / name)
+        save_quantized(vitlab.load(model, [cfg], calibration=lambda m: calib), root / name)   # model or runner
     return root
 
 

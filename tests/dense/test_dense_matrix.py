@@ -57,7 +57,7 @@ def test_every_technique_works_or_refuses_by_name(head):
     for technique in TECHNIQUES:
         name = technique.split(":")[0]
         try:
-            result = vitlab.apply_(copy.deepcopy(model), parse_apply([technique]), calib=calib)
+            result = vitlab.load(copy.deepcopy(model), [technique], calibration=lambda m: calib)   # model or runner
         except TechniqueNotApplicable as e:
             assert str(e).startswith(name) and ("supports" in str(e) or "engine cannot run it" in str(e)), str(e)
             continue

@@ -149,8 +149,8 @@ def test_techniques_apply(text, monkeypatch):
     torch.manual_seed(0)
     model = vitlab.create_model("vl_test_eventtransact", num_classes=10).eval()
     x = torch.randn(2, 2, 10, 32, 32)
-    out = vitlab.apply_(copy.deepcopy(model), vitlab.parse_apply([text]),
-                        calib=[torch.randn(8, 2, 10, 32, 32)])(x)
+    calib = [torch.randn(8, 2, 10, 32, 32)]
+    out = vitlab.load(copy.deepcopy(model), [text], calibration=lambda m: calib)(x)   # a model, or w8a8's runner
     assert out.shape == (2, 10) and torch.isfinite(out).all()
 
 
