@@ -9,9 +9,10 @@ the function that carries it out is registered separately, by config type (torch
         r: int = 8
 
     @register_handler(ToMe)
-    def _apply_tome(model, cfg): ...     # returns the model (or a runner, for deployment)
+    def _apply_tome(model, cfg): ...     # changes the model in place and returns it
 
     vitlab.apply_(model, parse_apply(["tome:r=13"]))
+    runner = vitlab.deploy(model, W8A8(), calib=batches)   # deploys=True techniques give a runner (vitlab.loader)
 
 Stacks apply in a fixed order of kinds: structure (pruning) -> tokens -> quantization/deployment. The stack
 applied so far is recorded on the model (`model.vitlab.techniques`), saved in checkpoints and measurement rows.

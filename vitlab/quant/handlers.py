@@ -1,4 +1,4 @@
-"""What `vitlab.apply_` runs for each quantization config (registered by config type, `register_handler`).
+"""What `vitlab.apply_` and `vitlab.deploy` run for each quantization config (registered by config type, `register_handler`).
 
 `ptq`, in this order: wrap (quantizers off) -> `smooth` (vitlab.quant.mptq.smooth_, before any observation) ->
 calibrate -> `bits` (vitlab.quant.mptq.allocate_bits, on the calibrated model; it changes bit widths with
