@@ -29,10 +29,6 @@ demo: setup
 	$(BIN)/vitlab pareto checkpoints/fashion-mnist-reference --data fashion-mnist \
 	  --candidates checkpoints/fashion-mnist-pruned50 --out pareto-out --budget-minutes 8
 
-# Two processes: with the dense, search and toy-agent tests in the same process, an OpenVINO compile segfaulted.
-# The cause was OpenVINO Cores restoring signal stacks out of order (vitlab.quant.deploy now keeps one Core per
-# process); the split stays until a full one-process run passes on CI. --durations lists the slowest tests.
-HEAVY := tests/agents tests/dense tests/search
+# One process: --durations lists the slowest tests (mark what is slow with @pytest.mark.slow; pytest -m slow runs it).
 test: setup browser
-	$(BIN)/python -m pytest -q --durations=15 $(HEAVY)
-	$(BIN)/python -m pytest -q --durations=25 $(foreach f,$(HEAVY),--ignore=$(f))
+	$(BIN)/python -m pytest -q --durations=25
