@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .techniques import TechniqueError, _coerce
+from .techniques import parse_options
 
 __all__ = ["Recipe", "RecipeError", "Step", "format_recipe", "parse_recipe", "recipe_class", "recipe_names",
            "register_recipe"]
@@ -123,21 +123,8 @@ def parse_recipe(text: str) -> Recipe:
         cls = recipe_class(name)
     except RecipeError as e:
         raise RecipeError(f"{e} (in --recipe {text!r})") from None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq:
-            raise RecipeError(f"{name}: option {item!r} has no value; write key=value (in --recipe {text!r})")
-        if key not in fields:
-            raise RecipeError(f"{name}: unknown option {key!r}; options are {', '.join(sorted(fields)) or 'none'} "
-                              f"(in --recipe {text!r})")
-        try:
-            kwargs[key] = _coerce(value.strip(), hints[key], key, name)
-        except TechniqueError as e:
-            raise RecipeError(f"{e} (in --recipe {text!r})") from None
+    fields = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    kwargs = parse_options(text, rest, name, fields, typing.get_type_hints(cls), "--recipe", RecipeError)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:

@@ -32,7 +32,7 @@ from .record import record, update_record
 __all__ = [
     "Kind", "TechniqueError", "TechniqueNotApplicable", "register_technique", "register_handler", "unregister_technique", "technique_names",
     "get_technique", "parse_technique", "parse_apply", "format_technique", "technique_to_dict",
-    "technique_from_dict", "check_stack_order", "applied_techniques", "apply_", "apply_stack", "needs_calibration",
+    "technique_from_dict", "check_stack_order", "applied_techniques", "apply_", "apply_stack", "needs_calibration", "parse_options",
     "deploys",
 ]
 
@@ -203,6 +203,30 @@ def _coerce(text: str, annotation: Any, key: str, name: str) -> Any:
     raise TechniqueError(f"{name}: {key}={text!r} is not a valid {type_name}")
 
 
+def parse_options(text: str, rest: str, label: str, options: Sequence[str], hints: dict[str, Any], flag: str,
+                  error: type[UserError] = TechniqueError) -> dict[str, Any]:
+    """The `key=value,...` part of `NAME:key=value,...` (`rest`, from the whole `text`) -> {option: typed value}:
+    the grammar `--apply`, `--recipe` and `--head` share. `options` are the keys allowed (listed in this order when
+    one is unknown); values are coerced to `hints[key]` (str when absent). Every mistake raises `error`, starting
+    with `label` and ending with `(in FLAG 'TEXT')`."""
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq:
+            raise error(f"{label}: option {item!r} has no value; write key=value (in {flag} {text!r})")
+        if key not in options:
+            raise error(f"{label}: unknown option {key!r}; options are {', '.join(options) or 'none'} "
+                        f"(in {flag} {text!r})")
+        if key in kwargs:
+            raise error(f"{label}: option {key!r} given twice (in {flag} {text!r})")
+        try:
+            kwargs[key] = _coerce(value.strip(), hints.get(key, str), key, label)
+        except TechniqueError as e:
+            raise error(f"{e} (in {flag} {text!r})") from None
+    return kwargs
+
+
 def parse_technique(text: str) -> Any:
     """Parse one `NAME` or `NAME:key=value,key=value` into a config instance (validated by its __post_init__)."""
     text = text.strip()
@@ -210,20 +234,8 @@ def parse_technique(text: str) -> Any:
     if not name:
         raise TechniqueError(f"empty technique in --apply {text!r}; expected NAME or NAME:key=value,...")
     entry = get_technique(name)
-    hints = typing.get_type_hints(entry.cls)
-    fields = {f.name: f for f in dataclasses.fields(entry.cls) if f.init}
-    kwargs = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq:
-            raise TechniqueError(f"{entry.name}: option {item!r} has no value; write key=value (in --apply {text!r})")
-        if key not in fields:
-            raise TechniqueError(
-                f"{entry.name}: unknown option {key!r}; options are {', '.join(fields) or 'none'} (in --apply {text!r})")
-        if key in kwargs:
-            raise TechniqueError(f"{entry.name}: option {key!r} given twice (in --apply {text!r})")
-        kwargs[key] = _coerce(value.strip(), hints[key], key, entry.name)
+    fields = [f.name for f in dataclasses.fields(entry.cls) if f.init]
+    kwargs = parse_options(text, rest, entry.name, fields, typing.get_type_hints(entry.cls), "--apply")
     try:
         return entry.cls(**kwargs)
     except (ValueError, TypeError) as e:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..record import update_record
 from ..errors import UserError
-from ..techniques import TechniqueError, _coerce
+from ..techniques import parse_options
 from .backbone import Backbone
 
 __all__ = [
@@ -159,20 +159,7 @@ def parse_head(text: str, task: str | None = None) -> tuple[HeadEntry, dict[str,
     name, _, rest = text.strip().partition(":")
     entry = get_head(name, task)
     options, hints = entry.options(), entry.hints()
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq:
-            raise HeadError(f"head {entry.name}: option {item!r} has no value; write key=value (in --head {text!r})")
-        if key not in options:
-            raise HeadError(f"head {entry.name}: unknown option {key!r}; options are "
-                            f"{', '.join(options) or 'none'} (in --head {text!r})")
-        try:
-            kwargs[key] = _coerce(value.strip(), hints.get(key, str), key, f"head {entry.name}")
-        except TechniqueError as e:
-            raise HeadError(str(e)) from None
-    return entry, kwargs
+    return entry, parse_options(text, rest, f"head {entry.name}", list(options), hints, "--head", HeadError)
 
 
 def format_head(name: str, options: dict[str, Any]) -> str:
