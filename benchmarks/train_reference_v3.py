@@ -15,6 +15,10 @@ switches the training copy to timm's any-size path (the position embedding resam
 28 px); the checkpoint is the same fixed-grid `vl_vit_fmnist` as v2, so every technique applies to it as to v2.
 An EMA of the weights was measured and left out: 0.7-0.9 pt below the raw weights at every budget tried.
 
+Measured (BENCHMARKS.md, VNNI machine, quiet, 2 threads): 8.4 min, 90.90 % val, 90.48 % test: below v2's 90.87 %,
+so the short-run gain of progressive resizing did not carry to the full budget, and v3 is not committed (run it with
+--no-copy).
+
 Everything else is v2's recipe, except `--compile`: inductor fails on the backward of the position embedding
 resampled to each size, so the engine refuses the combination and v3 trains eagerly (v2 measured compile at +16 %
 images/s). Same loop as benchmarks/train_reference.py: train split, val after every epoch, the test split read
