@@ -193,7 +193,7 @@ OPTIONAL_PACKAGES: dict[str, str | None] = {
     "transformers": "transformers", "openvino": "openvino", "onnx": "onnx", "onnxruntime": "onnxruntime",
     "nncf": "nncf", "torchao": "torchao", "torch_pruning": "torch-pruning", "skimage": "scikit-image",
     "pycocotools": "pycocotools", "torchmetrics": "torchmetrics", "optuna": "optuna", "pyspiel": "open-spiel",
-    "diffusers": "diffusers", "open_clip": "open-clip-torch", "av": "av",
+    "diffusers": "diffusers", "open_clip": "open-clip-torch", "av": "av", "numba": "numba",
     "natten": None, "mamba_ssm": None,   # CUDA kernels used when installed (models/dinat.py, models/msvmamba.py)
 }
 # Required packages slow enough to import that only the functions using them load them (import times measured

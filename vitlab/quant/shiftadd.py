@@ -26,7 +26,8 @@ Three parts, each read against the official code (github.com/GATECH-EIC/ShiftAdd
   shift 4 in the official code), added to the training loss by `--recipe shiftadd:weight=W`.
 
 All arithmetic is simulated in float32 PyTorch: the values are exactly those of shift/add hardware, the speed is
-not (the paper's speed-ups come from TVM kernels on GPUs; `benchmarks/shiftadd_speed.py` times what a CPU gets).
+not (the paper's speed-ups come from TVM kernels on GPUs). vitlab/quant/shift_kernel.py runs trained shift layers
+as integer shifts and additions on the CPU; `benchmarks/shiftadd_speed.py` times what that buys.
 """
 from __future__ import annotations
 
