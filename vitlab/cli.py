@@ -538,7 +538,9 @@ def _add_toy_parser(verbs: argparse._SubParsersAction) -> None:
 def _add_search_parser(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("search", help="ViT-ResNAS architecture search: supernet, then evolution / random / NSGA-II "
                          "under a MAC or CPU-latency budget (docs/search.md)")
-    p.add_argument("--space", default="resnas", choices=["resnas", "tiny"], help="search space (default: %(default)s)")
+    p.add_argument("--space", default="resnas", choices=["resnas", "tiny", "hiera", "hiera-tiny"],
+                   help="search space: resnas (ViT-ResNAS), hiera (Hiera blocks with mask-unit attention, the TurboViT "
+                   "proxy search), tiny / hiera-tiny for tests (default: %(default)s)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-macs", type=positive_float, default=None, metavar="M", help="MAC budget per image")
     budget.add_argument("--latency-ms", type=positive_float, default=None, metavar="L",

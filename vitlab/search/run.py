@@ -1,5 +1,7 @@
 """`vitlab search`: train (or reuse) the supernet, run evolution / random / NSGA-II at equal evaluations under a MAC
-or CPU-latency budget, write search.json and save the best net as a checkpoint `vitlab train --init` retrains."""
+or CPU-latency budget, write search.json and save the best net as a checkpoint `vitlab train --init` retrains.
+`--space resnas|tiny` is ViT-ResNAS's space (vl_resnas nets); `--space hiera|hiera-tiny` the Hiera-style space of the
+TurboViT proxy search (vl_turbovit_proxy nets), searched with the same supernet masks and strategies."""
 import json
 import time
 from pathlib import Path
@@ -11,16 +13,24 @@ from ..checkpoint import save_checkpoint
 from ..errors import UserError
 from ..utils.io import atomic_path, atomic_write_json
 from .evolution import LatencyCost, check_budget, evolutionary_search, nsga2_search, pareto_front, random_search
+from .hiera_space import HieraSpace
+from .hiera_supernet import HieraSupernet
 from .space import SearchSpace
 from .supernet import Supernet, accuracy, fmnist_tensors, train_supernet
 
-__all__ = ["SPACES", "search", "load_supernet", "save_supernet"]
+__all__ = ["SPACES", "search", "make_supernet", "load_supernet", "save_supernet"]
 
-SPACES = {"resnas": SearchSpace.fmnist, "tiny": SearchSpace.tiny}
+SPACES = {"resnas": SearchSpace.fmnist, "tiny": SearchSpace.tiny, "hiera": HieraSpace.fmnist,
+          "hiera-tiny": HieraSpace.tiny}
 METHODS = {"evolution": evolutionary_search, "random": random_search, "nsga2": nsga2_search}
 
 
-def save_supernet(supernet: Supernet, directory: Path, space_name: str, training: list[dict]) -> Path:
+def make_supernet(space: SearchSpace | HieraSpace) -> Supernet | HieraSupernet:
+    """The weight-sharing supernet of a space: `Supernet` (ViT-ResNAS) or `HieraSupernet` (Hiera-style)."""
+    return HieraSupernet(space) if isinstance(space, HieraSpace) else Supernet(space)
+
+
+def save_supernet(supernet: Supernet | HieraSupernet, directory: Path, space_name: str, training: list[dict]) -> Path:
     """supernet.safetensors + supernet.json (space name, training log) in `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / "supernet.safetensors") as tmp:
@@ -29,7 +39,7 @@ def save_supernet(supernet: Supernet, directory: Path, space_name: str, training
     return directory
 
 
-def load_supernet(directory: str | Path) -> tuple[Supernet, str]:
+def load_supernet(directory: str | Path) -> tuple[Supernet | HieraSupernet, str]:
     """The supernet saved by `save_supernet` (or by `vitlab search --out`, in its supernet/ folder)."""
     directory = Path(directory)
     if (directory / "supernet").is_dir() and not (directory / "supernet.json").is_file():
@@ -41,7 +51,7 @@ def load_supernet(directory: str | Path) -> tuple[Supernet, str]:
     space_name = json.loads(meta.read_text())["space"]
     if space_name not in SPACES:
         raise UserError(f"{meta}: space {space_name!r} is not one of {', '.join(SPACES)}")
-    supernet = Supernet(SPACES[space_name]())
+    supernet = make_supernet(SPACES[space_name]())
     supernet.load_state_dict(load_file(str(directory / "supernet.safetensors")))
     return supernet.eval(), space_name
 
@@ -69,7 +79,7 @@ def search(out: str | Path, *, space: str = "resnas", budget_macs: float | None 
             raise UserError(f"--supernet {supernet} was trained on the {space_name} space, not --space {space}")
         training = []
     else:
-        net, space_name = Supernet(SPACES[space]()), space
+        net, space_name = make_supernet(SPACES[space]()), space
     space_obj = net.space
     build = net.materialise
     if budget_macs is not None:
