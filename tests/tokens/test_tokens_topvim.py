@@ -1,5 +1,9 @@
 """ToP-ViM on vitlab's Vision Mamba: the aligned scan and mixer against the full-length recurrence with the pruned
-positions as zero inputs, the importance score, the schedule, keep_rate=1, refusals and the checkpoint round trip."""
+positions as zero inputs, the importance score, the schedule, keep_rate=1, refusals, the checkpoint round trip
+and the benchmark's run cache."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +13,9 @@ import vitlab
 from vitlab.models.msvmamba import selective_scan_sequential
 from vitlab.techniques import TechniqueError, TechniqueNotApplicable, parse_apply
 from vitlab.tokens.topvim import (TopViM, aligned_mixer, aligned_selective_scan, prune_blocks, token_importance)
+
+sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))  # the benchmark's run cache
+from tokens_topvim import _folder, run_done  # noqa: E402
 
 
 def _vim(seed: int = 0, **kwargs) -> torch.nn.Module:
@@ -188,3 +195,22 @@ def test_pruned_model_trains():
     grads = [p.grad for p in model.blocks[3].mixer.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.cls_token.grad.abs().sum() > 0
+
+
+def test_benchmark_reuses_only_finished_runs_of_the_same_step_count(tmp_path):
+    """benchmarks/tokens_topvim.py caches the base and fine-tune runs: a folder counts only once its metrics.jsonl
+    reached the step count (a run killed after its first epoch, or one of other steps, is trained again), and every
+    row's options get their own folder."""
+    run = tmp_path / "base"
+    run.mkdir()
+    assert not run_done(run, 1500)                               # empty folder
+    (run / "model.safetensors").write_bytes(b"")
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "step": 859}\n')
+    assert not run_done(run, 1500)                               # stopped after its first epoch's checkpoint
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "step": 859}\n{"epoch": 1.75, "step": 1500}\n')
+    assert run_done(run, 1500) and not run_done(run, 3000)
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "step": 859}\n{"epoch": 1.75, "st')   # a torn last line
+    assert not run_done(run, 1500)
+    names = {_folder(s) for s in ("none", "topvim:keep_rate=0.7", "topvim:keep_rate=0.7,alignment=false",
+                                  "topvim:keep_rate=0.5,locations=0.34", "topvim:keep_rate=0.5,locations=0.3/4")}
+    assert len(names) == 5 and not any("/" in n or ":" in n for n in names)
