@@ -1,5 +1,7 @@
 """Self-slimmed ViT: the Token Slimming Module, its schedule and FLOPs, FRD, refusal, checkpoints."""
 
+import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,42 @@ def test_vitlab_train_fine_tunes_with_frd_and_the_checkpoint_reloads_slimmed(tmp
     model(torch.randn(2, 1, 16, 16))
     assert model.vitlab.techniques == (Slim(keep_rate=0.5, locations=(0.5,)),)
     assert model.token_state.counts == [17, 9]                    # 16 patches -> 8 at block 1
+
+
+def _train2():
+    """benchmarks/tokens_train2.py as a module (the step-budget fine-tune the BENCHMARKS rows come from)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "tokens_train2.py"
+    spec = importlib.util.spec_from_file_location("tokens_train2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train2_step_budget_runs_exactly_n_steps_on_a_cosine_over_the_steps():
+    train2 = _train2()
+    model = _slimmed(Slim(keep_rate=0.5, locations=(0.5, 0.75)))
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,)))
+    tsm = slim_reductions(model)[0][1].tsm.weight[1].weight
+    before = tsm.detach().clone()
+    trainer = train2.Finetune(model, FRD(ratio=1), data, lr=1e-3, batch=4, seed=0, new_lr=2e-3)
+    assert trainer.run(steps=3, seconds=1e-9) == 3              # the step budget wins over the wall-clock one
+    assert not torch.equal(tsm, before) and not model.training
+    old, new = trainer.opt.param_groups                          # lr set at the last step: cosine at progress 2/3
+    assert old["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))
+    assert new["lr"] == pytest.approx(2 * old["lr"])
+    assert any(p is tsm for p in new["params"]) and not any(p is tsm for p in old["params"])
+
+
+def test_train2_steps_flag_per_method_or_for_all_and_refusals():
+    train2 = _train2()
+    specs = ["evit", "slim:keep_rate=0.6,locations=0.25/0.5/0.75", "slim:keep_rate=0.7,locations=0.25/0.5/0.75"]
+    assert train2.step_budgets(["100"], specs) == dict.fromkeys(specs, 100)
+    assert train2.step_budgets(["100", "slim=40", "slim:keep_rate=0.7,locations=0.25/0.5/0.75=30"], specs) == {
+        specs[0]: 100, specs[1]: 40, specs[2]: 30}
+    assert train2.step_budgets([], specs) == dict.fromkeys(specs)    # None: the --minutes budget
+    for bad in (["0"], ["slim=x"], ["iared=10"]):
+        with pytest.raises(SystemExit, match="--steps"):
+            train2.step_budgets(bad, specs)
+    with pytest.raises(SystemExit, match="tome"):
+        train2.method_of("tome:r=8")
