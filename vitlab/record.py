@@ -26,7 +26,8 @@ ATTR = "vitlab"
 class ModelRecord:
     """The facts vitlab keeps on a model. Every field is optional; an untouched timm model has the empty record.
 
-    spec: {"name", "kwargs"} that rebuild the model (set by `vitlab.create_model`).
+    spec: {"name", "kwargs"} that rebuild the model (set by `vitlab.create_model`, and by the composed families'
+        entrypoints `vl_pruned_vit` and `vl_dense` when timm builds them).
     arch: every constructor kwarg of a vitlab family, so a checkpoint survives changed defaults.
     techniques: the technique configs applied so far, in order.
     checkpoint: {"path", "config"} of the checkpoint folder the model was loaded from.

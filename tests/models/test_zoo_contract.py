@@ -15,6 +15,8 @@ import timm
 import torch
 import torch.nn as nn
 from timm.models import get_pretrained_cfg, model_entrypoint
+from timm.models._features import FeatureGetterNet
+from timm.models.vision_transformer import VisionTransformer
 
 import vitlab
 
@@ -50,8 +52,8 @@ TINY = {
     "dense": ("vl_dense", {"backbone": "vl_test_vit", "img_size": 32}),
 }
 # Composed families: built around another registered model, whose pretrained_cfg (or the input size they are built
-# for) the instance takes, so their registry entries have none; timm.create_model's instance does not save as a
-# vitlab checkpoint on its own (see test_composed_models_built_by_timm_save_a_checkpoint), vitlab.create_model's does.
+# for) the instance takes, so their registry entries have none; the instance's record names the composed family
+# (model.vitlab.spec), so it saves as a vitlab checkpoint however it was built (test_composed_models_*).
 COMPOSED = {"dense", "pruned_vit"}
 # Dense prediction: `image -> {"sem_logits" | "pred_logits", ...}` (docs/dense.md), no pooled classifier.
 NOT_CLASSIFIERS = {"dense"}
@@ -72,11 +74,7 @@ NO_FEATURES_ONLY = {
     "convlstm": "frame predictor", "predformer": "frame predictor",
     "vim": "VisionMamba has no forward_intermediates yet",
     "resnas": "ResNAS has no forward_intermediates yet",
-    # plain ViTs whose feature_info lists their blocks, but whose entrypoints do not pass timm's
-    # feature_cfg=dict(feature_cls="getter") (forward_intermediates), so timm hooks module names that do not exist
-    "ggem": "no feature_cls='getter'", "gmm_vit": "no feature_cls='getter'", "vit_fmnist": "no feature_cls='getter'",
     "dense": "a backbone with a head already: the backbone is what gives the feature maps",
-    "pruned_vit": "composed: features_only belongs to the base (vl_test_vit here)",
 }
 # An input size other than the default that the architecture allows. Families in FIXED_SIZE fix their grid (position
 # embeddings, global filters) at build time and are built for it (img_size=...); square-only ones get an int.
@@ -94,15 +92,15 @@ OTHER_SIZE = {
 FIXED_SIZE = {"spectformer", "t2t_vit", "gmm_vit", "fcaformer", "ggem", "activator", "svt", "vim", "resnas",
               "vit_fmnist", "pruned_vit", "convlstm", "deform3d", "eventtransact", "paab", "predformer", "stprivacy",
               "uniformerv2", "videomae", "vivit"}
+# Families whose tiny model is a timm VisionTransformer (test_classifier_api checks the list): they serve features_only
+# as timm's ViTs do (test_vit_families_serve_features_as_timm_vits).
+VIT_FAMILIES = {"channelvit", "ggem", "gmm_vit", "pruned_vit", "t2t_vit", "vit_fmnist"}
 # Gaps this contract finds in the model files, as strict xfails: fixing one makes its test pass (and fail as XPASS),
 # then its entry goes. {(test, family): what is wrong}
-KNOWN_GAPS = {
-    ("test_families_without_features_only_say_so", "pruned_vit"): "vl_pruned_vit drops features_only=True and "
-                                                                   "returns the classifier",
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 TABLES = {"TINY": TINY, "COMPOSED": COMPOSED, "NOT_CLASSIFIERS": NOT_CLASSIFIERS, "FRAME_PREDICTORS": FRAME_PREDICTORS,
           "NO_FIRST_CONV": NO_FIRST_CONV, "NO_FEATURES_ONLY": NO_FEATURES_ONLY, "OTHER_SIZE": OTHER_SIZE,
-          "FIXED_SIZE": FIXED_SIZE, "KNOWN_GAPS": {f for _, f in KNOWN_GAPS}}
+          "FIXED_SIZE": FIXED_SIZE, "VIT_FAMILIES": VIT_FAMILIES, "KNOWN_GAPS": {f for _, f in KNOWN_GAPS}}
 
 
 def _params(test: str, families) -> list:
@@ -186,6 +184,7 @@ def test_pretrained_cfg_names_modules_of_the_tiny_model(family):
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - NOT_CLASSIFIERS))
 def test_classifier_api(family):
     model = _model(family)
+    assert isinstance(model, VisionTransformer) == (family in VIT_FAMILIES), f"VIT_FAMILIES lacks or names {family}"
     x = _input(model)
     with torch.no_grad():
         logits = model(x)
@@ -220,8 +219,7 @@ def test_features_only_matches_forward_intermediates(family):
     model = _model(family)
     x = _input(model)
     levels = tuple(range(len(model.feature_info)))  # every stage (every block of a plain ViT)
-    torch.manual_seed(0)  # the same initial weights as _model's
-    backbone = timm.create_model(_tiny(family)[0], num_classes=7, features_only=True, out_indices=levels).eval()
+    backbone = _model(family, features_only=True, out_indices=levels)  # the same seed, so the same weights
     with torch.no_grad():
         maps = model.forward_intermediates(x, indices=list(levels), intermediates_only=True)
         feats = backbone(x)
@@ -242,8 +240,7 @@ def test_families_without_features_only_say_so(family):
 
 @pytest.mark.parametrize("family", _params("test_checkpoint_round_trip", FAMILIES))
 def test_checkpoint_round_trip(family, tmp_path):
-    build = vitlab.create_model if family in COMPOSED else timm.create_model
-    model = _model(family, build, in_chans=1)
+    model = _model(family, in_chans=1)  # timm.create_model's instance: composed families' too
     x = _input(model, in_chans=1)
     vitlab.save_checkpoint(model, tmp_path / family)
     again = vitlab.create_model(tmp_path / family).eval()
@@ -252,13 +249,32 @@ def test_checkpoint_round_trip(family, tmp_path):
         torch.testing.assert_close(again(x), model(x))
 
 
-@pytest.mark.xfail(strict=True, reason="timm.create_model's instance of a composed family records neither its own "
-                                       "name (dense) nor how to rebuild it from its base's (pruned_vit)")
 @pytest.mark.parametrize("family", sorted(COMPOSED))
-def test_composed_models_built_by_timm_save_a_checkpoint(family, tmp_path):
-    model = _model(family, in_chans=1)
-    vitlab.save_checkpoint(model, tmp_path / family)
-    assert type(vitlab.create_model(tmp_path / family)) is type(model)
+def test_composed_models_save_the_same_checkpoint_built_by_timm_or_vitlab(family, tmp_path):
+    # the instance's pretrained_cfg is its base's, so only the record says which family to rebuild: both builders'
+    # checkpoints name the composed family and rebuild the same model (the same seed, so the same weights)
+    name = _tiny(family)[0]
+    models = {"timm": _model(family, in_chans=1), "vitlab": _model(family, vitlab.create_model, in_chans=1)}
+    x = _input(models["timm"], in_chans=1)
+    with torch.no_grad():
+        want = models["vitlab"](x)
+        for build, model in models.items():
+            assert model.vitlab.spec["name"] == name, build
+            vitlab.save_checkpoint(model, tmp_path / build)
+            assert vitlab.load_config(tmp_path / build)["model"]["name"] == name, build
+            again = vitlab.create_model(tmp_path / build).eval()
+            assert type(again) is type(model), build
+            torch.testing.assert_close(again(x), want)
+
+
+@pytest.mark.parametrize("family", _params("test_vit_families_serve_features_as_timm_vits", VIT_FAMILIES))
+def test_vit_families_serve_features_as_timm_vits(family):
+    # timm's VisionTransformer serves features_only through forward_intermediates (feature_cls="getter") and, with
+    # no out_indices, its last three blocks: vitlab's ViT families (and the ViTs composed into pruned_vit) do the same
+    model = _model(family)
+    backbone = _model(family, features_only=True)
+    assert isinstance(backbone, FeatureGetterNet)
+    assert len(backbone.feature_info) == min(3, len(model.blocks)) == len(backbone(_input(model)))
 
 
 def test_dense_model_predicts_per_pixel_classes():

@@ -236,7 +236,9 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_gmm_vit(variant: str, pretrained: bool = False, **kwargs) -> GMMViT:
-    return build_vitlab_model(GMMViT, variant, pretrained, filter_fn=checkpoint_filter_fn, **kwargs)
+    out_indices = min(3, kwargs.get("depth", 12))  # features_only: the last three blocks, as timm's ViTs
+    return build_vitlab_model(GMMViT, variant, pretrained, filter_fn=checkpoint_filter_fn,
+                              default_out_indices=out_indices, **kwargs)
 
 
 @register_model

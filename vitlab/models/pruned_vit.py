@@ -16,7 +16,7 @@ from typing import Sequence
 
 import timm
 import torch.nn as nn
-from timm.models import register_model
+from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from ._builder import arch_kwargs
@@ -86,13 +86,32 @@ def set_block_widths(model: VisionTransformer, num_heads: Sequence[int], head_di
     return model
 
 
+def _features_only(model: VisionTransformer, base: str, **feature_kwargs) -> nn.Module:
+    """`model` as `features_only=True` serves a timm VisionTransformer: timm's `build_model_with_cfg` wraps it with
+    the ViTs' `feature_cfg=dict(feature_cls="getter")` (a FeatureGetterNet around `forward_intermediates`), by
+    default over the last three blocks (every block of a shallower model); `feature_kwargs` are timm's
+    `out_indices` / `feature_cls`. The model is built already, so the builder gets it back as is (its pretrained_cfg
+    and input traits, none of the cfg's defaults as constructor kwargs)."""
+    return build_model_with_cfg(
+        lambda **_: model, base, pretrained=False, pretrained_cfg=model.pretrained_cfg,
+        kwargs_filter=("num_classes", "global_pool", "in_chans", "img_size"),
+        feature_cfg=dict(out_indices=min(3, len(model.blocks)), feature_cls="getter"), features_only=True,
+        **feature_kwargs)
+
+
 @register_model
 def vl_pruned_vit(pretrained: bool = False, base: str = "vl_vit_fmnist", base_kwargs: dict | None = None,
                   num_heads: Sequence[int] = (), head_dim: Sequence[int] = (), mlp_hidden: Sequence[int] = (),
-                  **kwargs) -> VisionTransformer:
-    """A timm ViT `base` (built with `base_kwargs`) whose block i has its own heads, head_dim and MLP width."""
+                  **kwargs) -> nn.Module:
+    """A timm ViT `base` (built with `base_kwargs`) whose block i has its own heads, head_dim and MLP width.
+
+    `features_only=True` (with timm's `out_indices`) gives the pruned ViT's feature maps as timm's own ViTs do. The
+    record names this family (`model.vitlab.spec`) and holds every constructor kwarg (`.arch`), so an instance built
+    by `timm.create_model` saves as a checkpoint that `vitlab.create_model(DIR)` rebuilds, as one built by vitlab.
+    """
     if pretrained:
         raise ValueError("vl_pruned_vit has no pretrained weights: rebuild it from a checkpoint folder")
+    features = {k: kwargs.pop(k) for k in ("features_only", "out_indices", "feature_cls") if k in kwargs}
     base_kwargs = {**(base_kwargs or {}), **arch_kwargs(kwargs)}  # e.g. num_classes from `vitlab train`
     model = timm.create_model(base, **base_kwargs)
     if not isinstance(model, VisionTransformer):
@@ -100,6 +119,10 @@ def vl_pruned_vit(pretrained: bool = False, base: str = "vl_vit_fmnist", base_kw
     widths = block_widths(model)
     set_block_widths(model, list(num_heads) or widths["num_heads"], list(head_dim) or widths["head_dim"],
                      list(mlp_hidden) or widths["mlp_hidden"])
-    update_record(model, arch={"base": base, "base_kwargs": {**(record(model).arch or {}), **base_kwargs},
-                               **{k: list(v) for k, v in block_widths(model).items()}})
+    arch = {"base": base, "base_kwargs": {**(record(model).arch or {}), **base_kwargs},
+            **{k: list(v) for k, v in block_widths(model).items()}}
+    if features.pop("features_only", False):
+        model = _features_only(model, base, **features)
+    # spec without kwargs: the arch holds them all (vitlab.create_model replaces it with its own name and kwargs)
+    update_record(model, arch=arch, spec={"name": "vl_pruned_vit", "kwargs": {}})
     return model

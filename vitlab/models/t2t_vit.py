@@ -350,8 +350,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_t2t_vit(variant: str, pretrained: bool = False, **kwargs) -> T2TViT:
-    return build_vitlab_model(T2TViT, variant, pretrained, filter_fn=checkpoint_filter_fn, default_out_indices=3,
-                              **kwargs)
+    return build_vitlab_model(T2TViT, variant, pretrained, filter_fn=checkpoint_filter_fn,
+                              default_out_indices=min(3, kwargs.get("depth", 12)), **kwargs)
 
 
 @register_model

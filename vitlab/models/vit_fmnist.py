@@ -107,11 +107,14 @@ def _create_hybrid_vit(
                 stem_widths=list(stem_widths), stem_strides=list(stem_strides), stem_groups=stem_groups)
     # pos_embed="glpe": ResFormer's global-local positional embedding (models/_glpe.py), takes any input size
     model_cls = GLPEVisionTransformer if kwargs.get("pos_embed") == "glpe" else VisionTransformer
+    # features_only as timm's ViTs: forward_intermediates of the last three blocks (every block of a shallower one)
+    out_indices = kwargs.pop("out_indices", min(3, kwargs.get("depth", 12)))
     model = build_model_with_cfg(
         model_cls,
         variant,
         pretrained,
         pretrained_filter_fn=_timm_vit_filter,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         embed_layer=embed_layer,
         **kwargs,
     )
