@@ -46,8 +46,9 @@ def official_to_vitlab(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 @pytest.mark.parametrize("cross", ["last", "all"])
 def test_ram_matches_official_code(cross):
-    """RamSwin with the official weights reproduces naver-ai/vidt's Swin-with-RAM body: [PATCH] maps exactly,
-    [DET] tokens to float rounding, with cross-attention in the last stage and in every stage."""
+    """RamSwin with the official weights reproduces naver-ai/vidt's Swin-with-RAM body, [PATCH] maps and [DET] tokens
+    to float32 rounding, with cross-attention in the last stage and in every stage. The fixture was written on
+    another CPU: the kernels (AVX-512, AMX) sum in other orders, so equal code differs by a few ulps (7.6e-6 seen)."""
     meta = json.loads((FIXTURE / "official_ram.json").read_text())
     tensors = load_file(str(FIXTURE / "official_ram.safetensors"))
     ram = RamSwin(tiny_swin(), det_tokens=meta["det_tokens"], pos_dim=meta["pos_dim"],
@@ -57,7 +58,7 @@ def test_ram_matches_official_code(cross):
     with torch.no_grad():
         features, det, det_pos = ram(tensors["image"])
     for stage in (1, 2):
-        torch.testing.assert_close(features[stage], tensors[f"{cross}.stage{stage}"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(features[stage], tensors[f"{cross}.stage{stage}"], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(det, tensors[f"{cross}.det"], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(det_pos, tensors[f"{cross}.det_pos"])
 
