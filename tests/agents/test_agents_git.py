@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import vitlab
+from vitlab.errors import UserError
 from vitlab.agents import git
 
 pytest.importorskip("torchmetrics")
@@ -132,3 +133,72 @@ def test_training_step_lowers_the_loss_and_toy_quick(tmp_path):
     result = run_toy("git", tmp_path, quick=True)
     assert (tmp_path / "metrics.json").exists()
     assert {"git_ap", "detr_ap", "git_params", "detr_params"} <= set(result["metrics"])
+
+
+def test_curve_is_window_means_from_first_to_last_step():
+    assert git._curve([4.0, 2.0, 3.0, 1.0], points=2) == [3.0, 2.0]
+    assert git._curve([5.0, 1.0, 2.0], points=8) == [5.0, 1.0, 2.0]
+    assert git._curve([]) == []
+
+
+def _stub_training(monkeypatch, seen: dict) -> None:
+    """Replace training and scoring by recorders: which head trained at which lr, on which split it was scored."""
+    def train(model, dataset, steps, batch_size=8, lr=5e-4, seed=0):
+        seen.setdefault("lr", {})["git" if isinstance(model, git.GiT) else "detr"] = lr
+        return [2.0, 1.0]
+
+    def evaluate(model, dataset, limit=None, batch_size=32):
+        seen.setdefault("scored", []).append(dataset.split)
+        lr = seen["lr"]["git" if isinstance(model, git.GiT) else "detr"]
+        return {"ap": lr, "ap50": 2 * lr, "ap75": 0.0}
+
+    monkeypatch.setattr(git, "train_detector", train)
+    monkeypatch.setattr(git, "evaluate_detector", evaluate)
+
+
+def test_sweep_lr_scores_each_lr_on_val_never_test_and_rejects_bad_lrs(monkeypatch):
+    seen = {}
+    _stub_training(monkeypatch, seen)
+    res = git.sweep_lr("git", [1e-3, 2e-3], steps=2, train_scenes=2, val_scenes=2, init="vl_vit_fmnist",
+                       batch_size=2, img_size=32, grid=2, extra_depth=1)
+    assert res == {1e-3: {"ap": 0.1, "ap50": 0.2, "ap75": 0.0, "curve": [2.0, 1.0]},
+                   2e-3: {"ap": 0.2, "ap50": 0.4, "ap75": 0.0, "curve": [2.0, 1.0]}}
+    assert seen["scored"] == ["val", "val"]
+    for bad in ([], [0.0], [1e-3, -1e-3]):
+        with pytest.raises(UserError, match="lrs"):
+            git.sweep_lr("git", bad, 1, 2, 2, "vl_vit_fmnist")
+
+
+def test_compare_trains_each_head_at_its_own_lr(monkeypatch):
+    seen = {}
+    _stub_training(monkeypatch, seen)
+    m = git.compare(steps=2, train_scenes=2, test_scenes=2, init="vl_vit_fmnist", batch_size=2, grid=2,
+                    extra_depth=1, img_size=32, git_lr=3e-3, detr_lr=6e-3)
+    assert seen["lr"] == {"git": 3e-3, "detr": 6e-3} and seen["scored"] == ["test", "test"]
+    assert m["git_lr"] == 3e-3 and m["detr_lr"] == 6e-3 and m["ap_ratio"] == pytest.approx(0.5)
+    assert m["git_curve"] == [2.0, 1.0] and m["git_final_loss"] == 1.5
+    only = git.compare(steps=2, train_scenes=2, test_scenes=2, init="vl_vit_fmnist", img_size=32, heads=("detr",))
+    assert "detr_ap" in only and "git_ap" not in only and "ap_ratio" not in only
+    with pytest.raises(UserError, match="heads"):
+        git.compare(1, 2, 2, "vl_vit_fmnist", heads=("yolo",))
+
+
+def test_ground_truth_tokens_score_full_ap50_through_the_benchmark_scoring_path():
+    from torchvision.ops import box_convert
+
+    from vitlab.data.scenes import FmnistScenes
+    from vitlab.dense.matching import box_inference
+    from vitlab.dense.metrics import DenseMetrics
+
+    ds, points, nb = FmnistScenes("test", n=12, size=64), git.grid_points(5), 128
+    metrics = DenseMetrics("detection", len(ds.classes))
+    for k in range(len(ds)):
+        _, target = ds[k]
+        tokens, _ = git.git_targets(points, box_convert(target["boxes"] / 64, "xyxy", "cxcywh"), target["labels"],
+                                    10, nb)
+        logits = torch.full((25, 11), -20.0)
+        logits[torch.arange(25), tokens[:, 0] - nb - 1] = 0.0
+        boxes = git.decode_boxes(tokens[:, 1:], points, nb)
+        metrics.update(box_inference(logits[None], boxes[None], 64), [target])
+    out = metrics.compute()
+    assert out["ap50"] == pytest.approx(1.0) and out["ap75"] == pytest.approx(1.0) and out["ap"] > 0.95
