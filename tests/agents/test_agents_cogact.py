@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from vitlab.agents.cogact import (ActionDiT, CogACTPolicy, HeadConfig, alphas_cumprod, ddim_sample, ddim_step,
-                                  ddim_timesteps, demonstrations, mmd2, mode_scores, q_sample, true_samples)
+                                  ddim_timesteps, demonstrations, eps_from_output, mmd2, mode_scores, q_sample,
+                                  train_policy, true_samples)
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "cogact_official.pt"
 
@@ -40,6 +41,66 @@ def test_ddim_step_equals_diffusers_ddim(eta):
         theirs = ddim.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
         x = theirs
+
+
+@pytest.mark.parametrize("prediction", ["sample", "v_prediction"])
+def test_x0_and_v_outputs_step_like_diffusers_ddim(prediction):
+    diffusers = pytest.importorskip("diffusers")
+    ddim = diffusers.DDIMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                                   set_alpha_to_one=True, prediction_type=prediction)
+    ddim.set_timesteps(10)
+    abar = alphas_cumprod(100)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 8, 2, generator=gen)
+    for t, prev in ((90, abar[80]), (40, abar[30]), (0, torch.tensor(1.0))):
+        out = torch.randn(x.shape, generator=gen)
+        ours = ddim_step(x, eps_from_output(out, x, abar[t], prediction), abar[t], prev)
+        torch.testing.assert_close(ours, ddim.step(out, t, x).prev_sample, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="prediction='x0'"):
+        eps_from_output(out, x, abar[0], "x0")
+
+
+def test_eta_one_over_every_step_is_diffusers_ddpm_ancestral():
+    diffusers = pytest.importorskip("diffusers")
+    ddpm = diffusers.DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    ddpm.set_timesteps(100)
+    abar = alphas_cumprod(100)
+    x = torch.randn(4, 8, 2, generator=torch.Generator().manual_seed(2))
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    for t in (99, 50, 1):                     # t = 0 has no noise in either and is checked by the DDIM tests
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(t))
+        ours = ddim_step(x, eps, abar[t], abar[t - 1], eta=1.0, noise=noise)
+        theirs = ddpm.step(eps, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_training_targets_warmup_and_ema():
+    torch.manual_seed(0)
+    demos = demonstrations(8, "test", seed=0)
+    with pytest.raises(ValueError, match="prediction='x0'"):
+        CogACTPolicy(HeadConfig(prediction="x0"))
+    for prediction in ("sample", "v_prediction"):   # a zero-output head's loss is the mean square of its target
+        model = CogACTPolicy(HeadConfig(prediction=prediction))
+        torch.manual_seed(1)
+        loss = model.loss(demos.images, demos.actions)
+        if prediction == "sample":
+            torch.testing.assert_close(loss, (demos.actions ** 2).mean())
+        else:
+            assert 0.3 < float(loss.detach()) < 1.0          # sqrt(abar) eps - sqrt(1 - abar) x0 has unit-ish variance
+    states = []
+    for ema in (0.0, 0.5):                          # same seed and batches: EMA ends between start and last step
+        torch.manual_seed(0)
+        model = CogACTPolicy(HeadConfig(depth=1, dim=16))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        train_policy(model, demos, steps=3, batch=4, warmup=2, ema=ema)
+        states.append(model.state_dict())
+    key = "head.final.weight"
+    moved, averaged = (states[0][key] - before[key]).norm(), (states[1][key] - before[key]).norm()
+    assert 0 < averaged < moved
+    with pytest.raises(ValueError, match="warmup=3"):
+        train_policy(model, demos, steps=3, warmup=3)
+    with pytest.raises(ValueError, match="ema=1.0"):
+        train_policy(model, demos, steps=3, ema=1.0)
 
 
 def _official_net() -> tuple[ActionDiT, dict]:
