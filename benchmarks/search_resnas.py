@@ -16,21 +16,11 @@ from pathlib import Path
 import torch
 
 import vitlab
-from vitlab.engine.train import TrainConfig, fit
 from vitlab.profiling import count_flops, cpu_name
-from vitlab.search import SearchSpace, Supernet, evolutionary_search, nsga2_search, random_search, train_supernet
-from vitlab.search.supernet import accuracy, fmnist_tensors
+from vitlab.search import SearchSpace, Supernet, train_supernet
+from vitlab.search.supernet import fmnist_tensors
 
-
-def retrain(out: Path, model: str, kwargs: dict, steps: int, batch: int, seed: int) -> tuple[float, int]:
-    """(test top-1 %, MACs) of `model` trained from scratch for `steps` steps with vitlab's default recipe."""
-    cfg = TrainConfig(out=str(out), model=model, model_kwargs=kwargs, epochs=steps * batch / 55000, batch_size=batch,
-                      max_steps=steps, lr=2e-3, warmup_epochs=0.02, seed=seed, threads=1, progress=False,
-                      eval_val=False, log_every=10_000)
-    fit(cfg, overwrite=True)
-    net = vitlab.create_model(str(out)).eval()
-    x, y = fmnist_tensors("test")
-    return accuracy(net, x, y), count_flops(net, torch.randn(1, 1, 28, 28)).macs
+from _search_common import compare_methods, retrain
 
 
 def main() -> int:
@@ -53,20 +43,7 @@ def main() -> int:
     log = train_supernet(supernet, images, labels, steps=args.supernet_steps, batch_size=64, nets_per_batch=4,
                          seed=args.seed)
     supernet_s = time.perf_counter() - start
-    val_x, val_y = fmnist_tensors("val", 1000, args.seed)
-    cache: dict[str, float] = {}
-
-    def score(d: list) -> float:
-        key = json.dumps(d)
-        if key not in cache:
-            cache[key] = accuracy(supernet.materialise(d), val_x, val_y)
-        return cache[key]
-
-    results = {}
-    for name, method in (("evolution", evolutionary_search), ("random", random_search), ("nsga2", nsga2_search)):
-        t = time.perf_counter()
-        rows = method(space, score, space.macs, args.budget_macs, args.evaluations, seed=args.seed)
-        results[name] = (max(rows, key=lambda r: r["accuracy"]), len(rows), time.perf_counter() - t)
+    results = compare_methods(space, supernet, args.budget_macs, args.evaluations, args.seed)
     search_s = time.perf_counter() - start - supernet_s
 
     best = results["evolution"][0]

@@ -18,23 +18,13 @@ from pathlib import Path
 import torch
 
 import vitlab
-from vitlab.engine.train import TrainConfig, fit
 from vitlab.profiling import count_flops, cpu_name
-from vitlab.search import HieraSpace, HieraSupernet, evolutionary_search, nsga2_search, random_search, train_supernet
-from vitlab.search.supernet import accuracy, fmnist_tensors
+from vitlab.search import HieraSpace, HieraSupernet, train_supernet
+from vitlab.search.supernet import fmnist_tensors
+
+from _search_common import compare_methods, retrain
 
 HAND_DEPTHS = ((1, 1, 1), (1, 2, 1), (1, 2, 2), (1, 3, 1), (2, 2, 1), (2, 2, 2), (1, 3, 2), (2, 3, 2))
-
-
-def retrain(out: Path, kwargs: dict, steps: int, batch: int, seed: int, img_size: int) -> tuple[float, int]:
-    """(test top-1 %, MACs) of vl_turbovit_proxy(**kwargs) trained from scratch for `steps` steps."""
-    cfg = TrainConfig(out=str(out), model="vl_turbovit_proxy", model_kwargs=kwargs, epochs=steps * batch / 55000,
-                      batch_size=batch, max_steps=steps, lr=2e-3, warmup_epochs=0.02, seed=seed, threads=1,
-                      progress=False, eval_val=False, log_every=10_000)
-    fit(cfg, overwrite=True)
-    net = vitlab.create_model(str(out)).eval()
-    x, y = fmnist_tensors("test", img_size=img_size)
-    return accuracy(net, x, y), count_flops(net, torch.randn(1, 1, img_size, img_size)).macs
 
 
 def main() -> int:
@@ -57,26 +47,13 @@ def main() -> int:
     log = train_supernet(supernet, images, labels, steps=args.supernet_steps, batch_size=64, nets_per_batch=4,
                          seed=args.seed)
     supernet_s = time.perf_counter() - start
-    val_x, val_y = fmnist_tensors("val", 1000, args.seed, space.img_size)
-    cache: dict[str, float] = {}
-
-    def score(d: dict) -> float:
-        key = json.dumps(d)
-        if key not in cache:
-            cache[key] = accuracy(supernet.materialise(d), val_x, val_y)
-        return cache[key]
-
-    results = {}
-    for name, method in (("evolution", evolutionary_search), ("random", random_search), ("nsga2", nsga2_search)):
-        t = time.perf_counter()
-        rows = method(space, score, space.macs, args.budget_macs, args.evaluations, seed=args.seed)
-        results[name] = (max(rows, key=lambda r: r["accuracy"]), len(rows), time.perf_counter() - t)
+    results = compare_methods(space, supernet, args.budget_macs, args.evaluations, args.seed, space.img_size)
     search_s = time.perf_counter() - start - supernet_s
 
     best = results["evolution"][0]
     geometry = space.model_kwargs()
-    searched_acc, searched_macs = retrain(out / "searched", {**best["network_def"], **geometry}, args.retrain_steps, 64,
-                                          args.seed, space.img_size)
+    searched_acc, searched_macs = retrain(out / "searched", "vl_turbovit_proxy", {**best["network_def"], **geometry},
+                                          args.retrain_steps, 64, args.seed, space.img_size)
     hand, hand_macs = None, 0  # the hand-designed net with most MACs that fit under the searched net's
     for base in (16, 24, 32):
         for depths in HAND_DEPTHS:
@@ -86,8 +63,8 @@ def main() -> int:
                                torch.randn(1, 1, space.img_size, space.img_size)).macs
             if hand_macs < macs <= searched_macs:
                 hand, hand_macs = d, macs
-    hand_acc, hand_macs = retrain(out / "hand", {**hand, **geometry}, args.retrain_steps, 64, args.seed,
-                                  space.img_size)
+    hand_acc, hand_macs = retrain(out / "hand", "vl_turbovit_proxy", {**hand, **geometry}, args.retrain_steps, 64,
+                                  args.seed, space.img_size)
     total_s = time.perf_counter() - start
 
     record = {"seed": args.seed, "budget_macs": args.budget_macs, "evaluations": args.evaluations,
