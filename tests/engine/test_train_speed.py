@@ -47,15 +47,19 @@ def test_auto_keeps_bf16_only_when_measured_faster_and_close(monkeypatch, fp32_s
 
 def test_precision_trial_and_channels_last_do_not_change_a_float32_run(tmp_path, monkeypatch):
     """auto on a CPU without bf16 is fp32 without a trial; a CPU with bf16 runs the trial (forked RNG, gradients
-    dropped), which must not change the float32 result; channels-last changes memory layout only."""
+    dropped), which must not change the float32 result at all; channels-last changes memory layout only, so its run
+    differs by rounding alone (the conv kernels for the other layout sum in another order: 1.1e-5 after these four
+    AdamW steps on an AVX-512 CPU without AMX, below 1e-5 on the AMX machine)."""
     plain = fit(TrainConfig(out=str(tmp_path / "plain"), **KW))
     monkeypatch.setenv("VITLAB_CPU_FLAGS", "avx2 avx512f avx512_bf16")
     monkeypatch.setattr(speed, "BF16_MIN_SPEEDUP", 1e9)              # the trial runs, and keeps fp32
-    auto = fit(TrainConfig(out=str(tmp_path / "auto"), precision="auto", channels_last=True, **KW))
+    auto = fit(TrainConfig(out=str(tmp_path / "auto"), precision="auto", **KW))
     info = _training(auto)
     assert info["precision_used"] == "fp32" and info["precision_choice"]["how"] == "trial"
     a, b = _weights(plain), _weights(auto)
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    nhwc = _weights(fit(TrainConfig(out=str(tmp_path / "nhwc"), channels_last=True, **KW)))
+    assert all(torch.allclose(a[k], nhwc[k], atol=2e-4, rtol=1e-3) for k in a)
 
 
 def test_bf16_run_trains_and_records_its_precision(tmp_path, monkeypatch):
