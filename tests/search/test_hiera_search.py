@@ -21,6 +21,8 @@ from vitlab.search import (HieraSpace, HieraStageChoices, HieraSupernet, evoluti
 from vitlab.search.hiera_supernet import unit_attention
 from vitlab.search.run import load_supernet
 
+from _search_common import noisy
+
 SPACES = [HieraSpace.tiny(), pytest.param(HieraSpace.fmnist(), marks=pytest.mark.slow)]
 IDS = ["hiera-tiny", "hiera"]
 
@@ -32,19 +34,9 @@ def _one_thread():
         yield
 
 
-def _noisy_supernet(space: HieraSpace, seed: int = 0) -> HieraSupernet:
-    """Every parameter perturbed, so a wrong slice of a norm weight, a bias or the position embedding shows."""
-    torch.manual_seed(seed)
-    supernet = HieraSupernet(space).eval()
-    with torch.no_grad():
-        for p in supernet.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return supernet
-
-
 @pytest.mark.parametrize("space", SPACES, ids=IDS)
 def test_supernet_output_equals_the_materialised_subnet(space):
-    supernet = _noisy_supernet(space)
+    supernet = noisy(HieraSupernet, space)
     rng = random.Random(1)
     defs = [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(4)]
     assert len({json.dumps(d) for d in defs}) == len(defs)
@@ -85,7 +77,7 @@ def test_unit_attention_equals_timms_mask_unit_attention(windowed, stride):
 
 def test_materialised_net_holds_the_supernets_leading_slices_and_round_trips(tmp_path):
     space = HieraSpace.tiny()
-    supernet = _noisy_supernet(space)
+    supernet = noisy(HieraSupernet, space)
     d = {"embed_dims": [8, 24], "depths": [2, 2], "num_heads": [2, 4], "mlp_ratio": 1, "mask_unit_attn": [True, False]}
     sub = supernet.materialise(d)
     big = supernet.net

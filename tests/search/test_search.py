@@ -21,21 +21,13 @@ from vitlab.search import (LatencyCost, SearchSpace, Supernet, evolutionary_sear
                            pareto_front, random_search)
 from vitlab.search.run import load_supernet
 
+from _search_common import noisy
+
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "resnas_official.json"
 
 
 def _lead(counts: list[int], channels: int) -> torch.Tensor:
     return (torch.arange(channels)[None, :] < torch.tensor(counts)[:, None]).float()[:, None, :]  # (B, 1, C)
-
-
-def _noisy_supernet(space: SearchSpace, seed: int = 0) -> Supernet:
-    """Every parameter perturbed, so a wrong slice of a norm weight or a bias shows."""
-    torch.manual_seed(seed)
-    supernet = Supernet(space).eval()
-    with torch.no_grad():
-        for p in supernet.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return supernet
 
 
 def test_masked_layer_norm_equals_layer_norm_of_the_kept_channels():
@@ -55,7 +47,7 @@ def test_masked_layer_norm_equals_layer_norm_of_the_kept_channels():
 @pytest.mark.parametrize("space", [SearchSpace.tiny(), pytest.param(SearchSpace.fmnist(), marks=pytest.mark.slow)],
                          ids=["tiny", "fmnist"])
 def test_supernet_output_equals_the_materialised_subnet(space):
-    supernet = _noisy_supernet(space)
+    supernet = noisy(Supernet, space)
     rng = random.Random(1)
     defs = [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(2)]
     x = torch.randn(len(defs), space.in_chans, space.img_size, space.img_size)
@@ -69,7 +61,7 @@ def test_supernet_output_equals_the_materialised_subnet(space):
 
 def test_materialised_subnet_shares_the_supernets_leading_slices():
     space = SearchSpace.tiny()
-    supernet = _noisy_supernet(space)
+    supernet = noisy(Supernet, space)
     d = space.smallest()
     sub = supernet.materialise(d)
     width, heads, d_head = d[0][1], d[1][1][1], d[1][1][2]
