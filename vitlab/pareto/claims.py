@@ -148,11 +148,11 @@ CLAIMS = {
                "a diffusion transformer action module conditioned on the VLM's cognition feature models multimodal "
                "actions (+35 % sim success over OpenVLA); toy-scale target: on bimodal 2-D paths the diffusion head "
                "covers both modes (MMD² < 0.1, stated before the run; each mode >= 30 %) where an MSE head averages "
-               "them; here (benchmarks/agents_cogact.py, ViT + DiT 198k params, 4000 steps (2000 left the head "
-               "under-trained: MMD² 0.145 on seed 0), DDIM 10 + CFG 1.5, 50 test scenes x 32 samples, ~285 CPU s "
-               "per seed at 1 thread, seeds 0/1/2): diffusion through the obstacle 0.7/11.7/1.2 %, MMD² "
-               "0.027/0.167/0.025; MSE through 84/72/80 %, MMD² 0.94/0.89/0.92: both modes covered where MSE "
-               "averages (3 of 3), MMD² bound met on 2 of 3: partly reproduced"),
+               "them; here (benchmarks/agents_cogact.py, ViT + DiT 198k params, 6000 steps (2000 left the head "
+               "under-trained: MMD² 0.145 on seed 0; 4000 left seed 1 at 0.167), DDIM 10 + CFG 1.5, 50 test scenes x "
+               "32 samples, ~385 CPU s per seed at 1 thread, seeds 0/1/2): diffusion through the obstacle "
+               "0.2/0.9/0.5 %, MMD² 0.019/0.021/0.014; MSE through 84/72/80 %, MMD² 0.94/0.89/0.92: both modes "
+               "covered where MSE averages, MMD² bound met on 3 of 3: reproduced"),
     "git": ("GiT (Wang et al., ECCV 2024)",
             "one plain ViT with boxes decoded as tokens (grid-point matching, parallel teacher-forced decoding) "
             "detects on COCO (GiT-B 45.1 mAP single-task, 46.7 multi-task; official README); toy-scale target: >= 80 % "
