@@ -144,7 +144,8 @@ _TRAIN = ConfigFlags(TrainConfig, {
     "weight_decay": Flag(),
     "warmup_epochs": Flag(),
     "opt": Flag(names=("--opt", "--optimizer"),
-                help="any timm.optim name, or sam (SAM around AdamW, with --sam-rho) (default: %(default)s)"),
+                help="any timm.optim name (muon: Muon on hidden weight matrices, AdamW on the classifier, position "
+                     "embeddings and tokens), or sam (SAM around AdamW, with --sam-rho) (default: %(default)s)"),
     "sam_rho": Flag(help="SAM neighbourhood radius (default: %(default)s)"),
     "teacher": Flag(metavar="CHECKPOINT", help="distill from this checkpoint (DeiT)"),
     "distill": Flag(choices=("soft", "hard", "token"), help="distillation loss"),

@@ -114,3 +114,33 @@ def test_shape_mismatch_names_both_shapes(tiny_model):
     data = build_dataset("synthetic:n=8", "test", img_size=20)
     with pytest.raises(ValueError, match="1x20x20 but the model expects 1x16x16"):
         evaluate(tiny_model, data, progress=False)
+
+
+def test_muon_orthogonalises_hidden_matrices_and_leaves_embeddings_and_head_to_adamw(tmp_path):
+    from timm.optim import Muon
+
+    from vitlab.engine.train import _create_optimizer, muon_fallback
+
+    model = vitlab.create_model("vl_test_vit", num_classes=4)
+    assert {"pos_embed", "cls_token", "head", "head.*"} <= set(muon_fallback(model))
+    cfg = _cfg(tmp_path, opt="muon")
+    optimizer = _create_optimizer(model, cfg)
+    assert isinstance(optimizer, Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    on_fallback = {names[id(p)] for g in optimizer.param_groups if g.get("use_fallback") for p in g["params"]}
+    on_muon = {names[id(p)] for g in optimizer.param_groups if not g.get("use_fallback") for p in g["params"]}
+    assert {"pos_embed", "cls_token", "head.weight"} <= on_fallback
+    assert "blocks.0.attn.qkv.weight" in on_muon and not on_muon & {"pos_embed", "cls_token", "head.weight"}
+    # a Muon step on a hidden matrix is an orthogonalised update: its singular values are (nearly) equal
+    w = model.blocks[0].mlp.fc1.weight
+    before = w.detach().clone()
+    w.grad = torch.randn_like(w)
+    for n, p in model.named_parameters():
+        if p is not w:
+            p.grad = None
+    optimizer.step()
+    s = torch.linalg.svdvals((w.detach() - before).double())
+    assert s.max() / s.min() < 2.0, s   # Newton-Schulz leaves singular values within ~[0.7, 1.2], not a raw gradient's spread
+    # and the engine trains with it end to end
+    run = fit(_cfg(tmp_path / "run", opt="muon", epochs=1))
+    assert vitlab.load_config(run)["training"]["global_step"] == 4

@@ -170,6 +170,31 @@ def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return model
 
 
+MUON_OPTIMIZERS = ("muon", "nmuon", "adamuon", "nadamuon")
+
+
+def muon_fallback(model: nn.Module) -> list[str]:
+    """Parameter-name patterns that Muon leaves to its AdamW fallback: the classifier and timm's no-weight-decay
+    parameters (position embeddings, class / register / distillation tokens). Muon orthogonalises the update of a
+    hidden weight matrix; its author keeps input embeddings, the output layer and gains on AdamW."""
+    patterns = set(getattr(model, "no_weight_decay", lambda: ())())
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    for name in (classifier,) if isinstance(classifier, str) else classifier:
+        patterns |= {name, f"{name}.*"}
+    return sorted(patterns)
+
+
+def _create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's optimizer `cfg.opt`; `sam` wraps AdamW; the Muon family routes `muon_fallback` to AdamW."""
+    if cfg.opt == "sam":
+        base_opt = timm.optim.create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return SAM(model.parameters(), base_opt, rho=cfg.sam_rho)
+    extra = {}
+    if cfg.opt.lower() in MUON_OPTIMIZERS:
+        extra = dict(fallback_list=muon_fallback(model), fallback_no_weight_decay=True)
+    return timm.optim.create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+
+
 def _block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The Linear layers under `blocks` (what --l1 penalizes and --keep-zeros holds)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".blocks." in f".{n}"]
@@ -531,11 +556,7 @@ def _fit(cfg: TrainConfig, state: dict | None, _crash_at_step: int | None, old_e
     if cfg.recipe:
         recipe = parse_recipe(cfg.recipe)
         recipe.setup(model, train_set, cfg, rt)
-    if cfg.opt == "sam":
-        base_opt = timm.optim.create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-        optimizer = SAM(model.parameters(), base_opt, rho=cfg.sam_rho)
-    else:
-        optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = _create_optimizer(model, cfg)
     clipped = list(model.parameters())
     if recipe is not None and (extra := recipe.parameters()):
         if cfg.opt == "sam":
