@@ -41,6 +41,22 @@ def test_eval_json_and_files(checkpoint, tmp_path, capsys):
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 300
 
 
+def test_eval_flip_tta_matches_the_library(checkpoint, capsys):
+    argv = ["eval", str(checkpoint), "--data", "fashion-mnist", "--split", "val", "--limit", "200", "--json"]
+    assert main(argv + ["--tta", "flip"]) == 0
+    out = capsys.readouterr().out
+    result = _last_json(out)
+    assert "flip TTA" in out and result["tta"] == "flip"
+    from vitlab.bench.measure import dataset_for
+    from vitlab.engine import evaluate
+
+    model = vitlab.create_model(checkpoint)
+    expected = evaluate(model, dataset_for(model, "fashion-mnist", "val"), limit=200, progress=False, tta="flip")
+    assert result["top1"] == expected["top1"] and result["loss"] == pytest.approx(expected["loss"], abs=1e-6)
+    with pytest.raises(SystemExit):
+        main(argv + ["--tta", "crop"])
+
+
 def test_eval_calibrates_an_applied_quantizer_on_the_train_split(checkpoint, capsys, monkeypatch):
     from vitlab import loader   # every verb loads through it
 

@@ -282,6 +282,8 @@ def _add_eval_parser(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
+    p.add_argument("--tta", choices=("flip",), default=None,
+                   help="test-time augmentation: flip scores each image by the mean softmax of it and its mirror")
     p.add_argument("--out", default=None, metavar="DIR", help="write metrics.json and confusion.png here")
     _add_calib(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -836,9 +838,13 @@ def _prune_with_technique(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    if _is_dense(args.checkpoint):
+    dense, predict = _is_dense(args.checkpoint), _is_predict(args.checkpoint)
+    if args.tta and (dense or predict):
+        raise UserError(f"--tta {args.tta} is for classifiers; {args.checkpoint} is a "
+                        f"{'dense-prediction' if dense else 'frame-prediction'} checkpoint: drop --tta")
+    if dense:
         return _eval_dense(args)
-    if _is_predict(args.checkpoint):
+    if predict:
         return _eval_predict(args)
     _threads(args.threads)
     if args.out:
@@ -846,10 +852,12 @@ def cmd_eval(args) -> int:
     check_source_classes(args.checkpoint, args.data, data_dir=args.data_dir)  # before loading or calibrating
     runner = _load_runner(args.checkpoint, args.apply, calib_args=args)
     dataset = dataset_for_model(runner, args.data, args.split, data_dir=args.data_dir, strict=args.strict)
-    result = evaluate(runner, dataset, batch_size=args.batch_size, limit=args.limit, progress=not args.json)
+    result = evaluate(runner, dataset, batch_size=args.batch_size, limit=args.limit, progress=not args.json,
+                      tta=args.tta)
     skipped = f", {result['skipped']} unreadable file(s) skipped (listed in --json / metrics.json)" \
         if result["skipped"] else ""
-    print(f"{args.checkpoint} on {args.data} [{args.split}], {result['n']} images{skipped}")
+    tta = f", {args.tta} TTA" if args.tta else ""
+    print(f"{args.checkpoint} on {args.data} [{args.split}], {result['n']} images{skipped}{tta}")
     print(f"  top-1 {100 * result['top1']:.2f} %   top-5 {100 * result['top5']:.2f} %   loss {result['loss']:.4f}")
     width = max(len(c) for c in result["classes"])
     for name, acc in result["per_class"].items():
@@ -861,7 +869,8 @@ def cmd_eval(args) -> int:
         print(f"  wrote {out / 'metrics.json'} and {out / 'confusion.png'}")
     if args.json:
         summary = {k: result[k] for k in ("top1", "top5", "loss", "n", "skipped", "skipped_files")}
-        summary.update(per_class=result["per_class"], data=args.data, split=args.split, checkpoint=args.checkpoint)
+        summary.update(per_class=result["per_class"], data=args.data, split=args.split, checkpoint=args.checkpoint,
+                       tta=args.tta)
         print(json.dumps(summary))
     return 0
 

@@ -110,6 +110,24 @@ def test_evaluate_counts_and_confusion(tiny_model, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_flip_tta_scores_the_mean_softmax_of_image_and_mirror(tiny_model):
+    data = build_dataset("synthetic:n=40,classes=10", "test", img_size=16)
+    x = torch.stack([data[i][0] for i in range(40)])
+    y = torch.tensor([data[i][1] for i in range(40)])
+    tiny_model.eval()
+    with torch.no_grad():
+        mean = (tiny_model(x).softmax(1) + tiny_model(x.flip(-1)).softmax(1)) / 2
+    plain = evaluate(tiny_model, data, batch_size=16, progress=False)
+    tta = evaluate(tiny_model, data, batch_size=16, progress=False, tta="flip", predictions=True)
+    assert tta["predictions"] == dict(enumerate(mean.argmax(1).tolist()))
+    assert tta["top1"] == (mean.argmax(1) == y).float().mean().item()
+    assert abs(tta["loss"] - torch.nn.functional.nll_loss(mean.log(), y).item()) < 1e-5
+    assert tta["predictions"] != evaluate(tiny_model, data, batch_size=16, progress=False, predictions=True)[
+        "predictions"] or tta["loss"] != plain["loss"]   # the mirror pass changed something: it ran
+    with pytest.raises(ValueError, match="tta='crop'.*flip"):
+        evaluate(tiny_model, data, progress=False, tta="crop")
+
+
 def test_shape_mismatch_names_both_shapes(tiny_model):
     data = build_dataset("synthetic:n=8", "test", img_size=20)
     with pytest.raises(ValueError, match="1x20x20 but the model expects 1x16x16"):

@@ -61,15 +61,22 @@ def check_num_classes(runner, dataset) -> None:
                         f"this data (vitlab train --init CHECKPOINT --data ... --out DIR)")
 
 
+TTA = ("flip",)
+
+
 def evaluate(model_or_runner, dataset, *, batch_size: int = 256, progress: bool = True, limit: int | None = None,
-             predictions: bool = False) -> dict:
+             predictions: bool = False, tta: str | None = None) -> dict:
     """Run the whole dataset (or its first `limit` images) through the runner; accuracies are fractions.
 
     An image file that cannot be read is dropped, never replaced: `n` counts the images evaluated, `skipped` those
     left out (files found bad when the dataset was built, and files that failed to decode here), `skipped_files`
     names them. `predictions=True` adds "predictions": {dataset index: top-1 class index} of every image evaluated.
-    A model whose class count differs from the dataset's is an error before any image is read.
+    A model whose class count differs from the dataset's is an error before any image is read. `tta="flip"`
+    (test-time augmentation) scores each image by the mean of the softmax of the image and of its horizontal mirror
+    (two passes; the loss is the cross-entropy of that mean).
     """
+    if tta is not None and tta not in TTA:
+        raise ValueError(f"tta={tta!r} is not a test-time augmentation; use one of {', '.join(TTA)} or None")
     runner = as_runner(model_or_runner)
     check_num_classes(runner, dataset)
     classes = list(getattr(dataset, "classes", []))
@@ -89,6 +96,8 @@ def evaluate(model_or_runner, dataset, *, batch_size: int = 256, progress: bool 
                 if n == 0:
                     check_input_shape(images, runner)
                 logits = runner(images)
+                if tta == "flip":   # log of the mean probability: argmax, top-5 and the loss follow the mean
+                    logits = ((logits.float().softmax(1) + runner(images.flip(-1)).float().softmax(1)) / 2).log()
                 loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
                 k = min(5, logits.shape[1])
                 top5_hits += (logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1).sum().item()
