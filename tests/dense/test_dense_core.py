@@ -233,6 +233,8 @@ def test_cli_semantic_and_detection_train_eval_predict(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "sem"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["task"] == "semantic" and 0 <= result["miou"] <= 1 and result["data"] == "fmnist-scenes:n=16"
+    assert main(["eval", str(tmp_path / "sem"), "--tta", "flip"]) == 2   # flip TTA is for classifiers
+    assert "--tta flip is for classifiers" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "det"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"ap", "ap50", "ap75"} <= set(result)
