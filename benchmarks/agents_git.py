@@ -34,7 +34,7 @@ def _sweep(kind: str, lrs: list[float], args) -> float:
     """The LR of `lrs` with the best val AP (ties: AP50) for head `kind`; prints the sweep's rows."""
     options = {"grid": args.grid} if kind == "git" else {}
     res = sweep_lr(kind, lrs, args.sweep_steps or args.steps, args.train_scenes, args.val_scenes, args.init,
-                   seed=0, batch_size=args.batch_size, **options)
+                   seed=0, batch_size=args.batch_size, opt=args.opt, **options)
     for lr, m in res.items():
         print(f"# sweep {kind} lr {lr:g}: val AP {m['ap']:.2f} AP50 {m['ap50']:.2f} AP75 {m['ap75']:.2f} "
               f"loss curve {m['curve']}", flush=True)
@@ -45,6 +45,7 @@ def table(rows: list[dict]) -> None:
     """Markdown table of the rows, the per-seed GiT / DETR ratios and the verdict."""
     first = rows[0]
     print(f"\nGiT vs DETR-style head on fmnist-scenes detection, {first['steps']} steps x batch {first['batch_size']}, "
+          f"{first.get('opt', 'adamw')}, "
           f"AP on {first['test_scenes']} test scenes; {cpu_name()}, {torch.get_num_threads()} thread\n")
     print("| head | seed | lr | params | AP | AP50 | AP75 | loss first -> last | train s |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -83,6 +84,8 @@ def main() -> None:
     parser.add_argument("--val-scenes", type=int, default=200)
     parser.add_argument("--test-scenes", type=int, default=200)
     parser.add_argument("--grid", type=int, default=5)
+    parser.add_argument("--opt", default="adamw", choices=["adamw", "muon"],
+                        help="optimizer of both heads (muon: timm's Muon, embeddings and output layers on AdamW)")
     parser.add_argument("--init", default="checkpoints/fashion-mnist-reference-v2")
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--table", nargs="+", metavar="JSON", help="print the table of rows saved by --out, stop")
@@ -108,7 +111,7 @@ def main() -> None:
         start = time.perf_counter()
         rows.append({"seed": seed, **compare(args.steps, args.train_scenes, args.test_scenes, args.init, seed=seed,
                                              batch_size=args.batch_size, grid=args.grid, git_lr=lrs["git"],
-                                             detr_lr=lrs["detr"], heads=tuple(args.heads)),
+                                             detr_lr=lrs["detr"], heads=tuple(args.heads), opt=args.opt),
                      "wall_s": round(time.perf_counter() - start, 1)})
         print(f"# seed {seed}: {rows[-1]}", flush=True)
         if args.out:

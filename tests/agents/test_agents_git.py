@@ -135,6 +135,32 @@ def test_training_step_lowers_the_loss_and_toy_quick(tmp_path):
     assert {"git_ap", "detr_ap", "git_params", "detr_params"} <= set(result["metrics"])
 
 
+def test_muon_keeps_embeddings_and_output_layers_on_its_adamw_fallback():
+    model = _tiny()
+    fallback = set(git.detector_muon_fallback(model))
+    assert fallback == {"vocab", "grid_pos", "seq_pos", "vit.pos_embed", "vit.cls_token"}   # vocab is also the output
+    opt = git.detector_optimizer(model, "muon", 1e-3)
+    on_fallback = {id(p) for g in opt.param_groups if g.get("use_fallback") for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in on_fallback}
+    assert fallback <= names and "extra.0.attn.qkv.weight" not in names and "vit.blocks.0.mlp.fc1.weight" not in names
+    assert all(p.ndim < 2 for n, p in model.named_parameters() if n in names - fallback)   # the rest: biases, norms
+
+    detr = git.build("detr", "vl_vit_fmnist", img_size=32)
+    fallback = set(git.detector_muon_fallback(detr))
+    assert {"head.class_embed.weight", "head.bbox_embed.4.weight", "head.query_embed.weight"} <= fallback
+    assert not any("in_proj_weight" in n or ".blocks." in n for n in fallback)
+    with pytest.raises(UserError, match="'sgd'"):
+        git.detector_optimizer(detr, "sgd", 1e-3)
+
+
+def test_muon_training_lowers_the_loss():
+    from vitlab.data.scenes import FmnistScenes
+
+    model = _tiny(num_classes=10)
+    losses = git.train_detector(model, FmnistScenes("train", n=8, size=32), steps=8, batch_size=4, lr=3e-3, opt="muon")
+    assert sum(losses[-3:]) < sum(losses[:3])
+
+
 def test_curve_is_window_means_from_first_to_last_step():
     assert git._curve([4.0, 2.0, 3.0, 1.0], points=2) == [3.0, 2.0]
     assert git._curve([5.0, 1.0, 2.0], points=8) == [5.0, 1.0, 2.0]
@@ -143,8 +169,9 @@ def test_curve_is_window_means_from_first_to_last_step():
 
 def _stub_training(monkeypatch, seen: dict) -> None:
     """Replace training and scoring by recorders: which head trained at which lr, on which split it was scored."""
-    def train(model, dataset, steps, batch_size=8, lr=5e-4, seed=0):
+    def train(model, dataset, steps, batch_size=8, lr=5e-4, seed=0, opt="adamw"):
         seen.setdefault("lr", {})["git" if isinstance(model, git.GiT) else "detr"] = lr
+        seen.setdefault("opt", []).append(opt)
         return [2.0, 1.0]
 
     def evaluate(model, dataset, limit=None, batch_size=32):
@@ -177,6 +204,9 @@ def test_compare_trains_each_head_at_its_own_lr(monkeypatch):
     assert seen["lr"] == {"git": 3e-3, "detr": 6e-3} and seen["scored"] == ["test", "test"]
     assert m["git_lr"] == 3e-3 and m["detr_lr"] == 6e-3 and m["ap_ratio"] == pytest.approx(0.5)
     assert m["git_curve"] == [2.0, 1.0] and m["git_final_loss"] == 1.5
+    assert seen["opt"] == ["adamw", "adamw"] and m["opt"] == "adamw"
+    git.compare(steps=2, train_scenes=2, test_scenes=2, init="vl_vit_fmnist", img_size=32, heads=("detr",), opt="muon")
+    assert seen["opt"][-1] == "muon"
     only = git.compare(steps=2, train_scenes=2, test_scenes=2, init="vl_vit_fmnist", img_size=32, heads=("detr",))
     assert "detr_ap" in only and "git_ap" not in only and "ap_ratio" not in only
     with pytest.raises(UserError, match="heads"):

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import timm.optim
 from timm.models.vision_transformer import Block
 from torch import Tensor
 from torchvision.ops import box_convert
@@ -245,12 +246,38 @@ def _step_loss(model: nn.Module, images: Tensor, targets: list[dict[str, Tensor]
     return sum(criterion(model(images), targets).values())
 
 
+def detector_muon_fallback(model: nn.Module) -> list[str]:
+    """Parameter names Muon leaves to its AdamW fallback in a detector: every parameter that is not the weight of a
+    hidden Linear / convolution (embeddings, position and query tables, GiT's shared vocabulary, which is also its
+    output layer) and the output Linears of the DETR-style head (class and last box layer), as
+    `vitlab.engine.train.muon_fallback` does for a classifier."""
+    hidden = {f"{name}.weight" for name, m in model.named_modules()
+              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and not name.endswith("class_embed")}
+    hidden |= {f"{name}.in_proj_weight" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    heads = [m for m in model.modules() if hasattr(m, "bbox_embed")]
+    for head in heads:    # the box MLP's last Linear is an output layer too
+        last = [m for m in head.bbox_embed.modules() if isinstance(m, nn.Linear)][-1]
+        hidden -= {n for n, p in model.named_parameters() if p is last.weight}
+    return sorted(n for n, p in model.named_parameters() if p.ndim >= 2 and n not in hidden)
+
+
+def detector_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float = 0.05) -> torch.optim.Optimizer:
+    """AdamW, or timm's Muon on the hidden matrices with `detector_muon_fallback` on its AdamW fallback."""
+    if opt == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if opt == "muon":
+        return timm.optim.create_optimizer_v2(model, opt="muon", lr=lr, weight_decay=weight_decay,
+                                              fallback_list=detector_muon_fallback(model))
+    raise UserError(f"optimizer {opt!r}: use 'adamw' or 'muon'")
+
+
 def train_detector(model: nn.Module, dataset, steps: int, batch_size: int = 8, lr: float = 5e-4,
-                   seed: int = 0) -> list[float]:
-    """AdamW (weight decay 0.05), linear warm-up over the first 10 % of steps then cosine, seeded batches; the same
-    loop for GiT (its token loss) and the DETR-style head (`BoxCriterion`: class CE + L1 + GIoU, Hungarian)."""
+                   seed: int = 0, opt: str = "adamw") -> list[float]:
+    """`opt` (AdamW or Muon, weight decay 0.05), linear warm-up over the first 10 % of steps then cosine, seeded
+    batches; the same loop for GiT (its token loss) and the DETR-style head (`BoxCriterion`: class CE + L1 + GIoU,
+    Hungarian)."""
     criterion = None if isinstance(model, GiT) else BoxCriterion(model.num_classes)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    opt = detector_optimizer(model, opt, lr)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, max(0, s - warm) / max(1, steps - warm)))))
@@ -294,7 +321,8 @@ def _curve(losses: list[float], points: int = 8) -> list[float]:
 
 
 def sweep_lr(kind: str, lrs: list[float], steps: int, train_scenes: int, val_scenes: int, init: str, seed: int = 0,
-             batch_size: int = 8, img_size: int = 64, **options: Any) -> dict[float, dict[str, float]]:
+             batch_size: int = 8, img_size: int = 64, opt: str = "adamw",
+             **options: Any) -> dict[float, dict[str, float]]:
     """Each learning rate's AP (percent) on `val_scenes` scenes of the `val` split (items from the fashion-mnist
     hold-out, disjoint from the train scenes' items and from the test file) after `steps` steps of `kind` ("git" or
     "detr") on `train_scenes` train scenes; pick a head's LR by this, never by the test scenes."""
@@ -306,7 +334,7 @@ def sweep_lr(kind: str, lrs: list[float], steps: int, train_scenes: int, val_sce
     for lr in lrs:
         torch.manual_seed(seed)
         model = build(kind, init, img_size=img_size, **options)
-        losses = train_detector(model, train, steps, batch_size, lr, seed)
+        losses = train_detector(model, train, steps, batch_size, lr, seed, opt=opt)
         out[lr] = {k: round(100 * v, 2) for k, v in evaluate_detector(model, val).items()}
         out[lr]["curve"] = _curve(losses)
     return out
@@ -314,18 +342,19 @@ def sweep_lr(kind: str, lrs: list[float], steps: int, train_scenes: int, val_sce
 
 def compare(steps: int, train_scenes: int, test_scenes: int, init: str, seed: int = 0, batch_size: int = 8,
             lr: float = 5e-4, grid: int = 5, extra_depth: int = 2, img_size: int = 64, git_lr: float | None = None,
-            detr_lr: float | None = None, heads: tuple[str, ...] = ("git", "detr")) -> dict[str, Any]:
+            detr_lr: float | None = None, heads: tuple[str, ...] = ("git", "detr"),
+            opt: str = "adamw") -> dict[str, Any]:
     """GiT and the DETR-style head on the same ViT, trained for the same steps on the same scenes; their test AP.
 
     Each head trains at its own learning rate (`git_lr`, `detr_lr`; `lr` where not given), which should come from
-    `sweep_lr` on the val split. `heads` runs a subset (the ratio needs both). `{kind}_curve` is the loss curve as 8
-    window means."""
+    `sweep_lr` on the val split. `heads` runs a subset (the ratio needs both). `opt` ("adamw" or "muon") trains both
+    heads. `{kind}_curve` is the loss curve as 8 window means."""
     unknown = set(heads) - {"git", "detr"}
     if unknown or not heads:
         raise UserError(f"compare heads={heads!r}: use 'git', 'detr' or both")
     train = FmnistScenes("train", n=train_scenes, size=img_size, seed=seed)
     test = FmnistScenes("test", n=test_scenes, size=img_size)
-    metrics: dict[str, Any] = {"steps": steps, "batch_size": batch_size, "test_scenes": test_scenes}
+    metrics: dict[str, Any] = {"steps": steps, "batch_size": batch_size, "test_scenes": test_scenes, "opt": opt}
     lrs = {"git": lr if git_lr is None else git_lr, "detr": lr if detr_lr is None else detr_lr}
     for kind, options in (("git", {"grid": grid, "extra_depth": extra_depth}), ("detr", {})):
         if kind not in heads:
@@ -333,7 +362,7 @@ def compare(steps: int, train_scenes: int, test_scenes: int, init: str, seed: in
         torch.manual_seed(seed)
         model = build(kind, init, img_size=img_size, **options)
         start = time.perf_counter()
-        losses = train_detector(model, train, steps, batch_size, lrs[kind], seed)
+        losses = train_detector(model, train, steps, batch_size, lrs[kind], seed, opt=opt)
         metrics[f"{kind}_lr"] = lrs[kind]
         metrics[f"{kind}_train_s"] = round(time.perf_counter() - start, 1)
         metrics[f"{kind}_params"] = sum(p.numel() for p in model.parameters())
