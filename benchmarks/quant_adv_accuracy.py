@@ -9,8 +9,8 @@ Calibration: `--calib-images` (default 256) seeded images of the Fashion-MNIST *
 line), applied with `vitlab.apply_(model, PTQ(...), calib=...)` to a fresh copy of the reference checkpoint.
 `quantizer` picks the post-softmax and post-GELU quantizer (AdaLog's searches score candidates on softmax·V /
 fc2's output, `objective=output`, the paper's; `objective=self` on the values' own MSE); the other activation
-sites use `act_quantizer` (uniform, default mse), weights are symmetric per output channel (min-max). Prints a
-markdown table.
+sites use `act_quantizer` (uniform, default mse), weights are symmetric per output channel (min-max).
+`repq=true,quantizer=logsqrt2,post_gelu=false` is RepQ-ViT (`--apply repq`). Prints a markdown table.
 """
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ MORE_CONFIGS = [
     "w=3,a=3,quantizer=minmax",
     "w=3,a=3,quantizer=twin",
     "w=3,a=3,quantizer=adalog",
+    "w=4,a=4,quantizer=logsqrt2,post_gelu=false,repq=true",   # RepQ-ViT (= --apply repq:w=4,a=4)
+    "w=3,a=3,quantizer=logsqrt2,post_gelu=false,repq=true",
 ]
 
 

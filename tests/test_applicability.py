@@ -22,13 +22,15 @@ WAVE2_TECHNIQUES = ["slim:keep_rate=0.5", "iared", "sparsifiner", "lookupvit:tok
 WAVE3_TECHNIQUES = ["shiftadd"]
 # ToP-ViM: token pruning inside plain Vision Mamba models, with hidden-state alignment
 WAVE4_TECHNIQUES = ["topvim:keep_rate=0.7"]
-TECHNIQUES = WAVE1_TECHNIQUES + WAVE2_TECHNIQUES + WAVE3_TECHNIQUES + WAVE4_TECHNIQUES
+# RepQ-ViT: post-LayerNorm scale reparameterization where a LayerNorm feeds one Linear, log-sqrt(2) softmax
+WAVE5_TECHNIQUES = ["repq:w=8,a=8"]
+TECHNIQUES = WAVE1_TECHNIQUES + WAVE2_TECHNIQUES + WAVE3_TECHNIQUES + WAVE4_TECHNIQUES + WAVE5_TECHNIQUES
 REDUCING = {"tome", "evit", "ats", "mctf", "expedit", "prune", "topvim"}
 ALL = {t.split(":")[0] for t in WAVE1_TECHNIQUES}   # every wave-1 technique (the wave-2 ones are listed per model)
 TOKENS = {"tome", "evit", "ats", "mctf"}
 QUANT = {"ptq", "w8a8", "w8"}
 FAMILIES = {"token reduction": TOKENS | {"expedit", "slim", "iared", "sparsifiner", "lookupvit", "topvim"},
-            "pruning": {"prune", "lpvit"}, "quantization": QUANT | {"qhyvit", "shiftadd"}}
+            "pruning": {"prune", "lpvit"}, "quantization": QUANT | {"qhyvit", "shiftadd", "repq"}}
 
 # model -> techniques that work on it (every other cell refuses by name)
 WORKS = {

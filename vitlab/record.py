@@ -38,6 +38,7 @@ class ModelRecord:
     quant_config: the post-training quantization config the model was prepared with.
     calibration: how many images calibrated it ({"images": n}).
     smoothing: MPTQ-ViT's chosen smoothing factor per layer.
+    repq: RepQ-ViT's reparameterized layers, each with the mean |log r| of its channel rescaling.
     bit_allocation / bit_sensitivity: MPTQ-ViT's mixed-precision bits per layer and the sensitivities behind them.
     """
 
@@ -52,6 +53,7 @@ class ModelRecord:
     quant_config: Any = None
     calibration: Mapping[str, Any] | None = None
     smoothing: Mapping[str, float] | None = None
+    repq: Mapping[str, float] | None = None
     bit_allocation: Mapping[str, int] | None = None
     bit_sensitivity: Mapping[str, Any] | None = field(default=None, repr=False)
 

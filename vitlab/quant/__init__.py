@@ -25,7 +25,7 @@ checkpoint format), mptq.py, qhyvit.py, shiftadd.py (techniques built on them).
 from .base import (QUANTIZERS, MSEQuantizer, MinMaxQuantizer, PercentileQuantizer, Quantizer, QuantizerError,
                    UniformQuantizer, get_quantizer_class, make_quantizer, quantizer_names, register_quantizer)
 from .calibration import CalibrationError, calibrate, prepare_, quant_mac_fraction_of, quantize_
-from .configs import BF16, PTQ, W8, W8A8
+from .configs import BF16, PTQ, W8, W8A8, RepQ
 from .export import load_quantized, save_quantized
 from .sim import (QuantAttention, QuantAttentionOps, QuantConv2d, QuantLinear, QuantWindowAttention,
                   QuantWindowAttentionV2, is_quantized, quant_layers, quant_linears, quantizers, set_quant_mode,
@@ -35,7 +35,7 @@ from . import qhyvit  # noqa: F401  (registers the `qhyvit` technique: Q-HyViT f
 from . import shiftadd  # noqa: F401  (registers `shiftadd`: ShiftAddViT's shift / add reparameterization)
 
 __all__ = [
-    "PTQ", "W8A8", "W8", "BF16", "calibrate", "prepare_", "quantize_", "Quantizer", "UniformQuantizer", "MinMaxQuantizer",
+    "PTQ", "RepQ", "W8A8", "W8", "BF16", "calibrate", "prepare_", "quantize_", "Quantizer", "UniformQuantizer", "MinMaxQuantizer",
     "PercentileQuantizer", "MSEQuantizer", "QUANTIZERS", "register_quantizer", "make_quantizer", "quantizer_names",
     "QuantizerError", "QuantLinear", "QuantConv2d", "QuantAttention", "QuantWindowAttention", "QuantWindowAttentionV2",
     "QuantAttentionOps", "quantizers", "quant_layers", "set_quant_mode", "is_quantized", "CalibrationError",

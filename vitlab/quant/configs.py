@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 from ..techniques import Kind, register_technique
 from .base import QUANTIZERS, UniformQuantizer, get_quantizer_class, quantizer_names
 
-__all__ = ["PTQ", "W8A8", "W8", "BF16"]
+__all__ = ["PTQ", "RepQ", "W8A8", "W8", "BF16"]
 
 
 def _check_bits(name: str, value: int) -> None:
@@ -28,7 +28,9 @@ class PTQ:
     output channel, `weight_quantizer` (minmax or mse). `attn`: quantize both attention matmuls (QK^T and
     softmax·V); `post_gelu`: use `quantizer` for the input of fc2; `per_token`: Linear inputs get one scale per
     token (static, so the token count must not change). `bits`: MPTQ mixed precision under this average bit budget
-    (vitlab.quant.mptq); `smooth`: MPTQ's SmoothQuant-with-bias before calibration. `objective`: what AdaLog's
+    (vitlab.quant.mptq); `smooth`: MPTQ's SmoothQuant-with-bias before calibration; `repq`: RepQ-ViT's
+    post-LayerNorm scale reparameterization before calibration (vitlab.quant.repq; the paper's full recipe is
+    `repq=true,quantizer=logsqrt2,post_gelu=false`). `objective`: what AdaLog's
     searches minimize, "output" (the paper's: the error of softmax·V / of fc2's output) or "self" (the quantized
     values' own error); other quantizers ignore it. `qkv_symmetric`: q, k and v on a symmetric grid (w8a8's twin sets
     it: OpenVINO runs the attention matmuls in int8 only with symmetric q / k).
@@ -42,6 +44,7 @@ class PTQ:
     per_token: bool = False
     bits: float | None = None
     smooth: bool = False
+    repq: bool = False
     weight_quantizer: str = "minmax"
     act_quantizer: str = "mse"
     objective: Literal["output", "self"] = "output"
@@ -60,8 +63,31 @@ class PTQ:
         for field in ("weight_quantizer", "act_quantizer"):
             if not get_quantizer_class(getattr(self, field)).all_sites:
                 raise ValueError(f"{field}={getattr(self, field)!r} must be uniform (minmax, percentile or mse)")
+        if self.repq and self.smooth:
+            raise ValueError("repq=true and smooth=true both rescale the LayerNorm -> Linear pairs; choose one "
+                             "(repq: RepQ-ViT, smooth: MPTQ's SQ-b)")
         if self.bits is not None and not 2.0 <= self.bits <= 16.0:
             raise ValueError(f"bits={self.bits} (average bit budget) must be in 2..16")
+
+
+@register_technique("repq", Kind.QUANTIZATION, needs_calibration=True)
+@dataclass(frozen=True)
+class RepQ:
+    """RepQ-ViT (Li et al., ICCV 2023), simulated: post-LayerNorm activations calibrated per channel and
+    reparameterized into the LayerNorm and the next Linear so one per-tensor scale serves them
+    (vitlab.quant.repq), log-sqrt(2) post-softmax quantization, uniform elsewhere (post-GELU included); weights
+    per output channel. The same as `ptq:w=W,a=A,repq=true,quantizer=logsqrt2,post_gelu=false`."""
+
+    w: int = 4
+    a: int = 4
+    attn: bool = True
+
+    def __post_init__(self):
+        self.ptq()                      # validates the bit widths
+
+    def ptq(self) -> PTQ:
+        """The PTQ config this runs."""
+        return PTQ(w=self.w, a=self.a, quantizer="logsqrt2", post_gelu=False, attn=self.attn, repq=True)
 
 
 @register_technique("w8a8", Kind.QUANTIZATION, needs_calibration=True, deploys=True)

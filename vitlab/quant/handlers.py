@@ -1,6 +1,7 @@
 """What `vitlab.apply_` and `vitlab.deploy` run for each quantization config (registered by config type, `register_handler`).
 
-`ptq`, in this order: wrap (quantizers off) -> `smooth` (vitlab.quant.mptq.smooth_, before any observation) ->
+`ptq`, in this order: wrap (quantizers off) -> `smooth` (vitlab.quant.mptq.smooth_) or `repq`
+(vitlab.quant.repq.reparameterize_layernorm_), before any observation ->
 calibrate -> `bits` (vitlab.quant.mptq.allocate_bits, on the calibrated model; it changes bit widths with
 set_bits and re-finalizes); returns the model. `w8a8`, `w8` and `bf16` deploy to an engine (vitlab.quant.deploy)
 and return a runner. A model whose graph changes per input is refused by name, and so is a refusal of the shared
@@ -17,9 +18,9 @@ import torch.nn as nn
 from ..record import record
 from ..runner import example_shape
 from ..techniques import TechniqueNotApplicable, format_technique, register_handler
-from . import mptq
+from . import mptq, repq
 from .calibration import CalibrationError, calibrate, prepare_
-from .configs import BF16, PTQ, W8, W8A8
+from .configs import BF16, PTQ, W8, W8A8, RepQ
 from .deploy import deploy_bf16, deploy_w8, deploy_w8a8
 
 
@@ -74,10 +75,20 @@ def _apply_ptq(model: nn.Module, cfg: PTQ, calib=None) -> nn.Module:
         prepare_(model, cfg, example=calib[0][:1])
     if cfg.smooth:
         mptq.smooth_(model, calib, cfg)
+    if cfg.repq:
+        with _named(cfg):
+            repq.reparameterize_layernorm_(model, calib, cfg)
     calibrate(model, calib)
     if cfg.bits is not None:
         mptq.allocate_bits(model, calib, cfg)
     return model
+
+
+@register_handler(RepQ)
+def _apply_repq(model: nn.Module, cfg: RepQ, calib=None) -> nn.Module:
+    _require_calib(cfg, calib)
+    with _named(cfg):
+        return _apply_ptq(model, cfg.ptq(), calib)
 
 
 @register_handler(W8A8)

@@ -53,7 +53,7 @@ __all__ = [
     "ADALOG_R", "GELU_SHIFT", "log2_quantize", "adalog_quantize", "adalog_table", "search_adalog_base",
     "fpcs_search", "search_log2_scale", "self_error", "matmul_output_error", "linear_output_error", "OBJECTIVES",
     "reparameterize_bias_", "reparameterize_post_gelu_", "quantization_mse",
-    "Log2Quantizer", "AdaLogQuantizer",
+    "Log2Quantizer", "LogSqrt2Quantizer", "AdaLogQuantizer",
 ]
 
 ADALOG_R = 37                           # AdaLog's fixed denominator r: base = 2 ** (q / r)
@@ -75,12 +75,13 @@ def _max_code(bits: int) -> int:
     return 2 ** bits - 2
 
 
-def log2_quantize(x: Tensor, scale: float | Tensor, bits: int) -> Tensor:
-    """Fake-quantize x >= 0 to {0} U {scale * 2**-k : k = 0 ... 2**bits - 2} (rounding in the log domain)."""
+def log2_quantize(x: Tensor, scale: float | Tensor, bits: int, step: float = 1.0) -> Tensor:
+    """Fake-quantize x >= 0 to {0} U {scale * 2**(-k step) : k = 0 ... 2**bits - 2} (rounding in the log domain):
+    log2 at step 1, RepQ-ViT's log-sqrt(2) at step 0.5."""
     k_max = _max_code(bits)
     ratio = (x / scale).clamp(min=1e-30, max=1.0)
-    k = torch.round(-torch.log2(ratio))
-    return torch.where(k > k_max, torch.zeros_like(x), torch.exp2(-k.clamp(max=k_max)) * scale)
+    k = torch.round(-torch.log2(ratio) / step)
+    return torch.where(k > k_max, torch.zeros_like(x), torch.exp2(-k.clamp(max=k_max) * step) * scale)
 
 
 def adalog_table(bits: int, r: int = ADALOG_R, device=None) -> Tensor:
@@ -261,15 +262,16 @@ def linear_output_error(x: Tensor, weight: Tensor, weight_quant: Tensor | None, 
 
 
 def search_log2_scale(samples: Tensor, bits: int, count: int = 100,
-                      percentiles: tuple[float, float] = (0.9, 1.0)) -> float:
-    """Scale of a log2 quantizer: the MSE-best of `count` scales between two percentiles of the positive values."""
+                      percentiles: tuple[float, float] = (0.9, 1.0), step: float = 1.0) -> float:
+    """Scale of a log2 (`step` 1) or log-sqrt(2) (`step` 0.5) quantizer: the MSE-best of `count` scales between two
+    percentiles of the positive values."""
     x = samples.flatten().float()
     positive = x[x > 0]
     if positive.numel() == 0:
         return 1.0
     lo, hi = torch.quantile(positive, torch.tensor(percentiles, dtype=x.dtype)).tolist()
     scales = torch.linspace(min(lo, hi), max(hi, 1e-12), count, dtype=x.dtype)[:, None]     # (count, 1)
-    errors = quantization_mse(x, log2_quantize(x[None], scales, bits))
+    errors = quantization_mse(x, log2_quantize(x[None], scales, bits, step))
     return float(scales[errors.argmin(), 0])
 
 
@@ -342,6 +344,8 @@ class Log2Quantizer(_LogBase):
     as in AdaLog's and RepQ-ViT's log2 baselines); elsewhere the MSE-best scale between the 90th and 100th
     percentile. At post_gelu the input is shifted by 0.17 so GELU's negative part is kept."""
 
+    step: float = 1.0      # log2 of the ratio between neighbouring levels
+
     @torch.no_grad()
     def finalize(self) -> None:
         self._require_observed()
@@ -349,11 +353,21 @@ class Log2Quantizer(_LogBase):
         if self.options.get("site") == "attn_prob":
             self.scale = torch.tensor(1.0)
         else:
-            self.scale = torch.tensor(search_log2_scale(search_data(self) + self.shift, self.bits))
+            self.scale = torch.tensor(search_log2_scale(search_data(self) + self.shift, self.bits, step=self.step))
         self.calibrated = True
 
     def _code(self, x: Tensor) -> Tensor:
-        return log2_quantize(x, self.scale, self.bits)
+        return log2_quantize(x, self.scale, self.bits, self.step)
+
+
+@register_quantizer("logsqrt2")
+class LogSqrt2Quantizer(Log2Quantizer):
+    """RepQ-ViT's post-softmax quantizer: levels scale * 2**(-k/2) (k = 0 ... 2**bits - 2) and 0, i.e. log base
+    sqrt(2), twice as fine as log2 over half the range; RepQ-ViT deploys it as log2 by splitting odd and even codes
+    (the same values). Scale 1 at post-softmax, searched like log2's elsewhere (`ptq:repq=true,quantizer=logsqrt2`
+    with `post_gelu=false` is the paper's recipe: vitlab.quant.repq)."""
+
+    step = 0.5
 
 
 @register_quantizer("adalog")

@@ -95,8 +95,9 @@ def search_alpha(x: Tensor, weight: Tensor, w_bits: int, a_bits: int,
     return best[0], best[1], plain
 
 
-def _pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, nn.Linear]]:
-    """(name, LayerNorm, Linear that alone reads it) in each timm Block: norm1 -> attn.qkv, norm2 -> mlp.fc1."""
+def _candidate_pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, nn.Linear]]:
+    """(name, LayerNorm, Linear) named like a timm Block's norm1 -> attn.qkv, norm2 -> mlp.fc1 (by name only: a
+    post-norm block such as Swin V2's has the same names with the LayerNorm after the attention)."""
     pairs = []
     for name, block in model.named_modules():
         for norm_name, path in (("norm1", ("attn", "qkv")), ("norm2", ("mlp", "fc1"))):
@@ -107,6 +108,70 @@ def _pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, nn.Linear]]:
                     and norm.bias is not None:
                 pairs.append((f"{name}.{path[0]}.{path[1]}", norm, linear))
     return pairs
+
+
+def _flat(out: Any) -> Tensor:
+    """A forward's output as one flat tensor (a dense model returns a dict of tensors)."""
+    if isinstance(out, Tensor):
+        return out.flatten().float()
+    values = out.values() if isinstance(out, dict) else out
+    return torch.cat([_flat(v) for v in values if isinstance(v, (Tensor, dict, list, tuple))])
+
+
+def _same_values(a: list[Tensor], b: list[Tensor]) -> bool:
+    """Whether the tensors of `a` and those of `b` hold the same multiset of values (a re-ordering of each other)."""
+    if not a or not b:
+        return False
+    x, y = torch.cat(a), torch.cat(b)
+    return x.numel() == y.numel() and torch.equal(x.sort().values, y.sort().values)
+
+
+@torch.no_grad()
+def _pairs(model: nn.Module, batch: Tensor, tolerance: float = 1e-4) -> list[tuple[str, nn.LayerNorm, nn.Linear]]:
+    """The LayerNorm -> Linear pairs whose rescaling leaves `model` unchanged. A named candidate
+    (`_candidate_pairs`) is kept when, on `batch`, (1) the Linear's inputs are exactly the LayerNorm's outputs,
+    possibly re-ordered (Swin's window partition), and (2) with a strong random shift and scale folded in
+    (`smooth_pair_`, then restored) the model's output moves by less than `tolerance` of its largest value: nothing
+    else reads that LayerNorm. A post-norm block (Swin V2), a Linear reading pooled or padded tokens (STViT's super
+    tokens) and a LayerNorm read twice are left out."""
+    candidates = _candidate_pairs(model)
+    outputs: dict[int, list[Tensor]] = {id(norm): [] for _, norm, _ in candidates}
+    inputs: dict[int, list[Tensor]] = {id(linear): [] for _, _, linear in candidates}
+    hooks = [norm.register_forward_hook(lambda m, a, out: outputs[id(m)].append(out.detach().flatten()))
+             for _, norm, _ in candidates]
+    hooks += [linear.register_forward_pre_hook(lambda m, a: inputs[id(m)].append(a[0].detach().flatten()))
+              for _, _, linear in candidates]
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            reference = _flat(model(batch))
+        finally:
+            for h in hooks:
+                h.remove()
+        bound = tolerance * reference.abs().max().clamp(min=1e-6)
+        generator = torch.Generator().manual_seed(0)
+        kept = []
+        for name, norm, linear in candidates:
+            if not _same_values(outputs[id(norm)], inputs[id(linear)]):
+                continue          # the Linear reads something else (pooled, padded, the un-normalized input)
+            params = [norm.weight, norm.bias, linear.weight] + ([linear.bias] if linear.bias is not None else [])
+            saved = [p.detach().clone() for p in params]
+            had_bias = linear.bias is not None
+            c = linear.in_features
+            shift = torch.randn(c, generator=generator).to(linear.weight.dtype)
+            scale = torch.exp2(torch.empty(c).uniform_(-2, 2, generator=generator)).to(linear.weight.dtype)
+            smooth_pair_(norm, linear, shift, scale)
+            moved = float((_flat(model(batch)) - reference).abs().max())
+            for p, value in zip(params, saved):
+                p.copy_(value)
+            if not had_bias:
+                linear.bias = None
+            if moved <= bound:
+                kept.append((name, norm, linear))
+    finally:
+        model.train(was_training)
+    return kept
 
 
 @torch.no_grad()
@@ -120,10 +185,13 @@ def smooth_(model: nn.Module, calib: Iterable[Tensor], cfg: Any, *, grid: Sequen
     if any(q.mode != "off" for _, q in quantizers(model)):
         raise QuantizerError("smooth_ runs before calibration (quantizers in mode 'off'): it changes the weights "
                              "the quantizers would be calibrated on")
-    pairs = _pairs(model)
+    calib = list(calib)
+    if not calib:
+        raise QuantizerError("smooth_: saw no calibration tokens; pass calibration images")
+    pairs = _pairs(model, calib[0][:8])
     if not pairs:
         raise QuantizerError(f"{type(model).__name__} has no LayerNorm -> Linear pairs (norm1 -> attn.qkv, "
-                             "norm2 -> mlp.fc1) to smooth")
+                             "norm2 -> mlp.fc1, each LayerNorm read by that Linear alone) to smooth")
     inputs: dict[str, list[Tensor]] = {name: [] for name, _, _ in pairs}
     hooks = [linear.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(
         args[0].detach().reshape(-1, args[0].shape[-1]))) for name, _, linear in pairs]
