@@ -125,6 +125,14 @@ _TIMM_ATTENTION = VIDEO_MODELS + ("vit_tiny_patch16_224", "vitamin_small_224", "
                                   "vl_test_svt", "vit_tiny_patch16_224:map")   # blocks with timm's global Attention
 for _name in _TIMM_ATTENTION:
     WORKS[_name] = WORKS[_name] | {"shiftadd"}
+# RepQ-ViT needs a LayerNorm read by one Linear alone (verified); post-norm Swin V2, conv / BatchNorm / pooling
+# mixers and Mamba blocks have none
+_NO_LN_LINEAR = ("swinv2_tiny_window8_256", "tiny_vit_5m_224", "tnt_s_patch16_224", "efficientvit_m0", "convnext_atto",
+                 "nextvit_small", "poolformer_s12", "vl_test_activator", "vl_test_fmvit", "vl_test_convlstm",
+                 "vl_test_vim")
+for _name in WORKS:
+    if _name not in _NO_LN_LINEAR:
+        WORKS[_name] = WORKS[_name] | {"repq"}
 
 def _build(name: str):
     if name in OTHER_MODELS:
