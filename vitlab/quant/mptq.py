@@ -110,6 +110,21 @@ def _candidate_pairs(model: nn.Module) -> list[tuple[str, nn.LayerNorm, nn.Linea
     return pairs
 
 
+@torch.no_grad()
+def observe_calibration(model: nn.Module, calib: Iterable[Tensor], hooks: list) -> None:
+    """Run the calibration batches through `model` in eval mode for the given (already registered) hooks, then
+    remove them and restore the training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in calib:
+            model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+
 def _flat(out: Any) -> Tensor:
     """A forward's output as one flat tensor (a dense model returns a dict of tensors)."""
     if isinstance(out, Tensor):
@@ -193,17 +208,9 @@ def smooth_(model: nn.Module, calib: Iterable[Tensor], cfg: Any, *, grid: Sequen
         raise QuantizerError(f"{type(model).__name__} has no LayerNorm -> Linear pairs (norm1 -> attn.qkv, "
                              "norm2 -> mlp.fc1, each LayerNorm read by that Linear alone) to smooth")
     inputs: dict[str, list[Tensor]] = {name: [] for name, _, _ in pairs}
-    hooks = [linear.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(
-        args[0].detach().reshape(-1, args[0].shape[-1]))) for name, _, linear in pairs]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in calib:
-            model(batch)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    observe_calibration(model, calib, [linear.register_forward_pre_hook(
+        lambda m, args, name=name: inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        for name, _, linear in pairs])
     generator = torch.Generator().manual_seed(0)
     chosen = {}
     for name, norm, linear in pairs:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..record import update_record
 from ..techniques import TechniqueNotApplicable
 from .base import QuantizerError
-from .mptq import _pairs, smooth_pair_
+from .mptq import _pairs, observe_calibration, smooth_pair_
 from .sim import quantizers
 
 __all__ = ["repq_factors", "reparameterize_layernorm_"]
@@ -72,16 +72,7 @@ def _channel_ranges(model: nn.Module, calib: Iterable[Tensor], pairs) -> dict[st
             ranges[name] = (lo, hi)
         return observe
 
-    hooks = [linear.register_forward_pre_hook(hook(name)) for name, _, linear in pairs]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in calib:
-            model(batch)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    observe_calibration(model, calib, [linear.register_forward_pre_hook(hook(name)) for name, _, linear in pairs])
     return ranges
 
 
