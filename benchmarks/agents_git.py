@@ -1,12 +1,13 @@
 """GiT (boxes as tokens on a plain ViT) vs a DETR-style head on the same ViT, fmnist-scenes detection, equal steps.
 
-    OMP_NUM_THREADS=1 python benchmarks/agents_git.py --sweep-only --git-lrs 1e-3 3e-3 1e-2 --detr-lrs 3e-4 1e-3 3e-3
-    OMP_NUM_THREADS=1 python benchmarks/agents_git.py --seeds 0 1 2 --git-lr 3e-3 --detr-lr 1e-3 --out rows.json
+    OMP_NUM_THREADS=1 python benchmarks/agents_git.py --sweep-only --steps 1000 --git-lrs 1e-3 3e-3 1e-2 --detr-lrs 3e-4 1e-3 3e-3 1e-2
+    OMP_NUM_THREADS=1 python benchmarks/agents_git.py --seeds 0 1 2 --git-lr 3e-3 --detr-lr 3e-3 --out rows.json
     python benchmarks/agents_git.py --table rows-0.json rows-1.json rows-2.json    # merge runs made in parallel
 
-Both arms start from the trained reference ViT `checkpoints/fashion-mnist-reference-v2` (resized to 64 px scenes) and
-train with the same loop (`vitlab.agents.git.train_detector`: AdamW, warm-up + cosine, seeded batches of the same
-scenes) for the same number of optimizer steps: GiT (`vitlab.agents.git.GiT`: a 5 x 5 grid of points, box tokens
+Both arms start from the trained reference ViT `checkpoints/fashion-mnist-reference-v4` (resized to 64 px scenes) and
+train with the same loop (`vitlab.agents.git.train_detector`: `--opt` Muon (default; embeddings and output layers on
+its AdamW fallback) or AdamW, warm-up + cosine, seeded batches of the same scenes) for the same number of optimizer
+steps (`--steps`, default 3000): GiT (`vitlab.agents.git.GiT`: a 5 x 5 grid of points, box tokens
 over 2 x 64 bins, grid-point matching, teacher-forced parallel decoding, 2 new ViT blocks as GiT's "new_more_layers")
 with its token cross-entropy, and `detr-lite` (vitlab/dense/heads.py: ViTDet simple feature pyramid + 3-layer DETR
 decoder, 20 queries) with the Hungarian `BoxCriterion` (class CE + L1 + GIoU). Each head trains at its own learning
@@ -71,7 +72,7 @@ def table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--git-lr", type=float, help="GiT's learning rate (default: the best of --git-lrs)")
     parser.add_argument("--detr-lr", type=float, help="detr-lite's learning rate (default: the best of --detr-lrs)")
@@ -84,9 +85,9 @@ def main() -> None:
     parser.add_argument("--val-scenes", type=int, default=200)
     parser.add_argument("--test-scenes", type=int, default=200)
     parser.add_argument("--grid", type=int, default=5)
-    parser.add_argument("--opt", default="adamw", choices=["adamw", "muon"],
+    parser.add_argument("--opt", default="muon", choices=["adamw", "muon"],
                         help="optimizer of both heads (muon: timm's Muon, embeddings and output layers on AdamW)")
-    parser.add_argument("--init", default="checkpoints/fashion-mnist-reference-v2")
+    parser.add_argument("--init", default="checkpoints/fashion-mnist-reference-v4")
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--table", nargs="+", metavar="JSON", help="print the table of rows saved by --out, stop")
     args = parser.parse_args()

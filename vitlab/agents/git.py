@@ -384,6 +384,7 @@ def run(out: Path, seed: int, quick: bool) -> dict[str, float | str]:
     if quick:
         return compare(steps=1, train_scenes=4, test_scenes=4, init="vl_vit_fmnist", seed=seed, batch_size=2, grid=3,
                        extra_depth=1, img_size=32)
-    # each head's lr: the best of a 300-step sweep scored on 200 val scenes (benchmarks/agents_git.py --sweep-only)
-    return compare(steps=300, train_scenes=6000, test_scenes=200, init="checkpoints/fashion-mnist-reference-v2",
-                   seed=seed, git_lr=3e-3, detr_lr=3e-4)
+    # Muon, each head's lr the best of a 1000-step sweep scored on 200 val scenes (benchmarks/agents_git.py
+    # --sweep-only --opt muon), 3000 steps (BENCHMARKS.md, "GiT")
+    return compare(steps=3000, train_scenes=6000, test_scenes=200, init="checkpoints/fashion-mnist-reference-v4",
+                   seed=seed, git_lr=3e-3, detr_lr=3e-3, opt="muon")
