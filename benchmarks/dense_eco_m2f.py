@@ -7,7 +7,7 @@ gate's curve on or above the fixed-depth curve), checked at small scale on vitla
 `Mask2FormerForUniversalSegmentation`, tiny config, HF Swin from scratch, 6 encoder layers), with the official
 code's semantics (GYeow/ECO-M2F@291f1e1):
 
-1. early-exit training: `--steps` AdamW steps on the 6 exits' `MaskCriterion` losses, exit k's weighted by k
+1. early-exit training: `--steps` AdamW (or `--opt muon`) steps on the 6 exits' `MaskCriterion` losses, exit k's weighted by k
    (`--exit-weights depth`, official) or evenly (`uniform`);
 2. the derived dataset: per-image PQ q_k of each exit k on `--derive` training scenes (torchmetrics
    `PanopticQuality` per image), utility u_k = q_k - beta k;
@@ -31,6 +31,7 @@ import argparse
 import platform
 import time
 
+import timm.optim
 import timm.scheduler
 import torch
 
@@ -38,6 +39,7 @@ from vitlab.data.scenes import FmnistScenes, collate_scenes
 from vitlab.dense.eco_m2f import (EXIT_WEIGHTS, GATE_TARGETS, EcoMask2Former, ExitGate, ExitWeightedCriterion,
                                   fit_gate, ideal_depths, scene_config)
 from vitlab.dense.engine import dense_loss
+from vitlab.engine.train import muon_fallback_by_role
 from vitlab.dense.matching import panoptic_inference
 from vitlab.profiling.flops import per_module_macs
 
@@ -46,7 +48,14 @@ BETAS = (0.0, 0.01, 0.02, 0.05, 0.1)
 
 def train(model: EcoMask2Former, train_set, args: argparse.Namespace) -> float:
     """Step 1: early-exit training (the exits' losses weighted by `model.exit_weights`); returns the wall time."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    if args.opt == "muon":   # hidden matrices on Muon; tables, class predictor and last mask-embedder layer on AdamW
+        outputs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                   and (n.endswith("class_predictor") or "mask_embedder" in n)]
+        outputs = [n for n in outputs if "mask_embedder" not in n] + [n for n in outputs if "mask_embedder" in n][-1:]
+        optimizer = timm.optim.create_optimizer_v2(model, opt="muon", lr=args.lr, weight_decay=0.05,
+                                                   fallback_list=muon_fallback_by_role(model, tuple(outputs)))
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     warmup = max(1, args.steps // 20)
     scheduler = timm.scheduler.CosineLRScheduler(optimizer, t_initial=args.steps - warmup, lr_min=1e-5,
                                                  warmup_t=warmup, warmup_lr_init=1e-5, warmup_prefix=True,
@@ -124,6 +133,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--opt", choices=("adamw", "muon"), default="adamw",
+                        help="optimizer of the early-exit training (muon: timm's Muon on the hidden matrices)")
     parser.add_argument("--train", type=int, default=4000, help="training scenes (fmnist-scenes:n=N)")
     parser.add_argument("--derive", type=int, default=128, help="training scenes of the derived dataset")
     parser.add_argument("--val", type=int, default=192, help="val scenes the gate and the fixed depths are scored on")

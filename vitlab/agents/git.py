@@ -47,6 +47,7 @@ from torch import Tensor
 from torchvision.ops import box_convert
 
 from ..checkpoint import create_model
+from ..engine.train import muon_fallback_by_role
 from ..data.scenes import FmnistScenes, collate_scenes
 from ..dense.heads import build_dense_model
 from ..dense.matching import BoxCriterion, box_inference, hungarian_match
@@ -247,18 +248,15 @@ def _step_loss(model: nn.Module, images: Tensor, targets: list[dict[str, Tensor]
 
 
 def detector_muon_fallback(model: nn.Module) -> list[str]:
-    """Parameter names Muon leaves to its AdamW fallback in a detector: every parameter that is not the weight of a
-    hidden Linear / convolution (embeddings, position and query tables, GiT's shared vocabulary, which is also its
-    output layer) and the output Linears of the DETR-style head (class and last box layer), as
-    `vitlab.engine.train.muon_fallback` does for a classifier."""
-    hidden = {f"{name}.weight" for name, m in model.named_modules()
-              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and not name.endswith("class_embed")}
-    hidden |= {f"{name}.in_proj_weight" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-    heads = [m for m in model.modules() if hasattr(m, "bbox_embed")]
-    for head in heads:    # the box MLP's last Linear is an output layer too
-        last = [m for m in head.bbox_embed.modules() if isinstance(m, nn.Linear)][-1]
-        hidden -= {n for n, p in model.named_parameters() if p is last.weight}
-    return sorted(n for n, p in model.named_parameters() if p.ndim >= 2 and n not in hidden)
+    """Parameter names Muon leaves to its AdamW fallback in a detector (`vitlab.engine.train.muon_fallback_by_role`):
+    embeddings, position and query tables, GiT's shared vocabulary (also its output layer), and the DETR-style
+    head's output Linears (class and last box layer), as `vitlab.engine.train.muon_fallback` does for a classifier."""
+    outputs = []
+    for name, m in model.named_modules():
+        if hasattr(m, "bbox_embed") and hasattr(m, "class_embed"):
+            last = [n for n, sub in m.bbox_embed.named_modules() if isinstance(sub, nn.Linear)][-1]
+            outputs += [f"{name}.class_embed", f"{name}.bbox_embed.{last}"]
+    return muon_fallback_by_role(model, tuple(outputs))
 
 
 def detector_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float = 0.05) -> torch.optim.Optimizer:

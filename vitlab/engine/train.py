@@ -184,6 +184,17 @@ def muon_fallback(model: nn.Module) -> list[str]:
     return sorted(patterns)
 
 
+def muon_fallback_by_role(model: nn.Module, output_layers: tuple[str, ...] = ()) -> list[str]:
+    """Muon's AdamW-fallback parameter names for a model without timm's metadata (detectors, HF models): every
+    parameter of 2 or more dimensions that is not the weight of a hidden Linear / Conv / MultiheadAttention input
+    projection (embedding, position, query and bias tables), plus the weights of `output_layers` (module names:
+    class and box predictors). 1-D parameters go to the fallback anyway."""
+    hidden = {f"{name}.weight" for name, m in model.named_modules()
+              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and name not in output_layers}
+    hidden |= {f"{name}.in_proj_weight" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    return sorted(n for n, p in model.named_parameters() if p.ndim >= 2 and n not in hidden)
+
+
 def _create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """timm's optimizer `cfg.opt`; `sam` wraps AdamW; the Muon family routes `muon_fallback` to AdamW."""
     if cfg.opt == "sam":
