@@ -162,3 +162,21 @@ def test_muon_orthogonalises_hidden_matrices_and_leaves_embeddings_and_head_to_a
     # and the engine trains with it end to end
     run = fit(_cfg(tmp_path / "run", opt="muon", epochs=1))
     assert vitlab.load_config(run)["training"]["global_step"] == 4
+
+
+def test_muon_fallback_by_role_keeps_tables_and_output_layers_off_muon():
+    from vitlab.engine.train import muon_fallback_by_role
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.queries = torch.nn.Embedding(4, 8)
+            self.level_embed = torch.nn.Parameter(torch.zeros(3, 8))
+            self.attn = torch.nn.MultiheadAttention(8, 2)
+            self.hidden = torch.nn.Linear(8, 8)
+            self.conv = torch.nn.Conv2d(8, 8, 3)
+            self.cls = torch.nn.Linear(8, 5)
+
+    names = muon_fallback_by_role(Head(), output_layers=("cls",))
+    assert names == ["cls.weight", "level_embed", "queries.weight"]   # biases / 1-D ones fall back by themselves
+    assert "cls.weight" not in muon_fallback_by_role(Head())
