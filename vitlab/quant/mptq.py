@@ -156,37 +156,38 @@ def _pairs(model: nn.Module, batch: Tensor, tolerance: float = 1e-4) -> list[tup
              for _, norm, _ in candidates]
     hooks += [linear.register_forward_pre_hook(lambda m, a: inputs[id(m)].append(a[0].detach().flatten()))
               for _, _, linear in candidates]
+    observe_calibration(model, [batch], hooks)       # what each LayerNorm wrote and each Linear read
+    # the Linear must read exactly the LayerNorm's values (not pooled, padded or the un-normalized input) ...
+    candidates = [c for c in candidates if _same_values(outputs[id(c[1])], inputs[id(c[2])])]
     was_training = model.training
     model.eval()
     try:
-        try:
-            reference = _flat(model(batch))
-        finally:
-            for h in hooks:
-                h.remove()
+        reference = _flat(model(batch))
         bound = tolerance * reference.abs().max().clamp(min=1e-6)
         generator = torch.Generator().manual_seed(0)
-        kept = []
-        for name, norm, linear in candidates:
-            if not _same_values(outputs[id(norm)], inputs[id(linear)]):
-                continue          # the Linear reads something else (pooled, padded, the un-normalized input)
-            params = [norm.weight, norm.bias, linear.weight] + ([linear.bias] if linear.bias is not None else [])
-            saved = [p.detach().clone() for p in params]
-            had_bias = linear.bias is not None
-            c = linear.in_features
-            shift = torch.randn(c, generator=generator).to(linear.weight.dtype)
-            scale = torch.exp2(torch.empty(c).uniform_(-2, 2, generator=generator)).to(linear.weight.dtype)
-            smooth_pair_(norm, linear, shift, scale)
-            moved = float((_flat(model(batch)) - reference).abs().max())
-            for p, value in zip(params, saved):
-                p.copy_(value)
-            if not had_bias:
-                linear.bias = None
-            if moved <= bound:
-                kept.append((name, norm, linear))
+        # ... and nothing else may read the LayerNorm: a random rescaling folded into the pair changes nothing
+        return [(name, norm, linear) for name, norm, linear in candidates
+                if _rescaled_output_change(model, batch, norm, linear, reference, generator) <= bound]
     finally:
         model.train(was_training)
-    return kept
+
+
+def _rescaled_output_change(model: nn.Module, batch: Tensor, norm: nn.LayerNorm, linear: nn.Linear,
+                            reference: Tensor, generator: torch.Generator) -> float:
+    """Largest change of the model's output on `batch` with a random shift and scale folded into (norm, linear)
+    by `smooth_pair_`; the parameters are restored afterwards (a bias smooth_pair_ had to add is removed)."""
+    params = [norm.weight, norm.bias, linear.weight] + ([linear.bias] if linear.bias is not None else [])
+    saved = [p.detach().clone() for p in params]
+    shift = torch.randn(linear.in_features, generator=generator).to(linear.weight.dtype)
+    scale = torch.exp2(torch.empty(linear.in_features).uniform_(-2, 2, generator=generator)).to(linear.weight.dtype)
+    smooth_pair_(norm, linear, shift, scale)
+    try:
+        return float((_flat(model(batch)) - reference).abs().max())
+    finally:
+        for p, value in zip(params, saved):
+            p.copy_(value)
+        if len(params) == 3:
+            linear.bias = None
 
 
 @torch.no_grad()
