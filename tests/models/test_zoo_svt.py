@@ -9,8 +9,9 @@ from safetensors.torch import load_file, save_file
 
 import vitlab
 from vitlab.models.listing import count_params_meta
-from vitlab.models.svt import (SVT, SpectralScattering, _one_node, checkpoint_filter_fn, complex_block_mlp,
-                               dtcwt_forward, dtcwt_inverse, near_sym_b_filters)
+from vitlab.models.svt import (SVT, SpectralScattering, _filter_matrices, _filter_pair, _one_node,
+                               checkpoint_filter_fn, complex_block_mlp, dtcwt_forward, dtcwt_inverse,
+                               near_sym_b_filters)
 from vitlab.profiling import count_flops
 
 from _zoo_common import assert_filter_is_identity, assert_official_file_converts, official_fixture
@@ -106,6 +107,23 @@ def test_dtcwt_reconstructs_perfectly(shape):
     torch.testing.assert_close(dtcwt_inverse(low, highs, g0, g1), x, atol=1e-12, rtol=0)
     # the high band carries the detail: without it the image does not come back
     assert (dtcwt_inverse(low, torch.zeros_like(highs), g0, g1) - x).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("length", [3, 8, 56])
+def test_filter_matrices_are_numpy_convolution_with_symmetric_extension(length):
+    # the DTCWT's banded matrices against numpy: np.pad(mode="symmetric") repeats the edge sample (half-sample
+    # symmetric, reflecting again when the pad exceeds the signal), then a 'valid' convolution; 3 < 19 taps
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(length)
+    taps = [torch.randn(19, generator=generator, dtype=torch.float64),
+            torch.randn(13, generator=generator, dtype=torch.float64)]
+    matrices = _filter_matrices(_filter_pair(*taps), length)
+    x = np.random.default_rng(length).standard_normal(length)
+    for f, m in zip(taps, matrices):
+        pad = (19 - 1) // 2
+        want = np.convolve(np.pad(x, pad, mode="symmetric"), np.pad(f.numpy(), (19 - f.numel()) // 2), "valid")
+        np.testing.assert_allclose(x @ m.numpy(), want, atol=1e-12)
 
 
 def test_transforms_as_one_autograd_node_give_the_same_gradients():

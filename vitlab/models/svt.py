@@ -110,19 +110,19 @@ def _symmetric_index(length: int, pad: int, device: torch.device) -> torch.Tenso
 
 
 def _filter_matrices(bank: torch.Tensor, length: int) -> torch.Tensor:
-    """The 'same'-size filtering of a length-`length` signal by each filter of `bank` (F, K), with half-sample
-    symmetric extension (pytorch_wavelets' 'symmetric' mode), as matrices M (F, length, length): out = x @ M[f].
+    """The 'same'-size cross-correlation of a length-`length` signal with each row of `bank` (F, K; reversed filters,
+    as `_filter_pair` gives them, so a convolution with the filters), with half-sample symmetric extension
+    (pytorch_wavelets' 'symmetric' mode), as matrices M (F, length, length): out = x @ M[f].
 
     Taps that the extension reflects onto one sample add up, so a grid shorter than the filters is exact too."""
-    K = bank.shape[-1]
+    n, K = bank.shape
     index = _symmetric_index(length, K // 2, bank.device)
     out = torch.arange(length, device=bank.device)
     src = index[out[:, None] + torch.arange(K, device=bank.device)]  # (length, K): input sample under each tap
-    F_ = bank.shape[0]
-    M = bank.new_zeros(F_, length, length)
-    f = torch.arange(F_, device=bank.device)[:, None, None].expand(F_, length, K)
-    M.index_put_((f, src.expand(F_, -1, -1), out[None, :, None].expand(F_, length, K)),
-                 bank.flip(-1)[:, None, :].expand(F_, length, K), accumulate=True)
+    which = torch.arange(n, device=bank.device)[:, None, None].expand(n, length, K)
+    M = bank.new_zeros(n, length, length)
+    M.index_put_((which, src.expand(n, -1, -1), out[None, :, None].expand(n, length, K)),
+                 bank[:, None, :].expand(n, length, K), accumulate=True)
     return M
 
 
