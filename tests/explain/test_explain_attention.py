@@ -182,19 +182,40 @@ def test_overlay_checks_shapes_and_cli_writes_picture(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_photos_smoke():
+def test_real_photos_smoke(tmp_path):
+    """Three real photos through every method on a timm ViT (random weights: this checks the plumbing and the
+    pictures, /tmp/explain_smoke.png and /tmp/explain_smoke_sources.png, which a person looks at, not the
+    explanations' quality)."""
     skimage_data = pytest.importorskip("skimage.data")
     import torch.nn.functional as F
+
+    from vitlab.explain.tame import save_tame, train_tame
+    from vitlab.explain.tokens import plot_token_sources, token_source_map
 
     torch.manual_seed(0)
     model = vitlab.create_model("vit_tiny_patch16_224", num_classes=10).eval()
     photos = [torch.from_numpy(getattr(skimage_data, n)()).permute(2, 0, 1).float()[None] / 255
               for n in ("astronaut", "chelsea", "coffee")]
     images = torch.cat([F.interpolate(p, size=(224, 224), mode="bilinear") for p in photos])   # (3, 3, 224, 224)
-    explanations = [vitlab.explain(model, (images - 0.5) / 0.5, method=m) for m in ("attention", "rollout")]
-    for e in explanations:
-        assert e.maps.shape == (3, 224, 224) and e.maps.isfinite().all()
+    inputs = (images - 0.5) / 0.5
+    # T-TAME needs an explainer trained for the model: a few steps on the photos themselves
+    photos_set = torch.utils.data.TensorDataset(inputs, torch.zeros(3, dtype=torch.long))
+    explainer = train_tame(model, photos_set, batch_size=3, max_steps=4, progress=False)
+    tame_dir = save_tame(explainer, tmp_path / "tame")
+    methods = [("attention", {}), ("rollout", {}), ("gradcam", {}), ("gradcam++", {}), ("layercam", {}),
+               ("eigencam", {}), ("tame", {"tame": tame_dir})]
+    explanations = [vitlab.explain(model, inputs, method=m, **options) for m, options in methods]
+    for e, (method, _) in zip(explanations, methods):
+        assert e.method == method and e.maps.shape == (3, 224, 224) and e.maps.isfinite().all()
+        assert e.maps.amax() > e.maps.amin()                      # a map, not a constant
     out = plot_explanations(images, explanations, "/tmp/explain_smoke.png", titles=["astronaut", "chelsea", "coffee"])
+    assert out.stat().st_size > 10_000
+    # token sources: which patches ToMe merged into each final token, on the first photo
+    reduced = vitlab.apply_(vitlab.create_model("vit_tiny_patch16_224", num_classes=10).eval(),
+                           vitlab.parse_apply(["tome:r=8"]))
+    labels = token_source_map(reduced, inputs[0])
+    assert labels.shape == (14, 14) and len(labels.unique()) == 196 - 12 * 8
+    out = plot_token_sources(images[0], labels, "/tmp/explain_smoke_sources.png", title="astronaut, ToMe r=8")
     assert out.stat().st_size > 10_000
 
 
