@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import vitlab
+
 transformers = pytest.importorskip("transformers")
 
 from vitlab.dense import get_head  # noqa: E402
@@ -253,8 +255,8 @@ def test_registered_head_builds_and_refuses_plain_vit():
     with torch.no_grad():
         out = model.eval()(torch.randn(1, 1, 64, 64))
     assert out["pred_logits"].shape == (1, 16, 12) and out["pred_masks"].shape == (1, 16, 16, 16)
-    with pytest.raises(HeadError, match="supports"):
-        build_eco_m2f("vl_vit_fmnist", 11)
+    with pytest.raises(HeadError, match="four backbone stages.*levit_128s.*16, 32, 64"):
+        build_eco_m2f("levit_128s", 11)   # three stages: Mask2Former's pixel decoder needs four
     with pytest.raises(HeadError, match="depth=7"):
         build_eco_m2f("hf-swin", 11, depth=7)
     assert parse_head("eco-m2f:exit_weights=uniform", "panoptic")[1] == {"exit_weights": "uniform"}
@@ -262,3 +264,28 @@ def test_registered_head_builds_and_refuses_plain_vit():
         build_eco_m2f("hf-swin", 11, exit_weights="sum")
     with pytest.raises(HeadError, match="semantic"):
         get_head("eco-m2f", "semantic")
+
+
+def test_any_stage_backbone_and_checkpoint_weights_kept(tmp_path):
+    """ECO-M2F over vitlab's stage features: a plain ViT through the simple pyramid, and a classification
+    checkpoint whose weights the model starts from (and whose architecture, not folder, the dense record keeps)."""
+    from vitlab.checkpoint import record, save_checkpoint
+    from vitlab.dense.backbone import Backbone
+
+    vit = build_eco_m2f("vl_vit_fmnist", 11, depth=2, decoder_layers=2).eval()
+    with torch.no_grad():
+        out = vit(torch.randn(1, 1, 64, 64))
+    assert out["pred_masks"].shape == (1, 16, 16, 16)   # the pyramid's finest stride, 4
+    swin = vitlab.create_model("swin_tiny_patch4_window7_224", img_size=32, in_chans=1, patch_size=2, window_size=4,
+                               embed_dim=24, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], num_classes=10)
+    folder = save_checkpoint(swin, tmp_path / "swin")
+    model = build_dense_model(str(folder), "eco-m2f", "panoptic", 11, head_options={"depth": 2, "decoder_layers": 2})
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        got = model.eval().backbone_maps(x)
+        want = Backbone(str(folder), in_chans=1, img_size=64).eval()(x)
+    assert [m.shape[-1] for m in got] == [32, 16, 8, 4]          # patch 2 at 64 px: strides 2 / 4 / 8 / 16
+    assert all(torch.equal(a, b) for a, b in zip(got, want))      # HF's init did not touch the checkpoint weights
+    assert model(x)["pred_masks"].shape[-1] == 32                 # masks at the finest stride
+    dense = record(model).dense
+    assert dense["backbone"] == "swin_tiny_patch4_window7_224" and dense["backbone_kwargs"]["embed_dim"] == 24

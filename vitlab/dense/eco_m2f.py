@@ -36,17 +36,18 @@ depth k it equals an HF model whose encoder has the same first k layers (tests/d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..checkpoint import create_model
+from .backbone import Backbone, BackboneError
 from .heads import HeadError, register_model_head
 from .matching import MaskCriterion
 
-__all__ = ["scene_config", "EarlyExitEncoder", "ExitGate", "EcoMask2Former", "ExitWeightedCriterion",
+__all__ = ["scene_config", "StageBackbone", "stage_backbone", "EarlyExitEncoder", "ExitGate", "EcoMask2Former", "ExitWeightedCriterion",
            "build_eco_m2f", "gate_utilities", "ideal_depths", "soft_gate_targets", "gate_loss", "fit_gate",
            "exit_loss_weights", "EXIT_WEIGHTS", "GATE_TARGETS", "SCENE_SWIN_HF"]
 
@@ -61,37 +62,66 @@ SCENE_SWIN_HF = dict(image_size=64, patch_size=4, num_channels=1, embed_dim=24, 
 
 
 def scene_config(backbone_name: str = "hf-swin", num_classes: int = 11, encoder_layers: int = 6, dim: int = 32,
-                 decoder_layers: int = 4, num_queries: int = 16, heads: int = 4, in_chans: int = 1):
-    """A tiny `Mask2FormerConfig` for 64 px scenes: HF's Swin (`SCENE_SWIN_HF`) or a timm / vitlab model with a
-    feature pyramid through HF's `TimmBackboneConfig`; `num_classes` K (things + background, no "no object")."""
-    from transformers import Mask2FormerConfig, SwinConfig, TimmBackboneConfig
+                 decoder_layers: int = 4, num_queries: int = 16, heads: int = 4, in_chans: int = 1,
+                 strides: Sequence[int] = (4, 8, 16, 32)):
+    """A tiny `Mask2FormerConfig` for 64 px scenes; `num_classes` K (things + background, no "no object").
 
-    if backbone_name in ("hf-swin", "swin"):
-        backbone, strides = SwinConfig(**{**SCENE_SWIN_HF, "num_channels": in_chans}), [4, 8, 16, 32]
+    `backbone_name` "hf-swin" configures HF's Swin (`SCENE_SWIN_HF`, strides 4/8/16/32); any other backbone is a
+    `StageBackbone` that `EcoMask2Former(config, backbone=...)` puts in its place, and `strides` are its four
+    stage strides (the finest is the mask features' stride)."""
+    from transformers import Mask2FormerConfig, SwinConfig
+
+    if backbone_name not in ("hf-swin", "swin"):
+        strides = _check_strides(backbone_name, strides)
     else:
-        backbone, strides = TimmBackboneConfig(backbone=backbone_name, num_channels=in_chans,
-                                               out_indices=[0, 1, 2, 3]), _timm_strides(backbone_name, in_chans)
+        strides = [4, 8, 16, 32]
     if dim % 32:
         raise HeadError(f"eco-m2f: dim={dim} must be a multiple of 32 (HF's pixel decoder uses GroupNorm(32, dim))")
     return Mask2FormerConfig(
-        backbone_config=backbone, feature_size=dim, mask_feature_size=dim, hidden_dim=dim,
-        encoder_feedforward_dim=2 * dim, dim_feedforward=4 * dim, encoder_layers=encoder_layers,
-        decoder_layers=decoder_layers, num_attention_heads=heads, num_queries=num_queries,
-        num_labels=num_classes, feature_strides=strides, common_stride=strides[0])
+        backbone_config=SwinConfig(**{**SCENE_SWIN_HF, "num_channels": in_chans}), feature_size=dim,
+        mask_feature_size=dim, hidden_dim=dim, encoder_feedforward_dim=2 * dim, dim_feedforward=4 * dim,
+        encoder_layers=encoder_layers, decoder_layers=decoder_layers, num_attention_heads=heads,
+        num_queries=num_queries, num_labels=num_classes, feature_strides=list(strides), common_stride=strides[0])
 
 
-def _timm_strides(name: str, in_chans: int) -> list[int]:
-    """The four stage strides of timm model `name` (features_only), refusing one without a pyramid."""
-    try:
-        info = create_model(name, features_only=True, in_chans=in_chans, out_indices=(0, 1, 2, 3)).feature_info
-    except Exception as e:  # noqa: BLE001 - timm raises several types for models without features_only
-        raise HeadError(f"eco-m2f supports backbones with four pyramid stages (hf-swin: HF's Swin sized for 64 px "
-                        f"scenes; timm convnext_*), got {name!r} ({e}): use --model hf-swin") from None
-    strides = info.reduction()
+def _check_strides(name: str, strides: Sequence[int]) -> list[int]:
+    strides = [int(s) for s in strides]
     if len(strides) != 4 or any(b != 2 * a for a, b in zip(strides, strides[1:])):
-        raise HeadError(f"eco-m2f supports backbones with four stages of strides rising x2 (hf-swin, timm "
-                        f"convnext_*); {name!r} has strides {strides}: use --model hf-swin")
+        raise HeadError(f"eco-m2f needs four backbone stages whose strides rise x2 (Mask2Former's pixel decoder); "
+                        f"{name!r} gives strides {strides}: use hf-swin, a hierarchical timm / vitlab model (Swin, "
+                        f"ConvNeXt, PVT v2, vitlab's vl_* families) or a plain ViT (simple feature pyramid)")
     return strides
+
+
+class StageBackbone(nn.Module):
+    """vitlab's `Backbone` (stage maps of any timm / vitlab model or checkpoint, a plain ViT through the simple
+    feature pyramid) with the face of an HF backbone: `.channels`, and `forward(pixel_values)` ->
+    `BackboneOutput(feature_maps=...)`, the last four maps, finest first (a ResNet's res2-res5, as Mask2Former
+    takes them)."""
+
+    def __init__(self, stages: Backbone):
+        super().__init__()
+        if len(stages.strides) < 4:
+            _check_strides(stages.spec["name"], stages.strides)
+        self.stages = stages
+        self.channels = list(stages.channels[-4:])
+        self.strides = _check_strides(stages.spec["name"], stages.strides[-4:])
+
+    def forward(self, pixel_values: Tensor, **unused):
+        from transformers.modeling_outputs import BackboneOutput
+
+        return BackboneOutput(feature_maps=tuple(self.stages(pixel_values)[-4:]))
+
+
+def stage_backbone(name: str, in_chans: int = 1, img_size: int = 64,
+                   model_kwargs: dict[str, Any] | None = None) -> StageBackbone:
+    """`StageBackbone` of a timm / vitlab model name or a vitlab checkpoint folder (its classification weights
+    kept), refusing with the families that work when the model has no four-stage pyramid."""
+    try:
+        stages = Backbone(name, in_chans=in_chans, img_size=img_size, model_kwargs=model_kwargs)
+    except BackboneError as e:
+        raise HeadError(f"eco-m2f: {e}") from None
+    return StageBackbone(stages)
 
 
 def exit_loss_weights(num_exits: int, mode: str = "depth") -> Tensor:
@@ -177,12 +207,24 @@ class EcoMask2Former(nn.Module):
     dynamic_graph = ("its encoder runs a per-image number of layers (the gate), so calibration does not observe "
                      "every layer and an int8 engine traces one depth")
 
-    def __init__(self, config, depth: int | None = None, exit_weights: str = "depth"):
+    def __init__(self, config, depth: int | None = None, exit_weights: str = "depth",
+                 backbone: StageBackbone | None = None):
         from transformers import Mask2FormerForUniversalSegmentation
+        from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoder
 
         super().__init__()
         self.exit_weights = exit_loss_weights(config.encoder_layers, exit_weights).tolist()
         self.m2f = Mask2FormerForUniversalSegmentation(config)
+        if backbone is not None:   # in place of HF's Swin: vitlab's stage features, weights as given
+            if list(config.feature_strides) != backbone.strides:
+                raise HeadError(f"eco-m2f: the config's feature_strides {list(config.feature_strides)} differ from "
+                                f"the backbone's strides {backbone.strides}: build the config with "
+                                f"scene_config(..., strides=backbone.strides)")
+            level = self.m2f.model.pixel_level_module
+            level.encoder = backbone
+            level.decoder = Mask2FormerPixelDecoder(config, feature_channels=backbone.channels)
+            level.decoder.apply(self.m2f._init_weights)   # HF's initialisation of the new pixel decoder
+        self.backbone_spec = backbone.stages.spec if backbone is not None else None
         decoder = self.m2f.model.pixel_level_module.decoder
         self.encoder = EarlyExitEncoder(decoder.encoder)
         decoder.encoder = self.encoder
@@ -311,14 +353,25 @@ def fit_gate(gate: ExitGate, pooled: Tensor, quality: Tensor, beta: float, targe
 
 def build_eco_m2f(backbone_name: str, num_classes: int, encoder_layers: int = 6, dim: int = 32,
                   decoder_layers: int = 4, num_queries: int = 16, heads: int = 4,
-                  depth: int = 0, exit_weights: str = "depth") -> EcoMask2Former:
-    """ECO-M2F for 64 px one-channel scenes on HF's Mask2Former (`backbone_name`: hf-swin, or a timm / vitlab model
-    with four pyramid stages); `depth` > 0 fixes the encoder depth, 0 lets the gate choose per image;
-    `exit_weights` weighs the exits' training losses (depth: exit k's x k, the official; uniform)."""
+                  depth: int = 0, exit_weights: str = "depth", in_chans: int = 1, img_size: int = 64,
+                  backbone_kwargs: dict[str, Any] | None = None) -> EcoMask2Former:
+    """ECO-M2F for `img_size` px scenes on HF's Mask2Former. `backbone_name`: hf-swin (HF's Swin sized for 64 px
+    scenes, from scratch), or any timm / vitlab model or vitlab checkpoint folder with stage features
+    (`stage_backbone`; a checkpoint's weights are kept: `vitlab train --head eco-m2f --init CKPT`); `depth` > 0
+    fixes the encoder depth, 0 lets the gate choose per image; `exit_weights` weighs the exits' training losses
+    (depth: exit k's x k, the official; uniform)."""
     if not 1 <= encoder_layers or not 0 <= depth <= encoder_layers:
         raise HeadError(f"eco-m2f: depth={depth} must be in 0..encoder_layers={encoder_layers} (0: the gate chooses)")
-    config = scene_config(backbone_name, num_classes, encoder_layers, dim, decoder_layers, num_queries, heads)
-    return EcoMask2Former(config, depth=depth or None, exit_weights=exit_weights)
+    backbone = None
+    if backbone_name in ("hf-swin", "swin"):
+        if backbone_kwargs:
+            raise HeadError(f"eco-m2f: hf-swin takes no backbone kwargs (got {sorted(backbone_kwargs)}); its "
+                            f"size is SCENE_SWIN_HF")
+    else:
+        backbone = stage_backbone(backbone_name, in_chans, img_size, backbone_kwargs)
+    config = scene_config(backbone_name, num_classes, encoder_layers, dim, decoder_layers, num_queries, heads,
+                          in_chans, strides=backbone.strides if backbone is not None else (4, 8, 16, 32))
+    return EcoMask2Former(config, depth=depth or None, exit_weights=exit_weights, backbone=backbone)
 
 
 register_model_head("eco-m2f", tasks=("panoptic",), build=build_eco_m2f)

@@ -86,7 +86,8 @@ class HeadEntry:
 
 _REGISTRY: dict[str, HeadEntry] = {}
 # constructor / builder arguments vitlab fills (from the backbone and the data), never --head options
-_FILLED = frozenset({"self", "channels", "strides", "num_classes", "backbone_name", "in_chans", "img_size"})
+_FILLED = frozenset({"self", "channels", "strides", "num_classes", "backbone_name", "in_chans", "img_size",
+                     "backbone_kwargs"})
 
 
 def _check_tasks(name: str, tasks: tuple[str, ...]) -> tuple[str, ...]:
@@ -199,12 +200,17 @@ def build_dense_model(backbone: str | nn.Module, head: str, task: str, num_class
     if entry.wraps_model:
         if not isinstance(backbone, str):
             raise HeadError(f"head {entry.name} builds its own backbone: pass the backbone's name, not a module")
-        if backbone_kwargs:
+        if backbone_kwargs and not entry.fills("backbone_kwargs"):
             raise HeadError(f"head {entry.name} builds its own backbone from its name: drop the backbone kwargs "
                             f"{sorted(backbone_kwargs)} (--model-kwargs)")
-        filled = {k: v for k, v in (("in_chans", in_chans), ("img_size", img_size)) if entry.fills(k)}
+        filled = {k: v for k, v in (("in_chans", in_chans), ("img_size", img_size),
+                                    ("backbone_kwargs", backbone_kwargs)) if entry.fills(k)}
         model = entry.target(backbone, num_classes, **filled, **options)
-        arch = {"backbone": backbone, "backbone_kwargs": backbone_kwargs}
+        # a builder that starts from a checkpoint folder records its architecture, so the dense checkpoint
+        # rebuilds without the folder
+        spec = getattr(model, "backbone_spec", None)
+        arch = ({"backbone": spec["name"], "backbone_kwargs": spec["kwargs"]} if spec is not None
+                else {"backbone": backbone, "backbone_kwargs": backbone_kwargs})
     else:
         stages = Backbone(backbone, in_chans=in_chans, img_size=img_size, model_kwargs=backbone_kwargs)
         model = DenseModel(stages, entry.target(stages.channels, stages.strides, num_classes, **options))
