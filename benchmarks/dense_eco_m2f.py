@@ -40,7 +40,7 @@ import torch
 
 from vitlab.data.scenes import FmnistScenes, collate_scenes
 from vitlab.dense.eco_m2f import (EXIT_WEIGHTS, GATE_TARGETS, EcoMask2Former, ExitGate, ExitWeightedCriterion,
-                                  fit_gate, ideal_depths, scene_config)
+                                  build_eco_m2f, fit_gate, ideal_depths)
 from vitlab.dense.engine import dense_loss
 from vitlab.engine.train import muon_fallback_by_role
 from vitlab.dense.matching import panoptic_inference
@@ -142,6 +142,9 @@ def main() -> None:
     parser.add_argument("--derive", type=int, default=128, help="training scenes of the derived dataset")
     parser.add_argument("--val", type=int, default=192, help="val scenes the gate and the fixed depths are scored on")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbone", default="hf-swin",
+                        help="hf-swin (HF's Swin from scratch) or a timm / vitlab model or checkpoint folder, e.g. "
+                             "checkpoints/fashion-mnist-swin (its Fashion-MNIST classification weights)")
     parser.add_argument("--exit-weights", choices=EXIT_WEIGHTS, default="depth",
                         help="step 1's exit loss weights: depth (exit k x k, the official code's) or uniform")
     parser.add_argument("--score-on", choices=("val", "train"), default="val",
@@ -159,8 +162,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     begin = time.perf_counter()
     train_set, val_set = FmnistScenes("train", n=args.train), FmnistScenes("val", n=args.val)
-    model = EcoMask2Former(scene_config(num_classes=11, encoder_layers=6, decoder_layers=3),
-                           exit_weights=args.exit_weights)
+    model = build_eco_m2f(args.backbone, 11, encoder_layers=6, decoder_layers=3, exit_weights=args.exit_weights)
     print(f"step 1: early-exit training, {args.steps} steps x batch {args.batch}, exit weights "
           f"{args.exit_weights} {model.exit_weights}")
     train_s = train(model, train_set, args)
@@ -196,7 +198,9 @@ def main() -> None:
     rows.append(row("oracle", "beta=0, val labels (upper bound)", oracle,
                     dataset_pq(val_maps[oracle - 1, torch.arange(n)], val_targets)))
 
-    print(f"\nECO-M2F on fmnist-scenes panoptic: HF Mask2Former (HF Swin from scratch, 6 encoder layers), "
+    backbone = "HF Swin from scratch" if args.backbone == "hf-swin" else f"backbone {args.backbone}"
+    print(f"\nECO-M2F on fmnist-scenes panoptic: HF Mask2Former ({backbone}, 6 encoder layers, {args.opt} lr "
+          f"{args.lr:g}), "
           f"{args.steps} steps x batch {args.batch} on {args.train} scenes, exit loss weights {args.exit_weights}; "
           f"derived set {args.derive} train scenes (mean per-image PQ by exit: "
           f"{' / '.join(f'{100 * q:.1f}' for q in quality.mean(0))}); scored on {n} {args.score_on} scenes "

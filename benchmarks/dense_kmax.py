@@ -43,6 +43,7 @@ from vitlab.data.scenes import collate_scenes
 from vitlab.dense import DenseModel, get_head
 from vitlab.dense.backbone import Backbone
 from vitlab.dense.engine import dense_loss, evaluate_dense
+from vitlab.engine.train import muon_fallback_by_role
 
 from _results import machine_line, markdown_table, save_rows
 
@@ -60,10 +61,18 @@ def train_one(head_name: str, loss_name: str, seed: int, args: argparse.Namespac
     pretrained = {id(p) for p in backbone.model.parameters()}  # the ViT; its new feature pyramid learns at lr
     if args.backbone_lr_mult == 0:  # frozen ViT: no backward through it
         backbone.model.requires_grad_(False)
-    groups = [{"params": [p for p in model.parameters() if id(p) not in pretrained], "lr": args.lr}]
-    if args.backbone_lr_mult > 0:
-        groups.append({"params": list(backbone.model.parameters()), "lr": args.lr * args.backbone_lr_mult})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.05)
+    if args.opt == "muon":   # hidden matrices on Muon; centres, class and mask-embedding outputs on AdamW
+        if args.backbone_lr_mult not in (0, 1):
+            raise SystemExit(f"--opt muon trains the backbone at the head's lr or not at all: got "
+                             f"--backbone-lr-mult {args.backbone_lr_mult}; use 0 or 1")
+        outputs = tuple(n for n, _ in model.named_modules() if n.endswith(("class_head.0", "mask_head.0")))
+        optimizer = timm.optim.create_optimizer_v2(model, opt="muon", lr=args.lr, weight_decay=0.05,
+                                                   fallback_list=muon_fallback_by_role(model, outputs))
+    else:
+        groups = [{"params": [p for p in model.parameters() if id(p) not in pretrained], "lr": args.lr}]
+        if args.backbone_lr_mult > 0:
+            groups.append({"params": list(backbone.model.parameters()), "lr": args.lr * args.backbone_lr_mult})
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.05)
     warmup = min(args.warmup, args.steps - 1)
     scheduler = timm.scheduler.CosineLRScheduler(optimizer, t_initial=args.steps - warmup, lr_min=1e-6,
                                                  warmup_t=warmup, warmup_lr_init=1e-6, warmup_prefix=True,
@@ -95,6 +104,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--opt", choices=("adamw", "muon"), default="adamw",
+                        help="muon: timm's Muon on the hidden matrices, the centres and output layers on AdamW")
     parser.add_argument("--backbone-lr-mult", type=float, default=0.0, help="0: the pretrained ViT stays frozen")
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--dim", type=int, default=128)

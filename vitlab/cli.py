@@ -661,7 +661,7 @@ def cmd_train(args) -> int:
 # flags of `vitlab train` a dense task reads (dest -> DenseTrainConfig field); any other given is refused by name
 _DENSE_TRAIN_FIELDS = {"head": "head", "model": "backbone", "init": "init", "model_kwargs": "backbone_kwargs",
                        "data": "data", "data_dir": "data_dir", "steps": "steps", "batch_size": "batch_size",
-                       "lr": "lr", "min_lr": "min_lr", "weight_decay": "weight_decay", "warmup_steps": "warmup",
+                       "lr": "lr", "min_lr": "min_lr", "weight_decay": "weight_decay", "opt": "opt", "warmup_steps": "warmup",
                        "clip_grad": "clip_grad", "seed": "seed", "threads": "threads", "eval_every": "eval_every",
                        "no_progress": "progress"}
 

@@ -154,6 +154,25 @@ def test_model_head_gets_the_data_size_and_refuses_backbone_kwargs():
         _REGISTRY.pop("toy-wrap")
 
 
+def test_muon_leaves_the_prediction_layers_to_adamw():
+    """--opt muon: hidden matrices on Muon; class / box outputs (K, K + 1 or 4 channels), tables and 1-D
+    parameters on its AdamW fallback, whatever the head."""
+    from vitlab.dense.engine import dense_optimizer, prediction_layers
+
+    detr = build_dense_model("vl_test_vit", "detr-lite", "detection", 10)
+    assert {"head.class_embed", "head.bbox_embed.4"} <= set(prediction_layers(detr, 10))
+    fpn = build_dense_model("vl_test_vit", "semantic-fpn", "semantic", 11)
+    assert prediction_layers(fpn, 11) == ("head.predictor",)
+    optimizer = dense_optimizer(fpn, "muon", 1e-3, 0.05, 11)
+    names = {id(p): n for n, p in fpn.named_parameters()}
+    muon_names = {names[id(p)] for g in optimizer.param_groups if not g.get("use_fallback")
+                  for p in g["params"] if p.ndim >= 2}     # timm's Muon runs AdamW on 1-D parameters anyway
+    assert "head.predictor.weight" not in muon_names
+    assert any(n.startswith("head.") and n.endswith(".weight") for n in muon_names)   # the FPN's convolutions
+    with pytest.raises(vitlab.errors.UserError, match="takes adamw or muon"):
+        dense_optimizer(fpn, "lamb", 1e-3, 0.05, 11)
+
+
 def test_semantic_fpn_top_down_and_shapes():
     torch.manual_seed(0)
     head = SemanticFPN([8, 16, 32], [4, 8, 16], num_classes=5, dim=16, conv_dim=16)
@@ -292,6 +311,7 @@ def test_cli_refuses_bad_dense_input(tmp_path, capsys):
         (["--task", "semantic", "--head", "nope"], "unknown head 'nope'; heads for --task semantic"),
         (["--task", "panoptic"], "--task panoptic needs --head NAME; heads for it:"),
         (["--task", "semantic", "--head", "semantic-fpn", "--mixup", "0.2"], "--mixup: for classification only"),
+        (["--task", "semantic", "--head", "semantic-fpn", "--opt", "sgd"], "dense training takes adamw or muon"),
         (["--task", "semantic", "--head", "semantic-fpn", "--model", "vl_test_vivit", "--steps", "1",
           "--data", "fmnist-scenes:n=4", "--batch-size", "2"], "'vl_test_vivit' (ViViT) has no stage features"),
     ]:

@@ -34,7 +34,7 @@ from ..data import build_dense_dataset
 from ..data.scenes import collate_scenes
 from ..engine.runtime import rng_state, seed_everything, set_rng_state, setup_runtime
 from ..engine.train import (METRICS_FILE, STATE_FILE, _Aside, _Progress, _append_line, _delete_replaced, _existing_run,
-                            _load_state, _save_state)
+                            _load_state, _save_state, muon_fallback_by_role)
 from ..utils.lock import kill_point, lock_folder
 from .matching import inference
 from .metrics import DenseMetrics
@@ -42,10 +42,11 @@ from .eco_m2f import ExitWeightedCriterion
 from .kmax_loss import KMaXCriterion
 
 __all__ = ["DenseTrainConfig", "fit_dense", "evaluate_dense", "predict_dense", "build_model", "dense_loss",
-           "make_criterion", "load_dense", "is_dense_checkpoint", "DENSE_MODEL", "TASK_METRIC"]
+           "make_criterion", "dense_optimizer", "prediction_layers", "load_dense", "is_dense_checkpoint", "DENSE_MODEL", "TASK_METRIC"]
 
 DENSE_MODEL = "vl_dense"                     # the timm entrypoint dense checkpoints name (vitlab/entrypoints.py)
 TASK_METRIC = {"panoptic": "pq", "semantic": "miou", "detection": "ap"}   # the headline number of each task
+DENSE_OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -66,6 +67,7 @@ class DenseTrainConfig:
     lr: float = 5e-4
     min_lr: float = 1e-5
     weight_decay: float = 0.05
+    opt: str = "adamw"                       # adamw, or muon (hidden matrices; predictions on AdamW)
     warmup: int | None = None                # warm-up steps; None: steps // 20
     clip_grad: float | None = 1.0
     seed: int = 0
@@ -84,6 +86,8 @@ class DenseTrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
+        if self.opt not in DENSE_OPTIMIZERS:
+            raise UserError(f"--opt {self.opt!r}: dense training takes {' or '.join(DENSE_OPTIMIZERS)}")
         if self.init and self.backbone:
             spec = load_config(self.init)["model"]["name"]
             if spec != self.backbone:
@@ -115,6 +119,29 @@ def build_model(cfg: DenseTrainConfig, dataset) -> nn.Module:
     # record the architecture, not the --init folder: the checkpoint rebuilds without it
     update_record(model, spec={"name": DENSE_MODEL, "kwargs": dict(record(model).dense)})
     return model
+
+
+def prediction_layers(model: nn.Module, num_classes: int) -> tuple[str, ...]:
+    """Names of the Linear / Conv layers that output predictions: class logits (K or K + 1 channels, K =
+    `num_classes`) or box coordinates (4). Muon leaves them to its AdamW fallback, as it leaves a classifier."""
+    outputs = {num_classes, num_classes + 1, 4}
+    return tuple(name for name, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and m.out_features in outputs
+                 or isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.out_channels in outputs)
+
+
+def dense_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float,
+                    num_classes: int) -> torch.optim.Optimizer:
+    """timm's AdamW, or timm's Muon on the hidden weight matrices with the prediction layers
+    (`prediction_layers`), embeddings, query / position tables and 1-D parameters on its AdamW fallback
+    (`vitlab.engine.train.muon_fallback_by_role`)."""
+    if opt == "muon":
+        return timm.optim.create_optimizer_v2(
+            model, opt="muon", lr=lr, weight_decay=weight_decay,
+            fallback_list=muon_fallback_by_role(model, prediction_layers(model, num_classes)))
+    if opt != "adamw":
+        raise UserError(f"--opt {opt!r}: dense training takes {' or '.join(DENSE_OPTIMIZERS)}")
+    return timm.optim.create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay)
 
 
 def dense_loss(outputs: dict[str, Any], targets: list[dict[str, torch.Tensor]],
@@ -241,7 +268,7 @@ def _fit(cfg: DenseTrainConfig, state: dict | None) -> None:
     val_set = build_dense_dataset(cfg.data, "val", data_dir=cfg.data_dir)
     model = build_model(cfg, train_set)
     task, num_classes = cfg.task, record(model).dense["num_classes"]
-    optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = dense_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, num_classes)
     warmup = cfg.warmup_steps
     scheduler = timm.scheduler.CosineLRScheduler(
         optimizer, t_initial=cfg.steps - warmup, lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=cfg.lr * 1e-3,
