@@ -91,8 +91,9 @@ CLAIMS = {
                 "(benchmarks/dense_eco_m2f.py, HF Mask2Former + HF Swin from scratch, 64 px fmnist-scenes, 120 / 160 "
                 "/ 400 steps x 8, 1 thread): not reproduced - the model predicts background only (val PQ 6.6 at every "
                 "depth 1-6), so the gate picks depth 1 at equal PQ; the same with the official exit weights (exit k's "
-                "loss x k) and soft gate targets, 150 steps x 8, seeds 0 / 1 (val PQ 6.55 at every depth); "
-                "untestable at this budget"),
+                "loss x k) and soft gate targets, 150 steps x 8, seeds 0 / 1 (val PQ 6.55 at every depth), and from the "
+                "Fashion-MNIST Swin's classification weights with Muon lr 1e-2, 1200 steps x 8, seed 0 (val PQ 6.55 "
+                "at every depth): untestable at this budget"),
     "fastkd": ("TinyViT (Wu et al., ECCV 2022)",
                "fast pretraining distillation: sparse teacher logits stored once with the augmentation seeds and "
                "replayed, saving the teacher's forward in every epoch; TinyViT-21M 84.8 % (86.5 % at higher res); "
