@@ -23,6 +23,7 @@ CLAIMS = {
                "here (benchmarks/tokens_topvim.py, Vim w32 d6 on Fashion-MNIST, 1 thread): from a converged "
                "6,000-step base, keep 0.5 after block 2 ends at 86.30 % vs 88.80 % for the unpruned model after the "
                "same 2,500 fine-tuning steps, at 1.45x (-2.50 pt; from a 1,500-step base -2.55 pt at 1.34x); "
+               "pruning after block 3 instead: -1.95 pt at 1.30x (keep 0.5), -2.15 pt at 1.34x (keep 0.4); "
                "alignment beats plain removal by 1.05-1.1 pt after 300 steps"),
     "w8a8": ("int8 deployment (ONNX Runtime / OpenVINO + NNCF class)",
              "real int8 kernels; this CPU's VNNI limit is about 4x"),
