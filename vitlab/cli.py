@@ -145,7 +145,8 @@ _TRAIN = ConfigFlags(TrainConfig, {
     "warmup_epochs": Flag(),
     "opt": Flag(names=("--opt", "--optimizer"),
                 help="any timm.optim name (muon: Muon on hidden weight matrices, AdamW on the classifier, position "
-                     "embeddings and tokens), or sam (SAM around AdamW, with --sam-rho) (default: %(default)s)"),
+                     "embeddings and tokens), or sam (SAM around AdamW, with --sam-rho); dense tasks: adamw or muon "
+                     "(default: %(default)s)"),
     "sam_rho": Flag(help="SAM neighbourhood radius (default: %(default)s)"),
     "teacher": Flag(metavar="CHECKPOINT", help="distill from this checkpoint (DeiT)"),
     "distill": Flag(choices=("soft", "hard", "token"), help="distillation loss"),
