@@ -287,5 +287,7 @@ def test_any_stage_backbone_and_checkpoint_weights_kept(tmp_path):
     assert [m.shape[-1] for m in got] == [32, 16, 8, 4]          # patch 2 at 64 px: strides 2 / 4 / 8 / 16
     assert all(torch.equal(a, b) for a, b in zip(got, want))      # HF's init did not touch the checkpoint weights
     assert model(x)["pred_masks"].shape[-1] == 32                 # masks at the finest stride
+    with pytest.raises(HeadError, match="needs its backbone"):      # HF's Swin would not give strides 2..16
+        EcoMask2Former(scene_config("swin-from-a-folder", strides=(2, 4, 8, 16), decoder_layers=2))
     dense = record(model).dense
     assert dense["backbone"] == "swin_tiny_patch4_window7_224" and dense["backbone_kwargs"]["embed_dim"] == 24

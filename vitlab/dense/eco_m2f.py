@@ -47,8 +47,8 @@ from .backbone import Backbone, BackboneError
 from .heads import HeadError, register_model_head
 from .matching import MaskCriterion
 
-__all__ = ["scene_config", "StageBackbone", "stage_backbone", "EarlyExitEncoder", "ExitGate", "EcoMask2Former", "ExitWeightedCriterion",
-           "build_eco_m2f", "gate_utilities", "ideal_depths", "soft_gate_targets", "gate_loss", "fit_gate",
+__all__ = ["scene_config", "StageBackbone", "stage_backbone", "EarlyExitEncoder", "ExitGate", "EcoMask2Former",
+           "ExitWeightedCriterion", "build_eco_m2f", "gate_utilities", "ideal_depths", "soft_gate_targets", "gate_loss", "fit_gate",
            "exit_loss_weights", "EXIT_WEIGHTS", "GATE_TARGETS", "SCENE_SWIN_HF"]
 
 EXIT_WEIGHTS = ("depth", "uniform")   # exit k's loss x k (official) / the plain sum over exits
@@ -224,6 +224,9 @@ class EcoMask2Former(nn.Module):
             level.encoder = backbone
             level.decoder = Mask2FormerPixelDecoder(config, feature_channels=backbone.channels)
             level.decoder.apply(self.m2f._init_weights)   # HF's initialisation of the new pixel decoder
+        elif list(config.feature_strides) != [4, 8, 16, 32]:
+            raise HeadError(f"eco-m2f: a config for strides {list(config.feature_strides)} needs its backbone: pass "
+                            f"backbone=stage_backbone(name), or use build_eco_m2f(name, ...)")
         self.backbone_spec = backbone.stages.spec if backbone is not None else None
         decoder = self.m2f.model.pixel_level_module.decoder
         self.encoder = EarlyExitEncoder(decoder.encoder)
