@@ -101,8 +101,6 @@ class StageBackbone(nn.Module):
 
     def __init__(self, stages: Backbone):
         super().__init__()
-        if len(stages.strides) < 4:
-            _check_strides(stages.spec["name"], stages.strides)
         self.stages = stages
         self.channels = list(stages.channels[-4:])
         self.strides = _check_strides(stages.spec["name"], stages.strides[-4:])
