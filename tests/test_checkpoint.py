@@ -152,3 +152,33 @@ def test_models_built_by_timm_create_model_save_what_rebuilds_them(tmp_path):
         x = torch.randn(1, 1, 32, 32)
         with torch.no_grad():
             torch.testing.assert_close(again(x), model(x))
+
+
+def test_kwargs_that_change_shapes_resize_like_timms_pretrained_loading(tmp_path):
+    """A checkpoint rebuilt at another img_size / window_size (fine-tuning at a new resolution): timm's own family
+    filter resamples the position tensors; any other shape change is still an error naming the tensor."""
+    from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
+
+    swin = vitlab.create_model("swin_tiny_patch4_window7_224", img_size=32, in_chans=1, patch_size=2, window_size=4,
+                               embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 2], num_classes=5)
+    _save(swin, tmp_path / "swin")
+    big = vitlab.create_model(tmp_path / "swin", img_size=64, window_size=8)
+    key = "layers.2.blocks.0.attn.relative_position_bias_table"
+    saved = swin.state_dict()[key]
+    assert tuple(big.state_dict()[key].shape) == (15 * 15, 2) != tuple(saved.shape)
+    expected = resize_rel_pos_bias_table(saved, new_window_size=(8, 8), new_bias_shape=(225, 2))
+    torch.testing.assert_close(big.state_dict()[key], expected)
+    torch.testing.assert_close(big.state_dict()["head.fc.weight"], swin.state_dict()["head.fc.weight"])
+    assert big(torch.randn(2, 1, 64, 64)).shape == (2, 5)
+
+    vit = vitlab.create_model("vl_test_vit", num_classes=4)
+    _save(vit, tmp_path / "vit")
+    size = vit.patch_embed.img_size[0] * 2
+    grid = vit.patch_embed.grid_size
+    wide = vitlab.create_model(tmp_path / "vit", img_size=size)
+    expected = resample_abs_pos_embed(vit.pos_embed.detach(), new_size=[2 * g for g in grid], old_size=list(grid),
+                                      num_prefix_tokens=vit.num_prefix_tokens)
+    torch.testing.assert_close(wide.pos_embed.detach(), expected)
+
+    with pytest.raises(CheckpointError, match=r"'head.fc.weight' has shape \(5, 128\) but the model expects \(3, 128\)"):
+        vitlab.create_model(tmp_path / "swin", num_classes=3)

@@ -20,6 +20,8 @@ import json
 import pickle
 import re
 import shlex
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -443,15 +445,18 @@ def create_model(name_or_checkpoint: str | Path, *, pretrained: bool = False, re
         stack = techniques_from_config(directory, config)
         # a technique that adds modules (slim's TSMs, iared's interpreters) must be applied before its weights load
         early = reapply and any(getattr(t, "adds_parameters", False) for t in stack)
+        # kwargs that change a tensor's shape (img_size, window_size): timm's own filter resamples position
+        # embeddings and relative-position tables, as for pretrained weights at another resolution
+        filter_fn = _resize_filter(model) if kwargs else None
         if not early:
-            load_weights(model, checkpoint_file(directory, WEIGHTS))
+            load_weights(model, checkpoint_file(directory, WEIGHTS), filter_fn=filter_fn)
         model.eval()
         if stack:
             update_record(model, techniques=tuple(t for t in stack if not reapply_on_load(t)))
             if reapply:
                 model = apply_stack(model, [t for t in stack if reapply_on_load(t)])
         if early:
-            load_weights(model, checkpoint_file(directory, WEIGHTS))
+            load_weights(model, checkpoint_file(directory, WEIGHTS), filter_fn=filter_fn)
             model.eval()
         update_record(model, checkpoint={"path": str(directory), "config": config})
         return model
@@ -531,6 +536,28 @@ def _jsonable_or_repr(value: Any) -> Any:
         return _jsonable(value)
     except CheckpointError:
         return repr(value)
+
+
+def _resize_filter(model: nn.Module):
+    """The `checkpoint_filter_fn` of the timm family module that defines `model`'s class (timm applies it to
+    pretrained weights: position embeddings resampled to img_size, Swin's relative-position tables to window_size),
+    run only on tensors whose shape differs from the model's; None for families timm does not ship."""
+    module = sys.modules.get(type(model).__module__)
+    timm_filter = getattr(module, "checkpoint_filter_fn", None)
+    if timm_filter is None or not type(model).__module__.startswith("timm.models."):
+        return None
+
+    def resize(state: dict, model: nn.Module) -> dict:
+        own = model.state_dict()
+        differ = {k: v for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)}
+        if not differ:
+            return state
+        with warnings.catch_warnings():   # timm's interpolation warns about its own indexing style
+            warnings.simplefilter("ignore", UserWarning)
+            resized = timm_filter(dict(differ), model)
+        return {**state, **{k: v for k, v in resized.items() if k in differ}}
+
+    return resize
 
 
 def _build_from_config(directory: Path, config: dict, overrides: dict) -> nn.Module:
