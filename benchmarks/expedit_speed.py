@@ -1,6 +1,12 @@
-"""Expedit speed on a Swin-T-shaped model at 224: the untouched model and Expedit settings timed in one run.
+"""Expedit speed on a Swin-T-shaped model at 224, or speed + accuracy on a trained checkpoint, in one run.
 
     python benchmarks/expedit_speed.py --batch 8 --threads 2 --rounds 3
+    python benchmarks/expedit_speed.py --checkpoint checkpoints/fashion-mnist-swin64 --batch 32 --threads 2 \
+        --rounds 7 --settings "expedit:alpha=2,size=5; expedit:alpha=3,size=4"
+
+With --checkpoint, the variants are the trained model and --settings (`--apply` syntax, ";"-separated), applied
+without fine-tuning; each is timed on batches of real test images and evaluated on the val and test splits
+(the setting to quote is chosen on val).
 
 Random weights (speed only; accuracy needs a trained checkpoint: `vitlab eval CKPT --apply expedit:...`). The
 variants are timed round-robin: --rounds rounds over all of them, each a `time_callable` median over
@@ -10,13 +16,16 @@ Swin-T has depths 2/2/6/2 and 7x7 windows: stage 3 (blocks 4-9, a 14 x 14 grid o
 official code clusters Swin; `alpha=5` is the default (10/24 of the depth), `alpha=4` clusters the whole stage.
 """
 import argparse
+import json
 
 import timm
 import torch
 
 import vitlab
 from vitlab.profiling import count_flops, cpu_flags_text, cpu_name, time_callable, tune_allocator
-from vitlab.techniques import format_technique
+from vitlab.bench.measure import dataset_for
+from vitlab.engine import evaluate
+from vitlab.techniques import format_technique, parse_technique
 from vitlab.tokens import Expedit
 
 SETTINGS = [Expedit(), Expedit(alpha=4, size=(5,)), Expedit(alpha=4, size=(4,)), Expedit(alpha=4, size=(3,), k=9)]
@@ -29,16 +38,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--min-time", type=float, default=6.0, help="seconds of timing per variant, over all rounds")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--checkpoint", help="a trained vitlab checkpoint: time it on test images, evaluate val/test")
+    parser.add_argument("--settings", help='";"-separated Expedit settings in --apply syntax (default: the four above)')
+    parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"allocator: {tune_allocator()}")
+    print(f"{cpu_name()} ({cpu_flags_text()}); allocator: {tune_allocator()}")
+    settings = SETTINGS if not args.settings else [parse_technique(t.strip()) for t in args.settings.split(";")
+                                                   if t.strip()]
     torch.manual_seed(0)
-    state = timm.create_model(args.model).state_dict()
-    x = torch.randn(args.batch, 3, 224, 224)
+    if args.checkpoint:
+        def build():
+            return vitlab.create_model(args.checkpoint).eval()
+        test = dataset_for(build(), "fashion-mnist", "test")
+        x = torch.stack([test[i][0] for i in range(args.batch)])
+        label = args.checkpoint
+    else:
+        state = timm.create_model(args.model).state_dict()
+
+        def build():
+            model = timm.create_model(args.model).eval()
+            model.load_state_dict(state)
+            return model
+        x = torch.randn(args.batch, 3, 224, 224)
+        label = f"{args.model} at 224 (random weights)"
     rows = []
-    for cfg in [None, *SETTINGS]:
-        model = timm.create_model(args.model).eval()
-        model.load_state_dict(state)
+    for cfg in [None, *settings]:
+        model = build()
         if cfg is not None:
             vitlab.apply_(model, cfg)
         rows.append(("none" if cfg is None else format_technique(cfg), model))
@@ -53,14 +79,26 @@ def main() -> None:
     for name, model in rows:
         median = sorted(times[name])[len(times[name]) // 2]
         macs = count_flops(model, x).macs / len(x)
-        results.append((name, args.batch / median, macs))
-        print(f"{name:<45} {args.batch / median:8.2f} img/s  {macs / 1e9:6.3f} GMACs", flush=True)
-    base_ips, base_macs = results[0][1], results[0][2]
-    print(f"\n{args.model} at 224, batch {args.batch}, {args.threads} threads, {cpu_name()} ({cpu_flags_text()}), "
+        row = dict(variant=name, img_per_s=args.batch / median, macs=macs)
+        if args.checkpoint:   # accuracy after the timing, so the evaluation cannot disturb it
+            for split in ("val", "test"):
+                row[f"{split}_top1"] = evaluate(model, dataset_for(model, "fashion-mnist", split), progress=False)["top1"]
+        results.append(row)
+        print(f"{name:<45} {row['img_per_s']:8.2f} img/s  {macs / 1e9:6.3f} GMACs"
+              + "".join(f"  {k} {100 * row[k]:.2f} %" for k in ("val_top1", "test_top1") if k in row), flush=True)
+    base = results[0]
+    print(f"\n{label}, batch {args.batch}, {args.threads} threads, {cpu_name()} ({cpu_flags_text()}), "
           f"torch {torch.__version__}")
-    print("| variant | img/s | speed-up | GMACs | MACs ratio |\n|---|---|---|---|---|")
-    for name, ips, macs in results:
-        print(f"| {name} | {ips:.2f} | {ips / base_ips:.2f}x | {macs / 1e9:.3f} | {base_macs / macs:.2f}x |")
+    acc = bool(args.checkpoint)
+    print("| variant | img/s | speed-up | MMACs | MACs ratio |" + (" val top-1 % | test top-1 % |" if acc else ""))
+    print("|---|---|---|---|---|" + ("---|---|" if acc else ""))
+    for row in results:
+        print(f"| {row['variant']} | {row['img_per_s']:.2f} | {row['img_per_s'] / base['img_per_s']:.2f}x | "
+              f"{row['macs'] / 1e6:.1f} | {base['macs'] / row['macs']:.2f}x |"
+              + (f" {100 * row['val_top1']:.2f} | {100 * row['test_top1']:.2f} |" if acc else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=label, batch=args.batch, threads=args.threads, rows=results), f, indent=1)
 
 
 if __name__ == "__main__":
