@@ -12,6 +12,11 @@ CLAIMS = {
     "evit": ("EViT (Liang et al., ICLR 2022)", "DeiT-S: +50 % speed at -0.3 pt (keep rate 0.7)"),
     "ats": ("ATS (Fayyaz et al., ECCV 2022)", "~2x fewer GFLOPs while preserving accuracy"),
     "mctf": ("MCTF (Lee et al., CVPR 2024)", "DeiT-T/S: -44 % FLOPs at +0.5 / +0.3 pt"),
+    "expedit": ("Expedit (Liang et al., NeurIPS 2022)",
+                "large ViTs / Swins for dense prediction expedited without fine-tuning (no number in the abstract); "
+                "here (benchmarks/expedit_speed.py, Fashion-MNIST Swins at 64 / 128 px, no fine-tuning): >= 1.28x "
+                "fewer MACs costs 1.2-6.5 pt val top-1, and settings within 1 pt save 5-10 % of the MACs "
+                "(1.07-1.10x): not reproduced on small models"),
     "slim": ("Self-slimmed ViT (Zong et al., ECCV 2022)",
              "LV-ViT-S: 1.7x speed-up with negligible accuracy drop; 3.6x at 97 % of the performance"),
     "iared": ("IA-RED² (Pan et al., NeurIPS 2021)", "DeiT: up to 1.4x speed-up at < 0.7 pt accuracy loss"),
