@@ -82,7 +82,8 @@ def main() -> None:
         row = dict(variant=name, img_per_s=args.batch / median, macs=macs)
         if args.checkpoint:   # accuracy after the timing, so the evaluation cannot disturb it
             for split in ("val", "test"):
-                row[f"{split}_top1"] = evaluate(model, dataset_for(model, "fashion-mnist", split), progress=False)["top1"]
+                data = dataset_for(model, "fashion-mnist", split)
+                row[f"{split}_top1"] = evaluate(model, data, progress=False)["top1"]
         results.append(row)
         print(f"{name:<45} {row['img_per_s']:8.2f} img/s  {macs / 1e9:6.3f} GMACs"
               + "".join(f"  {k} {100 * row[k]:.2f} %" for k in ("val_top1", "test_top1") if k in row), flush=True)
