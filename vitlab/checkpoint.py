@@ -552,9 +552,12 @@ def _resize_filter(model: nn.Module):
         differ = {k: v for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)}
         if not differ:
             return state
-        with warnings.catch_warnings():   # timm's interpolation warns about its own indexing style
-            warnings.simplefilter("ignore", UserWarning)
-            resized = timm_filter(dict(differ), model)
+        try:
+            with warnings.catch_warnings():   # timm's interpolation warns about its own indexing style
+                warnings.simplefilter("ignore", UserWarning)
+                resized = timm_filter(dict(differ), model)
+        except Exception:   # a filter that needs tensors it was not given: the shape check names the tensor
+            return state
         return {**state, **{k: v for k, v in resized.items() if k in differ}}
 
     return resize
