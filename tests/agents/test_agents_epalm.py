@@ -148,3 +148,20 @@ def test_toy_quick_through_the_cli(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     assert {"epalm_naming_acc", "full_naming_acc", "prior_naming_acc", "epalm_trainable_pct"} <= set(metrics)
     assert metrics["epalm_trainable"] < metrics["full_trainable"]
+
+
+def test_split_rows_keep_the_reference_vits_val_hold_out_out_of_training():
+    from vitlab.agents.epalm import split_rows
+    from vitlab.agents.registry import ToyError
+    from vitlab.data.spec import holdout
+
+    _, val_idx = holdout(60000, 5000, 0)
+    train, val = set(split_rows("train", 55000, 0).tolist()), set(split_rows("val", 5000, 3).tolist())
+    assert val == set(val_idx.tolist()) and len(train) == 55000 and not train & val
+    assert split_rows("test", 10000, 1).sort().values.tolist() == list(range(10000))
+    again, other = split_rows("val", 100, 7), split_rows("val", 100, 8)
+    assert split_rows("val", 100, 7).tolist() == again.tolist() != other.tolist()
+    with pytest.raises(ToyError, match="'dev' is not one of train, val, test"):
+        split_rows("dev", 10, 0)
+    with pytest.raises(ToyError, match="asked for 5001 val images; the split holds 5000"):
+        split_rows("val", 5001, 0)

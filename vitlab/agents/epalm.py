@@ -39,14 +39,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import create_model
-from ..data.fashion_mnist import FMNIST_DIR, FMNIST_MEAN, FMNIST_STD, load_split
+from ..data.fashion_mnist import FMNIST_DIR, FMNIST_MEAN, FMNIST_STD, VAL_SIZE, load_split
+from ..data.spec import holdout
 from .registry import ToyError, register_toy
 
 __all__ = ["CLASS_NAMES", "TEMPLATES", "Vocab", "EPALMConfig", "EPALM", "injection_plan", "lm_config",
-           "captions", "lm_corpus", "load_images", "pretrain_lm", "train_captioner", "naming_accuracy",
-           "prior_accuracy", "trainable_count", "run"]
+           "captions", "lm_corpus", "split_rows", "load_images", "pretrain_lm", "train_captioner", "naming_accuracy",
+           "prior_accuracy", "trainable_count", "compare", "run", "STEPS", "LEARNING_RATES"]
 
 CHECKPOINT = "checkpoints/fashion-mnist-reference-v2"
+FMNIST_SIZES = (60000, 10000)   # images in the train and t10k files
 CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 TEMPLATES = ("a photo of a {}", "a picture of the {}", "this is a {}", "the {} is shown here",
              "a small grey image of a {}", "here we see a {}")
@@ -231,11 +233,25 @@ class EPALM(nn.Module):
         return ids
 
 
+def split_rows(split: str, n: int, seed: int) -> torch.Tensor:
+    """Row indices of a seeded random subset of `n` images of the reference ViT's own splits: 'train' (rows of the
+    train file outside the 5,000-image val hold-out the ViT never trained on), 'val' (that hold-out, where the toy's
+    settings are chosen) or 'test' (rows of the t10k file)."""
+    if split not in ("train", "val", "test"):
+        raise ToyError(f"split={split!r} is not one of train, val, test")
+    pool = torch.arange(FMNIST_SIZES[split == "test"])
+    if split != "test":
+        train_idx, val_idx = holdout(len(pool), VAL_SIZE, 0)    # the reference checkpoints' split (seed 0)
+        pool = train_idx if split == "train" else val_idx
+    if not 0 < n <= len(pool):
+        raise ToyError(f"asked for {n} {split} images; the split holds {len(pool)}")
+    return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]]
+
+
 def load_images(split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded random subset of `n` Fashion-MNIST images of the 'train' or 't10k' ('test') file, normalised as the
-    reference ViT was trained: (images (n, 1, 28, 28), labels (n,))."""
-    images, labels = load_split(FMNIST_DIR, split)
-    rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    """`split_rows`'s images, normalised as the reference ViT was trained: (images (n, 1, 28, 28), labels (n,))."""
+    images, labels = load_split(FMNIST_DIR, "test" if split == "test" else "train")
+    rows = split_rows(split, n, seed)
     return (images[rows].float() / 255 - FMNIST_MEAN[0]) / FMNIST_STD[0], labels[rows]
 
 
@@ -328,14 +344,22 @@ def _vision_encoder(quick: bool) -> nn.Module:
     return create_model(str(path))
 
 
-@register_toy("epalm", "eP-ALM: frozen ViT + frozen tiny GPT-2, one linear connector + soft prompt (captions)",
-              requires=("transformers",))
-def run(out: Path, seed: int, quick: bool) -> dict[str, float | str]:
-    """Pretrain the LM on captions, freeze it; train eP-ALM and the full fine-tuning baseline for the same steps;
-    score item naming on test images."""
+STEPS = 1200                                  # optimizer steps of batch 64 per arm
+LEARNING_RATES = {"epalm": 5e-3, "full": 1e-3}  # AdamW + cosine, per arm (chosen on val)
+
+
+def compare(seed: int, steps: int = STEPS, split: str = "test", lrs: dict[str, float] | None = None,
+            arms: tuple[str, ...] = ("epalm", "full"), n_train: int = 8000, n_eval: int = 1000, lm_steps: int = 400,
+            quick: bool = False) -> dict[str, float | str]:
+    """Pretrain the LM on captions and freeze it; train each arm ("epalm": connector + prompt, "full": the LM too)
+    for `steps` steps on `n_train` train-split images; score item naming on `n_eval` images of `split` ("val" to
+    choose settings, "test" to report), beside the text-only prior."""
     from transformers import GPT2LMHeadModel
 
-    n_train, n_test, lm_steps, steps = (64, 32, 3, 3) if quick else (8000, 1000, 400, 600)
+    lrs = {**LEARNING_RATES, **(lrs or {})}
+    unknown = sorted(set(arms) - set(LEARNING_RATES)) or sorted(set(lrs) - set(LEARNING_RATES))
+    if unknown:
+        raise ToyError(f"unknown eP-ALM arm {unknown[0]!r}; arms are {', '.join(LEARNING_RATES)}")
     vocab = Vocab()
     torch.manual_seed(seed)
     vit = _vision_encoder(quick)
@@ -346,22 +370,33 @@ def run(out: Path, seed: int, quick: bool) -> dict[str, float | str]:
                                        "lm_final_loss": round(sum(lm_loss[-20:]) / len(lm_loss[-20:]), 4)}
     frozen_lm = {k: v.clone() for k, v in lm.state_dict().items()}
     train_images, train_labels = load_images("train", n_train, seed)
-    test_images, test_labels = load_images("test", n_test, seed + 1)
-    prior, text = prior_accuracy(lm, test_labels, vocab)
+    eval_images, eval_labels = load_images(split, n_eval, seed + 1)
+    prior, text = prior_accuracy(lm, eval_labels, vocab)
     metrics.update(prior_naming_acc=round(prior, 4), prior_caption=text)
     encoder = EPALM(vit, lm)
-    cls_train, cls_test = encoder.vit_cls(train_images), encoder.vit_cls(test_images)   # frozen: computed once
-    for arm, freeze_lm, lr in (("epalm", True, 1e-2), ("full", False, 1e-3)):
+    cls_train, cls_eval = encoder.vit_cls(train_images), encoder.vit_cls(eval_images)   # frozen: computed once
+    for arm in arms:
         lm.load_state_dict(frozen_lm)
         torch.manual_seed(seed)
-        model = EPALM(vit, lm).freeze_backbones_(lm=freeze_lm)
+        model = EPALM(vit, lm).freeze_backbones_(lm=arm == "epalm")
         start = time.perf_counter()
-        losses = train_captioner(model, cls_train, train_labels, vocab, steps, lr=lr, seed=seed)
+        losses = train_captioner(model, cls_train, train_labels, vocab, steps, lr=lrs[arm], seed=seed)
         total = sum(p.numel() for p in model.parameters())
-        metrics.update({f"{arm}_train_s": round(time.perf_counter() - start, 1),
+        metrics.update({f"{arm}_train_s": round(time.perf_counter() - start, 1), f"{arm}_lr": lrs[arm],
                         f"{arm}_trainable": trainable_count(model), f"{arm}_total_params": total,
                         f"{arm}_trainable_pct": round(100 * trainable_count(model) / total, 3),
                         f"{arm}_final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
-                        f"{arm}_naming_acc": round(naming_accuracy(model, cls_test, test_labels, vocab), 4)})
-    metrics.update(train_images=n_train, test_images=n_test, lm_steps=lm_steps, optimizer_steps=steps)
+                        f"{arm}_naming_acc": round(naming_accuracy(model, cls_eval, eval_labels, vocab), 4)})
+    metrics.update(train_images=n_train, eval_split=split, eval_images=n_eval, lm_steps=lm_steps,
+                   optimizer_steps=steps)
     return metrics
+
+
+@register_toy("epalm", "eP-ALM: frozen ViT + frozen tiny GPT-2, one linear connector + soft prompt (captions)",
+              requires=("transformers",))
+def run(out: Path, seed: int, quick: bool) -> dict[str, float | str]:
+    """Pretrain the LM on captions, freeze it; train eP-ALM and the full fine-tuning baseline for the same steps;
+    score item naming on test images."""
+    if quick:
+        return compare(seed, steps=3, n_train=64, n_eval=32, lm_steps=3, quick=True)
+    return compare(seed)
