@@ -38,10 +38,9 @@ import torch
 
 from vitlab.data.scenes import FmnistScenes, collate_scenes
 from vitlab.dense.eco_m2f import (EXIT_WEIGHTS, GATE_TARGETS, EcoMask2Former, ExitGate, ExitWeightedCriterion,
-                                  build_eco_m2f, fit_gate, ideal_depths)
+                                  build_eco_m2f, dataset_pq, exit_predictions, fit_gate, ideal_depths, per_image_pq)
 from vitlab.dense.engine import dense_loss
 from vitlab.engine.train import muon_fallback_by_role
-from vitlab.dense.matching import panoptic_inference
 from vitlab.profiling.flops import per_module_macs
 
 BETAS = (0.0, 0.01, 0.02, 0.05, 0.1)
@@ -77,46 +76,6 @@ def train(model: EcoMask2Former, train_set, args: argparse.Namespace) -> float:
         if (step + 1) % max(1, args.steps // 5) == 0:
             print(f"  step {step + 1}/{args.steps} loss {loss.item():.2f} ({time.perf_counter() - start:.0f} s)")
     return time.perf_counter() - start
-
-
-@torch.no_grad()
-def exit_predictions(model: EcoMask2Former, dataset, n: int, score_threshold: float, first: int = 0
-                     ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """(panoptic maps (K, n, S, S, 2) of every exit, gate inputs (n, C), targets) on scenes first..first + n - 1."""
-    model.eval()
-    maps, pooled, targets = [], [], []
-    for start in range(first, first + n, 32):
-        images, batch_targets = collate_scenes([dataset[i] for i in range(start, min(first + n, start + 32))])
-        features = model.backbone_maps(images)
-        pooled.append(model.gate_input(features))
-        maps.append(torch.stack([panoptic_inference(o["pred_logits"], o["pred_masks"], images.shape[-1],
-                                                    score_threshold=score_threshold)
-                                 for o in model.exits(images)]).to(torch.int32))
-        targets += batch_targets
-    return torch.cat(maps, 1), torch.cat(pooled), targets
-
-
-def dataset_pq(maps: torch.Tensor, targets: list[dict]) -> float:
-    """Dataset-level PQ (torchmetrics `PanopticQuality`, things 0-9, stuff 10) of maps (n, S, S, 2)."""
-    from torchmetrics.detection import PanopticQuality
-
-    metric = PanopticQuality(things=set(range(10)), stuffs={10})
-    metric.update(maps.long(), torch.stack([t["panoptic"] for t in targets]))
-    return float(metric.compute())
-
-
-def per_image_pq(maps: torch.Tensor, targets: list[dict]) -> torch.Tensor:
-    """(K, n) PQ of each exit on each image alone: the derived dataset's q_k."""
-    from torchmetrics.detection import PanopticQuality
-
-    metric = PanopticQuality(things=set(range(10)), stuffs={10})
-    out = torch.zeros(maps.shape[:2])
-    for k in range(maps.shape[0]):
-        for i, target in enumerate(targets):
-            metric.update(maps[k, i:i + 1].long(), target["panoptic"][None])
-            out[k, i] = float(metric.compute())
-            metric.reset()
-    return out
 
 
 def layer_and_model_macs(model: EcoMask2Former) -> tuple[int, int]:

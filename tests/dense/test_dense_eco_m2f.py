@@ -291,3 +291,38 @@ def test_any_stage_backbone_and_checkpoint_weights_kept(tmp_path):
         EcoMask2Former(scene_config("swin-from-a-folder", strides=(2, 4, 8, 16), decoder_layers=2))
     dense = record(model).dense
     assert dense["backbone"] == "swin_tiny_patch4_window7_224" and dense["backbone_kwargs"]["embed_dim"] == 24
+
+
+def test_calibrate_gate_fits_the_models_gate_on_the_derived_set(monkeypatch):
+    """Steps 2-3 end to end: the derived set's per-image PQ (here one that favours 3 layers on every scene) goes
+    through `fit_gate` into `model.gate`, which then picks depth 3; gate_beta / gate_scenes are checked."""
+    import vitlab.dense.eco_m2f as eco
+    from vitlab.data.scenes import FmnistScenes
+
+    model = build_eco_m2f("hf-swin", 11, decoder_layers=2, num_queries=4).train()
+    quality = torch.tensor([0.1, 0.2, 0.9, 0.3, 0.2, 0.1])[:, None].expand(6, 6).clone()   # (K, n): depth 3 best
+    monkeypatch.setattr(eco, "per_image_pq", lambda maps, targets, things=10: quality)
+    done = eco.calibrate_gate(model, FmnistScenes("train", n=6), 6)
+    assert model.training and done["gate_scenes"] == 6 and done["ideal_depth"] == 3.0 and done["gate_depth"] == 3.0
+    with pytest.raises(HeadError, match="gate_beta=-1"):
+        build_eco_m2f("hf-swin", 11, gate_beta=-1)
+
+
+def test_vitlab_train_saves_a_fitted_gate(tmp_path):
+    """`vitlab train --head eco-m2f` runs steps 2-3 after the last step: the checkpoint's gate is the fitted one,
+    not its random initialisation; with a fixed depth there is no gate to fit."""
+    from vitlab.cli import main
+    from vitlab.data.scenes import FmnistScenes, collate_scenes
+
+    common = ["train", "--task", "panoptic", "--model", "hf-swin", "--data", "fmnist-scenes:n=8", "--steps", "2",
+              "--batch-size", "4", "--no-progress"]
+    assert main([*common, "--head", "eco-m2f:decoder_layers=2,gate_scenes=4,gate_beta=0.5",
+                 "--out", str(tmp_path / "gate")]) == 0
+    model = vitlab.create_model(str(tmp_path / "gate")).eval()
+    torch.manual_seed(0)
+    fresh = build_eco_m2f("hf-swin", 11, decoder_layers=2)
+    assert not torch.equal(model.gate.head.weight, fresh.gate.head.weight)
+    images, _ = collate_scenes([FmnistScenes("train", n=8)[i] for i in range(4)])
+    with torch.no_grad():   # beta 0.5 per layer outweighs any PQ gain: every ideal depth is 1
+        assert (model.gate(model.gate_input(model.backbone_maps(images))).argmax(1) == 0).all()
+    assert model.gate_beta == 0.5 and model.gate_scenes == 4

@@ -43,13 +43,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.scenes import collate_scenes
 from .backbone import Backbone, BackboneError
 from .heads import HeadError, register_model_head
-from .matching import MaskCriterion
+from .matching import MaskCriterion, panoptic_inference
 
 __all__ = ["scene_config", "StageBackbone", "stage_backbone", "EarlyExitEncoder", "ExitGate", "EcoMask2Former",
-           "ExitWeightedCriterion", "build_eco_m2f", "gate_utilities", "ideal_depths", "soft_gate_targets", "gate_loss", "fit_gate",
-           "exit_loss_weights", "EXIT_WEIGHTS", "GATE_TARGETS", "SCENE_SWIN_HF"]
+           "ExitWeightedCriterion", "build_eco_m2f", "gate_utilities", "ideal_depths", "soft_gate_targets", "gate_loss",
+           "fit_gate", "exit_loss_weights", "exit_predictions", "dataset_pq", "per_image_pq", "calibrate_gate",
+           "EXIT_WEIGHTS", "GATE_TARGETS", "SCENE_SWIN_HF"]
 
 EXIT_WEIGHTS = ("depth", "uniform")   # exit k's loss x k (official) / the plain sum over exits
 GATE_TARGETS = ("soft", "hard")       # MSE to softmax over exits of the utilities (official) / CE on argmax
@@ -206,7 +208,7 @@ class EcoMask2Former(nn.Module):
                      "every layer and an int8 engine traces one depth")
 
     def __init__(self, config, depth: int | None = None, exit_weights: str = "depth",
-                 backbone: StageBackbone | None = None):
+                 backbone: StageBackbone | None = None, gate_beta: float = 0.0, gate_scenes: int = 128):
         from transformers import Mask2FormerForUniversalSegmentation
         from transformers.models.mask2former.modeling_mask2former import Mask2FormerPixelDecoder
 
@@ -232,6 +234,15 @@ class EcoMask2Former(nn.Module):
         self.num_exits = config.encoder_layers
         self.gate = ExitGate(config.feature_size, self.num_exits)
         self.depth = depth
+        self.gate_beta, self.gate_scenes = gate_beta, gate_scenes
+
+    def finish_training(self, train_set) -> dict[str, float] | None:
+        """Called by vitlab's dense engine after the last step: ECO-M2F's steps 2-3 (`calibrate_gate` on the first
+        `gate_scenes` training scenes with `gate_beta`), so the checkpoint's gate is fitted; nothing when the depth
+        is fixed."""
+        if self.depth is not None:
+            return None
+        return calibrate_gate(self, train_set, self.gate_scenes, self.gate_beta)
 
     def backbone_maps(self, image: Tensor) -> list[Tensor]:
         """The backbone's stage maps (NCHW, finest first), as HF's pixel-level module reads them."""
@@ -352,15 +363,79 @@ def fit_gate(gate: ExitGate, pooled: Tensor, quality: Tensor, beta: float, targe
     return gate
 
 
+@torch.no_grad()
+def exit_predictions(model: "EcoMask2Former", dataset, n: int, score_threshold: float = 0.8, first: int = 0
+                     ) -> tuple[Tensor, Tensor, list[dict]]:
+    """(panoptic maps (K, n, S, S, 2) of every exit, gate inputs (n, C), targets) on scenes first..first + n - 1
+    of a scenes dataset (`vitlab.data.scenes`), in eval mode."""
+    model.eval()
+    maps, pooled, targets = [], [], []
+    for start in range(first, first + n, 32):
+        images, batch_targets = collate_scenes([dataset[i] for i in range(start, min(first + n, start + 32))])
+        features = model.backbone_maps(images)
+        pooled.append(model.gate_input(features))
+        maps.append(torch.stack([panoptic_inference(o["pred_logits"], o["pred_masks"], images.shape[-1],
+                                                    score_threshold=score_threshold)
+                                 for o in model.exits(images)]).to(torch.int32))
+        targets += batch_targets
+    return torch.cat(maps, 1), torch.cat(pooled), targets
+
+
+def dataset_pq(maps: Tensor, targets: list[dict], things: int = 10) -> float:
+    """Dataset-level PQ (torchmetrics `PanopticQuality`, things 0..things-1, stuff `things`) of maps (n, S, S, 2)."""
+    from torchmetrics.detection import PanopticQuality
+
+    metric = PanopticQuality(things=set(range(things)), stuffs={things})
+    metric.update(maps.long(), torch.stack([t["panoptic"] for t in targets]))
+    return float(metric.compute())
+
+
+def per_image_pq(maps: Tensor, targets: list[dict], things: int = 10) -> Tensor:
+    """(K, n) PQ of each exit on each image alone: the derived dataset's q_k."""
+    from torchmetrics.detection import PanopticQuality
+
+    metric = PanopticQuality(things=set(range(things)), stuffs={things})
+    out = torch.zeros(maps.shape[:2])
+    for k in range(maps.shape[0]):
+        for i, target in enumerate(targets):
+            metric.update(maps[k, i:i + 1].long(), target["panoptic"][None])
+            out[k, i] = float(metric.compute())
+            metric.reset()
+    return out
+
+
+def calibrate_gate(model: "EcoMask2Former", dataset, n: int, beta: float = 0.0, target: str = "soft",
+                   score_threshold: float = 0.8) -> dict[str, float]:
+    """ECO-M2F's steps 2 and 3 after the early-exit training: per-image PQ of every exit on the first `n` scenes of
+    `dataset` (training scenes, as the official derived dataset), then `fit_gate` on them; the fitted weights go into
+    `model.gate` in place. Returns the derived set's mean ideal depth and the gate's mean depth on those scenes."""
+    was_training = model.training
+    maps, pooled, targets = exit_predictions(model, dataset, min(n, len(dataset)), score_threshold)
+    things = model.m2f.config.num_labels - 1
+    quality = per_image_pq(maps, targets, things).T                                            # (n, K)
+    fitted = fit_gate(ExitGate(pooled.shape[1], model.num_exits), pooled, quality, beta, target=target)
+    model.gate.load_state_dict(fitted.state_dict())
+    with torch.no_grad():
+        depth = (model.gate(pooled).argmax(1) + 1).float().mean().item()
+    model.train(was_training)
+    ideal = ideal_depths(quality, beta).float().mean().item()
+    return {"gate_scenes": len(targets), "gate_beta": beta, "ideal_depth": ideal, "gate_depth": depth}
+
+
 def build_eco_m2f(backbone_name: str, num_classes: int, encoder_layers: int = 6, dim: int = 32,
                   decoder_layers: int = 4, num_queries: int = 16, heads: int = 4,
-                  depth: int = 0, exit_weights: str = "depth", in_chans: int = 1, img_size: int = 64,
+                  depth: int = 0, exit_weights: str = "depth", gate_beta: float = 0.0, gate_scenes: int = 128,
+                  in_chans: int = 1, img_size: int = 64,
                   backbone_kwargs: dict[str, Any] | None = None) -> EcoMask2Former:
     """ECO-M2F for `img_size` px scenes on HF's Mask2Former. `backbone_name`: hf-swin (HF's Swin sized for 64 px
     scenes, from scratch), or any timm / vitlab model or vitlab checkpoint folder with stage features
     (`stage_backbone`; a checkpoint's weights are kept: `vitlab train --head eco-m2f --init CKPT`); `depth` > 0
     fixes the encoder depth, 0 lets the gate choose per image; `exit_weights` weighs the exits' training losses
-    (depth: exit k's x k, the official; uniform)."""
+    (depth: exit k's x k, the official; uniform); after training, the gate is fitted on the first `gate_scenes`
+    training scenes with utility PQ_k - `gate_beta` k (`EcoMask2Former.finish_training`)."""
+    if gate_beta < 0 or gate_scenes < 1:
+        raise HeadError(f"eco-m2f: gate_beta={gate_beta} must be >= 0 and gate_scenes={gate_scenes} >= 1 "
+                        f"(e.g. gate_beta=0.01,gate_scenes=128)")
     if not 1 <= encoder_layers or not 0 <= depth <= encoder_layers:
         raise HeadError(f"eco-m2f: depth={depth} must be in 0..encoder_layers={encoder_layers} (0: the gate chooses)")
     backbone = None
@@ -372,7 +447,8 @@ def build_eco_m2f(backbone_name: str, num_classes: int, encoder_layers: int = 6,
         backbone = stage_backbone(backbone_name, in_chans, img_size, backbone_kwargs)
     config = scene_config(backbone_name, num_classes, encoder_layers, dim, decoder_layers, num_queries, heads,
                           in_chans, strides=backbone.strides if backbone is not None else (4, 8, 16, 32))
-    return EcoMask2Former(config, depth=depth or None, exit_weights=exit_weights, backbone=backbone)
+    return EcoMask2Former(config, depth=depth or None, exit_weights=exit_weights, backbone=backbone,
+                          gate_beta=gate_beta, gate_scenes=gate_scenes)
 
 
 register_model_head("eco-m2f", tasks=("panoptic",), build=build_eco_m2f)

@@ -320,6 +320,12 @@ def _fit(cfg: DenseTrainConfig, state: dict | None) -> None:
             loss_sum, seen, trained = loss_sum + loss.item(), seen + 1, trained + len(targets)
             progress.update(step, epoch, loss.item(), optimizer.param_groups[0]["lr"],
                             trained / (time.perf_counter() - start))
+            finish = getattr(model, "finish_training", None) if step == cfg.steps else None
+            if callable(finish):   # a head's own post-training steps (ECO-M2F fits its gate)
+                done = finish(train_set)
+                if done:
+                    progress.log({"step": step, **done})
+                model.train()
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
                 row: dict[str, Any] = {"step": step, "train_loss": loss_sum / seen,
                                           "lr": optimizer.param_groups[0]["lr"],
